@@ -1,0 +1,194 @@
+"""LightningDataModule of multimodal preference pairs."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
+from src.data.images import ImageResolver
+from src.data.readers import read_records
+from src.data.records import PreferenceRecord
+
+log = logging.getLogger(__name__)
+
+
+def grouped_split(
+    records: list[PreferenceRecord], val_fraction: float, seed: int = 0
+) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """Split by source conversation (``record.group``) so no group lands on both sides.
+
+    Groups are ordered by a seeded hash, which keeps the split stable when records are added.
+    """
+    if val_fraction <= 0:
+        return list(records), []
+    groups = sorted({r.group for r in records}, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    n_val = max(1, round(len(groups) * val_fraction))
+    val_groups = set(groups[:n_val])
+    return [r for r in records if r.group not in val_groups], [r for r in records if r.group in val_groups]
+
+
+class PreferenceDataset(Dataset):
+    """Encoded pairs; images are loaded and processed per item."""
+
+    def __init__(self, records: list[PreferenceRecord], pairs: list[EncodedPair], resolver: ImageResolver, image_processor: Any):
+        self.records = {r.id: r for r in records}
+        self.pairs = pairs
+        self.resolver = resolver
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        pair = self.pairs[i]
+        image = self.resolver(self.records[pair.id])
+        inputs = None if image is None else dict(self.image_processor(images=image, return_tensors="pt"))
+        return {"pair": pair, "image_inputs": inputs}
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Reads a preference data set, splits it by source conversation, encodes it with the processor.
+
+    ``answers`` lists the answers each example carries, in order (``[chosen, rejected]`` for DPO,
+    ``[chosen, rejected, blind]`` for BPO). Records that do not fit ``max_length`` are skipped and
+    counted in ``stats``; nothing is dropped silently.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        format: str = "auto",
+        image_root: str | None = None,
+        missing_images: str = "error",
+        stand_in_size: int | None = None,
+        answers: tuple[str, ...] = ANSWER_KEYS[:2],
+        max_length: int = 512,
+        min_answer_tokens: int = 4,
+        val_fraction: float = 0.1,
+        val_path: str | None = None,
+        split_seed: int = 0,
+        max_records: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        processor: Any = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["processor"])
+        unknown = set(answers) - set(ANSWER_KEYS)
+        if unknown:
+            raise ValueError(f"data.answers may hold {ANSWER_KEYS}; got unknown {sorted(unknown)}")
+        self.answers = tuple(answers)
+        self.processor = processor
+        self.resolver = ImageResolver(image_root, missing_images, stand_in_size or _image_size(processor))
+        self.records: list[PreferenceRecord] | None = None
+        self.val_records_given: list[PreferenceRecord] | None = None
+        self.stats: dict[str, EncodeStats] = {}
+        self.train_set: PreferenceDataset | None = None
+        self.val_set: PreferenceDataset | None = None
+
+    # -- records -------------------------------------------------------------------------------
+    def load_records(self) -> list[PreferenceRecord]:
+        """Read the data file(s) once; returns every record (train and validation)."""
+        if self.records is None:
+            hp = self.hparams
+            records = read_records(hp.path, hp.format)
+            if hp.max_records:
+                records = records[: hp.max_records]
+            self.records = records
+            if hp.val_path:
+                self.val_records_given = read_records(hp.val_path, hp.format)
+            log.info("read %d records from %s", len(records), hp.path)
+        return self.records + (self.val_records_given or [])
+
+    def set_records(self, records: list[PreferenceRecord]) -> None:
+        """Replace records by id (e.g. with blind answers filled in) before `setup`."""
+        by_id = {r.id: r for r in records}
+        self.load_records()
+        self.records = [by_id.get(r.id, r) for r in self.records]
+        if self.val_records_given:
+            self.val_records_given = [by_id.get(r.id, r) for r in self.val_records_given]
+
+    def split(self) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+        self.load_records()
+        if self.val_records_given is not None:
+            return self.records, self.val_records_given
+        return grouped_split(self.records, self.hparams.val_fraction, self.hparams.split_seed)
+
+    # -- encoding ------------------------------------------------------------------------------
+    def _encode(self, records: list[PreferenceRecord], name: str) -> PreferenceDataset:
+        encoder = PromptEncoder(self.processor, self.hparams.max_length, self.hparams.min_answer_tokens)
+        stats = EncodeStats()
+        pairs = []
+        for record in records:
+            result = encoder.encode(record, self.resolver(record), self.answers)
+            if isinstance(result, str):
+                stats.skipped[result] += 1
+                log.warning("%s: skipping record %s (%s)", name, record.id, result)
+                continue
+            stats.encoded += 1
+            stats.dropped_history += result.dropped_turns > 0
+            stats.truncated_answers += result.truncated_answers
+            pairs.append(result)
+        self.stats[name] = stats
+        if not pairs and records:
+            raise ValueError(
+                f"{name}: all {len(records)} records were skipped ({dict(stats.skipped)}); "
+                f"raise data.max_length (now {self.hparams.max_length})"
+            )
+        return PreferenceDataset(records, pairs, self.resolver, self.processor.image_processor)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processor is None:
+            raise ValueError("PreferenceDataModule needs the model's processor (pass processor=...)")
+        if self.train_set is not None:
+            return
+        train, val = self.split()
+        self.train_set = self._encode(train, "train")
+        self.val_set = self._encode(val, "val") if val else None
+
+    def summary(self) -> dict[str, Any]:
+        """Records read, encoded, skipped by reason, truncated, and images rendered as stand-ins."""
+        out: dict[str, Any] = {"path": str(self.hparams.path), "records_read": len(self.load_records())}
+        for name, stats in self.stats.items():
+            out[name] = stats.summary()
+        out["stand_in_images"] = len(self.resolver.rendered)
+        return out
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _loader(self, dataset: PreferenceDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=partial(collate_pairs, pad_token_id=_pad_id(self.processor)),
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None or len(self.val_set) == 0:
+            return []
+        return self._loader(self.val_set, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+
+
+def _pad_id(processor: Any) -> int:
+    tok = getattr(processor, "tokenizer", processor)
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _image_size(processor: Any) -> int:
+    crop = getattr(getattr(processor, "image_processor", None), "crop_size", None)
+    height = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)
+    return int(height) if height else 336
+

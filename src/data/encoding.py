@@ -1,0 +1,168 @@
+"""Tokenization through the model's own processor and chat template, truncation, and collation.
+
+The prompt is rendered by ``processor.apply_chat_template`` and tokenized by the processor itself, so
+image tokens are expanded by the model's own rules and never inserted by hand. An answer's tokens are
+what the template appends after the generation prompt when the answer is rendered as the assistant
+turn, closed by EOS, so the scored text is exactly what the model would have to generate.
+
+Truncation never cuts the prompt (and so never cuts image tokens): oldest history turns are dropped
+first, then answers are shortened from the end; a record that still does not fit is skipped with a
+reason that is counted and reported.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from src.data.records import DataError, PreferenceRecord
+
+IGNORE_INDEX = -100
+ANSWER_KEYS = ("chosen", "rejected", "blind")
+
+
+@dataclass
+class EncodedPair:
+    """A record tokenized for scoring: one prompt and K answers (in ``answer_keys`` order)."""
+
+    id: str
+    prompt_ids: list[int]
+    answer_ids: list[list[int]]
+    dropped_turns: int = 0
+    truncated_answers: int = 0
+
+
+@dataclass
+class EncodeStats:
+    """What truncation did over a data set; reported at the start and the end of a run."""
+
+    encoded: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    dropped_history: int = 0
+    truncated_answers: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "encoded": self.encoded,
+            "skipped": sum(self.skipped.values()),
+            "skipped_by_reason": dict(self.skipped),
+            "records_with_history_dropped": self.dropped_history,
+            "answers_truncated": self.truncated_answers,
+        }
+
+
+class PromptEncoder:
+    """Render and tokenize prompts and answers of `PreferenceRecord`s with a model's processor."""
+
+    def __init__(self, processor: Any, max_length: int = 512, min_answer_tokens: int = 4):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; answers must end with one to be scored")
+        self.max_length = max_length
+        self.min_answer_tokens = min_answer_tokens
+
+    # -- prompts -------------------------------------------------------------------------------
+    def prompt_text(self, record: PreferenceRecord, with_image: bool = True, first_turn: int = 0) -> str:
+        messages = record.messages(with_image=with_image, first_turn=first_turn)
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prompt_ids(self, record: PreferenceRecord, image: Any, first_turn: int = 0) -> list[int]:
+        """Token ids of the prompt, image tokens expanded by the processor (``image=None``: blind)."""
+        text = self.prompt_text(record, with_image=image is not None, first_turn=first_turn)
+        if image is None:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        out = self.processor(text=text, images=image, add_special_tokens=False)
+        ids = out["input_ids"]
+        return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+    def answer_ids(self, record: PreferenceRecord, answer: str) -> list[int]:
+        """Tokens the chat template appends for ``answer`` as the assistant turn, ending in EOS."""
+        messages = record.messages(with_image=record.image is not None)
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        full = self.processor.apply_chat_template(
+            messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            add_generation_prompt=False,
+            tokenize=False,
+        )
+        if not full.startswith(prompt):
+            raise DataError(
+                f"record {record.id}: the chat template renders the prompt differently when an answer "
+                "follows it; cannot tell which tokens belong to the answer"
+            )
+        ids = self.tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
+        if not ids or ids[-1] != self.tokenizer.eos_token_id:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return ids
+
+    # -- records -------------------------------------------------------------------------------
+    def encode(
+        self, record: PreferenceRecord, image: Any, answer_keys: tuple[str, ...] = ANSWER_KEYS[:2]
+    ) -> EncodedPair | str:
+        """Tokenize a record for scoring; returns the skip reason (a string) when it cannot fit."""
+        answers = []
+        for key in answer_keys:
+            text = getattr(record, key)
+            if text is None:
+                raise DataError(f"record {record.id}: no {key!r} answer (the objective needs {list(answer_keys)})")
+            answers.append(self.answer_ids(record, text))
+        if record.image is not None and image is None:
+            raise DataError(f"record {record.id}: image {record.image!r} was not resolved")
+        longest = max(len(a) for a in answers)
+        starts = record.history_starts()
+        for start in starts:
+            prompt = self.prompt_ids(record, image, first_turn=start)
+            if len(prompt) + longest <= self.max_length:
+                return EncodedPair(record.id, prompt, answers, dropped_turns=start)
+        # only the last user turn is left: shorten answers from the end
+        budget = self.max_length - len(prompt)
+        if budget < self.min_answer_tokens:
+            return "prompt_too_long"
+        truncated = sum(len(a) > budget for a in answers)
+        answers = [a[:budget] for a in answers]
+        return EncodedPair(record.id, prompt, answers, dropped_turns=starts[-1], truncated_answers=truncated)
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), max(width, 1)), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Collate dataset items into a model-independent batch.
+
+    Returns ``prompt_ids`` (B, P) right-padded, ``prompt_lengths`` (B,), ``answer_ids`` (K, B, A)
+    right-padded, ``answer_lengths`` (K, B), ``ids`` (B,), ``has_image`` (B,) and the image
+    processor's outputs (``pixel_values`` (N_img, ...) and any extras) for the records with images,
+    in batch order. How prompt and answers are laid out for the forward pass is the scorer's concern.
+    """
+    pairs: list[EncodedPair] = [it["pair"] for it in items]
+    k = len(pairs[0].answer_ids)
+    batch: dict[str, Any] = {
+        "ids": [p.id for p in pairs],
+        "prompt_ids": _pad([p.prompt_ids for p in pairs], pad_token_id),
+        "prompt_lengths": torch.tensor([len(p.prompt_ids) for p in pairs]),
+        "answer_ids": _pad_answers(pairs, k, pad_token_id),
+        "answer_lengths": torch.tensor([[len(p.answer_ids[j]) for p in pairs] for j in range(k)]),
+        "has_image": torch.tensor([it["image_inputs"] is not None for it in items]),
+    }
+    image_items = [it["image_inputs"] for it in items if it["image_inputs"] is not None]
+    if image_items:
+        for key in image_items[0]:
+            batch[key] = torch.cat([torch.as_tensor(x[key]) for x in image_items], dim=0)
+    return batch
+
+
+def _pad_answers(pairs: list[EncodedPair], k: int, pad_token_id: int) -> torch.Tensor:
+    width = max(len(a) for p in pairs for a in p.answer_ids)
+    out = torch.full((k, len(pairs), width), pad_token_id, dtype=torch.long)
+    for j in range(k):
+        for i, p in enumerate(pairs):
+            out[j, i, : len(p.answer_ids[j])] = torch.tensor(p.answer_ids[j], dtype=torch.long)
+    return out

@@ -1,0 +1,84 @@
+"""Image resolution against an image root, with deterministic typographic stand-ins.
+
+A stand-in is the record's entity (or referring phrase) drawn as black text on a plain background,
+the way MM-SafetyBench draws its TYPO images. It is a function of the text only, so runs repeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from functools import lru_cache
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from src.data.records import DataError, PreferenceRecord
+
+MISSING_POLICIES = ("error", "render")
+
+
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+@lru_cache(maxsize=4096)
+def render_stand_in(text: str, size: int = 336) -> Image.Image:
+    """Draw ``text`` centred on a square pastel background whose colour is a hash of the text."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    background = tuple(160 + b % 96 for b in digest[:3])
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    font = _font(max(10, size // 10))
+    lines = textwrap.wrap(text, width=16)[:6] or [" "]
+    line_h = font.getbbox("Ag")[3] + size // 40
+    y = (size - line_h * len(lines)) // 2
+    for line in lines:
+        w = draw.textlength(line, font=font)
+        draw.text(((size - w) / 2, y), line, fill=(0, 0, 0), font=font)
+        y += line_h
+    return image
+
+
+class ImageResolver:
+    """Turn a record's image reference into an RGB PIL image.
+
+    ``missing="error"`` fails on a missing file with the record and path named; ``missing="render"``
+    returns a typographic stand-in of the record's entity instead, and counts it.
+    """
+
+    def __init__(self, image_root: str | Path | None = None, missing: str = "error", stand_in_size: int = 336):
+        if missing not in MISSING_POLICIES:
+            raise ValueError(f"data.missing_images must be one of {MISSING_POLICIES}, got {missing!r}")
+        self.image_root = Path(image_root) if image_root else None
+        self.missing = missing
+        self.stand_in_size = stand_in_size
+        self.rendered: set[str] = set()
+
+    def path_for(self, record: PreferenceRecord) -> Path | None:
+        if not record.image:
+            return None
+        path = Path(record.image)
+        if not path.is_absolute() and self.image_root is not None:
+            path = self.image_root / path
+        return path
+
+    def __call__(self, record: PreferenceRecord) -> Image.Image | None:
+        path = self.path_for(record)
+        if path is None:
+            return None
+        if path.is_file():
+            try:
+                with Image.open(path) as im:
+                    return im.convert("RGB")
+            except OSError as e:
+                raise DataError(f"record {record.id}: cannot read image {path}: {e}") from None
+        if self.missing == "render":
+            self.rendered.add(record.id)
+            return render_stand_in(record.stand_in_text(), self.stand_in_size)
+        root = f" (data.image_root={self.image_root})" if self.image_root else " (data.image_root is not set)"
+        raise DataError(
+            f"record {record.id}: image file not found: {path}{root}. Point data.image_root at the image "
+            "folder, or set data.missing_images=render to draw the entity as a stand-in image."
+        )

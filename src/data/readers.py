@@ -1,0 +1,229 @@
+"""Readers: MMSafe-PO JSON and the generic JSONL format, both into `PreferenceRecord`.
+
+Generic JSONL, one object per line::
+
+    {"id": "r1",
+     "messages": [{"role": "user", "content": "<image>\\nWhat is this?"}],
+     "image": "images/r1.png",
+     "chosen": "...", "rejected": "...",
+     "blind": "..."}                      # optional
+     ...any other keys are kept as metadata (entity, category, group, ...)
+
+``content`` is a string (the image goes where the single ``<image>`` marker stands) or a list of
+``{"type": "image"}`` / ``{"type": "text", "text": ...}`` items. ``prompt`` (a string) may replace
+``messages`` for single-turn records. ``group`` names the source conversation for grouped splits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from src.data.records import DataError, PreferenceRecord, Turn, validate_turns
+
+IMAGE_MARKER = "<image>"
+_ROLE_RE = re.compile(r"(?:^|(?<=\s))(USER|ASSISTANT):")
+_ANSWER_PREFIX = re.compile(r"^\s*ASSISTANT:\s*")
+MMSAFE_FIELDS = ("id", "question", "image", "chosen", "rejected")
+
+
+def _split_marker(text: str, where: str) -> tuple[str, bool]:
+    """Remove the image marker (and the newline after it) from a turn; say whether it was there."""
+    n = text.count(IMAGE_MARKER)
+    if n == 0:
+        return text, False
+    if n > 1:
+        raise DataError(f"{where}: a turn holds {n} {IMAGE_MARKER} markers; exactly one image is supported")
+    before, after = text.split(IMAGE_MARKER)
+    return (before.rstrip() + " " + after.lstrip("\n").lstrip()).strip(), True
+
+
+def _place_image(turns: list[tuple[str, str]], where: str) -> tuple[list[Turn], int | None]:
+    out, image_turn = [], None
+    for i, (role, text) in enumerate(turns):
+        clean, has = _split_marker(text, f"{where} turn {i}")
+        if has:
+            if image_turn is not None:
+                raise DataError(f"{where}: more than one {IMAGE_MARKER} marker in the conversation")
+            if role != "user":
+                raise DataError(f"{where}: the {IMAGE_MARKER} marker is in a {role} turn; it must be in a user turn")
+            image_turn = i
+        out.append(Turn(role, clean))
+    return out, image_turn
+
+
+def parse_conversation(text: str, where: str) -> tuple[list[Turn], int | None]:
+    """Parse ``USER: ... ASSISTANT: ... USER: <image>\\n... ASSISTANT:`` into turns."""
+    parts = _ROLE_RE.split(text)
+    if parts[0].strip():
+        raise DataError(f"{where}: text before the first USER:/ASSISTANT: marker: {parts[0][:60]!r}")
+    pairs = [(parts[i].lower(), parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+    if pairs and pairs[-1][0] == "assistant" and not pairs[-1][1]:
+        pairs = pairs[:-1]  # the trailing generation prompt "ASSISTANT:"
+    turns, image_turn = _place_image(pairs, where)
+    validate_turns(turns, where)
+    return turns, image_turn
+
+
+def _answer(value: Any, name: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    text = _ANSWER_PREFIX.sub("", value).strip()
+    if not text:
+        raise DataError(f"{where}: field {name!r} is empty")
+    return text
+
+
+def read_mmsafe_po(path: str | Path) -> list[PreferenceRecord]:
+    """Read an MMSafe-PO JSON list (fields in docs: id, question, image, chosen, rejected, ...)."""
+    path = Path(path)
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of MMSafe-PO records, got {type(data).__name__}")
+    records = []
+    for index, raw in enumerate(data):
+        where = f"{path}: record #{index}"
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
+        if "id" in raw:
+            where = f"{path}: record id={raw['id']} (#{index})"
+        question = raw.get("question", raw.get("prompt"))  # the hub copy names it "prompt"
+        missing = [f for f in MMSAFE_FIELDS if f != "question" and f not in raw]
+        if question is None:
+            missing.insert(1, "question")
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing}")
+        if not isinstance(question, str):
+            raise DataError(f"{where}: field 'question' must be a string")
+        turns, image_turn = parse_conversation(question, where)
+        if image_turn is None:
+            raise DataError(f"{where}: no {IMAGE_MARKER} marker in 'question'")
+        meta = {k: v for k, v in raw.items() if k not in MMSAFE_FIELDS + ("prompt",)}
+        # records made from one source conversation share text_prompt and both answers
+        meta["group"] = str(raw.get("text_prompt") or raw["id"])
+        meta["source_format"] = "mmsafe_po"
+        records.append(
+            PreferenceRecord(
+                id=str(raw["id"]),
+                turns=tuple(turns),
+                image_turn=image_turn,
+                image=str(raw["image"]) if raw["image"] else None,
+                chosen=_answer(raw["chosen"], "chosen", where),
+                rejected=_answer(raw["rejected"], "rejected", where),
+                blind=_answer(raw["blind"], "blind", where) if raw.get("blind") else None,
+                meta=meta,
+            )
+        )
+    _check_unique(records, path)
+    return records
+
+
+def _content_to_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        pieces = []
+        for item in content:
+            if not isinstance(item, dict) or item.get("type") not in ("image", "text"):
+                raise DataError(f"{where}: content items must be {{'type': 'image'|'text', ...}}")
+            pieces.append(IMAGE_MARKER + "\n" if item["type"] == "image" else str(item.get("text", "")))
+        return "".join(pieces)
+    raise DataError(f"{where}: 'content' must be a string or a list of items")
+
+
+def _generic_record(raw: Any, where: str, fallback_id: str) -> PreferenceRecord:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    rid = str(raw.get("id", fallback_id))
+    where = f"{where} (id={rid})"
+    if "messages" in raw:
+        msgs = raw["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        pairs = [(str(m.get("role")), _content_to_text(m.get("content"), where)) for m in msgs]
+    elif isinstance(raw.get("prompt"), str):
+        pairs = [("user", raw["prompt"])]
+    else:
+        raise DataError(f"{where}: needs 'messages' (a list) or 'prompt' (a string)")
+    for key in ("chosen", "rejected"):
+        if key not in raw:
+            raise DataError(f"{where}: missing field {key!r}")
+    turns, image_turn = _place_image(pairs, where)
+    validate_turns(turns, where)
+    image = raw.get("image")
+    if image is not None and not isinstance(image, str):
+        raise DataError(f"{where}: 'image' must be a path string")
+    if image and image_turn is None:
+        # no marker: the image belongs to the last user turn, as in single-image chat data
+        image_turn = len(turns) - 1
+    if image_turn is not None and not image:
+        raise DataError(f"{where}: the prompt has an {IMAGE_MARKER} marker but no 'image' field")
+    known = {"id", "messages", "prompt", "image", "chosen", "rejected", "blind"}
+    return PreferenceRecord(
+        id=rid,
+        turns=tuple(turns),
+        image_turn=image_turn,
+        image=image or None,
+        chosen=_answer(raw["chosen"], "chosen", where),
+        rejected=_answer(raw["rejected"], "rejected", where),
+        blind=_answer(raw["blind"], "blind", where) if raw.get("blind") else None,
+        meta={k: v for k, v in raw.items() if k not in known} | {"source_format": "jsonl"},
+    )
+
+
+def read_jsonl(path: str | Path) -> list[PreferenceRecord]:
+    """Read the generic JSONL format (module docstring). Blank lines are allowed."""
+    path = Path(path)
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        records.append(_generic_record(raw, where, fallback_id=f"line-{lineno}"))
+    _check_unique(records, path)
+    return records
+
+
+def read_records(path: str | Path, format: str = "auto") -> list[PreferenceRecord]:
+    """Read a data set file; ``format`` is ``mmsafe_po``, ``jsonl`` or ``auto`` (by extension)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (set data.path to an existing file)")
+    if format == "auto":
+        format = "jsonl" if path.suffix == ".jsonl" else "mmsafe_po"
+    if format == "mmsafe_po":
+        records = read_mmsafe_po(path)
+    elif format == "jsonl":
+        records = read_jsonl(path)
+    else:
+        raise DataError(f"unknown data format {format!r}; use 'mmsafe_po', 'jsonl' or 'auto'")
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def _check_unique(records: list[PreferenceRecord], path: Path) -> None:
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            raise DataError(f"{path}: duplicate record id {r.id!r}; ids key caches and reports, so they must be unique")
+        seen.add(r.id)

@@ -1,0 +1,55 @@
+"""Generate answers (blind or with the image) for a data set, into a resumable JSONL keyed by id.
+
+    python src/generate.py data=mmsafe_po data.path=data.json data.missing_images=render \
+        model.name_or_path=logs/train/runs/<run>/model blind=true output=blind.jsonl
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from src.models.factory import build_model  # noqa: E402
+from src.models.generation import AnswerGenerator, GenerationSettings  # noqa: E402
+
+log = logging.getLogger("generate")
+
+
+def generate(cfg: DictConfig) -> dict[str, str]:
+    torch.manual_seed(cfg.seed)
+    model, processor = build_model(**OmegaConf.to_container(cfg.model, resolve=True))
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    datamodule = hydra.utils.instantiate(cfg.data, processor=processor)
+    if cfg.split == "all":
+        records = datamodule.load_records()
+    elif cfg.split in ("train", "val"):
+        records = dict(zip(("train", "val"), datamodule.split()))[cfg.split]
+    else:
+        raise ValueError(f"split must be all, train or val; got {cfg.split!r}")
+    generator = AnswerGenerator(model, processor, GenerationSettings(**cfg.generation), datamodule.resolver)
+    answers = generator.run(records, cfg.output, with_image=not cfg.blind, desc="blind answers" if cfg.blind else "answers")
+    log.info(
+        "%d answers in %s (%d generated now, %d reused); stand-in images: %d",
+        len(answers), cfg.output, generator.generated, len(answers) - generator.generated, len(datamodule.resolver.rendered),
+    )
+    return answers
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    main()

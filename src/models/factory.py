@@ -1,0 +1,102 @@
+"""Model factory: (model, processor) for the tiny from-config LLaVA or any HF path / hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from src.models.tiny import build_tiny_llava
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# parameter-name fragments of each part, across LLaVA / LLaVA-NeXT / Qwen2-VL layouts
+PROJECTOR_KEYS = ("multi_modal_projector", "visual.merger")
+VISION_KEYS = ("vision_tower", "visual.", "vision_model")
+
+
+def part_of(name: str) -> str:
+    """'projector', 'vision' or 'language' for a parameter name."""
+    if any(k in name for k in PROJECTOR_KEYS):
+        return "projector"
+    if any(k in name for k in VISION_KEYS):
+        return "vision"
+    return "language"
+
+
+def set_trainable(model: torch.nn.Module, vision: bool, projector: bool, language: bool) -> dict[str, int]:
+    """Freeze or unfreeze each part; returns trainable parameter counts per part."""
+    wanted = {"vision": vision, "projector": projector, "language": language}
+    counts = {"vision": 0, "projector": 0, "language": 0}
+    for name, p in model.named_parameters():
+        part = part_of(name)
+        p.requires_grad_(wanted[part])
+        if wanted[part]:
+            counts[part] += p.numel()
+    return counts
+
+
+def build_model(
+    name_or_path: str | None = None,
+    tiny: dict[str, Any] | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+    attn_implementation: str | None = "sdpa",
+    train_vision_tower: bool = False,
+    train_projector: bool = True,
+    train_language_model: bool = True,
+    trust_remote_code: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """Return (model, processor).
+
+    ``name_or_path=None`` builds the tiny LLaVA from ``tiny`` (sizes and seed); otherwise the model and
+    processor load through transformers' Auto classes (local folder or hub id; set HF_HUB_OFFLINE=1 to
+    forbid downloads). By default the vision tower is frozen and the projector and language model train,
+    as in the BPO paper.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if name_or_path is None:
+        model, processor = build_tiny_llava(**(tiny or {}), attn_implementation=attn_implementation or "sdpa")
+        model = model.to(DTYPES[dtype])
+    else:
+        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        if revision:
+            kwargs["revision"] = revision
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+        processor = AutoProcessor.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    counts = set_trainable(model, train_vision_tower, train_projector, train_language_model)
+    log.info("model %s: trainable parameters by part %s", name_or_path or "tiny-llava", counts)
+    return model, processor
+
+
+def fingerprint(model: torch.nn.Module, name: str | None = None) -> str:
+    """A short, cheap identity of a model's weights: config, parameter shapes and a few values of each.
+
+    Used to key caches (blind answers, reference log-probs) so they are not reused across models.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    h.update((name or "").encode())
+    if config is not None:
+        h.update(json.dumps(config.to_diff_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            probe = torch.cat([flat[:8], flat[-8:]]).float().cpu()
+            h.update(pname.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(probe.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,184 @@
+"""Batched greedy generation of answers, written to a resumable JSONL file keyed by record id.
+
+One component serves blind answers (the prompt with the image removed) and answers with the image.
+Each line of the output is ``{"id", "prompt_sha", "answer", ...}``; a line is only trusted when its
+``prompt_sha`` matches the prompt now rendered for that record, so an edited record is regenerated.
+Lines are appended and flushed batch by batch, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from src.data.encoding import PromptEncoder
+from src.data.images import ImageResolver
+from src.data.records import PreferenceRecord
+from src.models.factory import fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_length: int = 512  # prompt + answer budget; old history is dropped to fit
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_generations(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a generations JSONL; a torn last line (from a killed run) is ignored with a warning."""
+    out: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return out
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: unreadable line ignored (interrupted write?); it will be regenerated", path, n)
+            continue
+        out[str(item["id"])] = item
+    return out
+
+
+class AnswerGenerator:
+    """Generate answers for records with ``model`` (greedy by default), batched with left padding."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, settings: GenerationSettings, resolver: ImageResolver | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.settings = settings
+        self.resolver = resolver or ImageResolver(missing="error")
+        self.encoder = PromptEncoder(processor, max_length=max(1, settings.max_length - settings.max_new_tokens))
+
+    def prompt(self, record: PreferenceRecord, with_image: bool) -> tuple[list[int], Any, str]:
+        """(prompt ids, image inputs or None, rendered prompt text) with old history dropped to fit."""
+        image = self.resolver(record) if with_image and record.image else None
+        for start in record.history_starts():
+            ids = self.encoder.prompt_ids(record, image, first_turn=start)
+            if len(ids) <= self.encoder.max_length:
+                break
+        text = self.encoder.prompt_text(record, with_image=image is not None, first_turn=start)
+        inputs = None if image is None else dict(self.processor.image_processor(images=image, return_tensors="pt"))
+        return ids, inputs, text
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[tuple[list[int], Any, str]]) -> list[str]:
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        width = max(len(p[0]) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, (ids, _, _) in enumerate(prompts):  # left padding: the answer starts at the same column
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention_mask[i, width - len(ids):] = 1
+        inputs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        images = [p[1] for p in prompts if p[1] is not None]
+        if images:
+            for key in images[0]:
+                value = torch.cat([torch.as_tensor(im[key]) for im in images]).to(device)
+                inputs[key] = value.to(dtype) if key == "pixel_values" else value
+        s = self.settings
+        sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p} if s.do_sample else {"do_sample": False}
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            **inputs, max_new_tokens=s.max_new_tokens, pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id, **sampling,
+        )
+        self.model.train(was_training)
+        return [t.strip() for t in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+    def run(self, records: list[PreferenceRecord], path: str | Path, with_image: bool, desc: str = "generating") -> dict[str, str]:
+        """Generate for every record not already answered in ``path``; returns {id: answer} for all."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = read_generations(path)
+        results: dict[str, str] = {}
+        todo = []
+        for record in records:
+            prompt = self.prompt(record, with_image)
+            prev = done.get(record.id)
+            if prev is not None and prev.get("prompt_sha") == _sha(prompt[2]):
+                results[record.id] = prev["answer"]
+            else:
+                todo.append((record, prompt))
+        self.generated = len(todo)
+        if todo:
+            log.info("%s: %d to generate, %d reused from %s", desc, len(todo), len(results), path)
+        with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, disable=not todo) as bar:
+            for start in range(0, len(todo), self.settings.batch_size):
+                chunk = todo[start : start + self.settings.batch_size]
+                answers = self._generate_batch([p for _, p in chunk])
+                for (record, prompt), answer in zip(chunk, answers):
+                    results[record.id] = answer
+                    line = {"id": record.id, "prompt_sha": _sha(prompt[2]), "with_image": with_image, "answer": answer}
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(chunk))
+        return results
+
+
+def blind_cache_path(cache_dir: str | Path, model: torch.nn.Module, model_name: str | None, settings: GenerationSettings) -> Path:
+    """Cache file for blind answers: one per (model weights, generation settings)."""
+    key = _sha(fingerprint(model, model_name) + settings.key())
+    return Path(cache_dir) / f"blind-{key}.jsonl"
+
+
+def fill_blind_answers(
+    records: Iterable[PreferenceRecord],
+    reference: torch.nn.Module,
+    processor: Any,
+    settings: GenerationSettings,
+    cache_dir: str | Path,
+    model_name: str | None = None,
+) -> tuple[list[PreferenceRecord], dict[str, Any]]:
+    """Give every record without a blind answer the reference model's answer to the image-less prompt.
+
+    Answers come from (and go to) a JSONL cache keyed by record id and a fingerprint of the model and
+    generation settings, so a second run with the same model and settings generates nothing.
+    Returns the records and a summary (counts, cache path).
+    """
+    records = list(records)
+    missing = [r for r in records if r.blind is None]
+    summary: dict[str, Any] = {"records": len(records), "given_in_data": len(records) - len(missing)}
+    if not missing:
+        return records, summary | {"generated": 0, "from_cache": 0}
+    path = blind_cache_path(cache_dir, reference, model_name, settings)
+    generator = AnswerGenerator(reference, processor, settings)
+    answers = generator.run(missing, path, with_image=False, desc="blind answers")
+    generated = generator.generated
+    empty = [rid for rid, a in answers.items() if not a]
+    filled = []
+    for r in records:
+        if r.blind is None:
+            # an empty generation is still a (bad) answer; score its EOS rather than drop the record
+            filled.append(r.with_blind(answers[r.id]))
+        else:
+            filled.append(r)
+    summary |= {"generated": generated, "from_cache": len(missing) - generated, "empty": len(empty), "cache": str(path)}
+    return filled, summary

@@ -1,0 +1,145 @@
+"""LightningModule: a policy MLLM trained by a preference objective against a frozen reference."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torchmetrics import MeanMetric
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from src.models.factory import DTYPES, build_model
+from src.models.logprobs import answer_logprobs
+from src.models.objectives import ANSWERS, BLIND, CHOSEN, OBJECTIVES, REJECTED
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
+
+
+def preference_metrics(policy_logps: torch.Tensor, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Batch means under the names dashboards use: rewards/*, logps/* (blind ones when K == 3)."""
+    policy_logps = policy_logps.detach()
+    out = {
+        "rewards/chosen": rewards[:, CHOSEN].mean(),
+        "rewards/rejected": rewards[:, REJECTED].mean(),
+        "rewards/margins": (rewards[:, CHOSEN] - rewards[:, REJECTED]).mean(),
+        "rewards/accuracies": (rewards[:, CHOSEN] > rewards[:, REJECTED]).float().mean(),
+        "logps/chosen": policy_logps[:, CHOSEN].mean(),
+        "logps/rejected": policy_logps[:, REJECTED].mean(),
+    }
+    if rewards.shape[1] > BLIND:
+        out |= {
+            "rewards/blind": rewards[:, BLIND].mean(),
+            "rewards/blind_margins": (rewards[:, CHOSEN] - rewards[:, BLIND]).mean(),
+            "rewards/blind_accuracies": (rewards[:, CHOSEN] > rewards[:, BLIND]).float().mean(),
+            "logps/blind": policy_logps[:, BLIND].mean(),
+        }
+    return out
+
+
+def metric_names(num_answers: int) -> list[str]:
+    """Names `preference_metrics` produces (plus the loss) for 2 or 3 answers."""
+    fake = torch.zeros(1, num_answers)
+    return ["loss", *preference_metrics(fake, fake)]
+
+
+class PreferenceModule(LightningModule):
+    """Holds the policy, its processor and a frozen copy of the initial weights as the reference.
+
+    ``model``: arguments of `build_model`; ``objective``: ``{name, beta, ...}`` (the rest goes to the
+    objective function); ``optim``: ``{lr, weight_decay, betas, warmup_steps, schedule}``.
+    """
+
+    def __init__(self, model: dict[str, Any], objective: dict[str, Any], optim: dict[str, Any], reference_dtype: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        objective = dict(objective)
+        name = objective.pop("name")
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
+        objective.pop("answers", None)
+        self.objective_name = name
+        self.objective_fn = OBJECTIVES[name]
+        self.objective_kwargs = objective
+        self.answers = ANSWERS[name]
+        self.policy, self.processor = build_model(**model)
+        self.model_name = model.get("name_or_path")
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        self.pad_token_id = tok.pad_token_id
+        self.reference = copy.deepcopy(self.policy)
+        if reference_dtype:
+            self.reference.to(DTYPES[reference_dtype])
+        self.reference.requires_grad_(False)
+        self.reference.eval()
+        # ModuleDict keys cannot hold "/", so val metric names are stored with "/" -> "__"
+        self.val_metrics = torch.nn.ModuleDict({k.replace("/", "__"): MeanMetric() for k in metric_names(len(self.answers))})
+
+    # The reference never trains: keep it in eval mode whatever Lightning does to the module.
+    def train(self, mode: bool = True) -> "PreferenceModule":
+        super().train(mode)
+        self.reference.eval()
+        return self
+
+    def forward_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and metrics for one batch; policy and reference score the same padded rows."""
+        policy_logps = answer_logprobs(self.policy, batch, self.pad_token_id)
+        with torch.no_grad():
+            reference_logps = answer_logprobs(self.reference, batch, self.pad_token_id)
+        out = self.objective_fn(policy_logps, reference_logps, **self.objective_kwargs)
+        loss = out.loss.mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} on records {batch['ids']}")
+        metrics = {"loss": loss.detach()} | preference_metrics(policy_logps, out.rewards)
+        return loss, metrics
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.forward_batch(batch)
+        size = len(batch["ids"])
+        for key, value in metrics.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=size,
+                     prog_bar=key in ("loss", "rewards/accuracies"))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        _, metrics = self.forward_batch(batch)
+        for key, value in metrics.items():
+            self.val_metrics[key.replace("/", "__")].update(value, weight=len(batch["ids"]))
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_metrics.items():
+            if metric.update_count:
+                key = name.replace("__", "/")
+                self.log(f"val/{key}", metric.compute(), prog_bar=key == "rewards/accuracies")
+            metric.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams.optim
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]  # biases and norms are not decayed
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.get("weight_decay", 0.0)}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp["lr"],
+            betas=tuple(hp.get("betas", (0.9, 0.999))),
+        )
+        schedule = hp.get("schedule", "cosine")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = SCHEDULES[schedule](optimizer, num_warmup_steps=hp.get("warmup_steps", 0), num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # Checkpoints hold the policy only: the reference is the initial model, rebuilt on load.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key, value in self.reference.state_dict().items():
+            state.setdefault(f"reference.{key}", value)
