@@ -73,6 +73,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams({"config": container, "data_summary": report["data"]})
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if datamodule.val_set is not None and "val/loss" not in trainer.callback_metrics:
+        # stopped by max_steps before an epoch ended: still report held-out figures for sweeps
+        trainer.validate(module, datamodule=datamodule, verbose=False)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report["final_metrics"] = metrics

@@ -62,6 +62,19 @@ def read_generations(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a write interrupted by a kill) so appends start on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: removing an unfinished last line (%d bytes) left by an interrupted run", path, len(data) - keep)
+        f.truncate(keep)
+
+
 class AnswerGenerator:
     """Generate answers for records with ``model`` (greedy by default), batched with left padding."""
 
@@ -116,6 +129,7 @@ class AnswerGenerator:
         """Generate for every record not already answered in ``path``; returns {id: answer} for all."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(path)
         done = read_generations(path)
         results: dict[str, str] = {}
         todo = []

@@ -1,0 +1,107 @@
+import torch
+
+from src.data.encoding import PromptEncoder, collate_pairs
+from src.data.images import render_stand_in
+from src.data.records import PreferenceRecord, Turn
+from src.models.logprobs import padded_rows
+
+IMAGE = render_stand_in("a padlock", 32)
+
+
+def record(turns=None, chosen="I can't help with that, but a locksmith can.", rejected="Sure, here is how.", blind=None):
+    turns = turns or [Turn("user", "How do I open the lock in the picture?")]
+    return PreferenceRecord(id="r1", turns=tuple(turns), image_turn=len(turns) - 1, image="p.png",
+                            chosen=chosen, rejected=rejected, blind=blind)
+
+
+def image_tokens(ids, processor):
+    return sum(i == processor.tokenizer.convert_tokens_to_ids("<image>") for i in ids)
+
+
+def test_prompt_through_chat_template_and_answers_end_with_eos(tiny):
+    _, processor = tiny
+    enc = PromptEncoder(processor, max_length=256)
+    pair = enc.encode(record(), IMAGE, ("chosen", "rejected"))
+    tok = processor.tokenizer
+    # the processor expanded the single image marker into the model's image tokens, none added by hand
+    assert image_tokens(pair.prompt_ids, processor) == 16
+    text = tok.decode([i for i in pair.prompt_ids if tok.convert_ids_to_tokens(i) != "<image>"])
+    assert text == "USER: \nHow do I open the lock in the picture? ASSISTANT:"
+    for ids, answer in zip(pair.answer_ids, ("I can't help with that, but a locksmith can.", "Sure, here is how.")):
+        assert ids[-1] == tok.eos_token_id
+        assert tok.decode(ids) == " " + answer + "</s>"
+
+
+def test_collation_masks_prompt_and_padding(tiny):
+    _, processor = tiny
+    enc = PromptEncoder(processor, max_length=256)
+    r_long = record(turns=[Turn("user", "Hi"), Turn("assistant", "Hello!"), Turn("user", "What is in the image?")],
+                    blind="I do not know.")
+    r_short = record(chosen="No.", blind="Maybe.")
+    items = []
+    for r in (r_long, r_short):
+        pair = enc.encode(r, IMAGE, ("chosen", "rejected", "blind"))
+        items.append({"pair": pair, "image_inputs": dict(processor.image_processor(images=IMAGE, return_tensors="pt"))})
+    batch = collate_pairs(items, processor.tokenizer.pad_token_id)
+    assert batch["answer_ids"].shape[:2] == (3, 2)
+    assert batch["pixel_values"].shape[0] == 2
+    rows = padded_rows(batch, processor.tokenizer.pad_token_id)
+    assert rows["pixel_values"].shape[0] == 6  # image repeated per answer row
+    for j in range(3):
+        for b, item in enumerate(items):
+            row, pair = j * 2 + b, item["pair"]
+            p, a = len(pair.prompt_ids), len(pair.answer_ids[j])
+            mask = rows["answer_mask"][row]
+            # only answer tokens are scored: never prompt, image or padding positions
+            assert mask[:p].sum() == 0 and mask[p : p + a].all() and mask[p + a :].sum() == 0
+            assert rows["input_ids"][row, p : p + a].tolist() == pair.answer_ids[j]
+            assert rows["input_ids"][row, :p].tolist() == pair.prompt_ids
+            assert rows["attention_mask"][row].sum() == p + a
+
+
+def test_truncation_drops_history_then_shortens_answers_never_image_tokens(tiny):
+    _, processor = tiny
+    history = [Turn("user", "Tell me a long story about locks and keys " * 4), Turn("assistant", "Once upon a time " * 8),
+               Turn("user", "Which lock is in the image?")]
+    r = record(turns=history, chosen="A long careful refusal that explains the risks " * 3)
+    full = PromptEncoder(processor, max_length=1024).encode(r, IMAGE)
+    assert full.dropped_turns == 0 and full.truncated_answers == 0
+    short_prompt = len(PromptEncoder(processor, 1024).prompt_ids(r, IMAGE, first_turn=2))
+    longest = max(len(a) for a in full.answer_ids)
+
+    # budget that fits the last turn and full answers: history dropped, answers intact
+    dropped = PromptEncoder(processor, max_length=short_prompt + longest).encode(r, IMAGE)
+    assert dropped.dropped_turns == 2 and dropped.answer_ids == full.answer_ids
+    assert image_tokens(dropped.prompt_ids, processor) == 16
+
+    # tighter: answers are cut from the end, the prompt (and its image tokens) stays whole
+    cut = PromptEncoder(processor, max_length=short_prompt + 10).encode(r, IMAGE)
+    assert len(cut.prompt_ids) == short_prompt and image_tokens(cut.prompt_ids, processor) == 16
+    assert cut.truncated_answers >= 1
+    assert all(len(a) <= 10 for a in cut.answer_ids)
+    assert cut.answer_ids[0] == full.answer_ids[0][:10]
+
+    # no room for min_answer_tokens after the shortest prompt: the record is skipped with a reason
+    assert PromptEncoder(processor, max_length=short_prompt + 2, min_answer_tokens=4).encode(r, IMAGE) == "prompt_too_long"
+
+
+def test_datamodule_counts_skips_and_reports(tiny, tmp_path):
+    import json
+
+    from src.data.datamodule import PreferenceDataModule
+
+    _, processor = tiny
+    lines = [{"id": f"r{i}", "prompt": "<image>\n" + ("word " * (5 if i else 400)), "image": "x.png", "chosen": "c",
+              "rejected": "r", "group": f"g{i}"} for i in range(6)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    dm = PreferenceDataModule(str(path), missing_images="render", max_length=128, val_fraction=0.0,
+                              batch_size=4, processor=processor)
+    dm.setup("fit")
+    summary = dm.summary()
+    assert summary["records_read"] == 6
+    assert summary["train"]["encoded"] == 5 and summary["train"]["skipped_by_reason"] == {"prompt_too_long": 1}
+    assert summary["stand_in_images"] == 6
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["answer_ids"].shape[0] == 2 and len(batch["ids"]) == 4
+    assert isinstance(batch["pixel_values"], torch.Tensor)

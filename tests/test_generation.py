@@ -1,0 +1,65 @@
+import json
+
+from src.data.images import ImageResolver
+from src.data.records import PreferenceRecord, Turn
+from src.models.generation import AnswerGenerator, GenerationSettings, blind_cache_path, fill_blind_answers
+
+SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=2, max_length=256)
+
+
+def records(n=3, question="What is in the image?"):
+    return [PreferenceRecord(f"r{i}", (Turn("user", f"{question} {i}"),), 0, f"r{i}.png", "c", "r",
+                             meta={"entity": f"thing {i}"}) for i in range(n)]
+
+
+def test_blind_prompt_has_no_image(tiny):
+    model, processor = tiny
+    gen = AnswerGenerator(model, processor, SETTINGS, ImageResolver(missing="render", stand_in_size=32))
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    ids, inputs, text = gen.prompt(records(1)[0], with_image=False)
+    assert image_id not in ids and inputs is None and text == "USER: What is in the image? 0 ASSISTANT:"
+    ids, inputs, _ = gen.prompt(records(1)[0], with_image=True)
+    assert ids.count(image_id) == 16 and inputs["pixel_values"].shape[0] == 1
+
+
+def test_blind_answers_cached_and_reused(tiny, tmp_path):
+    model, processor = tiny
+    recs = records(3)
+    filled, summary = fill_blind_answers(recs, model, processor, SETTINGS, tmp_path, "tiny")
+    assert summary["generated"] == 3 and summary["from_cache"] == 0
+    assert all(r.blind is not None for r in filled)
+    path = blind_cache_path(tmp_path, model, "tiny", SETTINGS)
+    assert len(path.read_text().splitlines()) == 3
+
+    again, summary = fill_blind_answers(recs, model, processor, SETTINGS, tmp_path, "tiny")
+    assert summary["generated"] == 0 and summary["from_cache"] == 3
+    assert [r.blind for r in again] == [r.blind for r in filled]
+    assert len(path.read_text().splitlines()) == 3  # nothing appended
+
+    # other generation settings -> another cache file; an edited prompt -> regenerated
+    other = GenerationSettings(max_new_tokens=5, batch_size=2, max_length=256)
+    assert blind_cache_path(tmp_path, model, "tiny", other) != path
+    edited = records(3, question="Describe the picture.")
+    _, summary = fill_blind_answers(edited, model, processor, SETTINGS, tmp_path, "tiny")
+    assert summary["generated"] == 3
+
+
+def test_given_blind_answers_are_kept(tiny, tmp_path):
+    model, processor = tiny
+    recs = [r.with_blind("given") for r in records(2)]
+    filled, summary = fill_blind_answers(recs, model, processor, SETTINGS, tmp_path)
+    assert [r.blind for r in filled] == ["given", "given"] and summary["given_in_data"] == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_interrupted_file_resumes_without_duplicates(tiny, tmp_path):
+    model, processor = tiny
+    gen = AnswerGenerator(model, processor, SETTINGS)
+    out = tmp_path / "gen.jsonl"
+    first = gen.run(records(2), out, with_image=False)
+    with open(out, "a") as f:
+        f.write('{"id": "r2", "prompt_sha": "tor')  # a write cut short by a kill
+    answers = gen.run(records(4), out, with_image=False)
+    assert gen.generated == 2 and answers["r0"] == first["r0"]
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines() if line.endswith("}")]
+    assert sorted(ids) == ["r0", "r1", "r2", "r3"]

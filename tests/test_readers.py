@@ -1,0 +1,125 @@
+import json
+
+import pytest
+
+from src.data.images import ImageResolver, render_stand_in
+from src.data.readers import parse_conversation, read_records
+from src.data.records import DataError
+
+
+def test_all_shared_mmsafe_records_parse(mmsafe_path):
+    raw = json.loads(mmsafe_path.read_text())
+    records = read_records(mmsafe_path)
+    assert len(records) == len(raw) == 200
+    for rec, src in zip(records, raw):
+        assert rec.id == str(src["id"])
+        assert rec.image == src["image"]
+        # exactly one image placement, in the last user turn, and no marker left in any text
+        assert rec.image_turn == len(rec.turns) - 1 and rec.turns[-1].role == "user"
+        assert sum("<image>" in t.text for t in rec.turns) == 0
+        assert sum(m["content"][0]["type"] == "image" for m in rec.messages()) == 1
+        for answer in (rec.chosen, rec.rejected):
+            assert answer and not answer.startswith("ASSISTANT:")
+        assert rec.chosen == src["chosen"].removeprefix("ASSISTANT: ").strip()
+        roles = [t.role for t in rec.turns]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"]
+    # 163 source conversations in the 200 records (shared README)
+    assert len({r.group for r in records}) == 163
+
+
+def test_parse_multiturn_conversation():
+    turns, image_turn = parse_conversation(
+        "USER: Hi ASSISTANT: Hello, how can I help? USER: <image>\nWho is the person in the image? ASSISTANT:", "x"
+    )
+    assert [(t.role, t.text) for t in turns] == [
+        ("user", "Hi"), ("assistant", "Hello, how can I help?"), ("user", "Who is the person in the image?"),
+    ]
+    assert image_turn == 2
+
+
+def test_mmsafe_errors_name_file_and_record(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"id": 7, "question": "USER: <image>\nQ ASSISTANT:", "image": "a.jpg", "chosen": "ok"}]))
+    with pytest.raises(DataError, match=r"bad\.json: record id=7.*rejected"):
+        read_records(path)
+    path.write_text(json.dumps([{"id": 8, "question": "USER: <image> <image> Q ASSISTANT:", "image": "a.jpg",
+                                 "chosen": "a", "rejected": "b"}]))
+    with pytest.raises(DataError, match="id=8.*2 <image> markers"):
+        read_records(path)
+
+
+def test_generic_jsonl_both_content_forms(tmp_path):
+    lines = [
+        {"id": "a", "messages": [{"role": "user", "content": "<image>\nWhat is this?"}], "image": "a.png",
+         "chosen": "A harmless answer.", "rejected": "A harmful answer.", "category": "fraud", "group": "g1"},
+        {"id": "b", "messages": [
+            {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}],
+         "image": "b.png", "chosen": "c", "rejected": "r", "blind": "a blind answer"},
+        {"id": "c", "prompt": "Describe it.", "image": "c.png", "chosen": "c", "rejected": "r"},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    a, b, c = read_records(path)
+    assert a.turns[0].text == "What is this?" and a.image_turn == 0 and a.meta["category"] == "fraud"
+    assert a.group == "g1"
+    assert b.image_turn == 2 and b.turns[2].text == "And this?" and b.blind == "a blind answer"
+    assert c.image_turn == 0 and c.group == "c"  # no marker: the image goes to the last user turn
+    assert b.messages(with_image=False)[2]["content"] == [{"type": "text", "text": "And this?"}]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", r"d\.jsonl:2: invalid JSON"),
+        ('{"id": "x", "messages": [{"role": "user", "content": "q"}], "chosen": "c"}', "id=x.*missing field 'rejected'"),
+        ('{"id": "x", "messages": [{"role": "user", "content": "q"}], "chosen": " ", "rejected": "r"}', "'chosen' is empty"),
+        ('{"id": "x", "messages": [{"role": "assistant", "content": "q"}], "chosen": "c", "rejected": "r"}', "alternate"),
+        ('{"id": "x", "messages": [{"role": "user", "content": "<image> q"}], "chosen": "c", "rejected": "r"}', "no 'image' field"),
+        ('{"id": "ok", "prompt": "q", "chosen": "c", "rejected": "r"}', "duplicate record id 'ok'"),
+    ],
+)
+def test_generic_jsonl_errors(tmp_path, line, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "ok", "prompt": "q", "chosen": "c", "rejected": "r"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        read_records(path)
+
+
+def test_missing_image_error_or_stand_in(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"id": "r1", "prompt": "<image>\nq", "image": "nope.png", "chosen": "c",
+                                "rejected": "r", "entity": "a padlock"}) + "\n")
+    (record,) = read_records(path)
+    with pytest.raises(DataError, match=r"record r1: image file not found: .*nope\.png"):
+        ImageResolver(tmp_path, missing="error")(record)
+    resolver = ImageResolver(tmp_path, missing="render", stand_in_size=64)
+    image = resolver(record)
+    assert image.size == (64, 64) and image.mode == "RGB"
+    assert list(image.getdata()) == list(render_stand_in("a padlock", 64).getdata())
+    assert resolver.rendered == {"r1"}
+    # text is drawn: not a plain background
+    assert len(set(image.getdata())) > 2
+
+
+def test_existing_image_is_read_and_converted(tmp_path):
+    from PIL import Image
+
+    Image.new("L", (20, 10), 128).save(tmp_path / "g.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"id": "r1", "prompt": "q", "image": "g.png", "chosen": "c", "rejected": "r"}) + "\n")
+    (record,) = read_records(path)
+    image = ImageResolver(tmp_path)(record)
+    assert image.mode == "RGB" and image.size == (20, 10)
+
+
+def test_embedded_data_set_is_usable():
+    from src.data.datamodule import grouped_split
+    from tests.conftest import ROOT
+
+    records = read_records(ROOT / "src/data/embedded/safety_pairs.jsonl")
+    assert len(records) >= 64
+    assert all(r.image and r.image_turn is not None for r in records)
+    train, val = grouped_split(records, 0.125)
+    assert val and not {r.group for r in train} & {r.group for r in val}
+    assert len(train) + len(val) == len(records)

@@ -1,0 +1,141 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import ROOT
+from tests.helpers import compose_config
+
+
+def run_train(tmp_path, overrides):
+    from src.train import train
+
+    cfg = compose_config("train", [f"blind.cache_dir={tmp_path}/cache", *overrides], tmp_path / "run")
+    return cfg, train(cfg)
+
+
+def read_metrics(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_bpo_few_steps_writes_run_outputs_and_model_reloads(tmp_path):
+    cfg, metrics = run_train(tmp_path, ["trainer.max_steps=4", "trainer.max_epochs=1"])
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt", "model/config.json", "model/model.safetensors",
+                 "run_summary.json"):
+        assert (run / name).exists(), name
+    assert list((run / "wandb").glob("offline-run-*")), "W&B should log offline into the run directory"
+    rows = read_metrics(run / "metrics.csv")
+    steps = [r for r in rows if r.get("train/loss")]
+    assert len(steps) == 4
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "rewards/blind", "rewards/blind_margins", "rewards/blind_accuracies", "logps/blind"):
+        assert steps[-1][f"train/{key}"] != "", key
+        assert f"val/{key}" in metrics, key
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["blind_answers"]["generated"] == 96 and summary["data"]["records_read"] == 96
+
+    # the checkpoint holds the policy only; the reference is rebuilt from the initial model
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("reference.") for k in ckpt["state_dict"])
+    assert ckpt["global_step"] == 4
+
+    # model/ loads with the Auto classes, no network, and generates
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from src.data.images import render_stand_in
+
+    model = AutoModelForImageTextToText.from_pretrained(run / "model")
+    processor = AutoProcessor.from_pretrained(run / "model")
+    saved = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
+    assert torch.equal(model.lm_head.weight, saved["policy.lm_head.weight"])
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=render_stand_in("a padlock", 32), return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+    # a second run reuses the blind answers
+    _, _ = run_train(tmp_path, ["trainer.max_steps=1", "logger=csv"])
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["blind_answers"]["generated"] == 0 and summary["blind_answers"]["from_cache"] == 96
+
+
+def test_dpo_uses_two_answers_and_no_blind_generation(tmp_path):
+    cfg, metrics = run_train(tmp_path, ["experiment=dpo_tiny", "trainer.max_steps=2", "logger=csv"])
+    assert cfg.objective.name == "dpo"
+    assert "val/rewards/blind" not in metrics and "val/rewards/accuracies" in metrics
+    assert not (tmp_path / "cache").exists()
+
+
+def test_resume_from_checkpoint_keeps_reference(tmp_path):
+    from src.models.module import PreferenceModule
+
+    cfg, _ = run_train(tmp_path, ["trainer.max_steps=3", "logger=csv"])
+    container = OmegaConf.to_container(cfg, resolve=True)
+    module = PreferenceModule.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    fresh = PreferenceModule(model=container["model"], objective=container["objective"], optim=container["optim"])
+    for (name, ref), (_, init) in zip(module.reference.named_parameters(), fresh.policy.named_parameters()):
+        assert torch.equal(ref, init), name
+    assert not torch.equal(module.policy.lm_head.weight, fresh.policy.lm_head.weight)
+
+
+@pytest.mark.parametrize("experiment", ["bpo_llava", "dpo_llava"])
+def test_llava_experiments_carry_the_paper_settings(experiment):
+    cfg = compose_config("train", [f"experiment={experiment}"])
+    assert cfg.model.name_or_path == "llava-hf/llava-1.5-7b-hf"
+    assert cfg.objective.name == experiment[:3] and cfg.objective.beta == 0.1
+    assert cfg.optim.lr == 1e-6 and cfg.optim.warmup_steps == 10 and cfg.optim.schedule == "cosine"
+    assert cfg.trainer.max_epochs == 1 and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.data.max_length == 768
+    assert cfg.model.train_vision_tower is False and cfg.model.train_projector is True
+    assert cfg.model.trust_remote_code is False
+
+
+def test_cfg_job_prints_llava_config():
+    out = subprocess.run([sys.executable, "src/train.py", "experiment=bpo_llava", "--cfg", "job"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "llava-hf/llava-1.5-7b-hf" in out.stdout and "lr: 1.0e-06" in out.stdout
+
+
+@pytest.mark.slow
+def test_default_training_run_learns_the_preferences(tmp_path):
+    """`make train`'s run: the last logged train/rewards/accuracies exceeds 0.9."""
+    out = subprocess.run([sys.executable, "src/train.py", f"hydra.run.dir={tmp_path}/run",
+                          f"blind.cache_dir={tmp_path}/cache"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for r in read_metrics(tmp_path / "run/metrics.csv") if r.get("train/rewards/accuracies")]
+    assert float(rows[-1]["train/rewards/accuracies"]) > 0.9
+    assert (tmp_path / "run/model/model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_multirun_sweeps_beta(tmp_path):
+    out = subprocess.run([sys.executable, "src/train.py", "-m", "objective.beta=0.05,0.1", "trainer.max_steps=3",
+                          "logger=csv", f"hydra.sweep.dir={tmp_path}/sweep", f"blind.cache_dir={tmp_path}/cache"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for job, beta in ((0, 0.05), (1, 0.1)):
+        cfg = OmegaConf.load(tmp_path / f"sweep/{job}/config.yaml")
+        assert cfg.objective.beta == beta
+        assert (tmp_path / f"sweep/{job}/model/model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_train_on_shared_mmsafe_po_reads_all_records(tmp_path, mmsafe_path):
+    out = subprocess.run([sys.executable, "src/train.py", "data=mmsafe_po", f"data.path={mmsafe_path}",
+                          "data.missing_images=render", "trainer.max_steps=5", "logger=csv",
+                          f"hydra.run.dir={tmp_path}/run", f"blind.cache_dir={tmp_path}/cache"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/run_summary.json").read_text())
+    data = summary["data"]
+    assert data["records_read"] == 200
+    assert data["train"]["encoded"] + data["train"]["skipped"] + data["val"]["encoded"] + data["val"]["skipped"] == 200
+    assert data["stand_in_images"] == 200
