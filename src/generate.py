@@ -1,7 +1,7 @@
 """Generate answers (blind or with the image) for a data set, into a resumable JSONL keyed by id.
 
     python src/generate.py data=mmsafe_po data.path=data.json data.missing_images=render \
-        model.name_or_path=logs/train/runs/<run>/model blind=true output=blind.jsonl
+        model.name_or_path=logs/train/runs/<run>/model mode=blind output=blind.jsonl
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def generate(cfg: DictConfig) -> dict[str, str]:
         records = dict(zip(("train", "val"), datamodule.split()))[cfg.split]
     else:
         raise ValueError(f"split must be all, train or val; got {cfg.split!r}")
+    if cfg.mode not in ("blind", "image"):
+        raise ValueError(f"mode must be 'blind' (image removed) or 'image'; got {cfg.mode!r}")
     generator = AnswerGenerator(model, processor, GenerationSettings(**cfg.generation), datamodule.resolver)
-    answers = generator.run(records, cfg.output, with_image=not cfg.blind, desc="blind answers" if cfg.blind else "answers")
+    answers = generator.run(records, cfg.output, with_image=cfg.mode == "image", desc=f"{cfg.mode} answers")
     log.info(
         "%d answers in %s (%d generated now, %d reused); stand-in images: %d",
         len(answers), cfg.output, generator.generated, len(answers) - generator.generated, len(datamodule.resolver.rendered),

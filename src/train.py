@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from src.models.generation import GenerationSettings, fill_blind_answers  # noqa
 from src.models.module import PreferenceModule  # noqa: E402
 
 log = logging.getLogger("train")
+# the frozen reference is in eval mode on purpose
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -42,7 +45,7 @@ def add_blind_answers(cfg: DictConfig, module: PreferenceModule, datamodule: Any
     reference = module.reference.to(device)
     settings = GenerationSettings(**cfg.blind.generation)
     records, summary = fill_blind_answers(
-        datamodule.load_records(), reference, module.processor, settings, cfg.blind.cache_dir, module.model_name
+        datamodule.load_records(), reference, module.processor, settings, cfg.blind.cache_dir
     )
     module.reference.to("cpu")
     datamodule.set_records(records)

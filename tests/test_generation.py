@@ -25,22 +25,22 @@ def test_blind_prompt_has_no_image(tiny):
 def test_blind_answers_cached_and_reused(tiny, tmp_path):
     model, processor = tiny
     recs = records(3)
-    filled, summary = fill_blind_answers(recs, model, processor, SETTINGS, tmp_path, "tiny")
+    filled, summary = fill_blind_answers(recs, model, processor, SETTINGS, tmp_path)
     assert summary["generated"] == 3 and summary["from_cache"] == 0
     assert all(r.blind is not None for r in filled)
-    path = blind_cache_path(tmp_path, model, "tiny", SETTINGS)
+    path = blind_cache_path(tmp_path, model, SETTINGS)
     assert len(path.read_text().splitlines()) == 3
 
-    again, summary = fill_blind_answers(recs, model, processor, SETTINGS, tmp_path, "tiny")
+    again, summary = fill_blind_answers(recs, model, processor, SETTINGS, tmp_path)
     assert summary["generated"] == 0 and summary["from_cache"] == 3
     assert [r.blind for r in again] == [r.blind for r in filled]
     assert len(path.read_text().splitlines()) == 3  # nothing appended
 
     # other generation settings -> another cache file; an edited prompt -> regenerated
     other = GenerationSettings(max_new_tokens=5, batch_size=2, max_length=256)
-    assert blind_cache_path(tmp_path, model, "tiny", other) != path
+    assert blind_cache_path(tmp_path, model, other) != path
     edited = records(3, question="Describe the picture.")
-    _, summary = fill_blind_answers(edited, model, processor, SETTINGS, tmp_path, "tiny")
+    _, summary = fill_blind_answers(edited, model, processor, SETTINGS, tmp_path)
     assert summary["generated"] == 3
 
 

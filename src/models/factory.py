@@ -82,21 +82,32 @@ def build_model(
     return model, processor
 
 
-def fingerprint(model: torch.nn.Module, name: str | None = None) -> str:
-    """A short, cheap identity of a model's weights: config, parameter shapes and a few values of each.
+# config entries that change on save/reload or with where a model came from, not with what it computes
+_VOLATILE = {"dtype", "torch_dtype", "_name_or_path", "transformers_version", "architectures", "use_cache",
+             "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict"}
 
-    Used to key caches (blind answers, reference log-probs) so they are not reused across models.
+
+def _stable(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _stable(v) for k, v in d.items() if k not in _VOLATILE}
+    return d
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short, cheap identity of a model's weights: config, parameter shapes, dtypes and a few values.
+
+    Used to key caches (blind answers, reference log-probs) so they are not reused across models; the
+    same weights give the same fingerprint whether built in memory or reloaded from a saved folder.
     """
     h = hashlib.sha256()
     config = getattr(model, "config", None)
-    h.update((name or "").encode())
     if config is not None:
-        h.update(json.dumps(config.to_diff_dict(), sort_keys=True, default=str).encode())
+        h.update(json.dumps(_stable(config.to_diff_dict()), sort_keys=True, default=str).encode())
     with torch.no_grad():
         for pname, p in model.named_parameters():
             flat = p.detach().reshape(-1)
             probe = torch.cat([flat[:8], flat[-8:]]).float().cpu()
             h.update(pname.encode())
-            h.update(str(tuple(p.shape)).encode())
+            h.update(f"{tuple(p.shape)} {p.dtype}".encode())
             h.update(probe.numpy().tobytes())
     return h.hexdigest()[:16]

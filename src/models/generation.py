@@ -157,9 +157,9 @@ class AnswerGenerator:
         return results
 
 
-def blind_cache_path(cache_dir: str | Path, model: torch.nn.Module, model_name: str | None, settings: GenerationSettings) -> Path:
+def blind_cache_path(cache_dir: str | Path, model: torch.nn.Module, settings: GenerationSettings) -> Path:
     """Cache file for blind answers: one per (model weights, generation settings)."""
-    key = _sha(fingerprint(model, model_name) + settings.key())
+    key = _sha(fingerprint(model) + settings.key())
     return Path(cache_dir) / f"blind-{key}.jsonl"
 
 
@@ -169,7 +169,6 @@ def fill_blind_answers(
     processor: Any,
     settings: GenerationSettings,
     cache_dir: str | Path,
-    model_name: str | None = None,
 ) -> tuple[list[PreferenceRecord], dict[str, Any]]:
     """Give every record without a blind answer the reference model's answer to the image-less prompt.
 
@@ -182,7 +181,7 @@ def fill_blind_answers(
     summary: dict[str, Any] = {"records": len(records), "given_in_data": len(records) - len(missing)}
     if not missing:
         return records, summary | {"generated": 0, "from_cache": 0}
-    path = blind_cache_path(cache_dir, reference, model_name, settings)
+    path = blind_cache_path(cache_dir, reference, settings)
     generator = AnswerGenerator(reference, processor, settings)
     answers = generator.run(missing, path, with_image=False, desc="blind answers")
     generated = generator.generated

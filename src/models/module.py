@@ -67,7 +67,6 @@ class PreferenceModule(LightningModule):
         self.objective_kwargs = objective
         self.answers = ANSWERS[name]
         self.policy, self.processor = build_model(**model)
-        self.model_name = model.get("name_or_path")
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.pad_token_id = tok.pad_token_id
         self.reference = copy.deepcopy(self.policy)
