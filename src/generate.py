@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from src.models.factory import build_model  # noqa: E402
+from src.data.records import DataError  # noqa: E402
 from src.models.generation import AnswerGenerator, GenerationSettings  # noqa: E402
 
 log = logging.getLogger("generate")
@@ -50,7 +51,11 @@ def generate(cfg: DictConfig) -> dict[str, str]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    generate(cfg)
+    try:
+        generate(cfg)
+    except DataError as e:  # a data problem the user can fix: say what and where, no stack trace
+        log.error("data error: %s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from src.data.records import DataError  # noqa: E402
 from src.models.generation import GenerationSettings, fill_blind_answers  # noqa: E402
 from src.models.module import PreferenceModule  # noqa: E402
 
@@ -99,7 +100,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except DataError as e:  # a data problem the user can fix: say what and where, no stack trace
+        log.error("data error: %s", e)
+        sys.exit(2)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
 

@@ -25,7 +25,9 @@ def test_prompt_through_chat_template_and_answers_end_with_eos(tiny):
     tok = processor.tokenizer
     # the processor expanded the single image marker into the model's image tokens, none added by hand
     assert image_tokens(pair.prompt_ids, processor) == 16
-    text = tok.decode([i for i in pair.prompt_ids if tok.convert_ids_to_tokens(i) != "<image>"])
+    # BOS first, as the tokenizer adds it at inference, then the rendered template
+    assert pair.prompt_ids[0] == tok.bos_token_id and pair.prompt_ids.count(tok.bos_token_id) == 1
+    text = tok.decode([i for i in pair.prompt_ids[1:] if tok.convert_ids_to_tokens(i) != "<image>"])
     assert text == "USER: \nHow do I open the lock in the picture? ASSISTANT:"
     for ids, answer in zip(pair.answer_ids, ("I can't help with that, but a locksmith can.", "Sure, here is how.")):
         assert ids[-1] == tok.eos_token_id

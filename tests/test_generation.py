@@ -18,6 +18,7 @@ def test_blind_prompt_has_no_image(tiny):
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     ids, inputs, text = gen.prompt(records(1)[0], with_image=False)
     assert image_id not in ids and inputs is None and text == "USER: What is in the image? 0 ASSISTANT:"
+    assert processor.tokenizer.decode(ids) == "<s>" + text
     ids, inputs, _ = gen.prompt(records(1)[0], with_image=True)
     assert ids.count(image_id) == 16 and inputs["pixel_values"].shape[0] == 1
 

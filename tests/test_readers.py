@@ -93,7 +93,10 @@ def test_missing_image_error_or_stand_in(tmp_path):
     (record,) = read_records(path)
     with pytest.raises(DataError, match=r"record r1: image file not found: .*nope\.png"):
         ImageResolver(tmp_path, missing="error")(record)
+    with pytest.raises(DataError, match=r"1 of 1 images not found; first: record r1"):
+        ImageResolver(tmp_path, missing="error").check([record])
     resolver = ImageResolver(tmp_path, missing="render", stand_in_size=64)
+    assert resolver.check([record]) == 1
     image = resolver(record)
     assert image.size == (64, 64) and image.mode == "RGB"
     assert list(image.getdata()) == list(render_stand_in("a padlock", 64).getdata())

@@ -106,6 +106,9 @@ class PreferenceDataModule(LightningDataModule):
             if hp.val_path:
                 self.val_records_given = read_records(hp.val_path, hp.format)
             log.info("read %d records from %s", len(records), hp.path)
+            missing = self.resolver.check(records + (self.val_records_given or []))
+            if missing:
+                log.warning("%d images not found: drawing stand-ins (data.missing_images=render)", missing)
         return self.records + (self.val_records_given or [])
 
     def set_records(self, records: list[PreferenceRecord]) -> None:

@@ -71,13 +71,21 @@ class PromptEncoder:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def prompt_ids(self, record: PreferenceRecord, image: Any, first_turn: int = 0) -> list[int]:
-        """Token ids of the prompt, image tokens expanded by the processor (``image=None``: blind)."""
+        """Token ids of the prompt, image tokens expanded by the processor (``image=None``: blind).
+
+        Special tokens are added the way the tokenizer adds them at inference (BOS for Llama-family
+        models); a BOS that the chat template already wrote is not doubled.
+        """
         text = self.prompt_text(record, with_image=image is not None, first_turn=first_turn)
         if image is None:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        out = self.processor(text=text, images=image, add_special_tokens=False)
-        ids = out["input_ids"]
-        return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+            ids = self.tokenizer(text)["input_ids"]
+        else:
+            ids = self.processor(text=text, images=image)["input_ids"]
+            ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+            ids = ids[1:]
+        return ids
 
     def answer_ids(self, record: PreferenceRecord, answer: str) -> list[int]:
         """Tokens the chat template appends for ``answer`` as the assistant turn, ending in EOS."""

@@ -64,6 +64,21 @@ class ImageResolver:
             path = self.image_root / path
         return path
 
+    def check(self, records: list[PreferenceRecord]) -> int:
+        """Fail fast, before any expensive step, when images are missing and cannot be rendered.
+
+        Returns how many images are missing (each will be rendered as a stand-in).
+        """
+        missing = [r for r in records if (p := self.path_for(r)) is not None and not p.is_file()]
+        if missing and self.missing == "error":
+            first = missing[0]
+            raise DataError(
+                f"{len(missing)} of {len(records)} images not found; first: record {first.id}: "
+                f"{self.path_for(first)} (data.image_root={self.image_root}). Point data.image_root at the "
+                "image folder, or set data.missing_images=render to draw the entity as a stand-in image."
+            )
+        return len(missing)
+
     def __call__(self, record: PreferenceRecord) -> Image.Image | None:
         path = self.path_for(record)
         if path is None:

@@ -2,7 +2,7 @@
 
 One component serves blind answers (the prompt with the image removed) and answers with the image.
 Each line of the output is ``{"id", "prompt_sha", "answer", ...}``; a line is only trusted when its
-``prompt_sha`` matches the prompt now rendered for that record, so an edited record is regenerated.
+``prompt_sha`` matches the prompt tokens now built for that record, so an edited record is regenerated.
 Lines are appended and flushed batch by batch, so an interrupted run resumes where it stopped.
 """
 
@@ -42,6 +42,11 @@ class GenerationSettings:
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _prompt_sha(record: PreferenceRecord, prompt: tuple[list[int], Any, str]) -> str:
+    """Identity of a prompt: its token ids (so template and tokenizer changes count) and its image."""
+    return _sha(json.dumps([prompt[0], record.image if prompt[1] is not None else None]))
 
 
 def read_generations(path: Path) -> dict[str, dict[str, Any]]:
@@ -136,7 +141,7 @@ class AnswerGenerator:
         for record in records:
             prompt = self.prompt(record, with_image)
             prev = done.get(record.id)
-            if prev is not None and prev.get("prompt_sha") == _sha(prompt[2]):
+            if prev is not None and prev.get("prompt_sha") == _prompt_sha(record, prompt):
                 results[record.id] = prev["answer"]
             else:
                 todo.append((record, prompt))
@@ -149,7 +154,7 @@ class AnswerGenerator:
                 answers = self._generate_batch([p for _, p in chunk])
                 for (record, prompt), answer in zip(chunk, answers):
                     results[record.id] = answer
-                    line = {"id": record.id, "prompt_sha": _sha(prompt[2]), "with_image": with_image, "answer": answer}
+                    line = {"id": record.id, "prompt_sha": _prompt_sha(record, prompt), "with_image": with_image, "answer": answer}
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
