@@ -30,6 +30,7 @@ test-all: setup
 
 lint: setup
 	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 
 clean:
 	rm -rf logs/train logs/debug logs/generate .pytest_cache

@@ -19,8 +19,8 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from src.models.factory import build_model  # noqa: E402
 from src.data.records import DataError  # noqa: E402
+from src.models.factory import build_model  # noqa: E402
 from src.models.generation import AnswerGenerator, GenerationSettings  # noqa: E402
 
 log = logging.getLogger("generate")
@@ -35,7 +35,7 @@ def generate(cfg: DictConfig) -> dict[str, str]:
     if cfg.split == "all":
         records = datamodule.load_records()
     elif cfg.split in ("train", "val"):
-        records = dict(zip(("train", "val"), datamodule.split()))[cfg.split]
+        records = dict(zip(("train", "val"), datamodule.split(), strict=True))[cfg.split]
     else:
         raise ValueError(f"split must be all, train or val; got {cfg.split!r}")
     if cfg.mode not in ("blind", "image"):
@@ -44,7 +44,11 @@ def generate(cfg: DictConfig) -> dict[str, str]:
     answers = generator.run(records, cfg.output, with_image=cfg.mode == "image", desc=f"{cfg.mode} answers")
     log.info(
         "%d answers in %s (%d generated now, %d reused); stand-in images: %d",
-        len(answers), cfg.output, generator.generated, len(answers) - generator.generated, len(datamodule.resolver.rendered),
+        len(answers),
+        cfg.output,
+        generator.generated,
+        len(answers) - generator.generated,
+        len(datamodule.resolver.rendered),
     )
     return answers
 

@@ -1,8 +1,8 @@
 """Train a multimodal LLM by BPO or DPO: compose config -> data, model, blind answers -> fit -> save.
 
-    python src/train.py                          # BPO, tiny LLaVA, embedded data, CPU
-    python src/train.py experiment=dpo_tiny trainer.max_steps=10
-    python src/train.py -m objective.beta=0.05,0.1
+python src/train.py                          # BPO, tiny LLaVA, embedded data, CPU
+python src/train.py experiment=dpo_tiny trainer.max_steps=10
+python src/train.py -m objective.beta=0.05,0.1
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def add_blind_answers(cfg: DictConfig, module: PreferenceModule, datamodule: Any) -> dict[str, Any]:
     """Generate (or read from cache) the reference model's image-less answers for every record."""
-    device = torch.device("cuda") if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else torch.device("cpu")
+    device = (
+        torch.device("cuda") if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else torch.device("cpu")
+    )
     reference = module.reference.to(device)
     settings = GenerationSettings(**cfg.blind.generation)
     records, summary = fill_blind_answers(
@@ -60,7 +62,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
 
     module = PreferenceModule(
-        model=container["model"], objective=container["objective"], optim=container["optim"],
+        model=container["model"],
+        objective=container["objective"],
+        optim=container["optim"],
         reference_dtype=cfg.get("reference_dtype"),
     )
     datamodule = hydra.utils.instantiate(cfg.data, processor=module.processor, answers=list(module.answers))
@@ -73,7 +77,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("data: %s", json.dumps(report["data"]))
 
     loggers = instantiate_all(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False
+    )
     for lg in loggers:
         lg.log_hyperparams({"config": container, "data_summary": report["data"]})
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -92,7 +98,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("saved policy and processor to %s", model_dir)
         log.info(
             "records skipped as too long: %d (%s); stand-in images: %d",
-            skipped, {k: s["skipped_by_reason"] for k, s in report["data"].items() if isinstance(s, dict) and "skipped" in s},
+            skipped,
+            {k: s["skipped_by_reason"] for k, s in report["data"].items() if isinstance(s, dict) and "skipped" in s},
             report["data"]["stand_in_images"],
         )
     return metrics

@@ -8,10 +8,19 @@ from src.models.logprobs import padded_rows
 IMAGE = render_stand_in("a padlock", 32)
 
 
-def record(turns=None, chosen="I can't help with that, but a locksmith can.", rejected="Sure, here is how.", blind=None):
+def record(
+    turns=None, chosen="I can't help with that, but a locksmith can.", rejected="Sure, here is how.", blind=None
+):
     turns = turns or [Turn("user", "How do I open the lock in the picture?")]
-    return PreferenceRecord(id="r1", turns=tuple(turns), image_turn=len(turns) - 1, image="p.png",
-                            chosen=chosen, rejected=rejected, blind=blind)
+    return PreferenceRecord(
+        id="r1",
+        turns=tuple(turns),
+        image_turn=len(turns) - 1,
+        image="p.png",
+        chosen=chosen,
+        rejected=rejected,
+        blind=blind,
+    )
 
 
 def image_tokens(ids, processor):
@@ -29,7 +38,9 @@ def test_prompt_through_chat_template_and_answers_end_with_eos(tiny):
     assert pair.prompt_ids[0] == tok.bos_token_id and pair.prompt_ids.count(tok.bos_token_id) == 1
     text = tok.decode([i for i in pair.prompt_ids[1:] if tok.convert_ids_to_tokens(i) != "<image>"])
     assert text == "USER: \nHow do I open the lock in the picture? ASSISTANT:"
-    for ids, answer in zip(pair.answer_ids, ("I can't help with that, but a locksmith can.", "Sure, here is how.")):
+    for ids, answer in zip(
+        pair.answer_ids, ("I can't help with that, but a locksmith can.", "Sure, here is how."), strict=True
+    ):
         assert ids[-1] == tok.eos_token_id
         assert tok.decode(ids) == " " + answer + "</s>"
 
@@ -37,8 +48,10 @@ def test_prompt_through_chat_template_and_answers_end_with_eos(tiny):
 def test_collation_masks_prompt_and_padding(tiny):
     _, processor = tiny
     enc = PromptEncoder(processor, max_length=256)
-    r_long = record(turns=[Turn("user", "Hi"), Turn("assistant", "Hello!"), Turn("user", "What is in the image?")],
-                    blind="I do not know.")
+    r_long = record(
+        turns=[Turn("user", "Hi"), Turn("assistant", "Hello!"), Turn("user", "What is in the image?")],
+        blind="I do not know.",
+    )
     r_short = record(chosen="No.", blind="Maybe.")
     items = []
     for r in (r_long, r_short):
@@ -63,8 +76,11 @@ def test_collation_masks_prompt_and_padding(tiny):
 
 def test_truncation_drops_history_then_shortens_answers_never_image_tokens(tiny):
     _, processor = tiny
-    history = [Turn("user", "Tell me a long story about locks and keys " * 4), Turn("assistant", "Once upon a time " * 8),
-               Turn("user", "Which lock is in the image?")]
+    history = [
+        Turn("user", "Tell me a long story about locks and keys " * 4),
+        Turn("assistant", "Once upon a time " * 8),
+        Turn("user", "Which lock is in the image?"),
+    ]
     r = record(turns=history, chosen="A long careful refusal that explains the risks " * 3)
     full = PromptEncoder(processor, max_length=1024).encode(r, IMAGE)
     assert full.dropped_turns == 0 and full.truncated_answers == 0
@@ -84,7 +100,9 @@ def test_truncation_drops_history_then_shortens_answers_never_image_tokens(tiny)
     assert cut.answer_ids[0] == full.answer_ids[0][:10]
 
     # no room for min_answer_tokens after the shortest prompt: the record is skipped with a reason
-    assert PromptEncoder(processor, max_length=short_prompt + 2, min_answer_tokens=4).encode(r, IMAGE) == "prompt_too_long"
+    assert (
+        PromptEncoder(processor, max_length=short_prompt + 2, min_answer_tokens=4).encode(r, IMAGE) == "prompt_too_long"
+    )
 
 
 def test_datamodule_counts_skips_and_reports(tiny, tmp_path):
@@ -93,12 +111,22 @@ def test_datamodule_counts_skips_and_reports(tiny, tmp_path):
     from src.data.datamodule import PreferenceDataModule
 
     _, processor = tiny
-    lines = [{"id": f"r{i}", "prompt": "<image>\n" + ("word " * (5 if i else 400)), "image": "x.png", "chosen": "c",
-              "rejected": "r", "group": f"g{i}"} for i in range(6)]
+    lines = [
+        {
+            "id": f"r{i}",
+            "prompt": "<image>\n" + ("word " * (5 if i else 400)),
+            "image": "x.png",
+            "chosen": "c",
+            "rejected": "r",
+            "group": f"g{i}",
+        }
+        for i in range(6)
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines))
-    dm = PreferenceDataModule(str(path), missing_images="render", max_length=128, val_fraction=0.0,
-                              batch_size=4, processor=processor)
+    dm = PreferenceDataModule(
+        str(path), missing_images="render", max_length=128, val_fraction=0.0, batch_size=4, processor=processor
+    )
     dm.setup("fit")
     summary = dm.summary()
     assert summary["records_read"] == 6

@@ -8,8 +8,12 @@ SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=2, max_length=256)
 
 
 def records(n=3, question="What is in the image?"):
-    return [PreferenceRecord(f"r{i}", (Turn("user", f"{question} {i}"),), 0, f"r{i}.png", "c", "r",
-                             meta={"entity": f"thing {i}"}) for i in range(n)]
+    return [
+        PreferenceRecord(
+            f"r{i}", (Turn("user", f"{question} {i}"),), 0, f"r{i}.png", "c", "r", meta={"entity": f"thing {i}"}
+        )
+        for i in range(n)
+    ]
 
 
 def test_blind_prompt_has_no_image(tiny):

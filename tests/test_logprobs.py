@@ -10,16 +10,34 @@ def test_batched_padded_logprobs_match_one_sequence_at_a_time(tiny):
     model, processor = tiny
     enc = PromptEncoder(processor, max_length=512)
     records = [
-        PreferenceRecord("a", (Turn("user", "What is shown?"),), 0, "a.png", "A refusal.", "A long harmful answer " * 3,
-                         blind="blind text"),
-        PreferenceRecord("b", (Turn("user", "Hi"), Turn("assistant", "Hello"), Turn("user", "And in the image?")), 2,
-                         "b.png", "No, sorry, I will not.", "Yes.", blind="x"),
+        PreferenceRecord(
+            "a",
+            (Turn("user", "What is shown?"),),
+            0,
+            "a.png",
+            "A refusal.",
+            "A long harmful answer " * 3,
+            blind="blind text",
+        ),
+        PreferenceRecord(
+            "b",
+            (Turn("user", "Hi"), Turn("assistant", "Hello"), Turn("user", "And in the image?")),
+            2,
+            "b.png",
+            "No, sorry, I will not.",
+            "Yes.",
+            blind="x",
+        ),
     ]
     items = []
     for r in records:
         image = render_stand_in(r.id, 32)
-        items.append({"pair": enc.encode(r, image, ("chosen", "rejected", "blind")),
-                      "image_inputs": dict(processor.image_processor(images=image, return_tensors="pt"))})
+        items.append(
+            {
+                "pair": enc.encode(r, image, ("chosen", "rejected", "blind")),
+                "image_inputs": dict(processor.image_processor(images=image, return_tensors="pt")),
+            }
+        )
     batch = collate_pairs(items, processor.tokenizer.pad_token_id)
     with torch.no_grad():
         batched = answer_logprobs(model, batch, processor.tokenizer.pad_token_id)
@@ -41,8 +59,15 @@ def test_logprobs_carry_gradients_to_the_policy(tiny):
     enc = PromptEncoder(processor, max_length=512)
     r = PreferenceRecord("a", (Turn("user", "What is shown?"),), 0, "a.png", "A refusal.", "Sure.")
     image = render_stand_in("a", 32)
-    batch = collate_pairs([{"pair": enc.encode(r, image), "image_inputs": dict(
-        processor.image_processor(images=image, return_tensors="pt"))}], processor.tokenizer.pad_token_id)
+    batch = collate_pairs(
+        [
+            {
+                "pair": enc.encode(r, image),
+                "image_inputs": dict(processor.image_processor(images=image, return_tensors="pt")),
+            }
+        ],
+        processor.tokenizer.pad_token_id,
+    )
     logps = answer_logprobs(model, batch, processor.tokenizer.pad_token_id)
     logps.sum().backward()
     head = model.lm_head.weight

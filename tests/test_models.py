@@ -28,12 +28,21 @@ def test_local_folder_loads_through_auto_classes_and_generate_cli(tiny, tmp_path
     processor.save_pretrained(tmp_path / "m")
     loaded, loaded_proc = build_model(name_or_path=str(tmp_path / "m"))
     assert fingerprint(loaded) == fingerprint(model)
-    assert loaded_proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "q"}]}],
-                                           add_generation_prompt=True, tokenize=False) == "USER: q ASSISTANT:"
+    assert (
+        loaded_proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": "q"}]}], add_generation_prompt=True, tokenize=False
+        )
+        == "USER: q ASSISTANT:"
+    )
 
     out = tmp_path / "answers.jsonl"
-    overrides = [f"model.name_or_path={tmp_path / 'm'}", f"output={out}", "generation.max_new_tokens=3",
-                 "data.max_records=5", "mode=image"]
+    overrides = [
+        f"model.name_or_path={tmp_path / 'm'}",
+        f"output={out}",
+        "generation.max_new_tokens=3",
+        "data.max_records=5",
+        "mode=image",
+    ]
     answers = generate(compose_config("generate", overrides, tmp_path / "run"))
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(answers) == 5 and [x["id"] for x in lines] == [f"emb-00{i}" for i in range(1, 6)]

@@ -35,8 +35,11 @@ def test_bpo_is_dpo_term_plus_blind_term():
     expected = torch.tensor([-logsig(0.2) - logsig(0.2), -logsig(-0.2) - logsig(-0.1)])
     assert torch.allclose(out.loss, expected, atol=1e-6)
     assert out.loss[1].item() == pytest.approx(0.798139 + 0.744397, abs=1e-5)
-    assert torch.allclose(out.loss, dpo(POLICY, REFERENCE, 0.1).loss - torch.nn.functional.logsigmoid(
-        out.rewards[:, 0] - out.rewards[:, 2]), atol=1e-6)
+    assert torch.allclose(
+        out.loss,
+        dpo(POLICY, REFERENCE, 0.1).loss - torch.nn.functional.logsigmoid(out.rewards[:, 0] - out.rewards[:, 2]),
+        atol=1e-6,
+    )
 
 
 def test_bpo_blind_weight_and_gradient_direction():

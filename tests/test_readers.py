@@ -11,7 +11,7 @@ def test_all_shared_mmsafe_records_parse(mmsafe_path):
     raw = json.loads(mmsafe_path.read_text())
     records = read_records(mmsafe_path)
     assert len(records) == len(raw) == 200
-    for rec, src in zip(records, raw):
+    for rec, src in zip(records, raw, strict=True):
         assert rec.id == str(src["id"])
         assert rec.image == src["image"]
         # exactly one image placement, in the last user turn, and no marker left in any text
@@ -32,30 +32,60 @@ def test_parse_multiturn_conversation():
         "USER: Hi ASSISTANT: Hello, how can I help? USER: <image>\nWho is the person in the image? ASSISTANT:", "x"
     )
     assert [(t.role, t.text) for t in turns] == [
-        ("user", "Hi"), ("assistant", "Hello, how can I help?"), ("user", "Who is the person in the image?"),
+        ("user", "Hi"),
+        ("assistant", "Hello, how can I help?"),
+        ("user", "Who is the person in the image?"),
     ]
     assert image_turn == 2
 
 
 def test_mmsafe_errors_name_file_and_record(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"id": 7, "question": "USER: <image>\nQ ASSISTANT:", "image": "a.jpg", "chosen": "ok"}]))
+    path.write_text(
+        json.dumps([{"id": 7, "question": "USER: <image>\nQ ASSISTANT:", "image": "a.jpg", "chosen": "ok"}])
+    )
     with pytest.raises(DataError, match=r"bad\.json: record id=7.*rejected"):
         read_records(path)
-    path.write_text(json.dumps([{"id": 8, "question": "USER: <image> <image> Q ASSISTANT:", "image": "a.jpg",
-                                 "chosen": "a", "rejected": "b"}]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "id": 8,
+                    "question": "USER: <image> <image> Q ASSISTANT:",
+                    "image": "a.jpg",
+                    "chosen": "a",
+                    "rejected": "b",
+                }
+            ]
+        )
+    )
     with pytest.raises(DataError, match="id=8.*2 <image> markers"):
         read_records(path)
 
 
 def test_generic_jsonl_both_content_forms(tmp_path):
     lines = [
-        {"id": "a", "messages": [{"role": "user", "content": "<image>\nWhat is this?"}], "image": "a.png",
-         "chosen": "A harmless answer.", "rejected": "A harmful answer.", "category": "fraud", "group": "g1"},
-        {"id": "b", "messages": [
-            {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}],
-         "image": "b.png", "chosen": "c", "rejected": "r", "blind": "a blind answer"},
+        {
+            "id": "a",
+            "messages": [{"role": "user", "content": "<image>\nWhat is this?"}],
+            "image": "a.png",
+            "chosen": "A harmless answer.",
+            "rejected": "A harmful answer.",
+            "category": "fraud",
+            "group": "g1",
+        },
+        {
+            "id": "b",
+            "messages": [
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hi!"},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
+            ],
+            "image": "b.png",
+            "chosen": "c",
+            "rejected": "r",
+            "blind": "a blind answer",
+        },
         {"id": "c", "prompt": "Describe it.", "image": "c.png", "chosen": "c", "rejected": "r"},
     ]
     path = tmp_path / "d.jsonl"
@@ -72,10 +102,22 @@ def test_generic_jsonl_both_content_forms(tmp_path):
     "line, message",
     [
         ("{not json", r"d\.jsonl:2: invalid JSON"),
-        ('{"id": "x", "messages": [{"role": "user", "content": "q"}], "chosen": "c"}', "id=x.*missing field 'rejected'"),
-        ('{"id": "x", "messages": [{"role": "user", "content": "q"}], "chosen": " ", "rejected": "r"}', "'chosen' is empty"),
-        ('{"id": "x", "messages": [{"role": "assistant", "content": "q"}], "chosen": "c", "rejected": "r"}', "alternate"),
-        ('{"id": "x", "messages": [{"role": "user", "content": "<image> q"}], "chosen": "c", "rejected": "r"}', "no 'image' field"),
+        (
+            '{"id": "x", "messages": [{"role": "user", "content": "q"}], "chosen": "c"}',
+            "id=x.*missing field 'rejected'",
+        ),
+        (
+            '{"id": "x", "messages": [{"role": "user", "content": "q"}], "chosen": " ", "rejected": "r"}',
+            "'chosen' is empty",
+        ),
+        (
+            '{"id": "x", "messages": [{"role": "assistant", "content": "q"}], "chosen": "c", "rejected": "r"}',
+            "alternate",
+        ),
+        (
+            '{"id": "x", "messages": [{"role": "user", "content": "<image> q"}], "chosen": "c", "rejected": "r"}',
+            "no 'image' field",
+        ),
         ('{"id": "ok", "prompt": "q", "chosen": "c", "rejected": "r"}', "duplicate record id 'ok'"),
     ],
 )
@@ -88,8 +130,19 @@ def test_generic_jsonl_errors(tmp_path, line, message):
 
 def test_missing_image_error_or_stand_in(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"id": "r1", "prompt": "<image>\nq", "image": "nope.png", "chosen": "c",
-                                "rejected": "r", "entity": "a padlock"}) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "id": "r1",
+                "prompt": "<image>\nq",
+                "image": "nope.png",
+                "chosen": "c",
+                "rejected": "r",
+                "entity": "a padlock",
+            }
+        )
+        + "\n"
+    )
     (record,) = read_records(path)
     with pytest.raises(DataError, match=r"record r1: image file not found: .*nope\.png"):
         ImageResolver(tmp_path, missing="error")(record)

@@ -25,15 +25,31 @@ def read_metrics(path):
 def test_bpo_few_steps_writes_run_outputs_and_model_reloads(tmp_path):
     cfg, metrics = run_train(tmp_path, ["trainer.max_steps=4", "trainer.max_epochs=1"])
     run = tmp_path / "run"
-    for name in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt", "model/config.json", "model/model.safetensors",
-                 "run_summary.json"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "checkpoints/last.ckpt",
+        "model/config.json",
+        "model/model.safetensors",
+        "run_summary.json",
+    ):
         assert (run / name).exists(), name
     assert list((run / "wandb").glob("offline-run-*")), "W&B should log offline into the run directory"
     rows = read_metrics(run / "metrics.csv")
     steps = [r for r in rows if r.get("train/loss")]
     assert len(steps) == 4
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "rewards/blind", "rewards/blind_margins", "rewards/blind_accuracies", "logps/blind"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "rewards/blind",
+        "rewards/blind_margins",
+        "rewards/blind_accuracies",
+        "logps/blind",
+    ):
         assert steps[-1][f"train/{key}"] != "", key
         assert f"val/{key}" in metrics, key
     summary = json.loads((run / "run_summary.json").read_text())
@@ -55,7 +71,9 @@ def test_bpo_few_steps_writes_run_outputs_and_model_reloads(tmp_path):
     assert torch.equal(model.lm_head.weight, saved["policy.lm_head.weight"])
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     inputs = processor(text=text, images=render_stand_in("a padlock", 32), return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
@@ -80,7 +98,9 @@ def test_resume_from_checkpoint_keeps_reference(tmp_path):
     container = OmegaConf.to_container(cfg, resolve=True)
     module = PreferenceModule.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
     fresh = PreferenceModule(model=container["model"], objective=container["objective"], optim=container["optim"])
-    for (name, ref), (_, init) in zip(module.reference.named_parameters(), fresh.policy.named_parameters()):
+    for (name, ref), (_, init) in zip(
+        module.reference.named_parameters(), fresh.policy.named_parameters(), strict=True
+    ):
         assert torch.equal(ref, init), name
     assert not torch.equal(module.policy.lm_head.weight, fresh.policy.lm_head.weight)
 
@@ -98,8 +118,13 @@ def test_llava_experiments_carry_the_paper_settings(experiment):
 
 
 def test_cfg_job_prints_llava_config():
-    out = subprocess.run([sys.executable, "src/train.py", "experiment=bpo_llava", "--cfg", "job"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "src/train.py", "experiment=bpo_llava", "--cfg", "job"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "llava-hf/llava-1.5-7b-hf" in out.stdout and "lr: 1.0e-06" in out.stdout
 
@@ -107,8 +132,13 @@ def test_cfg_job_prints_llava_config():
 @pytest.mark.slow
 def test_default_training_run_learns_the_preferences(tmp_path):
     """`make train`'s run: the last logged train/rewards/accuracies exceeds 0.9."""
-    out = subprocess.run([sys.executable, "src/train.py", f"hydra.run.dir={tmp_path}/run",
-                          f"blind.cache_dir={tmp_path}/cache"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "src/train.py", f"hydra.run.dir={tmp_path}/run", f"blind.cache_dir={tmp_path}/cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [r for r in read_metrics(tmp_path / "run/metrics.csv") if r.get("train/rewards/accuracies")]
     assert float(rows[-1]["train/rewards/accuracies"]) > 0.9
@@ -117,9 +147,22 @@ def test_default_training_run_learns_the_preferences(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweeps_beta(tmp_path):
-    out = subprocess.run([sys.executable, "src/train.py", "-m", "objective.beta=0.05,0.1", "trainer.max_steps=3",
-                          "logger=csv", f"hydra.sweep.dir={tmp_path}/sweep", f"blind.cache_dir={tmp_path}/cache"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "src/train.py",
+            "-m",
+            "objective.beta=0.05,0.1",
+            "trainer.max_steps=3",
+            "logger=csv",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            f"blind.cache_dir={tmp_path}/cache",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     for job, beta in ((0, 0.05), (1, 0.1)):
         cfg = OmegaConf.load(tmp_path / f"sweep/{job}/config.yaml")
@@ -129,10 +172,23 @@ def test_multirun_sweeps_beta(tmp_path):
 
 @pytest.mark.slow
 def test_train_on_shared_mmsafe_po_reads_all_records(tmp_path, mmsafe_path):
-    out = subprocess.run([sys.executable, "src/train.py", "data=mmsafe_po", f"data.path={mmsafe_path}",
-                          "data.missing_images=render", "trainer.max_steps=5", "logger=csv",
-                          f"hydra.run.dir={tmp_path}/run", f"blind.cache_dir={tmp_path}/cache"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "src/train.py",
+            "data=mmsafe_po",
+            f"data.path={mmsafe_path}",
+            "data.missing_images=render",
+            "trainer.max_steps=5",
+            "logger=csv",
+            f"hydra.run.dir={tmp_path}/run",
+            f"blind.cache_dir={tmp_path}/cache",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "run/run_summary.json").read_text())
     data = summary["data"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from lightning import LightningDataModule
@@ -37,7 +36,9 @@ def grouped_split(
 class PreferenceDataset(Dataset):
     """Encoded pairs; images are loaded and processed per item."""
 
-    def __init__(self, records: list[PreferenceRecord], pairs: list[EncodedPair], resolver: ImageResolver, image_processor: Any):
+    def __init__(
+        self, records: list[PreferenceRecord], pairs: list[EncodedPair], resolver: ImageResolver, image_processor: Any
+    ):
         self.records = {r.id: r for r in records}
         self.pairs = pairs
         self.resolver = resolver
@@ -194,4 +195,3 @@ def _image_size(processor: Any) -> int:
     crop = getattr(getattr(processor, "image_processor", None), "crop_size", None)
     height = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)
     return int(height) if height else 336
-

@@ -101,7 +101,7 @@ class PromptEncoder:
                 f"record {record.id}: the chat template renders the prompt differently when an answer "
                 "follows it; cannot tell which tokens belong to the answer"
             )
-        ids = self.tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(full[len(prompt) :].rstrip(), add_special_tokens=False)["input_ids"]
         if not ids or ids[-1] != self.tokenizer.eos_token_id:
             ids = ids + [self.tokenizer.eos_token_id]
         return ids

@@ -37,7 +37,7 @@ class PreferenceRecord:
     blind: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def with_blind(self, blind: str) -> "PreferenceRecord":
+    def with_blind(self, blind: str) -> PreferenceRecord:
         return replace(self, blind=blind)
 
     @property
@@ -90,9 +90,6 @@ def validate_turns(turns: list[Turn], where: str) -> None:
     for i, t in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if t.role != expected:
-            raise DataError(
-                f"{where}: turns must alternate user/assistant starting with user; "
-                f"turn {i} is {t.role!r}"
-            )
+            raise DataError(f"{where}: turns must alternate user/assistant starting with user; turn {i} is {t.role!r}")
     if not body or body[-1].role != "user":
         raise DataError(f"{where}: the conversation must end with a user turn (the prompt)")

@@ -71,9 +71,7 @@ def build_model(
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
-        processor = AutoProcessor.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code
-        )
+        processor = AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     tok = getattr(processor, "tokenizer", processor)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -83,8 +81,18 @@ def build_model(
 
 
 # config entries that change on save/reload or with where a model came from, not with what it computes
-_VOLATILE = {"dtype", "torch_dtype", "_name_or_path", "transformers_version", "architectures", "use_cache",
-             "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict"}
+_VOLATILE = {
+    "dtype",
+    "torch_dtype",
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "use_cache",
+    "_attn_implementation_autoset",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
 
 
 def _stable(d: Any) -> Any:

@@ -12,9 +12,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -76,14 +77,22 @@ def drop_torn_tail(path: Path) -> None:
         if data.endswith(b"\n"):
             return
         keep = data.rfind(b"\n") + 1
-        log.warning("%s: removing an unfinished last line (%d bytes) left by an interrupted run", path, len(data) - keep)
+        log.warning(
+            "%s: removing an unfinished last line (%d bytes) left by an interrupted run", path, len(data) - keep
+        )
         f.truncate(keep)
 
 
 class AnswerGenerator:
     """Generate answers for records with ``model`` (greedy by default), batched with left padding."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, settings: GenerationSettings, resolver: ImageResolver | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        settings: GenerationSettings,
+        resolver: ImageResolver | None = None,
+    ):
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -111,8 +120,8 @@ class AnswerGenerator:
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, (ids, _, _) in enumerate(prompts):  # left padding: the answer starts at the same column
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention_mask[i, width - len(ids):] = 1
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
         inputs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         images = [p[1] for p in prompts if p[1] is not None]
         if images:
@@ -120,17 +129,24 @@ class AnswerGenerator:
                 value = torch.cat([torch.as_tensor(im[key]) for im in images]).to(device)
                 inputs[key] = value.to(dtype) if key == "pixel_values" else value
         s = self.settings
-        sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p} if s.do_sample else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p} if s.do_sample else {"do_sample": False}
+        )
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(
-            **inputs, max_new_tokens=s.max_new_tokens, pad_token_id=pad,
-            eos_token_id=self.tokenizer.eos_token_id, **sampling,
+            **inputs,
+            max_new_tokens=s.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **sampling,
         )
         self.model.train(was_training)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
 
-    def run(self, records: list[PreferenceRecord], path: str | Path, with_image: bool, desc: str = "generating") -> dict[str, str]:
+    def run(
+        self, records: list[PreferenceRecord], path: str | Path, with_image: bool, desc: str = "generating"
+    ) -> dict[str, str]:
         """Generate for every record not already answered in ``path``; returns {id: answer} for all."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,9 +168,14 @@ class AnswerGenerator:
             for start in range(0, len(todo), self.settings.batch_size):
                 chunk = todo[start : start + self.settings.batch_size]
                 answers = self._generate_batch([p for _, p in chunk])
-                for (record, prompt), answer in zip(chunk, answers):
+                for (record, prompt), answer in zip(chunk, answers, strict=True):
                     results[record.id] = answer
-                    line = {"id": record.id, "prompt_sha": _prompt_sha(record, prompt), "with_image": with_image, "answer": answer}
+                    line = {
+                        "id": record.id,
+                        "prompt_sha": _prompt_sha(record, prompt),
+                        "with_image": with_image,
+                        "answer": answer,
+                    }
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())

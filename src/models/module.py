@@ -54,7 +54,13 @@ class PreferenceModule(LightningModule):
     objective function); ``optim``: ``{lr, weight_decay, betas, warmup_steps, schedule}``.
     """
 
-    def __init__(self, model: dict[str, Any], objective: dict[str, Any], optim: dict[str, Any], reference_dtype: str | None = None):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        objective: dict[str, Any],
+        optim: dict[str, Any],
+        reference_dtype: str | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         objective = dict(objective)
@@ -75,10 +81,12 @@ class PreferenceModule(LightningModule):
         self.reference.requires_grad_(False)
         self.reference.eval()
         # ModuleDict keys cannot hold "/", so val metric names are stored with "/" -> "__"
-        self.val_metrics = torch.nn.ModuleDict({k.replace("/", "__"): MeanMetric() for k in metric_names(len(self.answers))})
+        self.val_metrics = torch.nn.ModuleDict(
+            {k.replace("/", "__"): MeanMetric() for k in metric_names(len(self.answers))}
+        )
 
     # The reference never trains: keep it in eval mode whatever Lightning does to the module.
-    def train(self, mode: bool = True) -> "PreferenceModule":
+    def train(self, mode: bool = True) -> PreferenceModule:
         super().train(mode)
         self.reference.eval()
         return self
@@ -99,8 +107,14 @@ class PreferenceModule(LightningModule):
         loss, metrics = self.forward_batch(batch)
         size = len(batch["ids"])
         for key, value in metrics.items():
-            self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=size,
-                     prog_bar=key in ("loss", "rewards/accuracies"))
+            self.log(
+                f"train/{key}",
+                value,
+                on_step=True,
+                on_epoch=False,
+                batch_size=size,
+                prog_bar=key in ("loss", "rewards/accuracies"),
+            )
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -10,8 +10,8 @@ the detached rewards (B, K) for logging. Adding a variant is one function here a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ def bpo(
     dpo_term = -F.logsigmoid(rewards[:, CHOSEN] - rewards[:, REJECTED])
     blind_term = -F.logsigmoid(rewards[:, CHOSEN] - rewards[:, BLIND])
     return ObjectiveOutput(loss=dpo_term + blind_weight * blind_term, rewards=rewards.detach())
+
 
 OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {"dpo": dpo, "bpo": bpo}
 # the answers each objective scores, in column order
