@@ -18,27 +18,20 @@ class Turn:
     text: str
 
 
-@dataclass(frozen=True)
-class PreferenceRecord:
-    """A multimodal preference pair.
+class Conversation:
+    """Behaviour shared by everything that is a prompt: a conversation with at most one image.
 
-    ``turns`` is the conversation up to and including the last user turn. The image belongs to turn
-    ``image_turn`` (always a user turn) and is rendered before that turn's text, the way LLaVA's chat
-    template places it. ``image`` is a reference (a path relative to the data set's image root, or an
-    absolute path); ``None`` means a text-only record. Answers carry no role prefix.
+    Subclasses are dataclasses with ``id``, ``turns``, ``image_turn``, ``image`` and ``meta``. The image
+    belongs to turn ``image_turn`` (always a user turn) and is rendered before that turn's text, the way
+    LLaVA's chat template places it. ``image`` is a reference (a path relative to the data set's image
+    root, or an absolute path); ``None`` means a text-only prompt.
     """
 
     id: str
     turns: tuple[Turn, ...]
     image_turn: int | None
     image: str | None
-    chosen: str
-    rejected: str
-    blind: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def with_blind(self, blind: str) -> PreferenceRecord:
-        return replace(self, blind=blind)
+    meta: dict[str, Any]
 
     @property
     def group(self) -> str:
@@ -47,7 +40,7 @@ class PreferenceRecord:
 
     def stand_in_text(self) -> str:
         """What a rendered stand-in image shows: the entity, else its referring phrase, else the id."""
-        for key in ("entity", "replacement", "key_phrase"):
+        for key in ("entity", "key_phrase", "replacement"):
             if self.meta.get(key):
                 return str(self.meta[key])
         return str(self.id)
@@ -75,6 +68,26 @@ class PreferenceRecord:
         """
         last = self.image_turn if self.image_turn is not None else len(self.turns) - 1
         return [i for i, t in enumerate(self.turns) if t.role == "user" and i <= last]
+
+
+@dataclass(frozen=True)
+class PreferenceRecord(Conversation):
+    """A multimodal preference pair: a prompt, a chosen (harmless) and a rejected (harmful) answer.
+
+    Answers carry no role prefix; ``blind`` is the reference model's answer without the image.
+    """
+
+    id: str
+    turns: tuple[Turn, ...]
+    image_turn: int | None
+    image: str | None
+    chosen: str
+    rejected: str
+    blind: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def with_blind(self, blind: str) -> PreferenceRecord:
+        return replace(self, blind=blind)
 
 
 def validate_turns(turns: list[Turn], where: str) -> None:

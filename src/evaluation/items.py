@@ -1,0 +1,41 @@
+"""What a benchmark yields: prompts to answer, each with its category and setting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from src.data.records import Conversation, Turn
+
+
+@dataclass(frozen=True)
+class EvalItem(Conversation):
+    """One prompt of a benchmark.
+
+    ``id`` is unique within a benchmark run (it keys generations.jsonl), e.g. ``"01-Illegal_Activitiy/3/sd"``.
+    ``category`` is what reports break figures down by (harm category, scenario, entity type);
+    ``setting`` distinguishes variants of the same question (``text_only``, ``sd``, ``typo``,
+    ``sd_typo``; ``text`` / ``image`` in co-defense). ``meta`` keeps benchmark fields: ``entity`` or
+    ``key_phrase`` (drawn on stand-in images), reference answers ``chosen`` / ``rejected`` when the
+    benchmark has them, ``scenario``, ``question_id``.
+    """
+
+    id: str
+    turns: tuple[Turn, ...]
+    image_turn: int | None
+    image: str | None
+    category: str = "all"
+    setting: str = "default"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_text(self) -> str:
+        """The last user turn's text (what a judge is shown as the request)."""
+        return self.turns[-1].text
+
+
+def single_turn(item_id: str, text: str, image: str | None, **kwargs: Any) -> EvalItem:
+    """An item with one user turn; the image (if any) goes before the text."""
+    return EvalItem(
+        id=item_id, turns=(Turn("user", text),), image_turn=0 if image else None, image=image, **kwargs
+    )
