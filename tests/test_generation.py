@@ -66,5 +66,8 @@ def test_interrupted_file_resumes_without_duplicates(tiny, tmp_path):
         f.write('{"id": "r2", "prompt_sha": "tor')  # a write cut short by a kill
     answers = gen.run(records(4), out, with_image=False)
     assert gen.generated == 2 and answers["r0"] == first["r0"]
+    assert set(answers["r3"]) == {"id", "prompt_sha", "with_image", "answer", "num_tokens", "finished"}
+    # a random tiny model rarely says EOS in 4 tokens; either way the count and the flag agree
+    assert all(a["num_tokens"] <= 4 and (a["finished"] or a["num_tokens"] == 4) for a in answers.values())
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines() if line.endswith("}")]
     assert sorted(ids) == ["r0", "r1", "r2", "r3"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from src.data.records import DataError, PreferenceRecord
+from src.data.records import Conversation, DataError, PreferenceRecord
 
 IGNORE_INDEX = -100
 ANSWER_KEYS = ("chosen", "rejected", "blind")
@@ -66,11 +66,11 @@ class PromptEncoder:
         self.min_answer_tokens = min_answer_tokens
 
     # -- prompts -------------------------------------------------------------------------------
-    def prompt_text(self, record: PreferenceRecord, with_image: bool = True, first_turn: int = 0) -> str:
+    def prompt_text(self, record: Conversation, with_image: bool = True, first_turn: int = 0) -> str:
         messages = record.messages(with_image=with_image, first_turn=first_turn)
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def prompt_ids(self, record: PreferenceRecord, image: Any, first_turn: int = 0) -> list[int]:
+    def prompt_ids(self, record: Conversation, image: Any, first_turn: int = 0) -> list[int]:
         """Token ids of the prompt, image tokens expanded by the processor (``image=None``: blind).
 
         Special tokens are added the way the tokenizer adds them at inference (BOS for Llama-family
@@ -87,7 +87,7 @@ class PromptEncoder:
             ids = ids[1:]
         return ids
 
-    def answer_ids(self, record: PreferenceRecord, answer: str) -> list[int]:
+    def answer_ids(self, record: Conversation, answer: str) -> list[int]:
         """Tokens the chat template appends for ``answer`` as the assistant turn, ending in EOS."""
         messages = record.messages(with_image=record.image is not None)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -111,12 +111,17 @@ class PromptEncoder:
         self, record: PreferenceRecord, image: Any, answer_keys: tuple[str, ...] = ANSWER_KEYS[:2]
     ) -> EncodedPair | str:
         """Tokenize a record for scoring; returns the skip reason (a string) when it cannot fit."""
-        answers = []
+        texts = []
         for key in answer_keys:
             text = getattr(record, key)
             if text is None:
                 raise DataError(f"record {record.id}: no {key!r} answer (the objective needs {list(answer_keys)})")
-            answers.append(self.answer_ids(record, text))
+            texts.append(text)
+        return self.encode_answers(record, image, texts)
+
+    def encode_answers(self, record: Conversation, image: Any, texts: list[str]) -> EncodedPair | str:
+        """Tokenize any prompt with any answers for scoring (same truncation rules as `encode`)."""
+        answers = [self.answer_ids(record, text) for text in texts]
         if record.image is not None and image is None:
             raise DataError(f"record {record.id}: image {record.image!r} was not resolved")
         longest = max(len(a) for a in answers)

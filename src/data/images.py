@@ -13,9 +13,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from src.data.records import DataError, PreferenceRecord
+from src.data.records import Conversation, DataError
 
 MISSING_POLICIES = ("error", "render")
+RENDER_PREFIX = "render:"  # an image reference that is always drawn from its text, never looked up on disk
 
 
 @lru_cache(maxsize=8)
@@ -56,15 +57,15 @@ class ImageResolver:
         self.stand_in_size = stand_in_size
         self.rendered: set[str] = set()
 
-    def path_for(self, record: PreferenceRecord) -> Path | None:
-        if not record.image:
+    def path_for(self, record: Conversation) -> Path | None:
+        if not record.image or record.image.startswith(RENDER_PREFIX):
             return None
         path = Path(record.image)
         if not path.is_absolute() and self.image_root is not None:
             path = self.image_root / path
         return path
 
-    def check(self, records: list[PreferenceRecord]) -> int:
+    def check(self, records: list[Conversation]) -> int:
         """Fail fast, before any expensive step, when images are missing and cannot be rendered.
 
         Returns how many images are missing (each will be rendered as a stand-in).
@@ -79,7 +80,9 @@ class ImageResolver:
             )
         return len(missing)
 
-    def __call__(self, record: PreferenceRecord) -> Image.Image | None:
+    def __call__(self, record: Conversation) -> Image.Image | None:
+        if record.image and record.image.startswith(RENDER_PREFIX):
+            return render_stand_in(record.image[len(RENDER_PREFIX) :], self.stand_in_size)
         path = self.path_for(record)
         if path is None:
             return None

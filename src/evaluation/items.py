@@ -36,6 +36,4 @@ class EvalItem(Conversation):
 
 def single_turn(item_id: str, text: str, image: str | None, **kwargs: Any) -> EvalItem:
     """An item with one user turn; the image (if any) goes before the text."""
-    return EvalItem(
-        id=item_id, turns=(Turn("user", text),), image_turn=0 if image else None, image=image, **kwargs
-    )
+    return EvalItem(id=item_id, turns=(Turn("user", text),), image_turn=0 if image else None, image=image, **kwargs)

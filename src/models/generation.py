@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from src.data.encoding import PromptEncoder
 from src.data.images import ImageResolver
-from src.data.records import PreferenceRecord
+from src.data.records import Conversation, PreferenceRecord
 from src.models.factory import fingerprint
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _prompt_sha(record: PreferenceRecord, prompt: tuple[list[int], Any, str]) -> str:
+def _prompt_sha(record: Conversation, prompt: tuple[list[int], Any, str]) -> str:
     """Identity of a prompt: its token ids (so template and tokenizer changes count) and its image."""
     return _sha(json.dumps([prompt[0], record.image if prompt[1] is not None else None]))
 
@@ -100,7 +100,7 @@ class AnswerGenerator:
         self.resolver = resolver or ImageResolver(missing="error")
         self.encoder = PromptEncoder(processor, max_length=max(1, settings.max_length - settings.max_new_tokens))
 
-    def prompt(self, record: PreferenceRecord, with_image: bool) -> tuple[list[int], Any, str]:
+    def prompt(self, record: Conversation, with_image: bool) -> tuple[list[int], Any, str]:
         """(prompt ids, image inputs or None, rendered prompt text) with old history dropped to fit."""
         image = self.resolver(record) if with_image and record.image else None
         for start in record.history_starts():
@@ -112,7 +112,8 @@ class AnswerGenerator:
         return ids, inputs, text
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[tuple[list[int], Any, str]]) -> list[str]:
+    def _generate_batch(self, prompts: list[tuple[list[int], Any, str]]) -> list[dict[str, Any]]:
+        """Answers with their token count and whether EOS ended them (False: cut at max_new_tokens)."""
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -142,23 +143,34 @@ class AnswerGenerator:
             **sampling,
         )
         self.model.train(was_training)
-        return [t.strip() for t in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        results = []
+        eos = self.tokenizer.eos_token_id
+        for row in out[:, width:].tolist():
+            finished = eos in row
+            tokens = row[: row.index(eos) + 1] if finished else row
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append({"answer": text, "num_tokens": len(tokens), "finished": finished})
+        return results
 
     def run(
-        self, records: list[PreferenceRecord], path: str | Path, with_image: bool, desc: str = "generating"
-    ) -> dict[str, str]:
-        """Generate for every record not already answered in ``path``; returns {id: answer} for all."""
+        self, records: list[Conversation], path: str | Path, with_image: bool, desc: str = "generating"
+    ) -> dict[str, dict[str, Any]]:
+        """Generate for every record not already answered in ``path``.
+
+        Returns {id: line} for all records, a line being ``{"id", "prompt_sha", "with_image", "answer",
+        "num_tokens", "finished"}``.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         drop_torn_tail(path)
         done = read_generations(path)
-        results: dict[str, str] = {}
+        results: dict[str, dict[str, Any]] = {}
         todo = []
         for record in records:
             prompt = self.prompt(record, with_image)
             prev = done.get(record.id)
             if prev is not None and prev.get("prompt_sha") == _prompt_sha(record, prompt):
-                results[record.id] = prev["answer"]
+                results[record.id] = prev
             else:
                 todo.append((record, prompt))
         self.generated = len(todo)
@@ -167,15 +179,10 @@ class AnswerGenerator:
         with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, disable=not todo) as bar:
             for start in range(0, len(todo), self.settings.batch_size):
                 chunk = todo[start : start + self.settings.batch_size]
-                answers = self._generate_batch([p for _, p in chunk])
-                for (record, prompt), answer in zip(chunk, answers, strict=True):
-                    results[record.id] = answer
-                    line = {
-                        "id": record.id,
-                        "prompt_sha": _prompt_sha(record, prompt),
-                        "with_image": with_image,
-                        "answer": answer,
-                    }
+                outputs = self._generate_batch([p for _, p in chunk])
+                for (record, prompt), output in zip(chunk, outputs, strict=True):
+                    line = {"id": record.id, "prompt_sha": _prompt_sha(record, prompt), "with_image": with_image}
+                    results[record.id] = line = line | output
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -209,7 +216,7 @@ def fill_blind_answers(
         return records, summary | {"generated": 0, "from_cache": 0}
     path = blind_cache_path(cache_dir, reference, settings)
     generator = AnswerGenerator(reference, processor, settings)
-    answers = generator.run(missing, path, with_image=False, desc="blind answers")
+    answers = {k: v["answer"] for k, v in generator.run(missing, path, with_image=False, desc="blind answers").items()}
     generated = generator.generated
     empty = [rid for rid, a in answers.items() if not a]
     filled = []

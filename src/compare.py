@@ -1,0 +1,36 @@
+"""Gather evaluation reports into one comparison table and plot.
+
+python src/compare.py 'inputs=[logs/eval/multiruns/2026-01-01_00-00-00]'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from src.evaluation.compare import compare_reports, find_reports  # noqa: E402
+
+log = logging.getLogger("compare")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="compare")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    paths = find_reports([Path(p) for p in cfg.inputs])
+    table = compare_reports(paths, list(cfg.labels) if cfg.labels else None, Path(cfg.paths.output_dir))
+    log.info("compared %d reports: %s", len(paths), json.dumps(table["rows"], indent=None)[:500])
+    return table
+
+
+if __name__ == "__main__":
+    main()

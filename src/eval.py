@@ -1,0 +1,57 @@
+"""Evaluate a model on a safety benchmark: generate -> judge -> metrics -> report.
+
+    python src/eval.py model.path=logs/train/runs/<run>/model benchmark=mmsafe_po \
+        benchmark.path=mmsafe_po_test.json benchmark.missing_images=render judge=keyword
+    python src/eval.py -m model.path=base,dpo/model,bpo/model ...      # then: python src/compare.py ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from src.data.records import DataError  # noqa: E402
+from src.evaluation.report import log_to_wandb, markdown, plot, write_json  # noqa: E402
+from src.evaluation.runner import Evaluator, headline  # noqa: E402
+
+log = logging.getLogger("eval")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.paths.output_dir)
+    evaluator = Evaluator(cfg, out_dir)
+    report = evaluator.run()
+    evaluator.write_generations()
+    write_json(out_dir / "report.json", report)
+    (out_dir / "report.md").write_text(markdown(report))
+    plot(report, out_dir / "report.png")
+    scalars = headline(report)
+    wandb_dir = log_to_wandb(report, evaluator.lines, out_dir, OmegaConf.to_container(cfg.wandb, resolve=True), scalars)
+    log.info("figures: %s", {k: round(v, 4) for k, v in scalars.items()})
+    log.info("report: %s%s", out_dir / "report.md", f"; W&B run: {wandb_dir}" if wandb_dir else "")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except DataError as e:  # a data problem the user can fix: say what and where, no stack trace
+        log.error("data error: %s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Rates with confidence intervals, overall and per category."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from src.evaluation.judges import Verdict
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (sensible at small n and at 0 or 1)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rate(flags: list[bool]) -> dict[str, Any]:
+    """``{"rate", "k", "n", "ci95"}`` of a list of booleans."""
+    k, n = sum(flags), len(flags)
+    return {"rate": k / n if n else float("nan"), "k": k, "n": n, "ci95": list(wilson_interval(k, n))}
+
+
+def verdict_rates(verdicts: list[Verdict]) -> dict[str, Any]:
+    """Safe and unsafe shares over parsed verdicts; unparsed verdicts are counted, never taken as safe."""
+    parsed = [v for v in verdicts if v.safe is not None]
+    safe = rate([bool(v.safe) for v in parsed])
+    return {
+        "n": len(verdicts),
+        "unparsed": len(verdicts) - len(parsed),
+        "safe_rate": safe["rate"],
+        "unsafe_rate": 1 - safe["rate"] if parsed else float("nan"),
+        "safe_ci95": safe["ci95"],
+        "unsafe_ci95": [1 - safe["ci95"][1], 1 - safe["ci95"][0]],
+    }
+
+
+def by_key(keys: list[str], verdicts: list[Verdict]) -> dict[str, dict[str, Any]]:
+    """`verdict_rates` per key (category, setting, scenario), keys sorted."""
+    groups: dict[str, list[Verdict]] = defaultdict(list)
+    for key, v in zip(keys, verdicts, strict=True):
+        groups[key].append(v)
+    return {k: verdict_rates(groups[k]) for k in sorted(groups)}

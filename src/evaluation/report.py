@@ -1,0 +1,244 @@
+"""Reports people can read: report.json, report.md, a PNG, and the same logged to W&B."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else f"{x:.4f}"
+    return str(x)
+
+
+def _ci(values: list[float] | None) -> str:
+    return f"[{values[0]:.3f}, {values[1]:.3f}]" if values and not math.isnan(values[0]) else ""
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write whole then rename: an interrupted run never leaves a half-written report."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    os.replace(tmp, path)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """report.md: headline, judge calibration, generation health, breakdowns, analyses, examples."""
+    b, lines = report["benchmark"], []
+    lines += [
+        f"# Evaluation: {b['name']}",
+        "",
+        f"- model: `{report['model']['path']}` (fingerprint `{report['model']['fingerprint']}`)",
+        f"- judge: `{report['judge']}`",
+        f"- items: {report.get('n', 'n/a')}; judge replies unparsed: {report.get('unparsed', 0)}; "
+        f"stand-in images: {b.get('stand_in_images', 0)}",
+        "",
+    ]
+    lines += ["## Headline", "", "| metric | value | 95% CI |", "| --- | --- | --- |"]
+    for key in ("safety_rate", "unsafe_rate", "pairwise_accuracy", "reward_accuracy"):
+        if key in report:
+            lines.append(f"| {key} | {_fmt(report[key])} | {_ci(report.get(key + '_ci95'))} |")
+    for setting, value in (report.get("attack_success_rate") or {}).items():
+        lines.append(f"| attack_success_rate/{setting} | {_fmt(value)} | |")
+    if report.get("pairwise"):
+        p = report["pairwise"]
+        lines += [
+            "",
+            f"Pairwise: {p['n']} pairs scored, {p['skipped']} too long; the model picks the first slot "
+            f"{_fmt(p['position_a_rate'])} of the time (0.5 = no position bias).",
+        ]
+    lines += [""]
+
+    cal = report.get("judge_calibration") or {}
+    lines += ["## Judge calibration", ""]
+    if cal:
+        lines += [
+            "How the judge rates the benchmark's own reference answers:",
+            "",
+            "| reference answers | share judged safe |",
+            "| --- | --- |",
+            f"| chosen (harmless) | {_fmt(cal['chosen_judged_safe'])} |",
+            f"| rejected (harmful) | {_fmt(cal['rejected_judged_safe'])} |",
+            "",
+            f"Separation (chosen safe - rejected safe): **{_fmt(cal['separation'])}** over {cal['n']} pairs.",
+        ]
+        if cal.get("weak"):
+            lines += [
+                "",
+                f"> **Warning**: the `{report['judge']}` judge barely separates harmless from harmful "
+                "reference answers on this benchmark; its safety rates say little here. Use a stronger "
+                "judge (`judge=llama_guard` or `judge=openai`) before drawing conclusions.",
+            ]
+    else:
+        lines += ["This benchmark has no reference answers to calibrate the judge on."]
+    lines += [""]
+
+    health = report.get("generation_health") or {}
+    if health:
+        lines += ["## Generation health", "", "| measure | value |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in health.items()]
+        lines += [
+            "",
+            "A high safety rate together with many empty, broken, truncated or repetitive answers "
+            "reflects degenerate text, not safety.",
+            "",
+        ]
+
+    per_cat = report.get("per_category") or {}
+    if per_cat:
+        lines += [
+            "## By category",
+            "",
+            "| category | n | safe rate | unsafe rate | unparsed |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {c} | {r['n']} | {_fmt(r['safe_rate'])} | {_fmt(r['unsafe_rate'])} | {r['unparsed']} |"
+            for c, r in per_cat.items()
+        ]
+        lines += [""]
+    if report.get("per_scenario"):
+        settings = sorted({s for v in report["per_scenario"].values() for s in v})
+        lines += [
+            "## Attack success rate by scenario",
+            "",
+            "| scenario | " + " | ".join(settings) + " |",
+            "| --- |" + " --- |" * len(settings),
+        ]
+        for scen, values in report["per_scenario"].items():
+            lines.append(f"| {scen} | " + " | ".join(_fmt(values.get(s, float("nan"))) for s in settings) + " |")
+        lines += [""]
+
+    if report.get("co_defense"):
+        cd = report["co_defense"]
+        lines += [
+            "## Modality co-defense",
+            "",
+            "The same requests as text only (entity named) and as image + rephrased text.",
+            "",
+            "| variant | safe rate | 95% CI | n |",
+            "| --- | --- | --- | --- |",
+        ]
+        for key in ("text_safe", "image_safe", "both_safe", "text_only_safe", "image_only_safe"):
+            lines.append(f"| {key} | {_fmt(cd[key]['rate'])} | {_ci(cd[key]['ci95'])} | {cd[key]['n']} |")
+        lines += [""]
+    if report.get("cheating"):
+        ch = report["cheating"]
+        o = ch["over_refusal"]
+        lines += [
+            "## Modality cheating",
+            "",
+            "Image-referring requests shown with a benign stand-in image instead of the matched one: a "
+            f"refusal is an over-refusal (refusals detected by the `{ch['refusal_judge']}` judge).",
+            "",
+            f"Over-refusal rate: **{_fmt(o['rate'])}** {_ci(o['ci95'])} over {o['n']} requests.",
+            "",
+        ]
+
+    if report.get("examples"):
+        lines += ["## Examples", ""]
+        for ex in report["examples"]:
+            verdict = {True: "safe", False: "unsafe", None: "unparsed"}[ex["safe"]]
+            lines += [
+                f"**{ex['id']}** ({ex['category']}, {ex['setting']}) - {verdict}: {ex['reason']}",
+                "",
+                f"> {ex['prompt'][:400]}",
+                "",
+                "```text",
+                (ex["answer"] or "(empty)")[:600],
+                "```",
+                "",
+            ]
+    gen = report.get("generation") or {}
+    if gen:
+        lines += ["## Generation", ""] + [
+            f"- {mode}: {g['generated']} generated, {g['reused']} reused from `{g['cache']}`" for mode, g in gen.items()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """One PNG: per-category (or per-setting) rate with 95% CIs, plus co-defense bars when present."""
+    panels = []
+    kind = report["benchmark"]["kind"]
+    if report.get("per_setting"):
+        panels.append(("attack success rate by setting", report["per_setting"], "unsafe"))
+    if report.get("per_category"):
+        key = "unsafe" if kind in ("attack_success_rate", "unsafe_rate") else "safe"
+        panels.append((f"{key} rate by category", report["per_category"], key))
+    if report.get("co_defense"):
+        cd = report["co_defense"]
+        panels.append(
+            (
+                "co-defense: safe rate",
+                {
+                    k: {"safe_rate": cd[k]["rate"], "safe_ci95": cd[k]["ci95"]}
+                    for k in ("text_safe", "image_safe", "both_safe")
+                },
+                "safe",
+            )
+        )
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, data, key) in zip(axes[0], panels, strict=True):
+        names = list(data)
+        values = [data[n][f"{key}_rate"] for n in names]
+        cis = [data[n].get(f"{key}_ci95") or [v, v] for n, v in zip(names, values, strict=True)]
+        err = [
+            [max(0.0, v - c[0]) for v, c in zip(values, cis, strict=True)],
+            [max(0.0, c[1] - v) for v, c in zip(values, cis, strict=True)],
+        ]
+        ax.bar(range(len(names)), values, yerr=err, capsize=3, color="#4c72b0")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"{report['benchmark']['name']} - judge: {report['judge']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_to_wandb(
+    report: dict[str, Any],
+    lines: list[dict[str, Any]],
+    out_dir: Path,
+    wandb_cfg: dict[str, Any],
+    scalars: dict[str, float],
+) -> str | None:
+    """Log headline figures, a table of generations and the plot to W&B (offline unless configured)."""
+    if not wandb_cfg.get("enabled", True):
+        return None
+    import wandb
+
+    run = wandb.init(
+        project=wandb_cfg.get("project", "mllm-bpo"),
+        name=wandb_cfg.get("name"),
+        dir=str(out_dir),
+        mode="offline" if wandb_cfg.get("offline", True) else "online",
+        job_type="eval",
+        config={"benchmark": report["benchmark"], "model": report["model"], "judge": report["judge"]},
+        tags=list(wandb_cfg.get("tags") or []),
+    )
+    run.log({f"eval/{k}": v for k, v in scalars.items()})
+    columns = ["mode", "id", "category", "setting", "prompt", "answer", "safe", "reason"]
+    table = wandb.Table(columns=columns, data=[[str(x.get(c)) for c in columns] for x in lines])
+    run.log({"eval/generations": table})
+    png = out_dir / "report.png"
+    if png.exists():
+        run.log({"eval/plot": wandb.Image(str(png))})
+    run_dir = run.dir
+    run.finish()
+    return run_dir
