@@ -1,0 +1,230 @@
+import json
+
+import pytest
+import torch
+
+from src.evaluation.health import answer_health, health_summary, is_repetitive
+from src.evaluation.judges import Verdict
+from src.evaluation.metrics import by_key, verdict_rates, wilson_interval
+from tests.helpers import compose_config
+from tests.test_benchmarks import _write_mm_safetybench
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from src.models.tiny import build_tiny_llava
+
+    path = tmp_path_factory.mktemp("model") / "model"
+    model, processor = build_tiny_llava(seed=0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def run_eval(tmp_path, overrides, run="run"):
+    from src.eval import evaluate
+
+    cfg = compose_config(
+        "eval",
+        [f"cache_dir={tmp_path}/cache", "generation.max_new_tokens=6", "wandb.enabled=false", *overrides],
+        tmp_path / run,
+    )
+    return evaluate(cfg)
+
+
+def test_mmsafe_po_report_with_analyses_and_resume(tmp_path, model_dir, mmsafe_path):
+    common = [
+        f"model.path={model_dir}",
+        "benchmark=mmsafe_po",
+        f"benchmark.path={mmsafe_path}",
+        "benchmark.missing_images=render",
+        "benchmark.max_items=12",
+        "judge=keyword",
+        "modes=[standard,co_defense,cheating]",
+    ]
+    report = run_eval(tmp_path, [*common, "wandb.enabled=true"])
+    run = tmp_path / "run"
+    saved = json.loads((run / "report.json").read_text())
+    assert saved["n"] == report["n"] == 12
+    assert 0 <= saved["safety_rate"] <= 1 and 0 <= saved["pairwise_accuracy"] <= 1
+    assert saved["pairwise"]["n"] == 12
+    assert set(saved["per_category"]) <= {"PER", "ORG", "LOC", "MISC"}
+    assert sum(c["n"] for c in saved["per_category"].values()) == 12
+    cal = saved["judge_calibration"]
+    assert cal["n"] == 12 and {"chosen_judged_safe", "rejected_judged_safe", "separation", "weak"} <= set(cal)
+    health = saved["generation_health"]
+    assert {"empty_rate", "broken_rate", "truncated_rate", "repetitive_rate", "mean_words"} <= set(health)
+    assert saved["co_defense"]["n_requests"] == 12 and saved["cheating"]["over_refusal"]["n"] == 12
+    md = (run / "report.md").read_text()
+    for section in (
+        "## Judge calibration",
+        "## Generation health",
+        "## By category",
+        "## Modality co-defense",
+        "## Modality cheating",
+        "## Examples",
+    ):
+        assert section in md
+    assert (run / "report.png").stat().st_size > 0
+    assert list((run / "wandb").glob("offline-run-*"))
+    lines = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 + 24 + 12
+    assert {x["mode"] for x in lines} == {"standard", "co_defense", "cheating"}
+    assert all(x["safe"] in (True, False, None) and x["reason"] for x in lines)
+    assert report["generation"]["standard"]["generated"] == 12
+
+    again = run_eval(tmp_path, common, run="run2")
+    assert {m: g["generated"] for m, g in again["generation"].items()} == {
+        "standard": 0,
+        "co_defense": 0,
+        "cheating": 0,
+    }
+    assert again["safety_rate"] == report["safety_rate"]
+
+
+def test_mm_safetybench_attack_success_rates(tmp_path, model_dir):
+    root = _write_mm_safetybench(tmp_path / "MM-SafetyBench")
+    report = run_eval(tmp_path, [f"model.path={model_dir}", "benchmark=mm_safetybench", f"benchmark.root={root}"])
+    asr = report["attack_success_rate"]
+    assert set(asr) == {"text_only", "sd", "typo", "sd_typo", "average"}
+    assert asr["average"] == pytest.approx(sum(v for k, v in asr.items() if k != "average") / 4)
+    assert set(report["per_scenario"]) == {"01-Illegal_Activitiy", "10-Legal_Opinion"}
+    assert report["n"] == 12 and report["judge_calibration"] == {} and "pairwise_accuracy" not in report
+
+
+def test_harmeval_unsafe_rate_and_reward_accuracy_needs_references(tmp_path, model_dir):
+    data = tmp_path / "harmeval.json"
+    data.write_text(
+        json.dumps([{"question": f"How do I harm thing {i}?", "category": "c" + str(i % 2)} for i in range(4)])
+    )
+    report = run_eval(tmp_path, [f"model.path={model_dir}", "benchmark=harmeval", f"benchmark.path={data}"])
+    assert report["n"] == 4 and 0 <= report["unsafe_rate"] <= 1 and set(report["per_category"]) == {"c0", "c1"}
+    lines = [json.loads(x) for x in (tmp_path / "run/generations.jsonl").read_text().splitlines()]
+    assert report["unsafe_rate"] == pytest.approx(
+        1 - verdict_rates([Verdict(x["safe"], "") for x in lines])["safe_rate"]
+    )
+
+
+def test_reward_accuracy_with_reference(tmp_path, model_dir, mmsafe_path):
+    report = run_eval(
+        tmp_path,
+        [
+            f"model.path={model_dir}",
+            f"reference.path={model_dir}",
+            "benchmark=mmsafe_po",
+            f"benchmark.path={mmsafe_path}",
+            "benchmark.missing_images=render",
+            "benchmark.max_items=4",
+            "scoring.pairwise=false",
+        ],
+    )
+    # policy == reference: every implicit reward margin is zero, so no pair is ranked correctly
+    assert report["reward"]["n"] == 4 and report["reward_accuracy"] == 0.0
+    assert report["reward"]["mean_logratio_margin"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_pairwise_needs_the_chosen_answer_in_both_orders(monkeypatch):
+    from src.evaluation import scoring
+
+    # rows: (order chosen-first, order rejected-first) per pair; columns: log p("A"), log p("B")
+    fake = torch.tensor(
+        [
+            [-1.0, -2.0],
+            [-2.0, -1.0],  # picks chosen both times
+            [-1.0, -2.0],
+            [-1.0, -2.0],  # always "A": position bias, not a safety judgement
+            [float("nan"), float("nan")],
+            [-1.0, -2.0],
+        ]
+    )  # first order skipped (too long)
+    monkeypatch.setattr(scoring, "score_answers", lambda *a, **k: fake)
+    from src.data.records import Turn
+    from src.evaluation.items import EvalItem
+
+    items = [EvalItem(str(i), (Turn("user", "q"),), None, None) for i in range(3)]
+    out = scoring.pairwise_accuracy(None, None, items, ["c"] * 3, ["r"] * 3, None)
+    assert out["n"] == 2 and out["skipped"] == 1 and out["pairwise_accuracy"] == 0.5
+    assert out["position_a_rate"] == pytest.approx(4 / 5)
+
+
+def test_health_flags():
+    assert answer_health({"answer": "", "finished": True})["empty"]
+    assert answer_health({"answer": "caf\ufffd", "finished": True})["broken"]
+    assert answer_health({"answer": "ok", "finished": False})["truncated"]
+    assert is_repetitive("fal sleep " * 20) and not is_repetitive("I can't help with that, but here is a safer idea.")
+    summary = health_summary(
+        [{"answer": "a b", "finished": True, "num_tokens": 3}, {"answer": "", "finished": False, "num_tokens": 5}]
+    )
+    assert summary["empty_rate"] == 0.5 and summary["truncated_rate"] == 0.5 and summary["mean_tokens"] == 4
+
+
+def test_rates_count_unparsed_separately():
+    verdicts = [Verdict(True, ""), Verdict(False, ""), Verdict(None, "unparsed reply"), Verdict(True, "")]
+    r = verdict_rates(verdicts)
+    assert r["n"] == 4 and r["unparsed"] == 1 and r["safe_rate"] == pytest.approx(2 / 3)
+    assert by_key(["a", "a", "b", "b"], verdicts)["b"]["unparsed"] == 1
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+
+
+def test_compare_gathers_reports(tmp_path):
+    from src.evaluation.compare import compare_reports, find_reports
+
+    for name, rate in (("base", 0.6), ("bpo", 0.9)):
+        (tmp_path / name).mkdir()
+        report = {
+            "model": {"path": f"runs/{name}/model"},
+            "benchmark": {"name": "mmsafe_po", "kind": "safety_rate"},
+            "judge": "keyword",
+            "n": 10,
+            "safety_rate": rate,
+            "pairwise_accuracy": 0.5,
+            "judge_calibration": {"separation": 0.1},
+        }
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+    table = compare_reports(find_reports([tmp_path]), None, tmp_path / "out")
+    assert [r["label"] for r in table["rows"]] == ["runs/base", "runs/bpo"]
+    md = (tmp_path / "out/comparison.md").read_text()
+    assert "| runs/bpo | mmsafe_po | keyword | 10 | 0.5000 | 0.9000 | 0.1000 |" in md
+    assert (tmp_path / "out/comparison.png").exists()
+
+
+@pytest.mark.slow
+def test_eval_command_on_a_trained_model_all_records(tmp_path, mmsafe_path):
+    """The documented commands: train, then evaluate the saved model/ on all 200 records, twice."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def run(args):
+        out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    run(
+        [
+            "src/train.py",
+            "trainer.max_steps=3",
+            "logger=csv",
+            f"hydra.run.dir={tmp_path}/train",
+            f"blind.cache_dir={tmp_path}/cache",
+        ]
+    )
+    args = [
+        "src/eval.py",
+        f"model.path={tmp_path}/train/model",
+        "benchmark=mmsafe_po",
+        f"benchmark.path={mmsafe_path}",
+        "benchmark.missing_images=render",
+        "judge=keyword",
+        "generation.max_new_tokens=16",
+        f"cache_dir={tmp_path}/cache",
+        "wandb.enabled=false",
+    ]
+    run([*args, f"hydra.run.dir={tmp_path}/eval1"])
+    report = json.loads((tmp_path / "eval1/report.json").read_text())
+    assert report["n"] == 200 and "safety_rate" in report and "pairwise_accuracy" in report
+    assert report["generation"]["standard"]["generated"] == 200
+    run([*args, f"hydra.run.dir={tmp_path}/eval2"])
+    again = json.loads((tmp_path / "eval2/report.json").read_text())
+    assert again["generation"]["standard"]["generated"] == 0 and again["safety_rate"] == report["safety_rate"]
