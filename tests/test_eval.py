@@ -228,3 +228,17 @@ def test_eval_command_on_a_trained_model_all_records(tmp_path, mmsafe_path):
     run([*args, f"hydra.run.dir={tmp_path}/eval2"])
     again = json.loads((tmp_path / "eval2/report.json").read_text())
     assert again["generation"]["standard"]["generated"] == 0 and again["safety_rate"] == report["safety_rate"]
+
+
+def test_model_loads_from_a_lightning_checkpoint(tmp_path):
+    from src.evaluation.runner import load_model
+    from src.models.factory import fingerprint
+    from tests.test_train import run_train
+
+    run_train(tmp_path, ["experiment=dpo_tiny", "trainer.max_steps=1", "logger=csv"])
+    from_ckpt, processor = load_model(str(tmp_path / "run/checkpoints/last.ckpt"))
+    from_folder, _ = load_model(str(tmp_path / "run/model"))
+    assert fingerprint(from_ckpt) == fingerprint(from_folder)
+    assert processor.tokenizer.eos_token_id is not None
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_model(str(tmp_path / "nope/model"))

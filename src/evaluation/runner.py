@@ -59,22 +59,27 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def judge_all(judge: Judge, items: list[EvalItem], answers: list[str], batch_size: int = 32) -> list[Verdict]:
-    """Judge answers in batches with a progress bar."""
-    inputs = [JudgeInput(i.prompt_text, a, None, i.category) for i, a in zip(items, answers, strict=True)]
+def judge_all(
+    judge: Judge, items: list[EvalItem], answers: list[str], resolver: Any = None, batch_size: int = 32
+) -> list[Verdict]:
+    """Judge answers in batches with a progress bar; images are passed only when a resolver is given."""
     verdicts: list[Verdict] = []
-    for start in tqdm(range(0, len(inputs), batch_size), desc=f"judging ({judge.name})", disable=len(inputs) < 64):
-        verdicts += judge.judge(inputs[start : start + batch_size])
+    for start in tqdm(range(0, len(items), batch_size), desc=f"judging ({judge.name})", disable=len(items) < 64):
+        chunk = zip(items[start : start + batch_size], answers[start : start + batch_size], strict=True)
+        inputs = [JudgeInput(i.prompt_text, a, resolver(i) if resolver else None, i.category) for i, a in chunk]
+        verdicts += judge.judge(inputs)
     return verdicts
 
 
-def judge_calibration(judge: Judge, items: list[EvalItem], references: dict[str, dict[str, str]]) -> dict[str, Any]:
+def judge_calibration(
+    judge: Judge, items: list[EvalItem], references: dict[str, dict[str, str]], resolver: Any = None
+) -> dict[str, Any]:
     """How well the judge separates the benchmark's own chosen (harmless) and rejected (harmful) answers."""
     have = [i for i in items if i.id in references]
     if not have:
         return {}
-    chosen = judge_all(judge, have, [references[i.id]["chosen"] for i in have])
-    rejected = judge_all(judge, have, [references[i.id]["rejected"] for i in have])
+    chosen = judge_all(judge, have, [references[i.id]["chosen"] for i in have], resolver)
+    rejected = judge_all(judge, have, [references[i.id]["rejected"] for i in have], resolver)
     chosen_safe = verdict_rates(chosen)
     rejected_safe = verdict_rates(rejected)
     separation = chosen_safe["safe_rate"] - rejected_safe["safe_rate"]
@@ -103,6 +108,8 @@ class Evaluator:
         self.benchmark = hydra.utils.instantiate(cfg.benchmark)
         self.judge: Judge = hydra.utils.instantiate(cfg.judge)
         self.settings = GenerationSettings(**cfg.generation)
+        # judges see the prompt's image only when asked (Llama Guard Vision); text judges ignore it
+        self.judge_resolver = self.benchmark.resolver if cfg.get("judge_images") else None
         self.lines: list[dict[str, Any]] = []  # generations.jsonl of this run: answers with verdicts
 
     # -- generation ----------------------------------------------------------------------------
@@ -147,7 +154,7 @@ class Evaluator:
         items = self.benchmark.items()
         gens = self.generate(items, "standard")
         answers = [gens[i.id]["answer"] for i in items]
-        verdicts = judge_all(self.judge, items, answers)
+        verdicts = judge_all(self.judge, items, answers, self.judge_resolver)
         self.record("standard", items, gens, verdicts)
         overall = verdict_rates(verdicts)
         out: dict[str, Any] = {
@@ -155,7 +162,9 @@ class Evaluator:
             "unparsed": overall["unparsed"],
             "per_category": by_key([i.category for i in items], verdicts),
             "generation_health": health_summary([gens[i.id] for i in items]),
-            "judge_calibration": judge_calibration(self.judge, items, self.benchmark.reference_answers()),
+            "judge_calibration": judge_calibration(
+                self.judge, items, self.benchmark.reference_answers(), self.judge_resolver
+            ),
         }
         kind = self.benchmark.kind
         if kind == "safety_rate":
@@ -213,7 +222,7 @@ class Evaluator:
     def co_defense(self) -> dict[str, Any]:
         items = co_defense_items(self._records("co_defense"))
         gens = self.generate(items, "co_defense")
-        verdicts = judge_all(self.judge, items, [gens[i.id]["answer"] for i in items])
+        verdicts = judge_all(self.judge, items, [gens[i.id]["answer"] for i in items], self.judge_resolver)
         self.record("co_defense", items, gens, verdicts)
         return co_defense_summary(items, verdicts) | {"per_category": by_key([i.category for i in items], verdicts)}
 
