@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from src.data.records import DataError  # noqa: E402
 from src.models.generation import GenerationSettings, fill_blind_answers  # noqa: E402
 from src.models.module import PreferenceModule  # noqa: E402
+from src.models.reference import precompute_reference_logps  # noqa: E402
 
 log = logging.getLogger("train")
-# the frozen reference is in eval mode on purpose
+# a frozen reference copy is in eval mode on purpose
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
@@ -40,19 +42,54 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+@contextmanager
+def initial_model(cfg: DictConfig, module: PreferenceModule):
+    """The policy before training, i.e. the reference model, on the run's device for one-off work."""
+    gpu = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+    module.policy.to("cuda" if gpu else "cpu")
+    # one-off work must not move the random state: data order and init stay those of the seed, whether
+    # blind answers and reference log-probs come from a cache or are computed now
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if gpu else []):
+        try:
+            yield module.policy
+        finally:
+            module.policy.to("cpu")
+
+
+def autocast_dtype(precision: Any) -> torch.dtype | None:
+    """The compute dtype of a Lightning precision setting, so cached log-probs match training's."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return None
+
+
 def add_blind_answers(cfg: DictConfig, module: PreferenceModule, datamodule: Any) -> dict[str, Any]:
     """Generate (or read from cache) the reference model's image-less answers for every record."""
-    device = (
-        torch.device("cuda") if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else torch.device("cpu")
-    )
-    reference = module.reference.to(device)
     settings = GenerationSettings(**cfg.blind.generation)
-    records, summary = fill_blind_answers(
-        datamodule.load_records(), reference, module.processor, settings, cfg.blind.cache_dir
-    )
-    module.reference.to("cpu")
+    with initial_model(cfg, module) as reference:
+        records, summary = fill_blind_answers(
+            datamodule.load_records(), reference, module.processor, settings, cfg.blind.cache_dir
+        )
     datamodule.set_records(records)
     return summary
+
+
+def add_reference_logps(cfg: DictConfig, module: PreferenceModule, datamodule: Any) -> dict[str, Any]:
+    """Compute (or read from cache) reference log-probs of every answer, so training runs no reference."""
+    datasets = [d for d in (datamodule.train_set, datamodule.val_set) if d is not None]
+    with initial_model(cfg, module) as reference:
+        return precompute_reference_logps(
+            reference,
+            datasets,
+            module.pad_token_id,
+            cfg.reference.cache_dir,
+            module.layout,
+            cfg.reference.batch_size,
+            autocast_dtype(cfg.trainer.precision),
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -65,7 +102,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model=container["model"],
         objective=container["objective"],
         optim=container["optim"],
-        reference_dtype=cfg.get("reference_dtype"),
+        layout=cfg.layout,
+        reference=container["reference"],
     )
     datamodule = hydra.utils.instantiate(cfg.data, processor=module.processor, answers=list(module.answers))
     report: dict[str, Any] = {}
@@ -75,6 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     report["data"] = datamodule.summary()
     log.info("data: %s", json.dumps(report["data"]))
+    if module.reference_strategy == "precomputed":
+        report["reference_logps"] = add_reference_logps(cfg, module, datamodule)
 
     loggers = instantiate_all(cfg.get("logger"))
     trainer = hydra.utils.instantiate(

@@ -3,7 +3,7 @@ import torch
 from src.data.encoding import PromptEncoder, collate_pairs
 from src.data.images import render_stand_in
 from src.data.records import PreferenceRecord, Turn
-from src.models.logprobs import padded_rows
+from src.models.logprobs import packed_rows, padded_rows
 
 IMAGE = render_stand_in("a padlock", 32)
 
@@ -60,18 +60,44 @@ def test_collation_masks_prompt_and_padding(tiny):
     batch = collate_pairs(items, processor.tokenizer.pad_token_id)
     assert batch["answer_ids"].shape[:2] == (3, 2)
     assert batch["pixel_values"].shape[0] == 2
-    rows = padded_rows(batch, processor.tokenizer.pad_token_id)
-    assert rows["pixel_values"].shape[0] == 6  # image repeated per answer row
+    pad = processor.tokenizer.pad_token_id
+    rows = padded_rows(batch, pad)
+    assert rows.inputs["pixel_values"].shape[0] == 6  # image repeated per answer row
     for j in range(3):
         for b, item in enumerate(items):
             row, pair = j * 2 + b, item["pair"]
             p, a = len(pair.prompt_ids), len(pair.answer_ids[j])
-            mask = rows["answer_mask"][row]
-            # only answer tokens are scored: never prompt, image or padding positions
-            assert mask[:p].sum() == 0 and mask[p : p + a].all() and mask[p + a :].sum() == 0
-            assert rows["input_ids"][row, p : p + a].tolist() == pair.answer_ids[j]
-            assert rows["input_ids"][row, :p].tolist() == pair.prompt_ids
-            assert rows["attention_mask"][row].sum() == p + a
+            assert rows.inputs["input_ids"][row, :p].tolist() == pair.prompt_ids
+            assert rows.inputs["input_ids"][row, p : p + a].tolist() == pair.answer_ids[j]
+            assert rows.inputs["attention_mask"][row].sum() == p + a
+            # only answer tokens are scored, each predicted by the position before it: never prompt,
+            # image or padding tokens
+            scored = rows.slot == b * 3 + j
+            assert (rows.pred_row[scored] == row).all()
+            assert rows.pred_col[scored].tolist() == list(range(p - 1, p + a - 1))
+            assert rows.target[scored].tolist() == pair.answer_ids[j]
+
+    packed = packed_rows(batch, pad)
+    assert packed.inputs["pixel_values"].shape[0] == 2  # the vision tower runs once per record
+    mask = packed.inputs["attention_mask"][:, 0]
+    for b, item in enumerate(items):
+        pair = item["pair"]
+        p = len(pair.prompt_ids)
+        starts = [p]
+        for ans in pair.answer_ids:
+            starts.append(starts[-1] + len(ans))
+        assert packed.inputs["input_ids"][b, :p].tolist() == pair.prompt_ids
+        for j, ans in enumerate(pair.answer_ids):
+            s0, s1 = starts[j], starts[j + 1]
+            assert packed.inputs["input_ids"][b, s0:s1].tolist() == ans
+            assert packed.inputs["position_ids"][b, s0:s1].tolist() == list(range(p, p + len(ans)))
+            # each answer sees the whole prompt and itself (causally), never another answer
+            assert mask[b, s1 - 1, :p].all() and mask[b, s1 - 1, s0:s1].all()
+            assert not mask[b, s1 - 1, p:s0].any() and not mask[b, s0, s0 + 1 : s1].any()
+            scored = packed.slot == b * 3 + j
+            assert packed.pred_col[scored].tolist() == [p - 1, *range(s0, s1 - 1)]
+            assert packed.target[scored].tolist() == ans
+        assert not mask[b, :p, p:].any()  # the prompt never sees answers
 
 
 def test_truncation_drops_history_then_shortens_answers_never_image_tokens(tiny):

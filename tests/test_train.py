@@ -94,7 +94,7 @@ def test_dpo_uses_two_answers_and_no_blind_generation(tmp_path):
 def test_resume_from_checkpoint_keeps_reference(tmp_path):
     from src.models.module import PreferenceModule
 
-    cfg, _ = run_train(tmp_path, ["trainer.max_steps=3", "logger=csv"])
+    cfg, _ = run_train(tmp_path, ["trainer.max_steps=3", "logger=csv", "reference.strategy=frozen_copy"])
     container = OmegaConf.to_container(cfg, resolve=True)
     module = PreferenceModule.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
     fresh = PreferenceModule(model=container["model"], objective=container["objective"], optim=container["optim"])
@@ -195,3 +195,22 @@ def test_train_on_shared_mmsafe_po_reads_all_records(tmp_path, mmsafe_path):
     assert data["records_read"] == 200
     assert data["train"]["encoded"] + data["train"]["skipped"] + data["val"]["encoded"] + data["val"]["skipped"] == 200
     assert data["stand_in_images"] == 200
+
+
+def test_precomputed_reference_trains_like_a_frozen_copy(tmp_path):
+    """Same seed, same data: precomputed reference log-probs and a live frozen copy give the same run."""
+    common = ["trainer.max_steps=4", "logger=csv", f"reference.cache_dir={tmp_path}/ref"]
+    runs = {}
+    for strategy in ("precomputed", "frozen_copy", "precomputed"):
+        _, metrics = run_train(tmp_path / strategy, [*common, f"reference.strategy={strategy}"])
+        rows = [r for r in read_metrics(tmp_path / strategy / "run/metrics.csv") if r.get("train/loss")]
+        runs.setdefault(strategy, []).append(([float(r["train/loss"]) for r in rows], metrics))
+    (pre_losses, pre), (again_losses, _) = runs["precomputed"]
+    ((copy_losses, copy),) = runs["frozen_copy"]
+    assert pre_losses == pytest.approx(copy_losses, abs=1e-5)
+    assert pre["val/rewards/margins"] == pytest.approx(copy["val/rewards/margins"], abs=1e-5)
+    assert again_losses == pytest.approx(pre_losses, abs=1e-6)
+    summary = json.loads((tmp_path / "precomputed/run/run_summary.json").read_text())
+    assert summary["reference_logps"]["computed"] == 0 and summary["reference_logps"]["reused"] == 96
+    ckpt = torch.load(tmp_path / "precomputed/run/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("reference.") for k in ckpt["state_dict"])

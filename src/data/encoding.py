@@ -33,6 +33,7 @@ class EncodedPair:
     answer_ids: list[list[int]]
     dropped_turns: int = 0
     truncated_answers: int = 0
+    reference_logps: list[float] | None = None  # filled from the reference cache, when precomputed
 
 
 @dataclass
@@ -151,7 +152,8 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
     """Collate dataset items into a model-independent batch.
 
     Returns ``prompt_ids`` (B, P) right-padded, ``prompt_lengths`` (B,), ``answer_ids`` (K, B, A)
-    right-padded, ``answer_lengths`` (K, B), ``ids`` (B,), ``has_image`` (B,) and the image
+    right-padded, ``answer_lengths`` (K, B), ``ids`` (B,), ``has_image`` (B,), ``reference_logps`` (B, K)
+    when every pair has precomputed ones, and the image
     processor's outputs (``pixel_values`` (N_img, ...) and any extras) for the records with images,
     in batch order. How prompt and answers are laid out for the forward pass is the scorer's concern.
     """
@@ -165,6 +167,8 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
         "answer_lengths": torch.tensor([[len(p.answer_ids[j]) for p in pairs] for j in range(k)]),
         "has_image": torch.tensor([it["image_inputs"] is not None for it in items]),
     }
+    if all(p.reference_logps is not None for p in pairs):
+        batch["reference_logps"] = torch.tensor([p.reference_logps for p in pairs], dtype=torch.float32)
     image_items = [it["image_inputs"] for it in items if it["image_inputs"] is not None]
     if image_items:
         for key in image_items[0]:

@@ -1,68 +1,187 @@
 """The one place that computes log-probs of answers given a multimodal prompt.
 
-Padded layout: every (record, answer) pair becomes its own row ``[prompt | answer | pad]``, rows in
-answer-major order (row ``j * B + b`` is answer ``j`` of record ``b``), and the record's image inputs
-are repeated once per answer. The vocabulary log-softmax is taken only at positions that predict an
-answer token.
+Two layouts of the same computation, which give the same numbers:
+
+- ``packed`` (default): one row per record, ``[prompt | answer 1 | ... | answer K | pad]``. A 4D attention
+  mask lets every answer attend to the prompt and to itself only, and each answer's position ids continue
+  from the end of the prompt, so each answer is scored exactly as if it followed the prompt alone. The
+  prompt (576 image tokens for llava-1.5) and the vision tower run once per record instead of K times.
+- ``padded``: one row per (record, answer), ``[prompt | answer | pad]``, answer-major (row ``j * B + b``),
+  the record's image inputs repeated per answer. Works with every attention backend.
+
+In both, the vocabulary projection and log-softmax are applied only at the positions that predict answer
+tokens (in the packed layout the last prompt position predicts the first token of every answer), never
+at prompt or image positions.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
+LAYOUTS = ("packed", "padded")
+# attention backends that take an arbitrary 4D mask; FlashAttention-2 reads only 2D padding masks
+MASKABLE = ("sdpa", "eager", "flex_attention")
+_warned: set[str] = set()
 
 
-def padded_rows(batch: dict[str, Any], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Lay a collated batch out as K*B right-padded rows.
+@dataclass
+class Rows:
+    """Model inputs plus where each scored token is predicted.
 
-    Returns ``input_ids``/``attention_mask``/``answer_mask`` (K*B, T); ``answer_mask[r, t]`` is True
-    where token t of row r is an answer token, and the image inputs repeated K times.
+    ``pred_row``/``pred_col`` (N,): the position whose output predicts token ``target`` (N,), which
+    belongs to answer ``slot`` (N,) = ``b * K + k``.
     """
-    prompts, p_len = batch["prompt_ids"], batch["prompt_lengths"]
-    answers, a_len = batch["answer_ids"], batch["answer_lengths"]
-    k, b = a_len.shape
-    width = int((p_len.unsqueeze(0) + a_len).max())
-    input_ids = torch.full((k * b, width), pad_token_id, dtype=torch.long, device=prompts.device)
-    attention_mask = torch.zeros((k * b, width), dtype=torch.long, device=prompts.device)
-    answer_mask = torch.zeros((k * b, width), dtype=torch.bool, device=prompts.device)
+
+    inputs: dict[str, torch.Tensor]
+    pred_row: torch.Tensor
+    pred_col: torch.Tensor
+    target: torch.Tensor
+    slot: torch.Tensor
+    num_slots: int
+
+
+def _image_inputs(batch: dict[str, Any], repeat: int = 1) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([batch[k]] * repeat, dim=0) for k in IMAGE_INPUT_KEYS if k in batch}
+
+
+def padded_rows(batch: dict[str, Any], pad_token_id: int) -> Rows:
+    """K*B right-padded rows ``[prompt | answer]``, answer-major, image inputs repeated K times."""
+    prompts, p_len = batch["prompt_ids"], batch["prompt_lengths"].tolist()
+    answers, a_len = batch["answer_ids"], batch["answer_lengths"].tolist()
+    k, b = len(a_len), len(p_len)
+    width = max(p_len[i] + a_len[j][i] for j in range(k) for i in range(b))
+    device = prompts.device
+    input_ids = torch.full((k * b, width), pad_token_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((k * b, width), dtype=torch.long, device=device)
+    pred_row, pred_col, target, slot = [], [], [], []
     for j in range(k):
         for i in range(b):
-            r, p, a = j * b + i, int(p_len[i]), int(a_len[j, i])
+            r, p, a = j * b + i, p_len[i], a_len[j][i]
             input_ids[r, :p] = prompts[i, :p]
             input_ids[r, p : p + a] = answers[j, i, :a]
             attention_mask[r, : p + a] = 1
-            answer_mask[r, p : p + a] = True
-    rows = {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask}
-    for key in IMAGE_INPUT_KEYS:
-        if key in batch:
-            rows[key] = torch.cat([batch[key]] * k, dim=0)
-    return rows
+            pred_row += [r] * a
+            pred_col += range(p - 1, p + a - 1)
+            slot += [i * k + j] * a
+            target.append(answers[j, i, :a])
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask} | _image_inputs(batch, k)
+    return _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
 
 
-def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(token) over answer tokens of each row: logits (R, T, V) -> (R,) in float32.
+def packed_rows(batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dtype | None = None) -> Rows:
+    """B rows ``[prompt | answer 1 | ... | answer K]`` with a block attention mask and restarted positions.
 
-    Position t's logits predict token t+1, so the scored positions are the answer mask shifted left.
+    ``mask_dtype=None`` gives a boolean mask (True = attend: sdpa, flex); a float dtype gives an additive
+    mask (0 or the dtype's minimum: eager attention adds the mask to the scores).
     """
-    predicts = answer_mask[:, 1:]
-    rows = torch.nonzero(predicts, as_tuple=True)[0]
-    selected = logits[:, :-1][predicts].float()  # (N, V): only positions that predict answer tokens
-    targets = input_ids[:, 1:][predicts]
-    token_logps = torch.log_softmax(selected, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=logits.device)
-    return out.index_add(0, rows, token_logps)
+    prompts, p_len = batch["prompt_ids"], batch["prompt_lengths"].tolist()
+    answers, a_len = batch["answer_ids"], batch["answer_lengths"].tolist()
+    k, b = len(a_len), len(p_len)
+    width = max(p_len[i] + sum(a_len[j][i] for j in range(k)) for i in range(b))
+    device = prompts.device
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long, device=device)
+    position_ids = torch.zeros((b, width), dtype=torch.long, device=device)
+    segment = torch.full((b, width), -1, dtype=torch.long, device=device)  # 0 prompt, j+1 answer j, -1 pad
+    pred_row, pred_col, target, slot = [], [], [], []
+    for i in range(b):
+        p = p_len[i]
+        input_ids[i, :p] = prompts[i, :p]
+        position_ids[i, :p] = torch.arange(p, device=device)
+        segment[i, :p] = 0
+        start = p
+        for j in range(k):
+            a = a_len[j][i]
+            input_ids[i, start : start + a] = answers[j, i, :a]
+            position_ids[i, start : start + a] = torch.arange(p, p + a, device=device)
+            segment[i, start : start + a] = j + 1
+            pred_row += [i] * a
+            # the last prompt position predicts every answer's first token
+            pred_col += [p - 1, *range(start, start + a - 1)][:a]
+            slot += [i * k + j] * a
+            target.append(answers[j, i, :a])
+            start += a
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    q, kk = segment.unsqueeze(2), segment.unsqueeze(1)
+    allowed = causal & (q >= 0) & (kk >= 0) & ((kk == 0) | (kk == q))
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # pads attend to themselves: no empty row
+    mask = allowed.unsqueeze(1)  # (B, 1, T, T)
+    if mask_dtype is not None:
+        mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill(~mask, torch.finfo(mask_dtype).min)
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids} | _image_inputs(batch)
+    return _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
 
 
-def answer_logprobs(model: torch.nn.Module, batch: dict[str, Any], pad_token_id: int) -> torch.Tensor:
-    """Summed log-probs of each answer under ``model``: returns (B, K), columns in answer order."""
-    rows = padded_rows(batch, pad_token_id)
-    inputs = {k: v for k, v in rows.items() if k != "answer_mask"}
+def _rows(inputs, pred_row, pred_col, target, slot, num_slots, device) -> Rows:
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    targets = torch.cat(target) if target else t([])
+    return Rows(inputs, t(pred_row), t(pred_col), targets.to(device), t(slot), num_slots)
+
+
+def attn_implementation(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    return str(getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", "eager"))
+
+
+def resolve_layout(model: torch.nn.Module, layout: str) -> str:
+    """The layout actually used: packed needs a backend that reads 4D masks, else padded (warned once)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    impl = attn_implementation(model)
+    if layout == "packed" and impl not in MASKABLE:
+        if impl not in _warned:
+            _warned.add(impl)
+            log.warning("attention backend %r cannot take the packed block mask; using the padded layout", impl)
+        return "padded"
+    return layout
+
+
+def _hidden_and_head(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+    """Last hidden states (R, T, H) and the LM head, without materialising vocabulary logits."""
+    base, head = getattr(model, "model", None), model.get_output_embeddings()
+    if base is None or head is None:
+        return None, None
+    out = base(**inputs, use_cache=False)
+    return out.last_hidden_state, head
+
+
+def answer_logprobs(
+    model: torch.nn.Module, batch: dict[str, Any], pad_token_id: int, layout: str = "packed"
+) -> torch.Tensor:
+    """Summed log-probs of each answer under ``model``: returns (B, K) float32, columns in answer order."""
+    layout = resolve_layout(model, layout)
+    dtype = next(model.parameters()).dtype
+    if layout == "packed":
+        additive = attn_implementation(model) == "eager"
+        rows = packed_rows(batch, pad_token_id, mask_dtype=_activation_dtype(model, dtype) if additive else None)
+    else:
+        rows = padded_rows(batch, pad_token_id)
+    inputs = dict(rows.inputs)
     if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
-    logits = model(**inputs, use_cache=False).logits
-    logps = sequence_logprobs(logits, rows["input_ids"], rows["answer_mask"])
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    hidden, head = _hidden_and_head(model, inputs)
+    if hidden is not None:
+        logits = head(hidden[rows.pred_row, rows.pred_col])  # (N, V): answer-predicting positions only
+    else:  # a model without a separable head: full logits, then select
+        logits = model(**inputs, use_cache=False).logits[rows.pred_row, rows.pred_col]
+    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, rows.target.unsqueeze(-1)).squeeze(-1)
+    out = torch.zeros(rows.num_slots, dtype=torch.float32, device=token_logps.device)
+    out = out.index_add(0, rows.slot, token_logps)
     k, b = batch["answer_lengths"].shape
-    return logps.view(k, b).T
+    return out.view(b, k)
+
+
+def _activation_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """Under autocast (bf16-mixed) the attention scores are in the autocast dtype, not the weights' dtype."""
+    if torch.is_autocast_enabled(next(model.parameters()).device.type):
+        return torch.get_autocast_dtype(next(model.parameters()).device.type)
+    return dtype

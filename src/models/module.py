@@ -14,6 +14,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from src.models.factory import DTYPES, build_model
 from src.models.logprobs import answer_logprobs
 from src.models.objectives import ANSWERS, BLIND, CHOSEN, OBJECTIVES, REJECTED
+from src.models.reference import STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,13 @@ def metric_names(num_answers: int) -> list[str]:
 
 
 class PreferenceModule(LightningModule):
-    """Holds the policy, its processor and a frozen copy of the initial weights as the reference.
+    """Holds the policy, its processor and the reference.
 
     ``model``: arguments of `build_model`; ``objective``: ``{name, beta, ...}`` (the rest goes to the
-    objective function); ``optim``: ``{lr, weight_decay, betas, warmup_steps, schedule}``.
+    objective function); ``optim``: ``{lr, weight_decay, betas, warmup_steps, schedule}``; ``layout``:
+    ``packed`` or ``padded`` (see `src.models.logprobs`); ``reference``: ``{strategy, dtype}`` where the
+    strategy is ``precomputed`` (batches carry reference log-probs computed before training: no reference
+    model in memory) or ``frozen_copy`` (a frozen copy of the initial weights scores every batch).
     """
 
     def __init__(
@@ -59,7 +63,8 @@ class PreferenceModule(LightningModule):
         model: dict[str, Any],
         objective: dict[str, Any],
         optim: dict[str, Any],
-        reference_dtype: str | None = None,
+        layout: str = "packed",
+        reference: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -75,11 +80,18 @@ class PreferenceModule(LightningModule):
         self.policy, self.processor = build_model(**model)
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.pad_token_id = tok.pad_token_id
-        self.reference = copy.deepcopy(self.policy)
-        if reference_dtype:
-            self.reference.to(DTYPES[reference_dtype])
-        self.reference.requires_grad_(False)
-        self.reference.eval()
+        self.layout = layout
+        reference = dict(reference or {"strategy": "frozen_copy"})
+        self.reference_strategy = reference.get("strategy", "frozen_copy")
+        if self.reference_strategy not in STRATEGIES:
+            raise ValueError(f"reference.strategy must be one of {STRATEGIES}, got {self.reference_strategy!r}")
+        self.reference: torch.nn.Module | None = None
+        if self.reference_strategy == "frozen_copy":
+            self.reference = copy.deepcopy(self.policy)
+            if reference.get("dtype"):
+                self.reference.to(DTYPES[reference["dtype"]])
+            self.reference.requires_grad_(False)
+            self.reference.eval()
         # ModuleDict keys cannot hold "/", so val metric names are stored with "/" -> "__"
         self.val_metrics = torch.nn.ModuleDict(
             {k.replace("/", "__"): MeanMetric() for k in metric_names(len(self.answers))}
@@ -88,14 +100,23 @@ class PreferenceModule(LightningModule):
     # The reference never trains: keep it in eval mode whatever Lightning does to the module.
     def train(self, mode: bool = True) -> PreferenceModule:
         super().train(mode)
-        self.reference.eval()
+        if self.reference is not None:
+            self.reference.eval()
         return self
 
     def forward_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and metrics for one batch; policy and reference score the same padded rows."""
-        policy_logps = answer_logprobs(self.policy, batch, self.pad_token_id)
-        with torch.no_grad():
-            reference_logps = answer_logprobs(self.reference, batch, self.pad_token_id)
+        policy_logps = answer_logprobs(self.policy, batch, self.pad_token_id, self.layout)
+        if "reference_logps" in batch:
+            reference_logps = batch["reference_logps"].to(policy_logps.device)
+        elif self.reference is not None:
+            with torch.no_grad():
+                reference_logps = answer_logprobs(self.reference, batch, self.pad_token_id, self.layout)
+        else:
+            raise RuntimeError(
+                f"records {batch['ids']} have no precomputed reference log-probs and there is no reference "
+                "model (reference.strategy=precomputed needs precompute_reference_logps before training)"
+            )
         out = self.objective_fn(policy_logps, reference_logps, **self.objective_kwargs)
         loss = out.loss.mean()
         if not torch.isfinite(loss):
@@ -153,6 +174,8 @@ class PreferenceModule(LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference is None:
+            return
         state = checkpoint["state_dict"]
         for key, value in self.reference.state_dict().items():
             state.setdefault(f"reference.{key}", value)

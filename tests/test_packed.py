@@ -1,0 +1,116 @@
+"""The packed shared-prefix layout gives the padded layout's numbers: log-probs, losses and gradients."""
+
+import pytest
+import torch
+
+from src.data.encoding import PromptEncoder, collate_pairs
+from src.data.images import render_stand_in
+from src.data.records import PreferenceRecord, Turn
+from src.models.logprobs import answer_logprobs, resolve_layout
+from src.models.objectives import bpo, dpo
+from src.models.tiny import build_tiny_llava
+
+RECORDS = [
+    PreferenceRecord(
+        "single",
+        (Turn("user", "What is shown here?"),),
+        0,
+        "a.png",
+        "I can't help with that.",
+        "Sure, here is a long and detailed answer that goes on " * 3,
+        blind="blind guess",
+    ),
+    PreferenceRecord(
+        "multi",
+        (
+            Turn("user", "Hello there"),
+            Turn("assistant", "Hi! How can I help you today?"),
+            Turn("user", "Who is the person in the picture?"),
+        ),
+        2,
+        "b.png",
+        "No.",
+        "Yes, they are someone.",
+        blind="I do not see any picture, but here is a long guess " * 2,
+    ),
+    PreferenceRecord(
+        "text",
+        (Turn("user", "A text-only question about safety?"),),
+        None,
+        None,
+        "A careful answer.",
+        "A careless answer that is longer.",
+        blind="x",
+    ),
+]
+
+
+def make_batch(processor, records, keys):
+    enc = PromptEncoder(processor, max_length=512)
+    items = []
+    for r in records:
+        image = render_stand_in(r.id, 32) if r.image else None
+        inputs = None if image is None else dict(processor.image_processor(images=image, return_tensors="pt"))
+        items.append({"pair": enc.encode(r, image, keys), "image_inputs": inputs})
+    return collate_pairs(items, processor.tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model_and_processor(request):
+    model, processor = build_tiny_llava(seed=0, attn_implementation=request.param)
+    model.eval()
+    return model, processor
+
+
+@pytest.mark.parametrize("keys", [("chosen", "rejected"), ("chosen", "rejected", "blind")])
+def test_packed_equals_padded_logprobs(model_and_processor, keys):
+    model, processor = model_and_processor
+    batch = make_batch(processor, RECORDS[:2], keys)  # both with images: one image tensor per record
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        packed = answer_logprobs(model, batch, pad, layout="packed")
+        padded = answer_logprobs(model, batch, pad, layout="padded")
+    assert packed.shape == (2, len(keys))
+    assert torch.allclose(packed, padded, atol=1e-4, rtol=0), (packed - padded).abs().max()
+
+
+def test_packed_equals_padded_on_text_only_records(model_and_processor):
+    model, processor = model_and_processor
+    batch = make_batch(processor, RECORDS[2:], ("chosen", "rejected", "blind"))
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        diff = answer_logprobs(model, batch, pad, "packed") - answer_logprobs(model, batch, pad, "padded")
+    assert diff.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("objective", [dpo, bpo])
+def test_same_loss_and_gradients(model_and_processor, objective):
+    model, processor = model_and_processor
+    keys = ("chosen", "rejected", "blind")
+    batch = make_batch(processor, RECORDS[:2], keys)
+    pad = processor.tokenizer.pad_token_id
+    reference = torch.tensor([[-40.0, -90.0, -60.0], [-5.0, -20.0, -80.0]])
+    grads, losses = [], []
+    for layout in ("packed", "padded"):
+        model.zero_grad(set_to_none=True)
+        loss = objective(answer_logprobs(model, batch, pad, layout), reference, beta=0.1).loss.mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_flash_attention_falls_back_to_padded(caplog):
+    from src.models import logprobs
+
+    logprobs._warned.clear()
+    model, _ = build_tiny_llava(seed=0)
+    model.config.text_config._attn_implementation = "flash_attention_2"
+    with caplog.at_level("WARNING"):
+        assert resolve_layout(model, "packed") == "padded"
+        assert resolve_layout(model, "packed") == "padded"
+    assert sum("padded layout" in r.message for r in caplog.records) == 1  # warned once
