@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from src.data.records import DataError  # noqa: E402
 from src.models.generation import GenerationSettings, fill_blind_answers  # noqa: E402
+from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged  # noqa: E402
 from src.models.module import PreferenceModule  # noqa: E402
 from src.models.reference import precompute_reference_logps  # noqa: E402
 
@@ -49,9 +50,12 @@ def initial_model(cfg: DictConfig, module: PreferenceModule):
     module.policy.to("cuda" if gpu else "cpu")
     # one-off work must not move the random state: data order and init stay those of the seed, whether
     # blind answers and reference log-probs come from a cache or are computed now
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if gpu else []):
+    with (
+        torch.random.fork_rng(devices=[torch.cuda.current_device()] if gpu else []),
+        adapters_disabled(module.policy) as reference,
+    ):
         try:
-            yield module.policy
+            yield reference
         finally:
             module.policy.to("cpu")
 
@@ -131,8 +135,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     report["final_metrics"] = metrics
     if trainer.is_global_zero:
         model_dir = out_dir / "model"
-        module.policy.save_pretrained(model_dir)
-        module.processor.save_pretrained(model_dir)
+        if is_peft(module.policy):  # the adapter, and the merged model as a plain HF checkpoint
+            save_adapter_and_merged(module.policy, module.processor, out_dir / "adapter", model_dir)
+        else:
+            module.policy.save_pretrained(model_dir)
+            module.processor.save_pretrained(model_dir)
         (out_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
         skipped = sum(s["skipped"] for k, s in report["data"].items() if isinstance(s, dict) and "skipped" in s)
         log.info("saved policy and processor to %s", model_dir)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from src.models.lora import adapter_base, apply_lora, is_adapter_folder, merge_adapter, unwrap
 from src.models.tiny import build_tiny_llava
 
 log = logging.getLogger(__name__)
@@ -51,16 +53,29 @@ def build_model(
     train_projector: bool = True,
     train_language_model: bool = True,
     trust_remote_code: bool = False,
+    lora: dict[str, Any] | None = None,
+    gradient_checkpointing: bool = False,
+    load_in_4bit: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
     """Return (model, processor).
 
     ``name_or_path=None`` builds the tiny LLaVA from ``tiny`` (sizes and seed); otherwise the model and
     processor load through transformers' Auto classes (local folder or hub id; set HF_HUB_OFFLINE=1 to
     forbid downloads). By default the vision tower is frozen and the projector and language model train,
-    as in the BPO paper.
+    as in the BPO paper. ``lora.enabled`` wraps the language model in LoRA adapters (PEFT); a folder that
+    holds a trained adapter is merged into its base first. ``load_in_4bit`` (QLoRA) needs a CUDA GPU and
+    bitsandbytes. ``gradient_checkpointing`` recomputes activations in the backward pass.
     """
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    lora = dict(lora or {})
+    use_lora = bool(lora.pop("enabled", False))
+    adapter_path = None
+    if is_adapter_folder(name_or_path):
+        adapter_path, name_or_path = name_or_path, lora.get("base") or adapter_base(name_or_path)
+    lora.pop("base", None)
+    if load_in_4bit and not use_lora:
+        raise ValueError("model.load_in_4bit trains through adapters only: set model.lora.enabled=true")
     if name_or_path is None:
         model, processor = build_tiny_llava(**(tiny or {}), attn_implementation=attn_implementation or "sdpa")
         model = model.to(DTYPES[dtype])
@@ -70,14 +85,47 @@ def build_model(
             kwargs["revision"] = revision
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        if load_in_4bit:
+            kwargs["quantization_config"] = _four_bit_config()
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
-        processor = AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(
+            adapter_path if adapter_path and (Path(adapter_path) / "processor_config.json").exists() else name_or_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
+    if adapter_path:
+        model = merge_adapter(model, adapter_path)
     tok = getattr(processor, "tokenizer", processor)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    counts = set_trainable(model, train_vision_tower, train_projector, train_language_model)
+    counts = set_trainable(model, train_vision_tower, train_projector, train_language_model and not use_lora)
     log.info("model %s: trainable parameters by part %s", name_or_path or "tiny-llava", counts)
+    if use_lora:
+        if load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = apply_lora(model, train_projector=train_projector, train_vision_tower=train_vision_tower, **lora)
+    if gradient_checkpointing:
+        inner = unwrap(model)
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            inner.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
+
+
+def _four_bit_config() -> Any:
+    if not torch.cuda.is_available():
+        raise RuntimeError("model.load_in_4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
 
 
 # config entries that change on save/reload or with where a model came from, not with what it computes

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from src.models.lora import unwrap
+
 log = logging.getLogger(__name__)
 
 IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
@@ -147,6 +149,7 @@ def resolve_layout(model: torch.nn.Module, layout: str) -> str:
 
 def _hidden_and_head(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
     """Last hidden states (R, T, H) and the LM head, without materialising vocabulary logits."""
+    model = unwrap(model)  # PEFT: LoRA layers stay injected in the wrapped model's modules
     base, head = getattr(model, "model", None), model.get_output_embeddings()
     if base is None or head is None:
         return None, None

@@ -13,6 +13,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 
 from src.models.factory import DTYPES, build_model
 from src.models.logprobs import answer_logprobs
+from src.models.lora import adapters_disabled, is_peft
 from src.models.objectives import ANSWERS, BLIND, CHOSEN, OBJECTIVES, REJECTED
 from src.models.reference import STRATEGIES
 
@@ -55,7 +56,9 @@ class PreferenceModule(LightningModule):
     objective function); ``optim``: ``{lr, weight_decay, betas, warmup_steps, schedule}``; ``layout``:
     ``packed`` or ``padded`` (see `src.models.logprobs`); ``reference``: ``{strategy, dtype}`` where the
     strategy is ``precomputed`` (batches carry reference log-probs computed before training: no reference
-    model in memory) or ``frozen_copy`` (a frozen copy of the initial weights scores every batch).
+    model in memory), ``frozen_copy`` (a frozen copy of the initial weights scores every batch) or, with
+    LoRA, ``adapters_disabled`` (the policy with its adapters off scores every batch; chosen
+    automatically instead of a frozen copy).
     """
 
     def __init__(
@@ -86,6 +89,11 @@ class PreferenceModule(LightningModule):
         if self.reference_strategy not in STRATEGIES:
             raise ValueError(f"reference.strategy must be one of {STRATEGIES}, got {self.reference_strategy!r}")
         self.reference: torch.nn.Module | None = None
+        if is_peft(self.policy) and self.reference_strategy == "frozen_copy":
+            log.info("LoRA: the reference is the policy with adapters disabled (no second copy in memory)")
+            self.reference_strategy = "adapters_disabled"
+        if self.reference_strategy == "adapters_disabled" and not is_peft(self.policy):
+            raise ValueError("reference.strategy=adapters_disabled needs model.lora.enabled=true")
         if self.reference_strategy == "frozen_copy":
             self.reference = copy.deepcopy(self.policy)
             if reference.get("dtype"):
@@ -112,6 +120,9 @@ class PreferenceModule(LightningModule):
         elif self.reference is not None:
             with torch.no_grad():
                 reference_logps = answer_logprobs(self.reference, batch, self.pad_token_id, self.layout)
+        elif self.reference_strategy == "adapters_disabled":
+            with torch.no_grad(), adapters_disabled(self.policy):
+                reference_logps = answer_logprobs(self.policy, batch, self.pad_token_id, self.layout)
         else:
             raise RuntimeError(
                 f"records {batch['ids']} have no precomputed reference log-probs and there is no reference "

@@ -30,7 +30,7 @@ from src.models.logprobs import answer_logprobs
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("precomputed", "frozen_copy")
+STRATEGIES = ("precomputed", "frozen_copy", "adapters_disabled")
 
 
 def entry_key(pair: EncodedPair, k: int) -> str:

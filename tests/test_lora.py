@@ -1,0 +1,117 @@
+"""LoRA: one copy of the weights, the reference as adapters-disabled, adapter + merged outputs."""
+
+import json
+
+import torch
+from transformers import AutoModelForImageTextToText
+
+from src.data.encoding import PromptEncoder, collate_pairs
+from src.data.images import render_stand_in
+from src.data.records import PreferenceRecord, Turn
+from src.models.factory import build_model
+from src.models.logprobs import answer_logprobs
+from src.models.lora import adapters_disabled, is_peft
+from src.models.tiny import build_tiny_llava
+from tests.test_train import run_train
+
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "logger=csv"]
+
+
+def small_batch(processor, keys=("chosen", "rejected")):
+    record = PreferenceRecord("r", (Turn("user", "What is shown?"),), 0, "r.png", "I can't help.", "Sure, here.", "Hm.")
+    image = render_stand_in("r", 32)
+    item = {
+        "pair": PromptEncoder(processor).encode(record, image, keys),
+        "image_inputs": dict(processor.image_processor(images=image, return_tensors="pt")),
+    }
+    return collate_pairs([item], processor.tokenizer.pad_token_id)
+
+
+def test_lora_training_keeps_one_copy_and_scores_reference_with_adapters_off(tmp_path):
+    from src.models.module import PreferenceModule
+
+    cfg, _ = run_train(
+        tmp_path,
+        [*LORA, "trainer.max_steps=5", "reference.strategy=frozen_copy", "optim.lr=1e-2", "optim.warmup_steps=0"],
+    )
+    module = PreferenceModule.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    assert is_peft(module.policy) and module.reference is None
+    assert module.reference_strategy == "adapters_disabled"
+    base, processor = build_tiny_llava(seed=0)
+    assert sum(p.numel() for p in module.parameters()) < 1.2 * sum(p.numel() for p in base.parameters())
+
+    batch = small_batch(processor)
+    module.eval()
+    with torch.no_grad():
+        trained = answer_logprobs(module.policy, batch, processor.tokenizer.pad_token_id)
+        with adapters_disabled(module.policy):
+            reference = answer_logprobs(module.policy, batch, processor.tokenizer.pad_token_id)
+        initial = answer_logprobs(base.eval(), batch, processor.tokenizer.pad_token_id)
+    assert not torch.allclose(trained, initial, atol=1e-3)  # the adapters learned something
+    assert torch.allclose(reference, initial, atol=1e-5)  # and switching them off gives the initial model
+
+    # the module's own reference path is the adapters-disabled one
+    calls = []
+    original = module.policy.disable_adapter
+
+    def spy():
+        calls.append(1)
+        return original()
+
+    module.policy.disable_adapter = spy
+    module.forward_batch(small_batch(processor, ("chosen", "rejected", "blind")))
+    assert calls == [1]
+
+
+def test_adapter_and_merged_model_reload_to_the_same_outputs(tmp_path):
+    from peft import PeftModel
+
+    run_train(tmp_path, [*LORA, "trainer.max_steps=3", "optim.lr=1e-2", "optim.warmup_steps=0"])
+    run = tmp_path / "run"
+    assert json.loads((run / "adapter/adapter_config.json").read_text())["r"] == 4
+    merged = AutoModelForImageTextToText.from_pretrained(run / "model").eval()
+    base, processor = build_tiny_llava(seed=0)
+    adapted = PeftModel.from_pretrained(base, run / "adapter").eval()
+    batch = small_batch(processor)
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        a, b = answer_logprobs(merged, batch, pad), answer_logprobs(adapted, batch, pad)
+        c = answer_logprobs(build_tiny_llava(seed=0)[0].eval(), batch, pad)
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, c, atol=1e-3)
+
+
+def test_starting_from_an_adapter_makes_it_the_reference(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base, processor = build_tiny_llava(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    batch = small_batch(processor)
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        adapted = answer_logprobs(peft.eval(), batch, pad)
+
+    model, _ = build_model(
+        name_or_path=str(tmp_path / "adapter"), lora={"enabled": True, "r": 4, "base": str(tmp_path / "base")}
+    )
+    model.eval()
+    with torch.no_grad(), adapters_disabled(model):
+        reference = answer_logprobs(model, batch, pad)
+    assert torch.allclose(reference, adapted, atol=1e-5)  # the trained adapter, not the bare base
+
+
+def test_gradient_checkpointing_recomputes_activations():
+    counts = {}
+    for flag in (False, True):
+        model, processor = build_model(tiny={"seed": 0}, gradient_checkpointing=flag)
+        model.train()
+        # a submodule inside the checkpointed layer: its forward runs again when the backward recomputes
+        attn = model.model.language_model.layers[0].self_attn
+        calls = []
+        handle = attn.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        answer_logprobs(model, small_batch(processor), processor.tokenizer.pad_token_id).sum().backward()
+        handle.remove()
+        counts[flag] = len(calls)
+    assert counts == {False: 1, True: 2}  # the layer runs again in the backward pass
