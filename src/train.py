@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from src.data.records import DataError  # noqa: E402
+from src.models.distributed import policy_state_dict  # noqa: E402
 from src.models.generation import GenerationSettings, fill_blind_answers  # noqa: E402
 from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged  # noqa: E402
 from src.models.module import PreferenceModule  # noqa: E402
@@ -133,12 +134,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report["final_metrics"] = metrics
+    sharded = not is_peft(module.policy) and trainer.world_size > 1
+    state = policy_state_dict(trainer) if sharded else None  # collective under FSDP / ZeRO-3
     if trainer.is_global_zero:
         model_dir = out_dir / "model"
         if is_peft(module.policy):  # the adapter, and the merged model as a plain HF checkpoint
             save_adapter_and_merged(module.policy, module.processor, out_dir / "adapter", model_dir)
         else:
-            module.policy.save_pretrained(model_dir)
+            module.policy.save_pretrained(model_dir, state_dict=state)
             module.processor.save_pretrained(model_dir)
         (out_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
         skipped = sum(s["skipped"] for k, s in report["data"].items() if isinstance(s, dict) and "skipped" in s)
@@ -160,7 +163,11 @@ def main(cfg: DictConfig) -> float | None:
         log.error("data error: %s", e)
         sys.exit(2)
     name = cfg.get("optimized_metric")
-    return metrics.get(name) if name else None
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric {name!r} was not logged; logged: {sorted(metrics)}")
+    return metrics[name]
 
 
 if __name__ == "__main__":

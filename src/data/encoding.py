@@ -169,11 +169,31 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
     }
     if all(p.reference_logps is not None for p in pairs):
         batch["reference_logps"] = torch.tensor([p.reference_logps for p in pairs], dtype=torch.float32)
-    image_items = [it["image_inputs"] for it in items if it["image_inputs"] is not None]
-    if image_items:
-        for key in image_items[0]:
-            batch[key] = torch.cat([torch.as_tensor(x[key]) for x in image_items], dim=0)
+    batch |= cat_image_inputs([it["image_inputs"] for it in items if it["image_inputs"] is not None])
     return batch
+
+
+def cat_image_inputs(inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Concatenate per-image processor outputs along the first dimension.
+
+    Tensors that differ beyond it (LLaVA-NeXT's per-image tile count) are zero-padded to the largest;
+    the model reads the real count from ``image_sizes`` and drops the padding.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if not inputs:
+        return out
+    for key in inputs[0]:
+        values = [torch.as_tensor(x[key]) for x in inputs]
+        if len({v.shape[1:] for v in values}) > 1:
+            shape = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+            padded = []
+            for v in values:
+                p = v.new_zeros((v.shape[0], *shape))
+                p[tuple(slice(0, n) for n in v.shape)] = v
+                padded.append(p)
+            values = padded
+        out[key] = torch.cat(values, dim=0)
+    return out
 
 
 def _pad_answers(pairs: list[EncodedPair], k: int, pad_token_id: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from src.models.lora import adapter_base, apply_lora, is_adapter_folder, merge_adapter, unwrap
-from src.models.tiny import build_tiny_llava
+from src.models.tiny import build_tiny
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def build_model(
     if load_in_4bit and not use_lora:
         raise ValueError("model.load_in_4bit trains through adapters only: set model.lora.enabled=true")
     if name_or_path is None:
-        model, processor = build_tiny_llava(**(tiny or {}), attn_implementation=attn_implementation or "sdpa")
+        model, processor = build_tiny(**(tiny or {}), attn_implementation=attn_implementation or "sdpa")
         model = model.to(DTYPES[dtype])
     else:
         kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from src.data.encoding import PromptEncoder
+from src.data.encoding import PromptEncoder, cat_image_inputs
 from src.data.images import ImageResolver
 from src.data.records import Conversation, PreferenceRecord
 from src.models.factory import fingerprint
+from src.models.logprobs import add_token_types
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,10 @@ class AnswerGenerator:
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention_mask[i, width - len(ids) :] = 1
         inputs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        images = [p[1] for p in prompts if p[1] is not None]
-        if images:
-            for key in images[0]:
-                value = torch.cat([torch.as_tensor(im[key]) for im in images]).to(device)
-                inputs[key] = value.to(dtype) if key == "pixel_values" else value
+        inputs = add_token_types(self.model, inputs)
+        images = cat_image_inputs([p[1] for p in prompts if p[1] is not None])
+        for key, value in images.items():
+            inputs[key] = value.to(device, dtype) if key == "pixel_values" else value.to(device)
         s = self.settings
         sampling = (
             {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p} if s.do_sample else {"do_sample": False}

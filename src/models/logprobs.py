@@ -134,15 +134,44 @@ def attn_implementation(model: torch.nn.Module) -> str:
     return str(getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", "eager"))
 
 
+def uses_multimodal_rope(model: torch.nn.Module) -> bool:
+    """Qwen2-VL-class models compute 3D (time, height, width) positions from the image grid themselves."""
+    config = getattr(unwrap(model), "config", None)
+    text = getattr(config, "text_config", None) or config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    return isinstance(rope, dict) and "mrope_section" in rope
+
+
+def add_token_types(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen2-VL-class models need ``mm_token_type_ids`` (1 image, 2 video) to place their 3D positions."""
+    if uses_multimodal_rope(model) and "mm_token_type_ids" not in inputs:
+        config = unwrap(model).config
+        ids = inputs["input_ids"]
+        types = (ids == config.image_token_id).long()
+        video = getattr(config, "video_token_id", None)
+        if video is not None:
+            types = types + 2 * (ids == video).long()
+        inputs = inputs | {"mm_token_type_ids": types}
+    return inputs
+
+
 def resolve_layout(model: torch.nn.Module, layout: str) -> str:
-    """The layout actually used: packed needs a backend that reads 4D masks, else padded (warned once)."""
+    """The layout actually used: packed needs a backend that reads 4D masks and plain 1D positions.
+
+    Otherwise the padded layout is used, with a one-time warning saying why.
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     impl = attn_implementation(model)
+    reason = None
     if layout == "packed" and impl not in MASKABLE:
-        if impl not in _warned:
-            _warned.add(impl)
-            log.warning("attention backend %r cannot take the packed block mask; using the padded layout", impl)
+        reason = f"attention backend {impl!r} cannot take the packed block mask"
+    elif layout == "packed" and uses_multimodal_rope(model):
+        reason = "multimodal rotary positions (Qwen2-VL class) are computed by the model, not restartable per answer"
+    if reason:
+        if reason not in _warned:
+            _warned.add(reason)
+            log.warning("%s; using the padded layout", reason)
         return "padded"
     return layout
 
@@ -168,7 +197,7 @@ def answer_logprobs(
         rows = packed_rows(batch, pad_token_id, mask_dtype=_activation_dtype(model, dtype) if additive else None)
     else:
         rows = padded_rows(batch, pad_token_id)
-    inputs = dict(rows.inputs)
+    inputs = add_token_types(model, dict(rows.inputs))
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     hidden, head = _hidden_and_head(model, inputs)

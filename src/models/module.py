@@ -151,15 +151,19 @@ class PreferenceModule(LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         _, metrics = self.forward_batch(batch)
+        size = len(batch["ids"])
         for key, value in metrics.items():
-            self.val_metrics[key.replace("/", "__")].update(value, weight=len(batch["ids"]))
-
-    def on_validation_epoch_end(self) -> None:
-        for name, metric in self.val_metrics.items():
-            if metric.update_count:
-                key = name.replace("__", "/")
-                self.log(f"val/{key}", metric.compute(), prog_bar=key == "rewards/accuracies")
-            metric.reset()
+            # logging the torchmetrics object lets Lightning reduce it across batches and devices
+            metric = self.val_metrics[key.replace("/", "__")]
+            metric.update(value, weight=size)
+            self.log(
+                f"val/{key}",
+                metric,
+                on_step=False,
+                on_epoch=True,
+                batch_size=size,
+                prog_bar=key == "rewards/accuracies",
+            )
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams.optim

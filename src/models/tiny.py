@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -68,7 +69,7 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 2048, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on the fixed corpus (deterministic, a second or less)."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -76,7 +77,7 @@ def build_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -169,3 +170,202 @@ def build_tiny_llava(
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
     )
     return model, processor
+
+
+# Qwen2-VL's conversation format (ChatML with vision markers), for the tiny Qwen2-VL-class model
+QWEN_SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tiny_llama_config(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, max_pos):
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_pos,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _seeded(seed: int, cls, config):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(config)
+
+
+def build_tiny_llava_next(
+    seed: int = 0,
+    vocab_size: int = 2048,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """A tiny LLaVA-NeXT (llava-v1.6 class): any-resolution tiles over a CLIP tower, Llama text model."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = build_tokenizer(vocab_size)
+    grid = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    text = _tiny_llama_config(tokenizer, hidden_size, num_layers, num_heads, 2, hidden_size * 2, 2048)
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_grid_pinpoints=grid,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(seed, LlavaNextForConditionalGeneration, config)
+    _generation_ids(model, tokenizer)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=grid,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def build_tiny_qwen2_vl(
+    seed: int = 0,
+    vocab_size: int = 2048,
+    image_size: int = 56,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """A tiny Qwen2-VL-class model: ViT with 2x2 patch merging, multimodal rotary positions, ChatML."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLProcessor,
+    )
+
+    tokenizer = build_tokenizer(vocab_size, QWEN_SPECIAL)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    head_dim = hidden_size // num_heads
+    quarter = head_dim // 8
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [
+                head_dim // 2 - 2 * (quarter + quarter // 2),
+                quarter + quarter // 2,
+                quarter + quarter // 2,
+            ],
+        },
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": hidden_size,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(seed, Qwen2VLForConditionalGeneration, config)
+    _generation_ids(model, tokenizer)
+    pixels = image_size * image_size
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    processor = _image_only_qwen2_vl_processor(Qwen2VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE
+    )
+    return model, processor
+
+
+def _image_only_qwen2_vl_processor(base: type) -> type:
+    """Qwen2-VL's processor without its video processor, which needs torchvision (not installed here).
+
+    Real Qwen2-VL checkpoints load their full processor through AutoProcessor where torchvision exists.
+    """
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwen2VLProcessor(base):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnlyQwen2VLProcessor
+
+
+def _generation_ids(model, tokenizer) -> None:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+
+TINY_FAMILIES = {"llava": "build_tiny_llava", "llava_next": "build_tiny_llava_next", "qwen2_vl": "build_tiny_qwen2_vl"}
+
+
+def build_tiny(family: str = "llava", **kwargs: Any) -> tuple[Any, Any]:
+    """Build a tiny model of the given family from config (no download)."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"model.tiny.family must be one of {sorted(TINY_FAMILIES)}, got {family!r}")
+    return globals()[TINY_FAMILIES[family]](**kwargs)
