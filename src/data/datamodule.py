@@ -66,6 +66,10 @@ class PreferenceDataModule(LightningDataModule):
         self,
         path: str,
         format: str = "auto",
+        split: str | None = None,
+        val_split: str | None = None,
+        image_dir: str | None = None,
+        revision: str | None = None,
         image_root: str | None = None,
         missing_images: str = "error",
         stand_in_size: int | None = None,
@@ -100,12 +104,13 @@ class PreferenceDataModule(LightningDataModule):
         """Read the data file(s) once; returns every record (train and validation)."""
         if self.records is None:
             hp = self.hparams
-            records = read_records(hp.path, hp.format)
+            hub = {"image_dir": hp.image_dir, "revision": hp.revision}
+            records = read_records(hp.path, hp.format, split=hp.split, **hub)
             if hp.max_records:
                 records = records[: hp.max_records]
             self.records = records
             if hp.val_path:
-                self.val_records_given = read_records(hp.val_path, hp.format)
+                self.val_records_given = read_records(hp.val_path, hp.format, split=hp.val_split, **hub)
             log.info("read %d records from %s", len(records), hp.path)
             missing = self.resolver.check(records + (self.val_records_given or []))
             if missing:

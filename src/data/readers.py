@@ -12,6 +12,9 @@ Generic JSONL, one object per line::
 ``content`` is a string (the image goes where the single ``<image>`` marker stands) or a list of
 ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` items. ``prompt`` (a string) may replace
 ``messages`` for single-turn records. ``group`` names the source conversation for grouped splits.
+
+The same two formats are read from Hugging Face `datasets` (hub ids or ``save_to_disk`` folders, with
+embedded images) by `src.data.hub.read_hf_dataset`; `read_records` dispatches to it for ``format=hf``.
 """
 
 from __future__ import annotations
@@ -76,6 +79,43 @@ def _answer(value: Any, name: str, where: str) -> str:
     return text
 
 
+def mmsafe_record(raw: Any, where: str, fallback_id: str | None = None) -> PreferenceRecord:
+    """Convert one MMSafe-PO record (a JSON object or a hub row) into a `PreferenceRecord`.
+
+    ``where`` names the record in error messages. ``fallback_id`` is used when the record has no id
+    (the hub copy has none); without it a missing id is an error.
+    """
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
+    if fallback_id is not None and raw.get("id") is None:
+        raw = {**raw, "id": fallback_id}
+    question = raw.get("question", raw.get("prompt"))  # the hub copy names it "prompt"
+    missing = [f for f in MMSAFE_FIELDS if f != "question" and f not in raw]
+    if question is None:
+        missing.insert(1, "question")
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}")
+    if not isinstance(question, str):
+        raise DataError(f"{where}: field 'question' must be a string")
+    turns, image_turn = parse_conversation(question, where)
+    if image_turn is None:
+        raise DataError(f"{where}: no {IMAGE_MARKER} marker in 'question'")
+    meta = {k: v for k, v in raw.items() if k not in MMSAFE_FIELDS + ("prompt",)}
+    # records made from one source conversation share text_prompt and both answers
+    meta["group"] = str(raw.get("text_prompt") or raw["id"])
+    meta["source_format"] = "mmsafe_po"
+    return PreferenceRecord(
+        id=str(raw["id"]),
+        turns=tuple(turns),
+        image_turn=image_turn,
+        image=str(raw["image"]) if raw["image"] else None,
+        chosen=_answer(raw["chosen"], "chosen", where),
+        rejected=_answer(raw["rejected"], "rejected", where),
+        blind=_answer(raw["blind"], "blind", where) if raw.get("blind") else None,
+        meta=meta,
+    )
+
+
 def read_mmsafe_po(path: str | Path) -> list[PreferenceRecord]:
     """Read an MMSafe-PO JSON list (fields in docs: id, question, image, chosen, rejected, ...)."""
     path = Path(path)
@@ -85,37 +125,9 @@ def read_mmsafe_po(path: str | Path) -> list[PreferenceRecord]:
     records = []
     for index, raw in enumerate(data):
         where = f"{path}: record #{index}"
-        if not isinstance(raw, dict):
-            raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
-        if "id" in raw:
+        if isinstance(raw, dict) and "id" in raw:
             where = f"{path}: record id={raw['id']} (#{index})"
-        question = raw.get("question", raw.get("prompt"))  # the hub copy names it "prompt"
-        missing = [f for f in MMSAFE_FIELDS if f != "question" and f not in raw]
-        if question is None:
-            missing.insert(1, "question")
-        if missing:
-            raise DataError(f"{where}: missing field(s) {missing}")
-        if not isinstance(question, str):
-            raise DataError(f"{where}: field 'question' must be a string")
-        turns, image_turn = parse_conversation(question, where)
-        if image_turn is None:
-            raise DataError(f"{where}: no {IMAGE_MARKER} marker in 'question'")
-        meta = {k: v for k, v in raw.items() if k not in MMSAFE_FIELDS + ("prompt",)}
-        # records made from one source conversation share text_prompt and both answers
-        meta["group"] = str(raw.get("text_prompt") or raw["id"])
-        meta["source_format"] = "mmsafe_po"
-        records.append(
-            PreferenceRecord(
-                id=str(raw["id"]),
-                turns=tuple(turns),
-                image_turn=image_turn,
-                image=str(raw["image"]) if raw["image"] else None,
-                chosen=_answer(raw["chosen"], "chosen", where),
-                rejected=_answer(raw["rejected"], "rejected", where),
-                blind=_answer(raw["blind"], "blind", where) if raw.get("blind") else None,
-                meta=meta,
-            )
-        )
+        records.append(mmsafe_record(raw, where))
     _check_unique(records, path)
     return records
 
@@ -133,7 +145,12 @@ def _content_to_text(content: Any, where: str) -> str:
     raise DataError(f"{where}: 'content' must be a string or a list of items")
 
 
-def _generic_record(raw: Any, where: str, fallback_id: str) -> PreferenceRecord:
+def generic_record(raw: Any, where: str, fallback_id: str) -> PreferenceRecord:
+    """Convert one record of the generic format (module docstring) into a `PreferenceRecord`.
+
+    Used for JSONL lines and for rows of a Hugging Face dataset; ``where`` names the record in errors
+    (the id is appended), ``fallback_id`` is the id of a record without one.
+    """
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     rid = str(raw.get("id", fallback_id))
@@ -173,6 +190,9 @@ def _generic_record(raw: Any, where: str, fallback_id: str) -> PreferenceRecord:
     )
 
 
+_generic_record = generic_record  # the name earlier code used
+
+
 def read_jsonl(path: str | Path) -> list[PreferenceRecord]:
     """Read the generic JSONL format (module docstring). Blank lines are allowed."""
     path = Path(path)
@@ -189,24 +209,62 @@ def read_jsonl(path: str | Path) -> list[PreferenceRecord]:
             raw = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        records.append(_generic_record(raw, where, fallback_id=f"line-{lineno}"))
+        records.append(generic_record(raw, where, fallback_id=f"line-{lineno}"))
     _check_unique(records, path)
     return records
 
 
-def read_records(path: str | Path, format: str = "auto") -> list[PreferenceRecord]:
-    """Read a data set file; ``format`` is ``mmsafe_po``, ``jsonl`` or ``auto`` (by extension)."""
+HF_FORMATS = ("hf", "hf_mmsafe_po", "hf_jsonl")  # Hugging Face `datasets`: auto, MMSafe-PO, generic
+FORMATS = ("auto", "mmsafe_po", "jsonl") + HF_FORMATS
+# files `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write into their folder
+HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def is_hf_dataset_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a saved Hugging Face dataset."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in HF_DISK_MARKERS)
+
+
+def read_records(
+    path: str | Path,
+    format: str = "auto",
+    *,
+    split: str | None = None,
+    image_dir: str | Path | None = None,
+    revision: str | None = None,
+) -> list[PreferenceRecord]:
+    """Read a data set; ``format`` is ``mmsafe_po``, ``jsonl``, ``hf``, ``hf_mmsafe_po``, ``hf_jsonl`` or ``auto``.
+
+    ``auto`` picks ``hf`` for a folder written by ``save_to_disk``, else goes by the file extension.
+    The ``hf*`` formats read a Hugging Face data set (a hub id or a local folder, see
+    `src.data.hub.read_hf_dataset`): ``split`` (default ``train``), ``image_dir`` (where embedded
+    images are written as PNG files) and ``revision`` apply to them only.
+    """
+    if format not in FORMATS:
+        raise DataError(f"unknown data format {format!r}; use one of {', '.join(repr(f) for f in FORMATS)}")
+    if format == "auto" and is_hf_dataset_dir(path):
+        format = "hf"
+    if format in HF_FORMATS:
+        from src.data.hub import read_hf_dataset  # imports `datasets`, which is slow: only when needed
+
+        hf_format = {"hf": "auto", "hf_mmsafe_po": "mmsafe_po", "hf_jsonl": "jsonl"}[format]
+        records = read_hf_dataset(str(path), split or "train", hf_format, image_dir=image_dir, revision=revision)
+        if not records:
+            raise DataError(f"{path} (split {split or 'train'}): no records")
+        return records
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: data file not found (set data.path to an existing file)")
+        raise DataError(
+            f"{path}: data file not found (set data.path to an existing file, or data.format=hf for a "
+            "Hugging Face dataset id or a folder written by save_to_disk)"
+        )
     if format == "auto":
         format = "jsonl" if path.suffix == ".jsonl" else "mmsafe_po"
     if format == "mmsafe_po":
         records = read_mmsafe_po(path)
-    elif format == "jsonl":
-        records = read_jsonl(path)
     else:
-        raise DataError(f"unknown data format {format!r}; use 'mmsafe_po', 'jsonl' or 'auto'")
+        records = read_jsonl(path)
     if not records:
         raise DataError(f"{path}: no records")
     return records
