@@ -40,7 +40,8 @@ def generate(cfg: DictConfig) -> dict[str, str]:
         raise ValueError(f"split must be all, train or val; got {cfg.split!r}")
     if cfg.mode not in ("blind", "image"):
         raise ValueError(f"mode must be 'blind' (image removed) or 'image'; got {cfg.mode!r}")
-    generator = AnswerGenerator(model, processor, GenerationSettings(**cfg.generation), datamodule.resolver)
+    devices = OmegaConf.to_container(cfg.devices, resolve=True) if cfg.get("devices") else None
+    generator = AnswerGenerator(model, processor, GenerationSettings(**cfg.generation), datamodule.resolver, devices)
     answers = generator.run(records, cfg.output, with_image=cfg.mode == "image", desc=f"{cfg.mode} answers")
     log.info(
         "%d answers in %s (%d generated now, %d reused); stand-in images: %d",

@@ -75,8 +75,14 @@ def add_blind_answers(cfg: DictConfig, module: PreferenceModule, datamodule: Any
     """Generate (or read from cache) the reference model's image-less answers for every record."""
     settings = GenerationSettings(**cfg.blind.generation)
     with initial_model(cfg, module) as reference:
+        devices = OmegaConf.to_container(cfg.blind.devices, resolve=True) if cfg.blind.get("devices") else None
+        if devices and devices.get("devices") != cfg.trainer.devices:
+            # the predict loop's worker processes go on to train: both must use the same processes
+            raise ValueError(
+                f"blind.devices.devices={devices.get('devices')} must equal trainer.devices={cfg.trainer.devices}"
+            )
         records, summary = fill_blind_answers(
-            datamodule.load_records(), reference, module.processor, settings, cfg.blind.cache_dir
+            datamodule.load_records(), reference, module.processor, settings, cfg.blind.cache_dir, devices
         )
     datamodule.set_records(records)
     return summary

@@ -95,3 +95,31 @@ def test_optuna_sweep_runs_two_trials(tmp_path):
     results = OmegaConf.load(tmp_path / "sweep/optimization_results.yaml")
     assert set(results.best_params) == {"objective.beta", "optim.lr"} and 0 <= results.best_value <= 1
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+
+
+@pytest.mark.slow
+def test_generation_over_two_processes_matches_one(tmp_path):
+    """src/generate.py through Lightning's predict loop on 2 CPU processes: same answers, no duplicates."""
+    answers = {}
+    for name, extra in (("one", []), ("two", ["devices={accelerator: cpu, devices: 2, strategy: ddp}"])):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "src/generate.py",
+                "data.max_records=7",
+                "generation.max_new_tokens=5",
+                "generation.batch_size=2",
+                f"output={tmp_path / name}.jsonl",
+                f"hydra.run.dir={tmp_path / name}",
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert len(lines) == len({x["id"] for x in lines}) == 7
+        answers[name] = {x["id"]: x["answer"] for x in lines}
+    assert answers["one"] == answers["two"]

@@ -116,7 +116,8 @@ class Evaluator:
     def generate(self, items: list[EvalItem], mode: str) -> dict[str, dict[str, Any]]:
         key = hashlib.sha256((self.fingerprint + self.settings.key()).encode()).hexdigest()[:16]
         cache = Path(self.cfg.cache_dir) / f"{self.benchmark.name}-{mode}-{key}.jsonl"
-        generator = AnswerGenerator(self.model, self.processor, self.settings, self.benchmark.resolver)
+        devices = OmegaConf.to_container(self.cfg.devices, resolve=True) if self.cfg.get("devices") else None
+        generator = AnswerGenerator(self.model, self.processor, self.settings, self.benchmark.resolver, devices)
         with_image = [i for i in items if i.image]
         without = [i for i in items if not i.image]
         out: dict[str, dict[str, Any]] = {}

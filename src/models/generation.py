@@ -25,6 +25,7 @@ from src.data.images import ImageResolver
 from src.data.records import Conversation, PreferenceRecord
 from src.models.factory import fingerprint
 from src.models.logprobs import add_token_types
+from src.models.predict import generate_on_devices
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,15 @@ class AnswerGenerator:
         processor: Any,
         settings: GenerationSettings,
         resolver: ImageResolver | None = None,
+        devices: dict[str, Any] | None = None,
     ):
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.settings = settings
         self.resolver = resolver or ImageResolver(missing="error")
+        # Lightning Trainer arguments (accelerator, devices, strategy) to spread generation over devices
+        self.devices = dict(devices) if devices else None
         self.encoder = PromptEncoder(processor, max_length=max(1, settings.max_length - settings.max_new_tokens))
 
     def prompt(self, record: Conversation, with_image: bool) -> tuple[list[int], Any, str]:
@@ -176,6 +180,17 @@ class AnswerGenerator:
         self.generated = len(todo)
         if todo:
             log.info("%s: %d to generate, %d reused from %s", desc, len(todo), len(results), path)
+        if todo and self.devices:
+            outputs = generate_on_devices(self, [p for _, p in todo], self.devices)
+            lines = [
+                {"id": r.id, "prompt_sha": _prompt_sha(r, p), "with_image": with_image} | o
+                for (r, p), o in zip(todo, outputs, strict=True)
+            ]
+            results |= {line["id"]: line for line in lines}
+            if _is_main_process():
+                with open(path, "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            return results
         with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, disable=not todo) as bar:
             for start in range(0, len(todo), self.settings.batch_size):
                 chunk = todo[start : start + self.settings.batch_size]
@@ -190,6 +205,12 @@ class AnswerGenerator:
         return results
 
 
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
 def blind_cache_path(cache_dir: str | Path, model: torch.nn.Module, settings: GenerationSettings) -> Path:
     """Cache file for blind answers: one per (model weights, generation settings)."""
     key = _sha(fingerprint(model) + settings.key())
@@ -202,6 +223,7 @@ def fill_blind_answers(
     processor: Any,
     settings: GenerationSettings,
     cache_dir: str | Path,
+    devices: dict[str, Any] | None = None,
 ) -> tuple[list[PreferenceRecord], dict[str, Any]]:
     """Give every record without a blind answer the reference model's answer to the image-less prompt.
 
@@ -215,7 +237,7 @@ def fill_blind_answers(
     if not missing:
         return records, summary | {"generated": 0, "from_cache": 0}
     path = blind_cache_path(cache_dir, reference, settings)
-    generator = AnswerGenerator(reference, processor, settings)
+    generator = AnswerGenerator(reference, processor, settings, devices=devices)
     answers = {k: v["answer"] for k, v in generator.run(missing, path, with_image=False, desc="blind answers").items()}
     generated = generator.generated
     empty = [rid for rid, a in answers.items() if not a]
