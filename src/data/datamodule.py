@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
 from src.data.images import ImageResolver
 from src.data.readers import read_records
-from src.data.records import PreferenceRecord
+from src.data.records import DataError, PreferenceRecord
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class PreferenceDataModule(LightningDataModule):
         val_path: str | None = None,
         split_seed: int = 0,
         max_records: int | None = None,
+        on_error: str = "raise",
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -91,6 +92,10 @@ class PreferenceDataModule(LightningDataModule):
         if unknown:
             raise ValueError(f"data.answers may hold {ANSWER_KEYS}; got unknown {sorted(unknown)}")
         self.answers = tuple(answers)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        # with on_error=skip, bad records are described here, skipped and counted, never dropped silently
+        self.problems: list[str] | None = [] if on_error == "skip" else None
         self.processor = processor
         self.resolver = ImageResolver(image_root, missing_images, stand_in_size or _image_size(processor))
         self.records: list[PreferenceRecord] | None = None
@@ -104,7 +109,7 @@ class PreferenceDataModule(LightningDataModule):
         """Read the data file(s) once; returns every record (train and validation)."""
         if self.records is None:
             hp = self.hparams
-            hub = {"image_dir": hp.image_dir, "revision": hp.revision}
+            hub = {"image_dir": hp.image_dir, "revision": hp.revision, "problems": self.problems}
             records = read_records(hp.path, hp.format, split=hp.split, **hub)
             if hp.max_records:
                 records = records[: hp.max_records]
@@ -112,7 +117,8 @@ class PreferenceDataModule(LightningDataModule):
             if hp.val_path:
                 self.val_records_given = read_records(hp.val_path, hp.format, split=hp.val_split, **hub)
             log.info("read %d records from %s", len(records), hp.path)
-            missing = self.resolver.check(records + (self.val_records_given or []))
+            # fail fast on missing images; with on_error=skip each one is described when encoding instead
+            missing = 0 if self.problems is not None else self.resolver.check(records + (self.val_records_given or []))
             if missing:
                 log.warning("%d images not found: drawing stand-ins (data.missing_images=render)", missing)
         return self.records + (self.val_records_given or [])
@@ -137,7 +143,13 @@ class PreferenceDataModule(LightningDataModule):
         stats = EncodeStats()
         pairs = []
         for record in records:
-            result = encoder.encode(record, self.resolver(record), self.answers)
+            try:
+                result = encoder.encode(record, self.resolver(record), self.answers)
+            except DataError as e:  # e.g. an unreadable image
+                if self.problems is None:
+                    raise
+                self.problems.append(str(e))
+                result = "bad_record"
             if isinstance(result, str):
                 stats.skipped[result] += 1
                 log.warning("%s: skipping record %s (%s)", name, record.id, result)
@@ -169,6 +181,9 @@ class PreferenceDataModule(LightningDataModule):
         for name, stats in self.stats.items():
             out[name] = stats.summary()
         out["stand_in_images"] = len(self.resolver.rendered)
+        if self.problems is not None:
+            out["rejected_records"] = len(self.problems)
+            out["problems"] = self.problems[:100]
         return out
 
     # -- loaders -------------------------------------------------------------------------------

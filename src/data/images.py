@@ -90,7 +90,7 @@ class ImageResolver:
             try:
                 with Image.open(path) as im:
                     return im.convert("RGB")
-            except OSError as e:
+            except (OSError, Image.DecompressionBombError) as e:  # unreadable, truncated, absurdly large
                 raise DataError(f"record {record.id}: cannot read image {path}: {e}") from None
         if self.missing == "render":
             self.rendered.add(record.id)

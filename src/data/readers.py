@@ -104,20 +104,37 @@ def mmsafe_record(raw: Any, where: str, fallback_id: str | None = None) -> Prefe
     # records made from one source conversation share text_prompt and both answers
     meta["group"] = str(raw.get("text_prompt") or raw["id"])
     meta["source_format"] = "mmsafe_po"
+    chosen, rejected = _answer(raw["chosen"], "chosen", where), _answer(raw["rejected"], "rejected", where)
+    _check_differ(chosen, rejected, where)
     return PreferenceRecord(
         id=str(raw["id"]),
         turns=tuple(turns),
         image_turn=image_turn,
         image=str(raw["image"]) if raw["image"] else None,
-        chosen=_answer(raw["chosen"], "chosen", where),
-        rejected=_answer(raw["rejected"], "rejected", where),
+        chosen=chosen,
+        rejected=rejected,
         blind=_answer(raw["blind"], "blind", where) if raw.get("blind") else None,
         meta=meta,
     )
 
 
-def read_mmsafe_po(path: str | Path) -> list[PreferenceRecord]:
-    """Read an MMSafe-PO JSON list (fields in docs: id, question, image, chosen, rejected, ...)."""
+def _check_differ(chosen: str, rejected: str, where: str) -> None:
+    if chosen == rejected:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are identical; the pair carries no preference")
+
+
+def _collect(problems: list[str] | None, error: DataError) -> None:
+    """Raise (``problems is None``) or record the problem and let the caller skip the record."""
+    if problems is None:
+        raise error
+    problems.append(str(error))
+
+
+def read_mmsafe_po(path: str | Path, problems: list[str] | None = None) -> list[PreferenceRecord]:
+    """Read an MMSafe-PO JSON list (fields in docs: id, question, image, chosen, rejected, ...).
+
+    With a ``problems`` list, a bad record is described there and skipped instead of raising.
+    """
     path = Path(path)
     data = _load_json(path)
     if not isinstance(data, list):
@@ -127,9 +144,11 @@ def read_mmsafe_po(path: str | Path) -> list[PreferenceRecord]:
         where = f"{path}: record #{index}"
         if isinstance(raw, dict) and "id" in raw:
             where = f"{path}: record id={raw['id']} (#{index})"
-        records.append(mmsafe_record(raw, where))
-    _check_unique(records, path)
-    return records
+        try:
+            records.append(mmsafe_record(raw, where))
+        except DataError as e:
+            _collect(problems, e)
+    return _check_unique(records, path, problems)
 
 
 def _content_to_text(content: Any, where: str) -> str:
@@ -178,40 +197,44 @@ def generic_record(raw: Any, where: str, fallback_id: str) -> PreferenceRecord:
     if image_turn is not None and not image:
         raise DataError(f"{where}: the prompt has an {IMAGE_MARKER} marker but no 'image' field")
     known = {"id", "messages", "prompt", "image", "chosen", "rejected", "blind"}
+    chosen, rejected = _answer(raw["chosen"], "chosen", where), _answer(raw["rejected"], "rejected", where)
+    _check_differ(chosen, rejected, where)
     return PreferenceRecord(
         id=rid,
         turns=tuple(turns),
         image_turn=image_turn,
         image=image or None,
-        chosen=_answer(raw["chosen"], "chosen", where),
-        rejected=_answer(raw["rejected"], "rejected", where),
+        chosen=chosen,
+        rejected=rejected,
         blind=_answer(raw["blind"], "blind", where) if raw.get("blind") else None,
         meta={k: v for k, v in raw.items() if k not in known} | {"source_format": "jsonl"},
     )
 
 
-_generic_record = generic_record  # the name earlier code used
+def read_jsonl(path: str | Path, problems: list[str] | None = None) -> list[PreferenceRecord]:
+    """Read the generic JSONL format (module docstring). Blank lines are allowed.
 
-
-def read_jsonl(path: str | Path) -> list[PreferenceRecord]:
-    """Read the generic JSONL format (module docstring). Blank lines are allowed."""
+    With a ``problems`` list, a bad line is described there and skipped instead of raising.
+    """
     path = Path(path)
     records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
+    for lineno, data in enumerate(path.read_bytes().splitlines(), 1):
+        if not data.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        records.append(generic_record(raw, where, fallback_id=f"line-{lineno}"))
-    _check_unique(records, path)
-    return records
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            records.append(generic_record(raw, where, fallback_id=f"line-{lineno}"))
+        except DataError as e:
+            _collect(problems, e)
+    return _check_unique(records, path, problems)
 
 
 HF_FORMATS = ("hf", "hf_mmsafe_po", "hf_jsonl")  # Hugging Face `datasets`: auto, MMSafe-PO, generic
@@ -233,13 +256,16 @@ def read_records(
     split: str | None = None,
     image_dir: str | Path | None = None,
     revision: str | None = None,
+    problems: list[str] | None = None,
 ) -> list[PreferenceRecord]:
     """Read a data set; ``format`` is ``mmsafe_po``, ``jsonl``, ``hf``, ``hf_mmsafe_po``, ``hf_jsonl`` or ``auto``.
 
     ``auto`` picks ``hf`` for a folder written by ``save_to_disk``, else goes by the file extension.
     The ``hf*`` formats read a Hugging Face data set (a hub id or a local folder, see
     `src.data.hub.read_hf_dataset`): ``split`` (default ``train``), ``image_dir`` (where embedded
-    images are written as PNG files) and ``revision`` apply to them only.
+    images are written as PNG files) and ``revision`` apply to them only. With a ``problems`` list, bad
+    records of the file formats are described there and skipped instead of raising (`validate.py`,
+    ``data.on_error=skip``); a file that cannot be read at all always raises.
     """
     if format not in FORMATS:
         raise DataError(f"unknown data format {format!r}; use one of {', '.join(repr(f) for f in FORMATS)}")
@@ -262,9 +288,9 @@ def read_records(
     if format == "auto":
         format = "jsonl" if path.suffix == ".jsonl" else "mmsafe_po"
     if format == "mmsafe_po":
-        records = read_mmsafe_po(path)
+        records = read_mmsafe_po(path, problems)
     else:
-        records = read_jsonl(path)
+        records = read_jsonl(path, problems)
     if not records:
         raise DataError(f"{path}: no records")
     return records
@@ -279,9 +305,19 @@ def _load_json(path: Path) -> Any:
         raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
-def _check_unique(records: list[PreferenceRecord], path: Path) -> None:
+def _check_unique(
+    records: list[PreferenceRecord], path: Path, problems: list[str] | None = None
+) -> list[PreferenceRecord]:
+    """Records with unique ids; a repeated id raises, or (collecting) keeps the first and reports the rest."""
     seen: set[str] = set()
+    kept = []
     for r in records:
         if r.id in seen:
-            raise DataError(f"{path}: duplicate record id {r.id!r}; ids key caches and reports, so they must be unique")
+            _collect(
+                problems,
+                DataError(f"{path}: duplicate record id {r.id!r}; ids key caches and reports, so they must be unique"),
+            )
+            continue
         seen.add(r.id)
+        kept.append(r)
+    return kept

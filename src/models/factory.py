@@ -115,6 +115,21 @@ def build_model(
     return model, processor
 
 
+def load_processor(
+    name_or_path: str | None = None,
+    tiny: dict[str, Any] | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    **_: Any,
+) -> Any:
+    """The processor alone (no weights loaded for a real checkpoint), for data checks."""
+    if name_or_path is None:
+        return build_tiny(**(tiny or {}))[1]
+    if is_adapter_folder(name_or_path) and not (Path(name_or_path) / "processor_config.json").exists():
+        name_or_path = adapter_base(name_or_path)
+    return AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
 def _four_bit_config() -> Any:
     if not torch.cuda.is_available():
         raise RuntimeError("model.load_in_4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package")

@@ -1,0 +1,121 @@
+"""Hostile input: every case gives a clear message or a counted skip, through validate.py and training."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT
+from tests.helpers import compose_config
+
+
+def rec(rid, **kw):
+    base = {"id": rid, "messages": [{"role": "user", "content": "<image>\nWhat is shown?"}], "image": "ok.png",
+            "chosen": "I can't help with that.", "rejected": "Sure, here is how."}
+    return json.dumps(base | kw)
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """A data set with one of each problem, plus good records, in the generic JSONL format."""
+    img = tmp_path / "img"
+    img.mkdir()
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(img / "ok.png")
+    Image.new("L", (40, 30), 90).save(img / "gray.png")
+    Image.new("RGBA", (40, 30), (0, 0, 255, 120)).save(img / "rgba.png")
+    Image.new("P", (40, 30)).save(img / "palette.png")
+    (img / "truncated.png").write_bytes((img / "ok.png").read_bytes()[:60])
+    Image.new("RGB", (300, 300)).save(img / "huge.png")
+    lines = [
+        rec("good-1"), rec("good-2"),
+        rec("gray", image="gray.png"), rec("rgba", image="rgba.png"), rec("palette", image="palette.png"),
+        rec("no-marker", messages=[{"role": "user", "content": "What is shown?"}]),  # image -> last user turn
+        '{"id": "broken", "messages": [',
+        json.dumps({"id": "no-rejected", "prompt": "<image>\nq", "image": "ok.png", "chosen": "c"}),
+        rec("wrong-type", chosen=123),
+        rec("blank", chosen="   "),
+        rec("same", rejected="I can't help with that."),
+        rec("good-1"),  # duplicate id
+        rec("missing-image", image="nope.png"),
+        rec("truncated-image", image="truncated.png"),
+        rec("huge-image", image="huge.png"),
+        rec("two-markers", messages=[{"role": "user", "content": "<image> and <image>"}]),
+        rec("too-long", messages=[{"role": "user", "content": "<image>\n" + "word " * 3000}]),
+    ]
+    path = tmp_path / "hostile.jsonl"
+    data = "\n".join(lines).encode() + b'\n{"id": "latin1", "prompt": "caf\xe9"}\n'
+    path.write_bytes(data)
+    return path, img
+
+
+EXPECTED = {
+    "invalid JSON": ":7:",
+    "missing field 'rejected'": "no-rejected",
+    "field 'chosen' must be a string": "wrong-type",
+    "field 'chosen' is empty": "blank",
+    "'chosen' and 'rejected' are identical": "same",
+    "duplicate record id 'good-1'": "hostile.jsonl",
+    "image file not found": "missing-image",
+    "cannot read image": "truncated-image",
+    "2 <image> markers": "two-markers",
+    "not valid UTF-8": ":18:",
+}
+
+
+def test_validate_reports_every_problem(tmp_path, hostile, monkeypatch):
+    from src.validate import report, validate
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # makes huge.png a decompression bomb
+    path, img = hostile
+    cfg = compose_config("validate", ["data=jsonl", f"data.path={path}", f"data.image_root={img}",
+                                      "data.val_fraction=0", "data.max_length=512"], tmp_path / "run")
+    summary = validate(cfg)
+    assert "fatal" not in summary, summary.get("fatal")
+    problems = "\n".join(summary["problems"])
+    for message, where in EXPECTED.items():
+        assert any(message in p and where in p for p in summary["problems"]), (message, problems)
+    assert any("cannot read image" in p and "huge-image" in p for p in summary["problems"])
+    # good, converted-mode and marker-less records are usable; the long one is a counted skip
+    assert summary["usable"] == 6 and summary["skipped"] == {"bad_record": 3, "prompt_too_long": 1}
+    assert summary["rejected_records"] == 11 and not summary["ok"]
+    text = report(summary, show=50)
+    assert "NOT OK" in text and "usable:            6" in text
+
+
+def test_validate_exit_codes_and_strict(tmp_path):
+    good = tmp_path / "good.jsonl"
+    long = rec("long", messages=[{"role": "user", "content": "<image>\n" + "word " * 3000}])
+    good.write_text("\n".join([rec("a"), rec("b"), long]) + "\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "src/validate.py", "data=jsonl", f"data.path={good}",
+                               f"data.image_root={tmp_path}", "data.val_fraction=0", f"hydra.run.dir={tmp_path}/v",
+                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    out = run()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "usable:            2" in out.stdout and "prompt_too_long" in out.stdout
+    assert run("strict=true").returncode == 1
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = subprocess.run([sys.executable, "src/validate.py", "data=jsonl", f"data.path={empty}",
+                          f"hydra.run.dir={tmp_path}/e"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "no records" in out.stdout
+
+
+def test_training_skips_and_counts_or_stops_with_a_clear_message(tmp_path, hostile, monkeypatch):
+    from tests.test_train import run_train
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    path, img = hostile
+    common = ["data=jsonl", f"data.path={path}", f"data.image_root={img}", "data.val_fraction=0",
+              "data.max_length=512", "trainer.max_steps=1", "logger=csv", "objective=dpo"]
+    _, metrics = run_train(tmp_path, [*common, "data.on_error=skip"])
+    summary = json.loads((tmp_path / "run/run_summary.json").read_text())
+    assert summary["data"]["rejected_records"] == 11 and summary["data"]["train"]["encoded"] == 6
+    out = subprocess.run([sys.executable, "src/train.py", *common, f"hydra.run.dir={tmp_path}/r2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "data error" in out.stdout + out.stderr and "Traceback" not in out.stderr
