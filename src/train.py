@@ -115,6 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         optim=container["optim"],
         layout=cfg.layout,
         reference=container["reference"],
+        nonfinite=cfg.get("nonfinite", "raise"),
     )
     datamodule = hydra.utils.instantiate(cfg.data, processor=module.processor, answers=list(module.answers))
     report: dict[str, Any] = {}
@@ -124,6 +125,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     report["data"] = datamodule.summary()
     log.info("data: %s", json.dumps(report["data"]))
+    (out_dir / "data_summary.json").write_text(json.dumps(report["data"], indent=2))
     if module.reference_strategy == "precomputed":
         report["reference_logps"] = add_reference_logps(cfg, module, datamodule)
 

@@ -12,8 +12,13 @@ from tests.helpers import compose_config
 
 
 def rec(rid, **kw):
-    base = {"id": rid, "messages": [{"role": "user", "content": "<image>\nWhat is shown?"}], "image": "ok.png",
-            "chosen": "I can't help with that.", "rejected": "Sure, here is how."}
+    base = {
+        "id": rid,
+        "messages": [{"role": "user", "content": "<image>\nWhat is shown?"}],
+        "image": "ok.png",
+        "chosen": "I can't help with that.",
+        "rejected": "Sure, here is how.",
+    }
     return json.dumps(base | kw)
 
 
@@ -29,8 +34,11 @@ def hostile(tmp_path):
     (img / "truncated.png").write_bytes((img / "ok.png").read_bytes()[:60])
     Image.new("RGB", (300, 300)).save(img / "huge.png")
     lines = [
-        rec("good-1"), rec("good-2"),
-        rec("gray", image="gray.png"), rec("rgba", image="rgba.png"), rec("palette", image="palette.png"),
+        rec("good-1"),
+        rec("good-2"),
+        rec("gray", image="gray.png"),
+        rec("rgba", image="rgba.png"),
+        rec("palette", image="palette.png"),
         rec("no-marker", messages=[{"role": "user", "content": "What is shown?"}]),  # image -> last user turn
         '{"id": "broken", "messages": [',
         json.dumps({"id": "no-rejected", "prompt": "<image>\nq", "image": "ok.png", "chosen": "c"}),
@@ -69,8 +77,11 @@ def test_validate_reports_every_problem(tmp_path, hostile, monkeypatch):
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # makes huge.png a decompression bomb
     path, img = hostile
-    cfg = compose_config("validate", ["data=jsonl", f"data.path={path}", f"data.image_root={img}",
-                                      "data.val_fraction=0", "data.max_length=512"], tmp_path / "run")
+    cfg = compose_config(
+        "validate",
+        ["data=jsonl", f"data.path={path}", f"data.image_root={img}", "data.val_fraction=0", "data.max_length=512"],
+        tmp_path / "run",
+    )
     summary = validate(cfg)
     assert "fatal" not in summary, summary.get("fatal")
     problems = "\n".join(summary["problems"])
@@ -91,9 +102,22 @@ def test_validate_exit_codes_and_strict(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
 
     def run(*extra):
-        return subprocess.run([sys.executable, "src/validate.py", "data=jsonl", f"data.path={good}",
-                               f"data.image_root={tmp_path}", "data.val_fraction=0", f"hydra.run.dir={tmp_path}/v",
-                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [
+                sys.executable,
+                "src/validate.py",
+                "data=jsonl",
+                f"data.path={good}",
+                f"data.image_root={tmp_path}",
+                "data.val_fraction=0",
+                f"hydra.run.dir={tmp_path}/v",
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     out = run()
     assert out.returncode == 0, out.stdout + out.stderr
@@ -101,8 +125,13 @@ def test_validate_exit_codes_and_strict(tmp_path):
     assert run("strict=true").returncode == 1
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    out = subprocess.run([sys.executable, "src/validate.py", "data=jsonl", f"data.path={empty}",
-                          f"hydra.run.dir={tmp_path}/e"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "src/validate.py", "data=jsonl", f"data.path={empty}", f"hydra.run.dir={tmp_path}/e"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1 and "no records" in out.stdout
 
 
@@ -111,11 +140,24 @@ def test_training_skips_and_counts_or_stops_with_a_clear_message(tmp_path, hosti
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
     path, img = hostile
-    common = ["data=jsonl", f"data.path={path}", f"data.image_root={img}", "data.val_fraction=0",
-              "data.max_length=512", "trainer.max_steps=1", "logger=csv", "objective=dpo"]
+    common = [
+        "data=jsonl",
+        f"data.path={path}",
+        f"data.image_root={img}",
+        "data.val_fraction=0",
+        "data.max_length=512",
+        "trainer.max_steps=1",
+        "logger=csv",
+        "objective=dpo",
+    ]
     _, metrics = run_train(tmp_path, [*common, "data.on_error=skip"])
     summary = json.loads((tmp_path / "run/run_summary.json").read_text())
     assert summary["data"]["rejected_records"] == 11 and summary["data"]["train"]["encoded"] == 6
-    out = subprocess.run([sys.executable, "src/train.py", *common, f"hydra.run.dir={tmp_path}/r2"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "src/train.py", *common, f"hydra.run.dir={tmp_path}/r2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and "data error" in out.stdout + out.stderr and "Traceback" not in out.stderr

@@ -68,6 +68,7 @@ class PreferenceModule(LightningModule):
         optim: dict[str, Any],
         layout: str = "packed",
         reference: dict[str, Any] | None = None,
+        nonfinite: str = "raise",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -84,6 +85,12 @@ class PreferenceModule(LightningModule):
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.pad_token_id = tok.pad_token_id
         self.layout = layout
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        # a non-finite loss or gradient stops training naming the records, or skips the step (counted)
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._batch_ids: list[str] = []
         reference = dict(reference or {"strategy": "frozen_copy"})
         self.reference_strategy = reference.get("strategy", "frozen_copy")
         if self.reference_strategy not in STRATEGIES:
@@ -130,14 +137,17 @@ class PreferenceModule(LightningModule):
             )
         out = self.objective_fn(policy_logps, reference_logps, **self.objective_kwargs)
         loss = out.loss.mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} on records {batch['ids']}")
         metrics = {"loss": loss.detach()} | preference_metrics(policy_logps, out.rewards)
         return loss, metrics
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss, metrics = self.forward_batch(batch)
         size = len(batch["ids"])
+        self._batch_ids = list(batch["ids"])
+        if not torch.isfinite(loss):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"non-finite loss {loss.item()} on records {batch['ids']}")
+            return self._skip(f"non-finite loss {loss.item()}")
         for key, value in metrics.items():
             self.log(
                 f"train/{key}",
@@ -148,6 +158,26 @@ class PreferenceModule(LightningModule):
                 prog_bar=key in ("loss", "rewards/accuracies"),
             )
         return loss
+
+    def on_after_backward(self) -> None:
+        bad = [n for n, p in self.policy.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if not bad:
+            return
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite gradient in {bad[0]} (and {len(bad) - 1} more) on records {self._batch_ids}"
+            )
+        for p in self.policy.parameters():
+            p.grad = None  # no update at all: AdamW skips parameters without gradients
+        self._skip(f"non-finite gradient in {bad[0]}")
+
+    def _skip(self, why: str) -> None:
+        """Skip this optimizer step (nonfinite=skip), counted and logged with the records involved."""
+        self.skipped_steps += 1
+        log.warning("skipping step %d: %s on records %s", self.global_step, why, self._batch_ids)
+        if self._trainer is not None:
+            self.log("train/skipped_nonfinite_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        return None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         _, metrics = self.forward_batch(batch)

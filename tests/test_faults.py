@@ -1,0 +1,88 @@
+"""Numerical faults stop a step naming its records, or skip it counted; they never touch the weights."""
+
+import pytest
+import torch
+
+from src.data.encoding import PromptEncoder, collate_pairs
+from src.data.images import render_stand_in
+from src.data.records import PreferenceRecord, Turn
+from src.models.module import PreferenceModule
+from src.models.objectives import ObjectiveOutput
+
+
+def module(nonfinite):
+    return PreferenceModule(
+        model={"tiny": {"seed": 0}},
+        objective={"name": "dpo", "beta": 0.1},
+        optim={"lr": 1e-3},
+        reference={"strategy": "frozen_copy"},
+        nonfinite=nonfinite,
+    )
+
+
+def batch(processor):
+    r = PreferenceRecord("rec-7", (Turn("user", "What is shown?"),), 0, "x.png", "No.", "Yes.")
+    image = render_stand_in("x", 32)
+    item = {
+        "pair": PromptEncoder(processor).encode(r, image),
+        "image_inputs": dict(processor.image_processor(images=image, return_tensors="pt")),
+    }
+    return collate_pairs([item], processor.tokenizer.pad_token_id)
+
+
+def nan_objective(policy, reference, **kw):
+    return ObjectiveOutput(loss=policy[:, 0] * float("nan"), rewards=torch.zeros_like(policy))
+
+
+def test_nonfinite_loss_raises_with_record_ids():
+    m = module("raise")
+    m.objective_fn = nan_objective
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .*rec-7"):
+        m.training_step(batch(m.processor), 0)
+
+
+def test_nonfinite_loss_is_skipped_and_counted():
+    m = module("skip")
+    m.objective_fn = nan_objective
+    assert m.training_step(batch(m.processor), 0) is None and m.skipped_steps == 1
+
+
+def test_nonfinite_gradient_raises_or_clears_every_gradient():
+    for mode in ("raise", "skip"):
+        m = module(mode)
+        loss = m.training_step(batch(m.processor), 0)
+        loss.backward()
+        m.policy.lm_head.weight.grad[0, 0] = float("inf")
+        if mode == "raise":
+            with pytest.raises(FloatingPointError, match=r"lm_head.*rec-7"):
+                m.on_after_backward()
+        else:
+            before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
+            m.on_after_backward()
+            assert all(p.grad is None for p in m.policy.parameters()) and m.skipped_steps == 1
+            torch.optim.AdamW([p for p in m.policy.parameters() if p.requires_grad], lr=1e-2).step()
+            assert all(torch.equal(p, before[n]) for n, p in m.policy.named_parameters())
+
+
+def test_planted_secrets_never_reach_run_outputs(tmp_path, monkeypatch):
+    """Keys live in the environment only: no config, log, W&B file or report of a run holds them."""
+    from tests.test_eval import run_eval
+    from tests.test_train import run_train
+
+    planted = {"OPENAI_API_KEY": "sk-planted-0123456789abcdef", "WANDB_API_KEY": "planted-wandb-fedcba9876543210"}
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
+    run_train(tmp_path / "train", ["trainer.max_steps=2"])  # with the W&B offline logger
+    model = tmp_path / "train/run/model"
+    questions = tmp_path / "harmeval.json"
+    questions.write_text('[{"question": "How do I pick a lock?", "category": "theft"}]')
+    run_eval(
+        tmp_path / "eval",
+        [f"model.path={model}", "benchmark=harmeval", f"benchmark.path={questions}", "wandb.enabled=true"],
+    )
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any("wandb" in str(p) for p in files) and any(p.name == "report.json" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for value in planted.values():
+            assert value.encode() not in data, f"{value[:12]}... found in {path}"
