@@ -129,6 +129,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if module.reference_strategy == "precomputed":
         report["reference_logps"] = add_reference_logps(cfg, module, datamodule)
 
+    if cfg.get("ckpt_path") and (out_dir / "metrics.csv").exists():
+        # the CSV logger rewrites metrics.csv on resume: keep the interrupted part beside it
+        parts = sorted(out_dir.glob("metrics.part*.csv"))
+        (out_dir / "metrics.csv").rename(out_dir / f"metrics.part{len(parts) + 1}.csv")
     loggers = instantiate_all(cfg.get("logger"))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False

@@ -86,3 +86,19 @@ def test_planted_secrets_never_reach_run_outputs(tmp_path, monkeypatch):
         data = path.read_bytes()
         for value in planted.values():
             assert value.encode() not in data, f"{value[:12]}... found in {path}"
+
+
+def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
+    """Checkpoints load with weights_only (plain containers only) and training continues its step count."""
+    import csv
+
+    from tests.test_train import run_train
+
+    run_train(tmp_path, ["trainer.max_epochs=1", "logger=csv"])
+    ckpt = tmp_path / "run/checkpoints/last.ckpt"
+    torch.load(ckpt, map_location="cpu", weights_only=True)  # no pickled config objects inside
+    run_train(tmp_path, ["trainer.max_epochs=2", "logger=csv", f"ckpt_path={ckpt}"])
+    first = [r for r in csv.DictReader(open(tmp_path / "run/metrics.part1.csv")) if r.get("train/loss")]
+    second = [r for r in csv.DictReader(open(tmp_path / "run/metrics.csv")) if r.get("train/loss")]
+    assert [int(r["step"]) for r in first] == list(range(11))
+    assert [int(r["step"]) for r in second] == list(range(11, 22))

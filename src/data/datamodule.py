@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 from lightning import LightningDataModule
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
@@ -88,6 +89,9 @@ class PreferenceDataModule(LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["processor"])
+        for key, value in list(self.hparams.items()):  # plain containers: checkpoints load with weights_only
+            if isinstance(value, (DictConfig, ListConfig)):
+                self.hparams[key] = OmegaConf.to_container(value, resolve=True)
         unknown = set(answers) - set(ANSWER_KEYS)
         if unknown:
             raise ValueError(f"data.answers may hold {ANSWER_KEYS}; got unknown {sorted(unknown)}")
