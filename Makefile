@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup train test test-slow test-all lint clean
+.PHONY: setup train test test-slow test-all lint clean bench
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test-slow: setup
 
 test-all: setup
 	$(BIN)/python -m pytest $(ARGS)
+
+# training-step benchmark vs TRL's DPOTrainer (installs the `bench` extra once; ARGS="--quick", "--skip-trl", ...)
+bench: setup
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -e ".[dev,bench]"
+	$(BIN)/python benchmarks/bench_step.py $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests notebooks

@@ -1,4 +1,4 @@
-"""LightningModule: a policy MLLM trained by a preference objective against a frozen reference."""
+"""LightningModule: a policy MLLM trained by a preference objective against a reference model."""
 
 from __future__ import annotations
 
