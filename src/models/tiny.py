@@ -127,18 +127,8 @@ def build_tiny_llava(
         patch_size=patch_size,
         projection_dim=vision_hidden_size,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    text = _tiny_llama_config(
+        tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, max_position_embeddings
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -149,12 +139,8 @@ def build_tiny_llava(
         vision_feature_select_strategy="default",
     )
     config._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model = _seeded(seed, LlavaForConditionalGeneration, config)
+    _generation_ids(model, tokenizer)
 
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
