@@ -161,3 +161,23 @@ def test_training_skips_and_counts_or_stops_with_a_clear_message(tmp_path, hosti
         timeout=300,
     )
     assert out.returncode == 2 and "data error" in out.stdout + out.stderr and "Traceback" not in out.stderr
+
+
+def test_duplicate_ids_across_train_and_validation_files(tmp_path):
+    from src.data.datamodule import PreferenceDataModule
+    from src.data.records import DataError
+    from src.models.tiny import build_tiny_llava
+
+    _, processor = build_tiny_llava()
+    (tmp_path / "train.jsonl").write_text(rec("a") + "\n" + rec("b") + "\n")
+    (tmp_path / "val.jsonl").write_text(rec("b") + "\n" + rec("c") + "\n")
+    kwargs = {
+        "path": str(tmp_path / "train.jsonl"),
+        "val_path": str(tmp_path / "val.jsonl"),
+        "missing_images": "render",
+        "processor": processor,
+    }
+    with pytest.raises(DataError, match=r"val.jsonl: record id 'b' is also in .*train.jsonl"):
+        PreferenceDataModule(**kwargs).load_records()
+    dm = PreferenceDataModule(**kwargs, on_error="skip")
+    assert [r.id for r in dm.load_records()] == ["a", "b", "c"] and len(dm.problems) == 1

@@ -119,13 +119,31 @@ class PreferenceDataModule(LightningDataModule):
                 records = records[: hp.max_records]
             self.records = records
             if hp.val_path:
-                self.val_records_given = read_records(hp.val_path, hp.format, split=hp.val_split, **hub)
+                val = read_records(hp.val_path, hp.format, split=hp.val_split, **hub)
+                self.val_records_given = self._drop_shared_ids(records, val)
             log.info("read %d records from %s", len(records), hp.path)
             # fail fast on missing images; with on_error=skip each one is described when encoding instead
             missing = 0 if self.problems is not None else self.resolver.check(records + (self.val_records_given or []))
             if missing:
                 log.warning("%d images not found: drawing stand-ins (data.missing_images=render)", missing)
         return self.records + (self.val_records_given or [])
+
+    def _drop_shared_ids(self, train: list[PreferenceRecord], val: list[PreferenceRecord]) -> list[PreferenceRecord]:
+        """Ids key caches and reports, so they must be unique across data.path and data.val_path too."""
+        train_ids = {r.id for r in train}
+        kept = []
+        for r in val:
+            if r.id in train_ids:
+                error = DataError(
+                    f"{self.hparams.val_path}: record id {r.id!r} is also in {self.hparams.path}; "
+                    "ids must be unique across the training and validation files"
+                )
+                if self.problems is None:
+                    raise error
+                self.problems.append(str(error))
+                continue
+            kept.append(r)
+        return kept
 
     def set_records(self, records: list[PreferenceRecord]) -> None:
         """Replace records by id (e.g. with blind answers filled in) before `setup`."""
