@@ -102,3 +102,42 @@ def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
     second = [r for r in csv.DictReader(open(tmp_path / "run/metrics.csv")) if r.get("train/loss")]
     assert [int(r["step"]) for r in first] == list(range(11))
     assert [int(r["step"]) for r in second] == list(range(11, 22))
+
+
+@pytest.mark.slow
+def test_generation_killed_midway_resumes_without_duplicates(tmp_path):
+    """SIGKILL a generation run after its first batches; the rerun finishes the rest, no torn or repeated lines."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "answers.jsonl"
+    args = [
+        sys.executable,
+        "src/generate.py",
+        "data.max_records=60",
+        "generation.max_new_tokens=24",
+        "generation.batch_size=2",
+        f"output={out}",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 6):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len([x for x in out.read_bytes().splitlines() if x.endswith(b"}")])
+    assert 6 <= done < 60, done  # killed midway
+    rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == len({x["id"] for x in lines}) == 60
+    assert f"({60 - done} generated now, {done} reused)" in rerun.stdout + rerun.stderr
