@@ -159,9 +159,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         skipped = sum(s["skipped"] for k, s in report["data"].items() if isinstance(s, dict) and "skipped" in s)
         log.info("saved policy and processor to %s", model_dir)
         log.info(
-            "records skipped as too long: %d (%s); stand-in images: %d",
+            "records skipped: %d (%s); rejected as bad input: %d; stand-in images: %d",
             skipped,
             {k: s["skipped_by_reason"] for k, s in report["data"].items() if isinstance(s, dict) and "skipped" in s},
+            report["data"].get("rejected_records", 0),
             report["data"]["stand_in_images"],
         )
     return metrics
