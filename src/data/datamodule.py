@@ -7,9 +7,10 @@ import logging
 from functools import partial
 from typing import Any
 
+import torch
 from lightning import LightningDataModule
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
 from src.data.images import ImageResolver
@@ -32,6 +33,26 @@ def grouped_split(
     n_val = max(1, round(len(groups) * val_fraction))
     val_groups = set(groups[:n_val])
     return [r for r in records if r.group not in val_groups], [r for r in records if r.group in val_groups]
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), and can skip what a resumed run already trained on.
+
+    The epoch comes from ``epoch_fn`` (the trainer's current epoch), so the order is the same on every
+    device and after a restart; ``skip`` samples are left out of the next iteration only.
+    """
+
+    def __init__(self, size: int, seed: int, epoch_fn: Any):
+        self.size, self.seed, self.epoch_fn, self.skip = size, seed, epoch_fn, 0
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + int(self.epoch_fn()))
+        order = torch.randperm(self.size, generator=generator).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class PreferenceDataset(Dataset):
@@ -80,6 +101,7 @@ class PreferenceDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         val_path: str | None = None,
         split_seed: int = 0,
+        shuffle_seed: int = 0,
         max_records: int | None = None,
         on_error: str = "raise",
         batch_size: int = 8,
@@ -210,14 +232,31 @@ class PreferenceDataModule(LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------
     def _loader(self, dataset: PreferenceDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        sampler = None
+        if shuffle:
+            sampler = self.train_sampler = EpochShuffle(len(dataset), self.hparams.shuffle_seed, self._epoch)
+            sampler.skip, self._pending_skip = getattr(self, "_pending_skip", 0), 0
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=partial(collate_pairs, pad_token_id=_pad_id(self.processor)),
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def _epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else 0
+
+    def resume_within_epoch(self, batches_done: int, world_size: int = 1) -> None:
+        """After a restart in the middle of an epoch: leave out the batches already trained on."""
+        skip = batches_done * self.hparams.batch_size * world_size
+        if self.train_set is not None and skip >= len(self.train_set):
+            skip = 0  # saved at the end of an epoch: the next one starts whole
+        if getattr(self, "train_sampler", None) is not None:
+            self.train_sampler.skip = skip
+        self._pending_skip = skip  # the loader may be built after the checkpoint is read
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)

@@ -213,12 +213,22 @@ class PreferenceModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # Checkpoints hold the policy only: the reference is the initial model, rebuilt on load.
+    def _resume_data_order(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint taken mid-epoch: the data module skips the batches that epoch already trained on."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        done = progress.get("current", {}).get("processed", 0)  # steps run, also when saved mid-batch-end
+        if datamodule is not None and hasattr(datamodule, "resume_within_epoch") and done:
+            datamodule.resume_within_epoch(done, trainer.world_size)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resume_data_order(checkpoint)
         if self.reference is None:
             return
         state = checkpoint["state_dict"]
