@@ -88,15 +88,17 @@ ANSWER_TOKENS = 100  # target length of every answer (incl. EOS) for the tiny to
 PRECOMPUTE_BATCH_SIZE = 8  # configs/train.yaml reference.batch_size
 
 HEADLINE = ("trl_dpo", "ours_dpo", "ours_bpo")
-EXTRAS = ("ours_dpo_padded", "ours_dpo_frozen")
+EXTRAS = ("ours_dpo_padded", "ours_dpo_frozen", "ours_dpo_selective", "ours_bpo_selective")
 EPOCHS = ("trl_dpo_epoch", "ours_bpo_epoch")
-# worker name -> (objective, layout, reference strategy) for our side
+# worker name -> (objective, layout, reference strategy, activation checkpointing) for our side
 OURS = {
-    "ours_dpo": ("dpo", "packed", "precomputed"),
-    "ours_bpo": ("bpo", "packed", "precomputed"),
-    "ours_dpo_padded": ("dpo", "padded", "precomputed"),
-    "ours_dpo_frozen": ("dpo", "packed", "frozen_copy"),
-    "ours_bpo_epoch": ("bpo", "packed", "precomputed"),
+    "ours_dpo": ("dpo", "packed", "precomputed", False),
+    "ours_bpo": ("bpo", "packed", "precomputed", False),
+    "ours_dpo_padded": ("dpo", "padded", "precomputed", False),
+    "ours_dpo_frozen": ("dpo", "packed", "frozen_copy", False),
+    "ours_dpo_selective": ("dpo", "packed", "precomputed", "selective"),
+    "ours_bpo_selective": ("bpo", "packed", "precomputed", "selective"),
+    "ours_bpo_epoch": ("bpo", "packed", "precomputed", False),
 }
 LABELS = {
     "trl_dpo": "TRL DPO (DPOTrainer, ref model every step)",
@@ -104,6 +106,8 @@ LABELS = {
     "ours_bpo": "ours BPO (packed, precomputed ref)",
     "ours_dpo_padded": "ours DPO (padded, precomputed ref) [extra]",
     "ours_dpo_frozen": "ours DPO (packed, frozen_copy ref) [extra]",
+    "ours_dpo_selective": "ours DPO (packed, precomputed ref, selective recompute) [extra]",
+    "ours_bpo_selective": "ours BPO (packed, precomputed ref, selective recompute) [extra]",
 }
 
 _QUESTIONS = [
@@ -411,9 +415,9 @@ def _ours_module(name: str, data: str) -> tuple[Any, Any]:
     from src.models.module import PreferenceModule
     from src.models.objectives import ANSWERS
 
-    objective, layout, strategy = OURS[name]
+    objective, layout, strategy, checkpointing = OURS[name]
     module = PreferenceModule(
-        model={"tiny": dict(TINY), "attn_implementation": "sdpa"},
+        model={"tiny": dict(TINY), "attn_implementation": "sdpa", "gradient_checkpointing": checkpointing},
         objective={"name": objective, "beta": BETA},
         optim={"lr": LR, "weight_decay": 0.0, "betas": list(BETAS), "warmup_steps": 0},
         layout=layout,

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
@@ -115,3 +116,36 @@ def test_gradient_checkpointing_recomputes_activations():
         handle.remove()
         counts[flag] = len(calls)
     assert counts == {False: 1, True: 2}  # the layer runs again in the backward pass
+
+
+def test_selective_checkpointing_reruns_only_cheap_ops_and_keeps_gradients():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    ops, grads = {}, {}
+    for mode in (False, "selective", "full"):
+        model, processor = build_model(tiny={"seed": 0}, gradient_checkpointing=mode)
+        model.train()
+        batch = small_batch(processor)
+        with CountOps() as counter:
+            answer_logprobs(model, batch, processor.tokenizer.pad_token_id).sum().backward()
+        ops[mode] = counter.counts
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    matmuls = {mode: c.get("mm", 0) + c.get("addmm", 0) for mode, c in ops.items()}
+    assert matmuls["selective"] == matmuls[False] < matmuls["full"]  # no matrix product runs twice
+    assert ops["selective"]["mul"] > ops[False]["mul"]  # element-wise work is recomputed
+    for mode in ("selective", "full"):
+        assert grads[mode].keys() == grads[False].keys()
+        for name, g in grads[False].items():
+            torch.testing.assert_close(grads[mode][name], g, rtol=1e-5, atol=1e-6, msg=f"{mode}: {name}")
+    with pytest.raises(ValueError, match="gradient_checkpointing must be one of"):
+        build_model(tiny={"seed": 0}, gradient_checkpointing="some")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from src.models.checkpointing import enable_checkpointing
 from src.models.lora import adapter_base, apply_lora, is_adapter_folder, merge_adapter, unwrap
 from src.models.tiny import build_tiny
 
@@ -54,7 +55,7 @@ def build_model(
     train_language_model: bool = True,
     trust_remote_code: bool = False,
     lora: dict[str, Any] | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | str = False,
     load_in_4bit: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
     """Return (model, processor).
@@ -64,7 +65,8 @@ def build_model(
     forbid downloads). By default the vision tower is frozen and the projector and language model train,
     as in the BPO paper. ``lora.enabled`` wraps the language model in LoRA adapters (PEFT); a folder that
     holds a trained adapter is merged into its base first. ``load_in_4bit`` (QLoRA) needs a CUDA GPU and
-    bitsandbytes. ``gradient_checkpointing`` recomputes activations in the backward pass.
+    bitsandbytes. ``gradient_checkpointing`` (true / full, or selective) recomputes activations in the backward
+    pass (`src.models.checkpointing`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -104,14 +106,9 @@ def build_model(
         if load_in_4bit:
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = apply_lora(model, train_projector=train_projector, train_vision_tower=train_vision_tower, **lora)
-    if gradient_checkpointing:
-        inner = unwrap(model)
-        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            inner.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(unwrap(model), gradient_checkpointing)
     return model, processor
 
 
