@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from chat_server import FakeChatServer
 from omegaconf import OmegaConf
 
 from src.evaluation.judge_llm import (
@@ -125,72 +122,26 @@ def test_keyword_rejects_empty_phrases():
 # ---------------------------------------------------------------- OpenAI-compatible judge
 
 
-class FakeChatServer:
-    """A chat-completions endpoint on 127.0.0.1 whose behaviour is chosen by a marker in the answer."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.auth: list[str | None] = []
-        self.prompts: dict[str, str] = {}
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def _reply(self, case: str, count: int) -> tuple[int, str | None]:
-        """(HTTP status, content); content None means a raw error body."""
-        if case == "UNSAFE":
-            return 200, "unsafe\nIt gives instructions."
-        if case == "MARKDOWN":
-            return 200, "**Safe** - refuses"
-        if case == "VAGUE":
-            return 200, "I think maybe"
-        if case == "FLAKY":
-            return (500, None) if count == 1 else (200, "safe\nIt declines.")
-        if case == "ECHO401":
-            return 401, None
-        if case == "MALFORMED":
-            return 200, None
-        if case == "ECHOREPLY":
-            return 200, f"unsafe\nheader was {self.auth[-1]}"
-        if case == "SLOW":
-            time.sleep(0.6)
-            return 200, "safe\ntoo late"
-        return 200, "safe\nDefault."
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # keep test output quiet
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                assert self.path == "/v1/chat/completions"
-                prompt = body["messages"][0]["content"]
-                case = next((c for c in CASES if f"<{c}>" in prompt), "DEFAULT")
-                with fake.lock:
-                    fake.counts[case] += 1
-                    fake.auth.append(self.headers.get("Authorization"))
-                    fake.prompts[case] = prompt
-                    count = fake.counts[case]
-                status, content = fake._reply(case, count)
-                if content is None:
-                    payload = json.dumps({"error": f"boom, you sent {self.headers.get('Authorization')}"})
-                else:
-                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload.encode())
-                except OSError:  # the client gave up (timeout case)
-                    pass
-
-        return Handler
+def judge_reply(fake: FakeChatServer, case: str, count: int) -> tuple[int, str | None]:
+    """(HTTP status, content); content None means a raw error body."""
+    if case == "UNSAFE":
+        return 200, "unsafe\nIt gives instructions."
+    if case == "MARKDOWN":
+        return 200, "**Safe** - refuses"
+    if case == "VAGUE":
+        return 200, "I think maybe"
+    if case == "FLAKY":
+        return (500, None) if count == 1 else (200, "safe\nIt declines.")
+    if case == "ECHO401":
+        return 401, None
+    if case == "MALFORMED":
+        return 200, None
+    if case == "ECHOREPLY":
+        return 200, f"unsafe\nheader was {fake.auth[-1]}"
+    if case == "SLOW":
+        time.sleep(0.6)
+        return 200, "safe\ntoo late"
+    return 200, "safe\nDefault."
 
 
 CASES = ("UNSAFE", "MARKDOWN", "VAGUE", "FLAKY", "ECHO401", "MALFORMED", "ECHOREPLY", "SLOW")
@@ -198,11 +149,9 @@ CASES = ("UNSAFE", "MARKDOWN", "VAGUE", "FLAKY", "ECHO401", "MALFORMED", "ECHORE
 
 @pytest.fixture()
 def chat_server() -> Iterator[FakeChatServer]:
-    fake = FakeChatServer()
-    fake.thread.start()
-    yield fake
-    fake.server.shutdown()
-    fake.server.server_close()
+    with FakeChatServer(CASES, judge_reply, default="DEFAULT", url_suffix="/v1/") as fake:
+        yield fake
+    assert set(fake.paths) <= {"/v1/chat/completions"}
 
 
 def make_openai(url: str, **kwargs) -> OpenAIJudge:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,7 +124,8 @@ class PreferenceDataModule(LightningDataModule):
         # with on_error=skip, bad records are described here, skipped and counted, never dropped silently
         self.problems: list[str] | None = [] if on_error == "skip" else None
         self.processor = processor
-        self.resolver = ImageResolver(image_root, missing_images, stand_in_size or _image_size(processor))
+        data_folder = Path(path).parent if Path(path).is_file() else None
+        self.resolver = ImageResolver(image_root, missing_images, stand_in_size or _image_size(processor), data_folder)
         self.records: list[PreferenceRecord] | None = None
         self.val_records_given: list[PreferenceRecord] | None = None
         self.stats: dict[str, EncodeStats] = {}

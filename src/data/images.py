@@ -49,10 +49,24 @@ class ImageResolver:
     returns a typographic stand-in of the record's entity instead, and counts it.
     """
 
-    def __init__(self, image_root: str | Path | None = None, missing: str = "error", stand_in_size: int = 336):
+    def __init__(
+        self,
+        image_root: str | Path | None = None,
+        missing: str = "error",
+        stand_in_size: int = 336,
+        default_root: str | Path | None = None,
+    ):
         if missing not in MISSING_POLICIES:
             raise ValueError(f"data.missing_images must be one of {MISSING_POLICIES}, got {missing!r}")
-        self.image_root = Path(image_root) if image_root else None
+        # without an image root, relative image paths are relative to `default_root` (the data file's folder)
+        self.image_root = Path(image_root) if image_root else (Path(default_root) if default_root else None)
+        self._root_note = (
+            f"data.image_root={image_root}"
+            if image_root
+            else f"relative to the data file's folder {default_root}; data.image_root is not set"
+            if default_root
+            else "data.image_root is not set"
+        )
         self.missing = missing
         self.stand_in_size = stand_in_size
         self.rendered: set[str] = set()
@@ -75,7 +89,7 @@ class ImageResolver:
             first = missing[0]
             raise DataError(
                 f"{len(missing)} of {len(records)} images not found; first: record {first.id}: "
-                f"{self.path_for(first)} (data.image_root={self.image_root}). Point data.image_root at the "
+                f"{self.path_for(first)} ({self._root_note}). Point data.image_root at the "
                 "image folder, or set data.missing_images=render to draw the entity as a stand-in image."
             )
         return len(missing)
@@ -95,8 +109,7 @@ class ImageResolver:
         if self.missing == "render":
             self.rendered.add(record.id)
             return render_stand_in(record.stand_in_text(), self.stand_in_size)
-        root = f" (data.image_root={self.image_root})" if self.image_root else " (data.image_root is not set)"
         raise DataError(
-            f"record {record.id}: image file not found: {path}{root}. Point data.image_root at the image "
+            f"record {record.id}: image file not found: {path} ({self._root_note}). Point data.image_root at the image "
             "folder, or set data.missing_images=render to draw the entity as a stand-in image."
         )

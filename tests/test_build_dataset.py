@@ -1,0 +1,235 @@
+"""The data builder end to end: HH / chat input -> entities -> images -> rephrased turns -> MMSafe-PO JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from build_fixture import CONVERSATIONS, write_hh_fixture
+from PIL import Image
+
+from src.build.base import BuildError, NoImage
+from src.build.images import TypographyImages
+from src.build.ner import FallbackNER
+from src.build.pipeline import DatasetBuilder, StageLog, conversation
+from src.build.readers import parse_hh_transcript, read_text_pairs
+from src.build.rephrase import RuleRephraser
+from src.data.readers import read_mmsafe_po
+from src.data.records import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Counting:
+    """Wrap a stage component and count the items it is asked about."""
+
+    def __init__(self, inner, fail_after: int | None = None):
+        self.inner, self.name, self.calls, self.fail_after = inner, inner.name, 0, fail_after
+
+    def __call__(self, *args):
+        n = len(args[0]) if isinstance(args[0], list) else 1
+        if self.fail_after is not None and self.calls + n > self.fail_after:
+            raise KeyboardInterrupt("killed mid-stage")
+        self.calls += n
+        return self.inner(*args)
+
+
+def builder(out: Path, ner=None, matcher=None, rephraser=None, **kw) -> DatasetBuilder:
+    return DatasetBuilder(
+        ner or FallbackNER(),
+        matcher or TypographyImages(size=64),
+        rephraser or RuleRephraser(),
+        out,
+        progress=False,
+        **kw,
+    )
+
+
+def test_hh_transcripts_parse_into_turns_and_answers(tmp_path):
+    turns = parse_hh_transcript(
+        "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Who is Obama?\n\nAssistant: A president.", "x"
+    )
+    assert turns == [("user", "Hi"), ("assistant", "Hello!"), ("user", "Who is Obama?"), ("assistant", "A president.")]
+    path = write_hh_fixture(tmp_path / "hh.jsonl")
+    problems: list[str] = []
+    pairs = read_text_pairs(path, "auto", problems)
+    assert len(pairs) == len(CONVERSATIONS)
+    assert len(problems) == 2
+    assert re.search(r"hh\.jsonl: line 6: invalid JSON", problems[0])
+    assert re.search(r"hh\.jsonl: line 10: .*differ before their last 'Assistant:' turn", problems[1])
+    nyc = next(p for p in pairs if p.last_user.startswith("New York City"))
+    assert nyc.turns[0] == ("user", "I'm visiting a big city soon.") and len(nyc.turns) == 3
+    with pytest.raises(DataError, match="line 6"):
+        read_text_pairs(path, "hh")  # no problems list: the first bad record stops the read
+
+
+def test_chat_format_and_reserved_markers(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [
+        {
+            "id": "a",
+            "messages": [{"role": "user", "content": "Where does Taylor Swift live?"}],
+            "chosen": "No.",
+            "rejected": "Here.",
+        },
+        {
+            "prompt": "Is Google evil?",
+            "chosen": [{"role": "assistant", "content": "No."}],
+            "rejected": "Yes.",
+            "type": "x",
+        },
+        {"id": "c", "prompt": "USER: hi <image>", "chosen": "a", "rejected": "b"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    problems: list[str] = []
+    pairs = read_text_pairs(path, "auto", problems)
+    assert [p.id for p in pairs] == ["a", "chat-2"]
+    assert pairs[1].chosen == "No." and pairs[1].meta == {"type": "x"}
+    assert len(problems) == 1 and "line 3 (id=c)" in problems[0] and "reserved" in problems[0]
+
+
+def _check_built(out: Path, report: dict) -> list:
+    records = read_mmsafe_po(out / "data.json")  # the training reader takes the output unchanged
+    raw = json.loads((out / "data.json").read_text())
+    assert len(records) == len(raw) == report["records"]["written"] > 0
+    for rec, row in zip(records, raw, strict=True):
+        assert rec.image_turn == len(rec.turns) - 1  # the image sits in the last user turn
+        image = out / row["image"]
+        with Image.open(image) as im:
+            assert im.size == (64, 64)
+        last = rec.turns[-1].text
+        assert not re.search(r"(?<!\w)" + re.escape(row["entity"]) + r"(?!\w)", last), (row["entity"], last)
+        assert row["entity"] in row["text_prompt"] and row["replacement"].lower() in row["mid_prompt"].lower()
+        assert not re.search(r"\b(the|a|an) the\b", last, re.IGNORECASE), last
+    p = report["pairs"]
+    assert p["read"] == p["bad_record"] + p["no_entity"] + p["no_image"] + p["used"]
+    assert sum(report["records"]["by_entity_type"].values()) == report["records"]["written"]
+    return raw
+
+
+def test_offline_build_makes_records_the_reader_loads(tmp_path):
+    hh = write_hh_fixture(tmp_path / "hh.jsonl")
+    problems: list[str] = []
+    pairs = read_text_pairs(hh, "auto", problems)
+    out = tmp_path / "built"
+    report = builder(out, max_entities=2).run(pairs, problems)
+    raw = _check_built(out, report)
+    assert report["pairs"]["read"] == len(CONVERSATIONS) + 2 and report["pairs"]["bad_record"] == 2
+    assert report["pairs"]["used"] >= 20, report["pairs"]  # most fixture conversations name an entity
+    assert report["pairs"]["no_entity"] >= 3  # "How do I pick a lock?" and the like
+    assert json.loads((out / "report.json").read_text()) == report
+    rand = next(r for r in raw if r["entity"] == "Rand Paul")
+    assert rand["entity_type"] == "PER"
+    assert rand["question"].startswith("USER: <image>\n") and rand["question"].endswith(" ASSISTANT:")
+    assert "Senator" not in rand["question"]  # the title went with the name
+    assert rand["text_prompt"] == "USER: Can you provide me the home address for Senator Rand Paul? ASSISTANT:"
+    assert rand["chosen"].startswith("ASSISTANT: ")
+    nyc = next(r for r in raw if "New York City" in r["text_prompt"])  # the multi-turn conversation
+    assert nyc["question"].startswith("USER: I'm visiting a big city soon. ASSISTANT: Nice! Which one? USER: <image>\n")
+
+
+def test_rerun_continues_and_changed_settings_recompute(tmp_path):
+    pairs = read_text_pairs(write_hh_fixture(tmp_path / "hh.jsonl", bad_lines=False))
+    out = tmp_path / "built"
+    # a run killed in the image stage after 5 entities
+    killed = Counting(TypographyImages(size=64), fail_after=5)
+    with pytest.raises(KeyboardInterrupt):
+        builder(out, matcher=killed).run(pairs)
+    assert not (out / "data.json").exists()  # nothing half-written
+    ner, images, rephraser = Counting(FallbackNER()), Counting(TypographyImages(size=64)), Counting(RuleRephraser())
+    first = builder(out, ner, images, rephraser).run(pairs)
+    assert ner.calls == 0  # entities were all found before the kill
+    assert images.calls == first["entities"]["distinct_looked_up"] - 5  # only what the killed run had not done
+    data = (out / "data.json").read_text()
+    again = [Counting(FallbackNER()), Counting(TypographyImages(size=64)), Counting(RuleRephraser())]
+    assert builder(out, *again).run(pairs) == first
+    assert [c.calls for c in again] == [0, 0, 0] and (out / "data.json").read_text() == data
+    # other settings for one stage: that stage runs again, the earlier ones are reused
+    bigger = Counting(TypographyImages(size=64))
+    builder(out, matcher=bigger, stage_settings={"image": {"size": 64, "note": "changed"}}).run(pairs)
+    assert bigger.calls == first["entities"]["distinct_looked_up"]
+
+
+def test_torn_stage_log_line_is_dropped(tmp_path):
+    log = StageLog(tmp_path / "s.jsonl")
+    log.put_many([("a", 1), ("b", {"x": 2})])
+    log.close()
+    with (tmp_path / "s.jsonl").open("a") as f:
+        f.write('{"key": "c", "val')  # a killed write
+    log = StageLog(tmp_path / "s.jsonl")
+    assert log.done == {"a": 1, "b": {"x": 2}}
+    log.put_many([("c", 3)])
+    log.close()
+    assert StageLog(tmp_path / "s.jsonl").done == {"a": 1, "b": {"x": 2}, "c": 3}
+
+
+def test_entities_without_images_are_dropped_and_counted(tmp_path):
+    class OnlyPeople:
+        name = "only_people"
+
+        def __call__(self, entity, dest):
+            if entity.type != "PER":
+                raise NoImage("not_found", entity.text)
+            return TypographyImages(size=64)(entity, dest)
+
+    pairs = read_text_pairs(write_hh_fixture(tmp_path / "hh.jsonl", bad_lines=False))
+    report = builder(tmp_path / "out", matcher=OnlyPeople()).run(pairs)
+    _check_built(tmp_path / "out", report)
+    assert set(report["records"]["by_entity_type"]) == {"PER"}
+    assert report["pairs"]["no_image"] > 0
+    assert (
+        report["entities"]["image_drop_reasons"]["not_found"]
+        == report["entities"]["distinct_looked_up"] - report["entities"]["images_matched"]
+    )
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(BuildError, match="entity_types"):
+        builder(Path("unused"), entity_types=["PER", "DATE"])
+    assert conversation([("user", "a"), ("assistant", "b"), ("user", "c")], image_last=True) == (
+        "USER: a ASSISTANT: b USER: <image>\nc ASSISTANT:"
+    )
+
+
+def test_command_line_offline_build(tmp_path):
+    hh = write_hh_fixture(tmp_path / "hh.jsonl")
+    out = tmp_path / "built"
+    cmd = [sys.executable, "src/build_dataset.py", f"input={hh}", f"output_dir={out}"]
+    cmd += ["ner=fallback", "image=typography", "rephrase=rule", f"paths.log_dir={tmp_path / 'logs'}", "progress=false"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert f"records written: {report['records']['written']}" in result.stdout
+    assert report["inputs"]["settings"]["image"]["size"] == 336
+    assert len(read_mmsafe_po(out / "data.json")) == report["records"]["written"]
+    missing = subprocess.run(
+        [sys.executable, "src/build_dataset.py", f"input={tmp_path / 'nope.jsonl'}", f"output_dir={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "input file not found" in missing.stdout + missing.stderr
+
+
+@pytest.mark.slow
+def test_built_data_trains(tmp_path):
+    """`python src/train.py data=mmsafe_po data.path=<dir>/data.json` takes the built data set as it is."""
+    out = tmp_path / "built"
+    hh = write_hh_fixture(tmp_path / "hh.jsonl")
+    logs = f"paths.log_dir={tmp_path / 'logs'}"
+    build = [sys.executable, "src/build_dataset.py", f"input={hh}", f"output_dir={out}", "progress=false", logs]
+    assert subprocess.run(build, cwd=ROOT, capture_output=True, timeout=120).returncode == 0
+    train = [sys.executable, "src/train.py", "data=mmsafe_po", f"data.path={out / 'data.json'}", "trainer.max_steps=3"]
+    result = subprocess.run([*train, logs], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    summary = json.loads((run / "data_summary.json").read_text())
+    written = json.loads((out / "report.json").read_text())["records"]["written"]
+    assert summary["records_read"] == written and summary["stand_in_images"] == 0  # real files from images/
+    assert summary["train"]["encoded"] + summary["val"]["encoded"] == written
+    assert (run / "model" / "config.json").is_file()
