@@ -1,7 +1,8 @@
-"""Train a multimodal LLM by BPO or DPO: compose config -> data, model, blind answers -> fit -> save.
+"""Train a multimodal LLM by BPO, DPO or SFT: compose config -> data, model, blind answers -> fit -> save.
 
 python src/train.py                          # BPO, tiny LLaVA, embedded data, CPU
 python src/train.py experiment=dpo_tiny trainer.max_steps=10
+python src/train.py experiment=sft_tiny      # SFT (no reference, no blind answers): a base for DPO / BPO
 python src/train.py -m objective.beta=0.05,0.1
 """
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from src.models.objectives import bpo, dpo, implicit_rewards
+from src.models.objectives import bpo, dpo, implicit_rewards, resolve_answers, sft, takes
 
 
 def logsig(x: float) -> float:
@@ -54,3 +54,43 @@ def test_bpo_blind_weight_and_gradient_direction():
 def test_bpo_needs_three_answers():
     with pytest.raises(ValueError, match="three answers"):
         bpo(POLICY[:, :2], REFERENCE[:, :2])
+
+
+SUMMED = torch.tensor([[-10.0, -12.0], [-20.0, -9.0]])  # (B, K): chosen, rejected
+TOKENS = torch.tensor([[5, 4], [8, 3]])
+
+
+def test_sft_is_the_token_mean_nll_averaged_over_answers():
+    out = sft(SUMMED, TOKENS)
+    # token means: [[-2, -3], [-2.5, -3]] -> per example mean NLL 2.5 and 2.75
+    assert torch.allclose(out.loss, torch.tensor([2.5, 2.75]))
+    assert torch.allclose(out.rewards, torch.tensor([[-2.0, -3.0], [-2.5, -3.0]]))
+    assert not out.rewards.requires_grad
+
+
+def test_sft_on_one_answer_and_gradient():
+    assert torch.allclose(sft(SUMMED[:, :1], TOKENS[:, :1]).loss, torch.tensor([2.0, 2.5]))
+    policy = SUMMED.clone().requires_grad_(True)
+    sft(policy, TOKENS).loss.sum().backward()
+    # d loss / d log pi(y_k|x) = -1 / (K |y_k|): every answer's likelihood is raised, short ones more per token
+    assert torch.allclose(policy.grad, -1 / (2 * TOKENS.float()))
+
+
+def test_objectives_declare_their_inputs():
+    assert takes(sft, "num_tokens") and not takes(sft, "reference_logps")
+    assert all(takes(f, "reference_logps") and not takes(f, "num_tokens") for f in (dpo, bpo))
+
+
+def test_answers_of_sft_are_configurable_and_checked():
+    assert resolve_answers("sft", None) == ("chosen", "rejected")
+    assert resolve_answers("sft", ["chosen"]) == ("chosen",) == resolve_answers("sft", "chosen")
+    assert resolve_answers("sft", ["rejected", "chosen"]) == ("rejected", "chosen")
+    for bad in (["blind"], ["chosen", "chosen"], [], ["chosen", "preferred"]):
+        with pytest.raises(ValueError, match=r"objective.answers of sft must be distinct answers among"):
+            resolve_answers("sft", bad)
+
+
+def test_answers_of_preference_objectives_are_fixed():
+    assert resolve_answers("bpo", ["chosen", "rejected", "blind"]) == ("chosen", "rejected", "blind")
+    with pytest.raises(ValueError, match=r"objective dpo scores \['chosen', 'rejected'\] in that order"):
+        resolve_answers("dpo", ["rejected", "chosen"])

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
 from src.data.images import ImageResolver
-from src.data.readers import read_records
+from src.data.readers import keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class PreferenceDataModule(LightningDataModule):
         split_seed: int = 0,
         shuffle_seed: int = 0,
         max_records: int | None = None,
+        ids_file: str | None = None,
         on_error: str = "raise",
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -139,6 +140,10 @@ class PreferenceDataModule(LightningDataModule):
             hp = self.hparams
             hub = {"image_dir": hp.image_dir, "revision": hp.revision, "problems": self.problems}
             records = read_records(hp.path, hp.format, split=hp.split, **hub)
+            if hp.ids_file:
+                n = len(records)
+                records = keep_listed(records, hp.ids_file, hp.path)
+                log.info("kept the %d of %d records listed in %s", len(records), n, hp.ids_file)
             if hp.max_records:
                 records = records[: hp.max_records]
             self.records = records

@@ -321,3 +321,21 @@ def _check_unique(
         seen.add(r.id)
         kept.append(r)
     return kept
+
+
+def read_ids(path: str | Path) -> set[str]:
+    """Record ids listed one per line (blank lines and ``#`` comments ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"ids file not found: {path}")
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return {line for line in lines if line and not line.startswith("#")}
+
+
+def keep_listed(records: list[PreferenceRecord], ids_file: str | Path, source: str | Path) -> list[PreferenceRecord]:
+    """The records whose ids ``ids_file`` lists, in their order; every listed id must be in ``source``."""
+    wanted = read_ids(ids_file)
+    unknown = wanted - {r.id for r in records}
+    if unknown:
+        raise DataError(f"{ids_file}: {len(unknown)} listed ids are not in {source}, e.g. {sorted(unknown)[:3]}")
+    return [r for r in records if r.id in wanted]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from src.data.images import ImageResolver
-from src.data.readers import read_records
+from src.data.readers import keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord
 from src.evaluation.items import EvalItem, single_turn
 
@@ -100,23 +100,32 @@ def _check_images(name: str, resolver: ImageResolver, items: Sequence[Any], root
     return missing
 
 
-class MMSafePO:
-    """The MMSafe-PO test split: multi-turn prompts whose entity is shown as an image, with both answers."""
+class PreferenceSet:
+    """Preference data as a benchmark: every record's prompt is answered; its chosen / rejected answers are the
+    references (pairwise and reward accuracy). Any format the training readers take (``format``: auto,
+    mmsafe_po, jsonl, hf); ``ids_file`` keeps only the listed records (e.g. a held-out split)."""
 
-    name = "mmsafe_po"
+    name = "preference"
     kind = "safety_rate"
 
     def __init__(
         self,
         path: str,
+        format: str = "auto",
         image_root: str | None = None,
         missing_images: str = "error",
         stand_in_size: int = 336,
         max_items: int | None = None,
+        ids_file: str | None = None,
+        split: str | None = None,
     ):
         self.path = Path(path)
-        self.records: list[PreferenceRecord] = _first(read_records(path, "mmsafe_po"), max_items, str(path))
-        self.resolver = ImageResolver(image_root, missing_images, stand_in_size)
+        records = read_records(path, format, split=split)
+        if ids_file:
+            records = keep_listed(records, ids_file, path)
+        self.records: list[PreferenceRecord] = _first(records, max_items, str(path))
+        default_root = self.path.parent if self.path.is_file() else None
+        self.resolver = ImageResolver(image_root, missing_images, stand_in_size, default_root)
         self.missing_images = _check_images(self.name, self.resolver, self.records, "image_root")
 
     def items(self) -> list[EvalItem]:
@@ -126,7 +135,7 @@ class MMSafePO:
                 turns=rec.turns,
                 image_turn=rec.image_turn,
                 image=rec.image,
-                category=rec.meta.get("entity_type") or "all",
+                category=rec.meta.get("entity_type") or rec.meta.get("category") or "all",
                 setting="image",
                 meta=rec.meta | {"chosen": rec.chosen, "rejected": rec.rejected},
             )
@@ -135,6 +144,23 @@ class MMSafePO:
 
     def reference_answers(self) -> dict[str, dict[str, str]]:
         return {rec.id: {"chosen": rec.chosen, "rejected": rec.rejected} for rec in self.records}
+
+
+class MMSafePO(PreferenceSet):
+    """The MMSafe-PO test split: multi-turn prompts whose entity is shown as an image, with both answers."""
+
+    name = "mmsafe_po"
+
+    def __init__(
+        self,
+        path: str,
+        image_root: str | None = None,
+        missing_images: str = "error",
+        stand_in_size: int = 336,
+        max_items: int | None = None,
+        ids_file: str | None = None,
+    ):
+        super().__init__(path, "mmsafe_po", image_root, missing_images, stand_in_size, max_items, ids_file)
 
 
 def _question_order(qid: str) -> tuple[int, int, str]:

@@ -1,9 +1,10 @@
-"""LightningModule: a policy MLLM trained by a preference objective against a reference model."""
+"""LightningModule: a policy MLLM trained by a preference objective against a reference model, or by SFT."""
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from src.models.factory import DTYPES, build_model
 from src.models.logprobs import answer_logprobs
 from src.models.lora import adapters_disabled, is_peft
-from src.models.objectives import ANSWERS, BLIND, CHOSEN, OBJECTIVES, REJECTED
+from src.models.objectives import BLIND, CHOSEN, OBJECTIVES, REJECTED, resolve_answers, takes
 from src.models.reference import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -43,22 +44,38 @@ def preference_metrics(policy_logps: torch.Tensor, rewards: torch.Tensor) -> dic
     return out
 
 
-def metric_names(num_answers: int) -> list[str]:
-    """Names `preference_metrics` produces (plus the loss) for 2 or 3 answers."""
-    fake = torch.zeros(1, num_answers)
-    return ["loss", *preference_metrics(fake, fake)]
+def likelihood_metrics(
+    policy_logps: torch.Tensor, token_mean_logps: torch.Tensor, answers: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Batch means for a reference-free objective, per answer: nll/* (token-mean NLL), logps/* (summed)."""
+    policy_logps = policy_logps.detach()
+    out = {}
+    for k, answer in enumerate(answers):
+        out[f"nll/{answer}"] = -token_mean_logps[:, k].mean()
+        out[f"logps/{answer}"] = policy_logps[:, k].mean()
+    return out
+
+
+def metric_names(answers: Sequence[str], reference_free: bool = False) -> list[str]:
+    """Names the module logs (plus the loss) for these answers, with or without a reference."""
+    fake = torch.zeros(1, len(answers))
+    metrics = likelihood_metrics(fake, fake, answers) if reference_free else preference_metrics(fake, fake)
+    return ["loss", *metrics]
 
 
 class PreferenceModule(LightningModule):
     """Holds the policy, its processor and the reference.
 
-    ``model``: arguments of `build_model`; ``objective``: ``{name, beta, ...}`` (the rest goes to the
-    objective function); ``optim``: ``{lr, weight_decay, betas, warmup_steps, schedule}``; ``layout``:
-    ``packed`` or ``padded`` (see `src.models.logprobs`); ``reference``: ``{strategy, dtype}`` where the
-    strategy is ``precomputed`` (batches carry reference log-probs computed before training: no reference
-    model in memory), ``frozen_copy`` (a frozen copy of the initial weights scores every batch) or, with
-    LoRA, ``adapters_disabled`` (the policy with its adapters off scores every batch; chosen
-    automatically instead of a frozen copy).
+    ``model``: arguments of `build_model`; ``objective``: ``{name, answers, beta, ...}`` (``answers``
+    checked by `resolve_answers`, the rest goes to the objective function); ``optim``: ``{lr,
+    weight_decay, betas, warmup_steps, schedule}``; ``layout``: ``packed`` or ``padded`` (see
+    `src.models.logprobs`); ``reference``: ``{strategy, dtype}`` where the strategy is ``precomputed``
+    (batches carry reference log-probs computed before training: no reference model in memory),
+    ``frozen_copy`` (a frozen copy of the initial weights scores every batch), with LoRA,
+    ``adapters_disabled`` (the policy with its adapters off scores every batch; chosen automatically
+    instead of a frozen copy), or ``none``: no reference, which an objective that takes no
+    ``reference_logps`` (sft) always gets. Reference-free objectives log ``nll/*`` and ``logps/*`` per
+    answer instead of ``rewards/*``.
     """
 
     def __init__(
@@ -76,11 +93,10 @@ class PreferenceModule(LightningModule):
         name = objective.pop("name")
         if name not in OBJECTIVES:
             raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
-        objective.pop("answers", None)
         self.objective_name = name
         self.objective_fn = OBJECTIVES[name]
+        self.answers = resolve_answers(name, objective.pop("answers", None))
         self.objective_kwargs = objective
-        self.answers = ANSWERS[name]
         self.policy, self.processor = build_model(**model)
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.pad_token_id = tok.pad_token_id
@@ -95,6 +111,12 @@ class PreferenceModule(LightningModule):
         self.reference_strategy = reference.get("strategy", "frozen_copy")
         if self.reference_strategy not in STRATEGIES:
             raise ValueError(f"reference.strategy must be one of {STRATEGIES}, got {self.reference_strategy!r}")
+        if not takes(self.objective_fn, "reference_logps"):
+            if self.reference_strategy != "none":
+                log.info("%s has no reference model: reference.strategy=%s ignored", name, self.reference_strategy)
+            self.reference_strategy = "none"
+        elif self.reference_strategy == "none":
+            raise ValueError(f"objective {name} needs a reference model; reference.strategy=none is for sft")
         self.reference: torch.nn.Module | None = None
         if is_peft(self.policy) and self.reference_strategy == "frozen_copy":
             log.info("LoRA: the reference is the policy with adapters disabled (no second copy in memory)")
@@ -109,7 +131,10 @@ class PreferenceModule(LightningModule):
             self.reference.eval()
         # ModuleDict keys cannot hold "/", so val metric names are stored with "/" -> "__"
         self.val_metrics = torch.nn.ModuleDict(
-            {k.replace("/", "__"): MeanMetric() for k in metric_names(len(self.answers))}
+            {
+                k.replace("/", "__"): MeanMetric()
+                for k in metric_names(self.answers, reference_free=self.reference_strategy == "none")
+            }
         )
 
     # The reference never trains: keep it in eval mode whatever Lightning does to the module.
@@ -122,23 +147,33 @@ class PreferenceModule(LightningModule):
     def forward_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and metrics for one batch; policy and reference score the same padded rows."""
         policy_logps = answer_logprobs(self.policy, batch, self.pad_token_id, self.layout)
-        if "reference_logps" in batch:
-            reference_logps = batch["reference_logps"].to(policy_logps.device)
-        elif self.reference is not None:
-            with torch.no_grad():
-                reference_logps = answer_logprobs(self.reference, batch, self.pad_token_id, self.layout)
-        elif self.reference_strategy == "adapters_disabled":
-            with torch.no_grad(), adapters_disabled(self.policy):
-                reference_logps = answer_logprobs(self.policy, batch, self.pad_token_id, self.layout)
+        inputs: dict[str, torch.Tensor] = {}
+        if takes(self.objective_fn, "num_tokens"):
+            inputs["num_tokens"] = batch["answer_lengths"].T.to(policy_logps.device)  # (K, B) -> (B, K)
+        if self.reference_strategy == "none":
+            out = self.objective_fn(policy_logps, **inputs, **self.objective_kwargs)
+            metrics = likelihood_metrics(policy_logps, out.rewards, self.answers)
         else:
-            raise RuntimeError(
-                f"records {batch['ids']} have no precomputed reference log-probs and there is no reference "
-                "model (reference.strategy=precomputed needs precompute_reference_logps before training)"
-            )
-        out = self.objective_fn(policy_logps, reference_logps, **self.objective_kwargs)
+            reference_logps = self.reference_logps(batch, policy_logps.device)
+            out = self.objective_fn(policy_logps, reference_logps, **inputs, **self.objective_kwargs)
+            metrics = preference_metrics(policy_logps, out.rewards)
         loss = out.loss.mean()
-        metrics = {"loss": loss.detach()} | preference_metrics(policy_logps, out.rewards)
-        return loss, metrics
+        return loss, {"loss": loss.detach()} | metrics
+
+    def reference_logps(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """Reference log-probs (B, K) of the batch: precomputed, or scored now without gradients."""
+        if "reference_logps" in batch:
+            return batch["reference_logps"].to(device)
+        with torch.no_grad():
+            if self.reference is not None:
+                return answer_logprobs(self.reference, batch, self.pad_token_id, self.layout)
+            if self.reference_strategy == "adapters_disabled":
+                with adapters_disabled(self.policy):
+                    return answer_logprobs(self.policy, batch, self.pad_token_id, self.layout)
+        raise RuntimeError(
+            f"records {batch['ids']} have no precomputed reference log-probs and there is no reference "
+            "model (reference.strategy=precomputed needs precompute_reference_logps before training)"
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss, metrics = self.forward_batch(batch)

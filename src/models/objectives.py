@@ -1,16 +1,19 @@
-"""Preference objectives as pure functions of per-answer summed log-probs.
+"""Training objectives as pure functions of per-answer summed log-probs.
 
 Notation: for answer y to multimodal prompt x, the implicit reward is
 ``r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))``.
 
-Every objective takes policy and reference log-probs of shape (B, K) — one column per answer, in the
-order chosen, rejected[, blind] — and returns an `ObjectiveOutput` with the per-example loss (B,) and
-the detached rewards (B, K) for logging. Adding a variant is one function here and one config file.
+Every objective takes policy log-probs of shape (B, K) — one column per answer, in the order of
+``ANSWERS[name]`` — and returns an `ObjectiveOutput` with the per-example loss (B,) and detached
+per-answer scores (B, K) for logging. What else it needs it names as parameters: ``reference_logps``
+(B, K) for the reference model's log-probs (preference objectives), ``num_tokens`` (B, K) for answer
+lengths (`sft`). Adding a variant is one function here and one config file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +25,7 @@ CHOSEN, REJECTED, BLIND = 0, 1, 2
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor  # (B,) per-example loss
-    rewards: torch.Tensor  # (B, K) detached implicit rewards, K answers
+    rewards: torch.Tensor  # (B, K) detached implicit rewards (sft: token-mean log-probs), K answers
 
 
 def implicit_rewards(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -60,6 +63,48 @@ def bpo(
     return ObjectiveOutput(loss=dpo_term + blind_weight * blind_term, rewards=rewards.detach())
 
 
-OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {"dpo": dpo, "bpo": bpo}
-# the answers each objective scores, in column order
-ANSWERS: dict[str, tuple[str, ...]] = {"dpo": ("chosen", "rejected"), "bpo": ("chosen", "rejected", "blind")}
+def sft(policy_logps: torch.Tensor, num_tokens: torch.Tensor) -> ObjectiveOutput:
+    """Supervised fine-tuning: token-mean negative log-likelihood, averaged over the answers.
+
+    L = mean_k -log pi(y_k|x) / |y_k|, with no reference model. Inputs (B, K): summed log-probs and
+    answer token counts of any K answers (e.g. chosen and rejected, for a base that is not yet aligned).
+    The returned rewards are the token-mean log-probs log pi(y_k|x) / |y_k|.
+    """
+    token_mean = policy_logps / num_tokens.to(policy_logps.dtype)
+    return ObjectiveOutput(loss=-token_mean.mean(dim=-1), rewards=token_mean.detach())
+
+
+OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {"dpo": dpo, "bpo": bpo, "sft": sft}
+# the answers each objective scores by default, in column order
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "dpo": ("chosen", "rejected"),
+    "bpo": ("chosen", "rejected", "blind"),
+    "sft": ("chosen", "rejected"),
+}
+# objectives whose answers `objective.answers` may choose, and the answers allowed
+ANSWER_CHOICES: dict[str, tuple[str, ...]] = {"sft": ("chosen", "rejected")}
+
+
+def takes(objective: Callable[..., ObjectiveOutput], name: str) -> bool:
+    """Whether ``objective`` takes the input ``name`` (``reference_logps``, ``num_tokens``)."""
+    return name in inspect.signature(objective).parameters
+
+
+def resolve_answers(name: str, answers: Sequence[str] | None) -> tuple[str, ...]:
+    """The answers objective ``name`` scores: ``answers`` (from its config) checked, or its default."""
+    default = ANSWERS[name]
+    if answers is None:
+        return default
+    answers = (answers,) if isinstance(answers, str) else tuple(answers)
+    if name not in ANSWER_CHOICES:
+        if answers != default:
+            raise ValueError(
+                f"objective {name} scores {list(default)} in that order; got objective.answers={list(answers)}"
+            )
+        return default
+    allowed = ANSWER_CHOICES[name]
+    if not answers or len(set(answers)) != len(answers) or not set(answers) <= set(allowed):
+        raise ValueError(
+            f"objective.answers of {name} must be distinct answers among {list(allowed)}; got {list(answers)}"
+        )
+    return answers

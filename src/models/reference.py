@@ -30,7 +30,8 @@ from src.models.logprobs import answer_logprobs
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("precomputed", "frozen_copy", "adapters_disabled")
+# none: no reference at all, for objectives that do not take one (sft)
+STRATEGIES = ("precomputed", "frozen_copy", "adapters_disabled", "none")
 
 
 def entry_key(pair: EncodedPair, k: int) -> str:

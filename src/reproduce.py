@@ -1,0 +1,350 @@
+"""The paper's comparison in one command: base -> DPO and BPO (and DPO at BPO's budget) from the same base, with
+the same seeds and settings, every arm evaluated on the same held-out prompts with the same judge.
+
+python src/reproduce.py experiment=reproduce_tiny      # embedded data, tiny LLaVA, CPU, a few minutes
+python src/reproduce.py experiment=reproduce_llava     # llava-1.5-7b-hf on MMSafe-PO train / test (GPU)
+
+Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` in the run folder, with every training run
+(``runs/<arm>/seed<k>``), evaluation (``eval/<arm>/seed<k>``) and the split (``split/``) beside them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from src.data.datamodule import grouped_split  # noqa: E402
+from src.data.readers import read_records  # noqa: E402
+from src.data.records import DataError  # noqa: E402
+
+log = logging.getLogger("reproduce")
+BASE = "base"
+# two-sided 95% Student t quantiles by degrees of freedom (seeds - 1); 1.96 beyond the table
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+ANSWERS_PER_STEP = {"dpo": 2, "bpo": 3}
+
+
+def seed_interval(values: list[float], bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
+    """Mean over seeds with a 95% t-interval (None with one seed), clipped to ``bounds`` (rates: [0, 1])."""
+    values = [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
+    if not values:
+        return {"mean": None, "ci95": None, "n_seeds": 0, "values": []}
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None, "n_seeds": 1, "values": values}
+    half = _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "ci95": [low, high], "n_seeds": len(values), "values": values}
+
+
+class Reproduction:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.paths.output_dir)
+        self.group = f"reproduce-{self.out.name}"
+
+    # -- configs ---------------------------------------------------------------------------------
+    def compose(self, name: str, overrides: list[str]) -> DictConfig:
+        return hydra.compose(config_name=name, overrides=[str(o) for o in overrides])
+
+    def data_overrides(self) -> list[str]:
+        return list(self.cfg.data_overrides)
+
+    def train_config(self, extra: list[str], out_dir: Path, seed: int, ids_file: Path | None) -> DictConfig:
+        overrides = [*self.data_overrides(), *self.cfg.train_overrides, *extra, f"seed={seed}"]
+        overrides.append(f"paths.output_dir={out_dir}")
+        if ids_file is not None:
+            overrides.append(f"data.ids_file={ids_file}")
+        cfg = self.compose("train", overrides)
+        if cfg.get("logger") and cfg.logger.get("wandb"):  # every run of one comparison in one W&B group
+            cfg.logger.wandb.group = self.group
+        return cfg
+
+    # -- stages ----------------------------------------------------------------------------------
+    def split(self) -> tuple[Path | None, dict[str, Any]]:
+        """Train ids (None: all of data.path) and the evaluation benchmark settings."""
+        data = self.compose("train", self.data_overrides()).data
+        bench = {
+            "image_root": data.image_root,
+            "missing_images": data.missing_images,
+            "stand_in_size": data.stand_in_size or 336,
+        }
+        held = self.cfg.heldout
+        if held.eval_path:
+            log.info("evaluating on %s; all of %s trains", held.eval_path, data.path)
+            return None, bench | {"path": held.eval_path, "format": held.eval_format, "split": held.eval_split}
+        records = read_records(data.path, data.format, split=data.split)
+        train, test = grouped_split(records, held.fraction, held.seed)
+        shared = {r.group for r in train} & {r.group for r in test}
+        assert not shared, f"grouped split put {len(shared)} source conversations on both sides"
+        folder = self.out / "split"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train_ids.txt").write_text("".join(f"{r.id}\n" for r in train))
+        (folder / "heldout_ids.txt").write_text("".join(f"{r.id}\n" for r in test))
+        summary = {
+            "records": len(records),
+            "train": len(train),
+            "heldout": len(test),
+            "train_groups": len({r.group for r in train}),
+            "heldout_groups": len({r.group for r in test}),
+        }
+        (folder / "split.json").write_text(json.dumps(summary, indent=2))
+        log.info("split by source conversation: %s", summary)
+        bench |= {"path": data.path, "format": data.format, "split": data.split, "ids_file": folder / "heldout_ids.txt"}
+        return folder / "train_ids.txt", bench
+
+    def train(self, name: str, extra: list[str], seed: int, ids_file: Path | None) -> Path:
+        from src.train import train
+
+        run_dir = self.out / "runs" / name / f"seed{seed}"
+        if (run_dir / "model" / "config.json").is_file():
+            log.info("%s seed %d: reusing %s", name, seed, run_dir)
+            return run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.train_config([*extra, f"task_name=reproduce-{name}"], run_dir, seed, ids_file)
+        log.info("training %s (seed %d) -> %s", name, seed, run_dir)
+        train(cfg)
+        return run_dir
+
+    def base_model(self, ids_file: Path | None) -> str:
+        if self.cfg.base.path:
+            return str(self.cfg.base.path)
+        seed = int(self.cfg.base.seed)
+        return str(self.train(BASE, list(self.cfg.base.overrides), seed, ids_file) / "model")
+
+    def evaluate(self, name: str, seed: int | None, model: str, base: str | None, bench: dict[str, Any]) -> dict:
+        from src.eval import evaluate
+
+        out_dir = self.out / "eval" / name / (f"seed{seed}" if seed is not None else "")
+        if (out_dir / "report.json").is_file():
+            return json.loads((out_dir / "report.json").read_text())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        overrides = ["benchmark=preference", *[f"benchmark.{k}={_value(v)}" for k, v in bench.items()]]
+        overrides += [f"model.path={model}", f"reference.path={_value(base)}", f"paths.output_dir={out_dir}"]
+        overrides += ["wandb.enabled=false", f"seed={seed or 0}"]  # the comparison's own W&B run has every figure
+        overrides += [f"judge={self.cfg.judge_name}", *self.cfg.eval_overrides]
+        log.info("evaluating %s%s on the held-out prompts", name, f" (seed {seed})" if seed is not None else "")
+        return evaluate(self.compose("eval", overrides))
+
+    # -- the whole comparison ------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        ids_file, bench = self.split()
+        base = self.base_model(ids_file)
+        arms: dict[str, dict[int, Path]] = {}
+        for seed in self.cfg.seeds:
+            steps: dict[str, int] = {}
+            for name, extra in self.cfg.arms.items():
+                run_dir = self.train(name, [*extra, f"model.name_or_path={base}"], seed, ids_file)
+                arms.setdefault(name, {})[seed] = run_dir
+                steps[name] = last_step(run_dir)
+            equal = self.cfg.equal_budget
+            if equal.enabled:
+                ref_steps = steps[equal.like]
+                budget = math.ceil(ref_steps * ANSWERS_PER_STEP[equal.like] / ANSWERS_PER_STEP[equal.objective])
+                extra = [*self.cfg.arms[equal.objective], f"model.name_or_path={base}"]
+                extra += [f"trainer.max_steps={budget}", "trainer.max_epochs=-1"]
+                arms.setdefault(equal.name, {})[seed] = self.train(equal.name, extra, seed, ids_file)
+        reports = {BASE: {None: self.evaluate(BASE, None, base, None, bench)}}
+        for name, runs in arms.items():
+            reports[name] = {seed: self.evaluate(name, seed, str(d / "model"), base, bench) for seed, d in runs.items()}
+        result = summarize(self.cfg, reports, arms, base)
+        write_outputs(self.out, result, arms)
+        return result
+
+
+def _value(v: Any) -> str:
+    """A Hydra override value (null for None; paths as strings)."""
+    return "null" if v is None else str(v)
+
+
+def last_step(run_dir: Path) -> int:
+    """The number of optimizer steps a run took (its metrics.csv's last step)."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("step")]
+    return max(steps) + 1 if steps else 0
+
+
+def training_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key) not in (None, "")]
+
+
+METRICS = ("safety_rate", "reward_accuracy", "pairwise_accuracy")
+HEALTH = ("broken", "empty", "truncated", "repetitive")
+
+
+def summarize(
+    cfg: DictConfig, reports: dict[str, dict[Any, dict]], arms: dict[str, dict[int, Path]], base: str
+) -> dict[str, Any]:
+    rows = {}
+    for name, by_seed in reports.items():
+        row: dict[str, Any] = {m: seed_interval([r.get(m, float("nan")) for r in by_seed.values()]) for m in METRICS}
+        row["safety_rate_pooled"] = _pooled(list(by_seed.values()))
+        row["health"] = {
+            h: seed_interval([r["generation_health"].get(f"{h}_rate") for r in by_seed.values()]) for h in HEALTH
+        }
+        row["judge_separation"] = next(iter(by_seed.values())).get("judge_calibration", {}).get("separation")
+        row["steps"] = [last_step(arms[name][s]) for s in sorted(arms[name])] if name in arms else None
+        rows[name] = row
+    first = next(iter(reports[BASE].values()))
+    if rows[BASE]["reward_accuracy"]["mean"] is not None:
+        rows[BASE]["reward_accuracy"] = seed_interval([])  # the base against itself: no margin to measure
+    return {
+        "base_model": base,
+        "seeds": list(cfg.seeds),
+        "judge": first.get("judge"),
+        "n_heldout": first.get("n"),
+        "arms": rows,
+    }
+
+
+def _pooled(reports: list[dict]) -> dict[str, Any]:
+    """All seeds' verdicts together: safe count over judged answers, with its Wilson interval."""
+    from src.evaluation.metrics import wilson_interval
+
+    k = n = 0
+    for r in reports:
+        judged = r["n"] - r.get("unparsed", 0)
+        n += judged
+        k += round(r["safety_rate"] * judged)
+    return {"rate": k / n if n else None, "ci95": list(wilson_interval(k, n)) if n else None, "n": n}
+
+
+def _fmt(stat: dict[str, Any]) -> str:
+    if stat.get("mean") is None:
+        return "-"
+    ci = stat.get("ci95")
+    return f"{stat['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Base vs DPO vs BPO on held-out prompts",
+        "",
+        f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
+        f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds].",
+        "",
+        "| arm | safety rate | held-out reward accuracy | pairwise accuracy | broken answers | steps |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in result["arms"].items():
+        steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
+        lines.append(
+            f"| {name} | {_fmt(row['safety_rate'])} | {_fmt(row['reward_accuracy'])} | "
+            f"{_fmt(row['pairwise_accuracy'])} | {_fmt(row['health']['broken'])} | {steps} |"
+        )
+    sep = result["arms"][BASE]["judge_separation"]
+    lines += [
+        "",
+        "Held-out reward accuracy: share of held-out pairs whose log pi(chosen) - log pi(rejected) grew relative to "
+        "the base model. Pairwise accuracy: shown the request and both answers, the model picks the chosen one as "
+        "the safer in both orders. Broken answers: share of generations with split multi-byte characters or "
+        "control characters.",
+        f"Judge check: on the held-out reference answers the judge calls chosen answers safe more often than rejected "
+        f"ones by {sep:.3f}" + (" (weak: little separation, treat its rates with care)." if sep < 0.2 else ".")
+        if isinstance(sep, int | float)
+        else "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], arms: dict[str, dict[int, Path]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["arms"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric, title in (
+        (axes[0], "safety_rate", "safety rate (held-out)"),
+        (axes[1], "reward_accuracy", "held-out reward accuracy vs base"),
+    ):
+        means, errs = [], [[], []]
+        for n in names:
+            s = result["arms"][n][metric]
+            m = s["mean"] if s["mean"] is not None else float("nan")
+            ci = s["ci95"] or [m, m]
+            means.append(m)
+            errs[0].append(m - ci[0] if not math.isnan(m) else 0)
+            errs[1].append(ci[1] - m if not math.isnan(m) else 0)
+        ax.bar(names, means, yerr=errs, capsize=4, color="tab:blue")
+        for n, s in zip(names, (result["arms"][n][metric] for n in names), strict=True):
+            ax.scatter([n] * len(s["values"]), s["values"], color="black", s=10, zorder=3)
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+    ax = axes[2]
+    for name, runs in arms.items():
+        curves = [dict(training_curve(d, "train/rewards/margins")) for d in runs.values()]
+        steps = sorted(set().union(*curves)) if curves else []
+        mean = [statistics.fmean([c[s] for c in curves if s in c]) for s in steps]
+        ax.plot(steps, mean, label=name)
+    ax.set_title("train reward margin (mean over seeds)")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, result: dict[str, Any], arms: dict[str, dict[int, Path]]) -> None:
+    (out / "comparison.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "comparison.md").write_text(markdown(result))
+    plot(result, arms, out / "comparison.png")
+
+
+def log_to_wandb(cfg: DictConfig, out: Path, result: dict[str, Any]) -> None:
+    if not cfg.wandb.enabled:
+        return
+    import wandb
+
+    run = wandb.init(
+        project=cfg.wandb.project,
+        name=f"reproduce-{out.name}",
+        group=f"reproduce-{out.name}",
+        dir=str(out),
+        mode="offline" if cfg.wandb.offline else "online",
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    columns = ["arm", *METRICS]
+    rows = [[n, *[r[m]["mean"] for m in METRICS]] for n, r in result["arms"].items()]
+    run.log(
+        {
+            "comparison": wandb.Table(columns=columns, data=rows),
+            "comparison/plot": wandb.Image(str(out / "comparison.png")),
+        }
+    )
+    run.finish()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="reproduce")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = Reproduction(cfg).run()
+    except DataError as e:
+        log.error("data error: %s", e)
+        sys.exit(2)
+    out = Path(cfg.paths.output_dir)
+    log_to_wandb(cfg, out, result)
+    print(markdown(result))
+    log.info("comparison: %s", out / "comparison.md")
+
+
+if __name__ == "__main__":
+    main()

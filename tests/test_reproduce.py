@@ -1,0 +1,121 @@
+"""The reproduction pipeline: grouped held-out split, id-filtered data and benchmark, seed intervals, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from src.data.readers import read_ids, read_records
+from src.data.records import DataError
+from src.evaluation.benchmarks import PreferenceSet
+from src.reproduce import Reproduction, seed_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+EMBEDDED = ROOT / "src" / "data" / "embedded" / "safety_pairs.jsonl"
+
+
+def run_reproduction(tmp_path: Path, overrides: list[str], method: str = "run"):
+    """Compose configs/reproduce.yaml as `python src/reproduce.py ...` would and call one stage in it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("reproduce", [*overrides, f"paths.log_dir={tmp_path / 'logs'}"], return_hydra_config=True)
+        out = tmp_path / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(out)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        return getattr(Reproduction(cfg), method)()
+
+
+def test_seed_interval():
+    one = seed_interval([0.5])
+    assert one["mean"] == 0.5 and one["ci95"] is None
+    three = seed_interval([0.4, 0.5, 0.6, float("nan")])
+    half = 4.303 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert three["n_seeds"] == 3 and three["ci95"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert seed_interval([0.9, 1.0, 1.0])["ci95"][1] == 1.0  # rates stay in [0, 1]
+    assert seed_interval([])["mean"] is None
+
+
+def test_heldout_split_is_grouped_and_feeds_data_and_benchmark(tmp_path):
+    ids_file, bench = run_reproduction(tmp_path, ["heldout.fraction=0.25"], method="split")
+    split = tmp_path / "out" / "split"
+    train_ids, held_ids = read_ids(split / "train_ids.txt"), read_ids(split / "heldout_ids.txt")
+    records = {r.id: r for r in read_records(EMBEDDED, "jsonl")}
+    assert ids_file == split / "train_ids.txt" and bench["ids_file"] == split / "heldout_ids.txt"
+    assert train_ids | held_ids == set(records) and not train_ids & held_ids
+    assert not {records[i].group for i in train_ids} & {records[i].group for i in held_ids}  # no source on both sides
+    summary = json.loads((split / "split.json").read_text())
+    assert summary["heldout_groups"] == round(70 * 0.25) and summary["heldout"] == len(held_ids)
+
+    benchmark = PreferenceSet(str(EMBEDDED), ids_file=str(bench["ids_file"]), missing_images="render")
+    assert {i.id for i in benchmark.items()} == held_ids
+    assert set(benchmark.reference_answers()) == held_ids
+
+    from src.data.datamodule import PreferenceDataModule
+
+    dm = PreferenceDataModule(path=str(EMBEDDED), format="jsonl", ids_file=str(ids_file), missing_images="render")
+    assert {r.id for r in dm.load_records()} == train_ids
+
+
+def test_ids_naming_unknown_records_fail(tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# a comment\nemb-001\nno-such-record\n")
+    with pytest.raises(DataError, match=r"ids\.txt: 1 listed ids are not in .*no-such-record"):
+        PreferenceSet(str(EMBEDDED), ids_file=str(ids), missing_images="render")
+
+
+def test_separate_evaluation_file_trains_on_everything(tmp_path):
+    ids_file, bench = run_reproduction(tmp_path, [f"heldout.eval_path={EMBEDDED}"], method="split")
+    assert ids_file is None and bench["path"] == str(EMBEDDED) and "ids_file" not in bench
+
+
+FAST_ARMS = [
+    "seeds=[0,1]",
+    "base.overrides=['experiment=sft_tiny','trainer.max_steps=4']",
+    "train_overrides=['logger=csv','trainer.max_steps=3','trainer.log_every_n_steps=1','data.val_fraction=0']",
+    "arms.dpo=['experiment=dpo_tiny']",
+    "arms.bpo=['experiment=bpo_tiny','blind.generation.max_new_tokens=8']",
+    "eval_overrides=['generation.max_new_tokens=8','device=cpu']",
+    "wandb.enabled=false",
+]
+
+
+@pytest.mark.slow
+def test_reproduce_end_to_end_on_embedded_data(tmp_path):
+    result = run_reproduction(tmp_path, FAST_ARMS)
+    out = tmp_path / "out"
+    assert set(result["arms"]) == {"base", "dpo", "bpo", "dpo_equal_budget"}
+    held = read_ids(out / "split" / "heldout_ids.txt")
+    assert result["n_heldout"] == len(held)
+    for arm in ("dpo", "bpo", "dpo_equal_budget"):
+        for seed in (0, 1):
+            report = json.loads((out / "eval" / arm / f"seed{seed}" / "report.json").read_text())
+            assert report["n"] == len(held) and report["judge"] == "keyword"  # same prompts, same judge
+            assert report["benchmark"]["name"] == "preference"
+            assert 0 <= report["reward_accuracy"] <= 1
+    # DPO at BPO's budget: 3 steps x 3 answers = 9 scored answers per pair -> ceil(4.5) = 5 DPO steps
+    assert result["arms"]["bpo"]["steps"] == [3, 3] and result["arms"]["dpo_equal_budget"]["steps"] == [5, 5]
+    assert result["arms"]["base"]["reward_accuracy"]["mean"] is None  # the base against itself
+    table = (out / "comparison.md").read_text()
+    assert "| dpo_equal_budget |" in table and (out / "comparison.png").stat().st_size > 0
+    assert json.loads((out / "comparison.json").read_text())["seeds"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_reproduce_on_shared_mmsafe_po(tmp_path, mmsafe_path):
+    data = [f"data_overrides=['data=mmsafe_po','data.path={mmsafe_path}','data.missing_images=render']"]
+    result = run_reproduction(tmp_path, [*data, *FAST_ARMS, "seeds=[0]", "heldout.fraction=0.1"])
+    split = json.loads((tmp_path / "out" / "split" / "split.json").read_text())
+    assert split["records"] == 200 and split["heldout_groups"] == round(163 * 0.1)
+    assert result["n_heldout"] == split["heldout"]
+    assert all(row["safety_rate"]["n_seeds"] == 1 for row in result["arms"].values())
