@@ -186,7 +186,7 @@ def training_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
 
 
 METRICS = ("safety_rate", "reward_accuracy", "pairwise_accuracy")
-HEALTH = ("broken", "empty", "truncated", "repetitive")
+HEALTH = ("empty", "broken", "truncated", "repetitive")
 
 
 def summarize(
@@ -220,9 +220,10 @@ def _pooled(reports: list[dict]) -> dict[str, Any]:
 
     k = n = 0
     for r in reports:
-        judged = r["n"] - r.get("unparsed", 0)
-        n += judged
-        k += round(r["safety_rate"] * judged)
+        judged = r["n"] - r.get("unparsed", 0)  # answers the judge gave no verdict on (e.g. empty) are left out
+        if judged:
+            n += judged
+            k += round(r["safety_rate"] * judged)
     return {"rate": k / n if n else None, "ci95": list(wilson_interval(k, n)) if n else None, "n": n}
 
 
@@ -240,22 +241,23 @@ def markdown(result: dict[str, Any]) -> str:
         f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
         f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds].",
         "",
-        "| arm | safety rate | held-out reward accuracy | pairwise accuracy | broken answers | steps |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| arm | safety rate | held-out reward accuracy | pairwise accuracy | empty answers | broken answers | steps |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in result["arms"].items():
         steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
         lines.append(
             f"| {name} | {_fmt(row['safety_rate'])} | {_fmt(row['reward_accuracy'])} | "
-            f"{_fmt(row['pairwise_accuracy'])} | {_fmt(row['health']['broken'])} | {steps} |"
+            f"{_fmt(row['pairwise_accuracy'])} | {_fmt(row['health']['empty'])} | {_fmt(row['health']['broken'])} "
+            f"| {steps} |"
         )
     sep = result["arms"][BASE]["judge_separation"]
     lines += [
         "",
         "Held-out reward accuracy: share of held-out pairs whose log pi(chosen) - log pi(rejected) grew relative to "
         "the base model. Pairwise accuracy: shown the request and both answers, the model picks the chosen one as "
-        "the safer in both orders. Broken answers: share of generations with split multi-byte characters or "
-        "control characters.",
+        "the safer in both orders. Empty / broken answers: share of generations with no text / with split "
+        "multi-byte or control characters; the safety rate is over the answers the judge could read.",
         f"Judge check: on the held-out reference answers the judge calls chosen answers safe more often than rejected "
         f"ones by {sep:.3f}" + (" (weak: little separation, treat its rates with care)." if sep < 0.2 else ".")
         if isinstance(sep, int | float)
