@@ -15,13 +15,16 @@ What is compared (same initial weights, same prompts, images and answer token id
   `DPOTrainer.__init__` raises "`precompute_ref_log_probs=True` is not supported for vision datasets");
   its fused LM head (log-probs of completion positions only); no gradient checkpointing; ``padding_free`` is
   disabled in TRL 1.16 whatever it is set to.
-- ``ours_dpo`` / ``ours_bpo``: `PreferenceModule(layout="packed", reference={"strategy": "precomputed"})` on
-  batches of `PreferenceDataModule.train_dataloader()` whose pairs got ``reference_logps`` from
-  `precompute_reference_logps`; a bare loop: ``forward_batch`` -> backward -> clip 1.0 -> AdamW step -> zero_grad
+- ``ours_dpo`` / ``ours_bpo``: `PreferenceModule(layout="packed", reference={"strategy": "precomputed"},
+  model.gradient_checkpointing="selective")` on batches of `PreferenceDataModule.train_dataloader()` whose pairs
+  got ``reference_logps`` from `precompute_reference_logps`; a bare loop: ``forward_batch`` -> backward -> clip 1.0
+  -> AdamW step -> zero_grad
   (no Lightning Trainer: its per-step overhead is a few ms and would only blur the comparison). DPO scores
-  [chosen, rejected], BPO [chosen, rejected, blind].
-- extra rows (not in the JSON): ours DPO in the padded layout, and ours DPO with a frozen reference copy, to show
-  where the speed comes from (packing vs not running a reference model).
+  [chosen, rejected], BPO [chosen, rejected, blind]. Selective recompute reruns the element-wise ops of each
+  decoder layer in the backward pass and keeps the matmul and attention outputs: the same gradients, less
+  activation memory, a little more time.
+- extra rows (not in the JSON): ours DPO / BPO without the selective recompute, ours DPO in the padded layout, and
+  ours DPO with a frozen reference copy, to show where the memory and the speed come from.
 - epochs: one pass over the data set (8 steps of 4 pairs). TRL: building its data set and trainer (incl. the
   reference copy) + ``train()``; ours BPO: building the data module (tokenization) + computing the reference
   log-probs into a fresh cache + the epoch. Building the model is outside both. Blind answers are part of the
@@ -88,26 +91,29 @@ ANSWER_TOKENS = 100  # target length of every answer (incl. EOS) for the tiny to
 PRECOMPUTE_BATCH_SIZE = 8  # configs/train.yaml reference.batch_size
 
 HEADLINE = ("trl_dpo", "ours_dpo", "ours_bpo")
-EXTRAS = ("ours_dpo_padded", "ours_dpo_frozen", "ours_dpo_selective", "ours_bpo_selective")
+EXTRAS = ("ours_dpo_no_recompute", "ours_bpo_no_recompute", "ours_dpo_padded", "ours_dpo_frozen")
 EPOCHS = ("trl_dpo_epoch", "ours_bpo_epoch")
+# activation checkpointing of our rows: `selective` reruns only the element-wise ops of each decoder layer in the
+# backward pass (matmul and attention outputs are kept), which gives the same gradients (tests/test_lora.py)
+RECOMPUTE = "selective"
 # worker name -> (objective, layout, reference strategy, activation checkpointing) for our side
 OURS = {
-    "ours_dpo": ("dpo", "packed", "precomputed", False),
-    "ours_bpo": ("bpo", "packed", "precomputed", False),
-    "ours_dpo_padded": ("dpo", "padded", "precomputed", False),
-    "ours_dpo_frozen": ("dpo", "packed", "frozen_copy", False),
-    "ours_dpo_selective": ("dpo", "packed", "precomputed", "selective"),
-    "ours_bpo_selective": ("bpo", "packed", "precomputed", "selective"),
-    "ours_bpo_epoch": ("bpo", "packed", "precomputed", False),
+    "ours_dpo": ("dpo", "packed", "precomputed", RECOMPUTE),
+    "ours_bpo": ("bpo", "packed", "precomputed", RECOMPUTE),
+    "ours_dpo_no_recompute": ("dpo", "packed", "precomputed", False),
+    "ours_bpo_no_recompute": ("bpo", "packed", "precomputed", False),
+    "ours_dpo_padded": ("dpo", "padded", "precomputed", RECOMPUTE),
+    "ours_dpo_frozen": ("dpo", "packed", "frozen_copy", RECOMPUTE),
+    "ours_bpo_epoch": ("bpo", "packed", "precomputed", RECOMPUTE),
 }
 LABELS = {
     "trl_dpo": "TRL DPO (DPOTrainer, ref model every step)",
     "ours_dpo": "ours DPO (packed, precomputed ref)",
     "ours_bpo": "ours BPO (packed, precomputed ref)",
+    "ours_dpo_no_recompute": "ours DPO, no selective recompute [extra]",
+    "ours_bpo_no_recompute": "ours BPO, no selective recompute [extra]",
     "ours_dpo_padded": "ours DPO (padded, precomputed ref) [extra]",
     "ours_dpo_frozen": "ours DPO (packed, frozen_copy ref) [extra]",
-    "ours_dpo_selective": "ours DPO (packed, precomputed ref, selective recompute) [extra]",
-    "ours_bpo_selective": "ours BPO (packed, precomputed ref, selective recompute) [extra]",
 }
 
 _QUESTIONS = [

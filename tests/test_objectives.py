@@ -51,6 +51,12 @@ def test_bpo_blind_weight_and_gradient_direction():
     assert (policy.grad[:, 0] < 0).all() and (policy.grad[:, 1] > 0).all() and (policy.grad[:, 2] > 0).all()
 
 
+def test_bpo_blind_weight_scales_the_blind_term():
+    full, half = bpo(POLICY, REFERENCE, beta=0.1), bpo(POLICY, REFERENCE, beta=0.1, blind_weight=0.5)
+    dpo_term = dpo(POLICY, REFERENCE, 0.1).loss
+    assert torch.allclose(half.loss - dpo_term, 0.5 * (full.loss - dpo_term), atol=1e-6)
+
+
 def test_bpo_needs_three_answers():
     with pytest.raises(ValueError, match="three answers"):
         bpo(POLICY[:, :2], REFERENCE[:, :2])

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -106,6 +107,14 @@ def test_reproduce_end_to_end_on_embedded_data(tmp_path):
     # DPO at BPO's budget: 3 steps x 3 answers = 9 scored answers per pair -> ceil(4.5) = 5 DPO steps
     assert result["arms"]["bpo"]["steps"] == [3, 3] and result["arms"]["dpo_equal_budget"]["steps"] == [5, 5]
     assert result["arms"]["base"]["reward_accuracy"]["mean"] is None  # the base against itself
+    logged = yaml.safe_load((out / "runs" / "bpo" / "seed0" / "config.yaml").read_text())
+    assert logged["objective"] == {
+        "name": "bpo",
+        "beta": 0.1,
+        "blind_weight": 1.0,
+        "answers": ["chosen", "rejected", "blind"],
+    }
+    assert logged["model"]["name_or_path"] == str(out / "runs" / "base" / "seed0" / "model")  # from the base
     table = (out / "comparison.md").read_text()
     assert "| dpo_equal_budget |" in table and (out / "comparison.png").stat().st_size > 0
     assert json.loads((out / "comparison.json").read_text())["seeds"] == [0, 1]
@@ -113,9 +122,12 @@ def test_reproduce_end_to_end_on_embedded_data(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_on_shared_mmsafe_po(tmp_path, mmsafe_path):
-    data = [f"data_overrides=['data=mmsafe_po','data.path={mmsafe_path}','data.missing_images=render']"]
+    data = ["data=mmsafe_po", f"data.path={mmsafe_path}", "data.missing_images=render"]  # as on the command line
     result = run_reproduction(tmp_path, [*data, *FAST_ARMS, "seeds=[0]", "heldout.fraction=0.1"])
     split = json.loads((tmp_path / "out" / "split" / "split.json").read_text())
     assert split["records"] == 200 and split["heldout_groups"] == round(163 * 0.1)
     assert result["n_heldout"] == split["heldout"]
     assert all(row["safety_rate"]["n_seeds"] == 1 for row in result["arms"].values())
+    for arm in ("base", "dpo", "bpo"):  # every run trained on the MMSafe-PO records of its side of the split
+        summary = json.loads((tmp_path / "out" / "runs" / arm / "seed0" / "data_summary.json").read_text())
+        assert summary["path"] == str(mmsafe_path) and summary["records_read"] == split["train"]
