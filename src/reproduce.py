@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from src.data.datamodule import grouped_split  # noqa: E402
@@ -63,11 +64,17 @@ class Reproduction:
     def compose(self, name: str, overrides: list[str]) -> DictConfig:
         return hydra.compose(config_name=name, overrides=[str(o) for o in overrides])
 
+    def command_line_data(self) -> list[str]:
+        """The ``data=...`` / ``data.*=...`` overrides given on the command line: every run gets them, last."""
+        task = HydraConfig.get().overrides.task
+        return [o for o in task if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "data"]
+
     def data_overrides(self) -> list[str]:
-        return list(self.cfg.data_overrides)
+        return [*self.cfg.data_overrides, *self.command_line_data()]
 
     def train_config(self, extra: list[str], out_dir: Path, seed: int, ids_file: Path | None) -> DictConfig:
-        overrides = [*self.data_overrides(), *self.cfg.train_overrides, *extra, f"seed={seed}"]
+        overrides = [*self.cfg.data_overrides, *self.cfg.train_overrides, *extra, *self.command_line_data()]
+        overrides.append(f"seed={seed}")
         overrides.append(f"paths.output_dir={out_dir}")
         if ids_file is not None:
             overrides.append(f"data.ids_file={ids_file}")
@@ -174,10 +181,8 @@ def _value(v: Any) -> str:
 
 
 def last_step(run_dir: Path) -> int:
-    """The number of optimizer steps a run took (its metrics.csv's last step)."""
-    with open(run_dir / "metrics.csv", newline="") as f:
-        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("step")]
-    return max(steps) + 1 if steps else 0
+    """The number of optimizer steps a run took."""
+    return int(json.loads((run_dir / "run_summary.json").read_text())["optimizer_steps"])
 
 
 def training_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:

@@ -147,6 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report["final_metrics"] = metrics
+    report["optimizer_steps"] = trainer.global_step
     sharded = not is_peft(module.policy) and trainer.world_size > 1
     state = policy_state_dict(trainer) if sharded else None  # collective under FSDP / ZeRO-3
     if trainer.is_global_zero:
