@@ -39,6 +39,10 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 ANSWERS_PER_STEP = {"dpo": 2, "bpo": 3}
 
 
+class ReproduceError(ValueError):
+    """A setting or folder the user must change; reported without a stack trace."""
+
+
 def seed_interval(values: list[float], bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
     """Mean over seeds with a 95% t-interval (None with one seed), clipped to ``bounds`` (rates: [0, 1])."""
     values = [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
@@ -120,11 +124,11 @@ class Reproduction:
         from src.train import train
 
         run_dir = self.out / "runs" / name / f"seed{seed}"
-        if (run_dir / "model" / "config.json").is_file():
+        cfg = self.train_config([*extra, f"task_name=reproduce-{name}"], run_dir, seed, ids_file)
+        if _finished(run_dir, "model/config.json", cfg):
             log.info("%s seed %d: reusing %s", name, seed, run_dir)
             return run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = self.train_config([*extra, f"task_name=reproduce-{name}"], run_dir, seed, ids_file)
         log.info("training %s (seed %d) -> %s", name, seed, run_dir)
         train(cfg)
         return run_dir
@@ -139,15 +143,17 @@ class Reproduction:
         from src.eval import evaluate
 
         out_dir = self.out / "eval" / name / (f"seed{seed}" if seed is not None else "")
-        if (out_dir / "report.json").is_file():
-            return json.loads((out_dir / "report.json").read_text())
-        out_dir.mkdir(parents=True, exist_ok=True)
         overrides = ["benchmark=preference", *[f"benchmark.{k}={_value(v)}" for k, v in bench.items()]]
         overrides += [f"model.path={model}", f"reference.path={_value(base)}", f"paths.output_dir={out_dir}"]
         overrides += ["wandb.enabled=false", f"seed={seed or 0}"]  # the comparison's own W&B run has every figure
         overrides += [f"judge={self.cfg.judge_name}", *self.cfg.eval_overrides]
+        cfg = self.compose("eval", overrides)
+        if _finished(out_dir, "report.json", cfg):
+            return json.loads((out_dir / "report.json").read_text())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
         log.info("evaluating %s%s on the held-out prompts", name, f" (seed {seed})" if seed is not None else "")
-        return evaluate(self.compose("eval", overrides))
+        return evaluate(cfg)
 
     # -- the whole comparison ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -173,6 +179,20 @@ class Reproduction:
         result = summarize(self.cfg, reports, arms, base)
         write_outputs(self.out, result, arms)
         return result
+
+
+def _finished(out_dir: Path, marker: str, cfg: DictConfig) -> bool:
+    """Whether ``out_dir`` holds a finished run of exactly ``cfg`` (re-runs reuse it); a finished run of other
+    settings is an error, never silently reused or overwritten."""
+    if not (out_dir / marker).is_file():
+        return False
+    saved = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml"), resolve=True)
+    if saved != OmegaConf.to_container(cfg, resolve=True):
+        raise ReproduceError(
+            f"{out_dir} holds a finished run with other settings; start the comparison in a new folder "
+            "(the default: a new hydra.run.dir per call)"
+        )
+    return True
 
 
 def _value(v: Any) -> str:
@@ -346,6 +366,9 @@ def main(cfg: DictConfig) -> None:
         result = Reproduction(cfg).run()
     except DataError as e:
         log.error("data error: %s", e)
+        sys.exit(2)
+    except ReproduceError as e:
+        log.error("reproduce: %s", e)
         sys.exit(2)
     out = Path(cfg.paths.output_dir)
     log_to_wandb(cfg, out, result)

@@ -16,7 +16,7 @@ from omegaconf import open_dict
 from src.data.readers import read_ids, read_records
 from src.data.records import DataError
 from src.evaluation.benchmarks import PreferenceSet
-from src.reproduce import Reproduction, seed_interval
+from src.reproduce import ReproduceError, Reproduction, seed_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -118,6 +118,12 @@ def test_reproduce_end_to_end_on_embedded_data(tmp_path):
     table = (out / "comparison.md").read_text()
     assert "| dpo_equal_budget |" in table and (out / "comparison.png").stat().st_size > 0
     assert json.loads((out / "comparison.json").read_text())["seeds"] == [0, 1]
+    # the same call again reuses every run and evaluation; other settings in the same folder are refused
+    mtime = (out / "runs" / "bpo" / "seed1" / "model" / "config.json").stat().st_mtime
+    assert run_reproduction(tmp_path, FAST_ARMS) == result
+    assert (out / "runs" / "bpo" / "seed1" / "model" / "config.json").stat().st_mtime == mtime
+    with pytest.raises(ReproduceError, match=r"runs/base/seed0 holds a finished run with other settings"):
+        run_reproduction(tmp_path, [*FAST_ARMS, "base.overrides=['experiment=sft_tiny','trainer.max_steps=5']"])
 
 
 @pytest.mark.slow
