@@ -26,7 +26,7 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
 from src.data.datamodule import grouped_split  # noqa: E402
 from src.data.readers import read_records  # noqa: E402
@@ -91,6 +91,7 @@ class Reproduction:
     def split(self) -> tuple[Path | None, dict[str, Any]]:
         """Train ids (None: all of data.path) and the evaluation benchmark settings."""
         data = self.compose("train", self.data_overrides()).data
+        self.data_settings = OmegaConf.to_container(data, resolve=True)
         bench = {
             "image_root": data.image_root,
             "missing_images": data.missing_images,
@@ -176,15 +177,16 @@ class Reproduction:
         reports = {BASE: {None: self.evaluate(BASE, None, base, None, bench)}}
         for name, runs in arms.items():
             reports[name] = {seed: self.evaluate(name, seed, str(d / "model"), base, bench) for seed, d in runs.items()}
-        result = summarize(self.cfg, reports, arms, base)
+        result = summarize(self.cfg, reports, arms, base) | {"data": self.data_settings}
         write_outputs(self.out, result, arms)
+        log_to_wandb(self.cfg, self.out, result)
         return result
 
 
 def _finished(out_dir: Path, marker: str, cfg: DictConfig) -> bool:
     """Whether ``out_dir`` holds a finished run of exactly ``cfg`` (re-runs reuse it); a finished run of other
     settings is an error, never silently reused or overwritten."""
-    if not (out_dir / marker).is_file():
+    if not (out_dir / marker).is_file() or not (out_dir / "config.yaml").is_file():
         return False
     saved = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml"), resolve=True)
     if saved != OmegaConf.to_container(cfg, resolve=True):
@@ -347,7 +349,13 @@ def log_to_wandb(cfg: DictConfig, out: Path, result: dict[str, Any]) -> None:
         group=f"reproduce-{out.name}",
         dir=str(out),
         mode="offline" if cfg.wandb.offline else "online",
-        config=OmegaConf.to_container(cfg, resolve=True),
+        # the runs' data settings, resolved, instead of this config's data node (its ${seed} belongs to the runs)
+        config={
+            k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig | ListConfig) else cfg[k]
+            for k in cfg
+            if k != "data"
+        }
+        | {"data": result["data"]},
     )
     columns = ["arm", *METRICS]
     rows = [[n, *[r[m]["mean"] for m in METRICS]] for n, r in result["arms"].items()]
@@ -371,7 +379,6 @@ def main(cfg: DictConfig) -> None:
         log.error("reproduce: %s", e)
         sys.exit(2)
     out = Path(cfg.paths.output_dir)
-    log_to_wandb(cfg, out, result)
     print(markdown(result))
     log.info("comparison: %s", out / "comparison.md")
 

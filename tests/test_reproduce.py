@@ -129,7 +129,7 @@ def test_reproduce_end_to_end_on_embedded_data(tmp_path):
 @pytest.mark.slow
 def test_reproduce_on_shared_mmsafe_po(tmp_path, mmsafe_path):
     data = ["data=mmsafe_po", f"data.path={mmsafe_path}", "data.missing_images=render"]  # as on the command line
-    result = run_reproduction(tmp_path, [*data, *FAST_ARMS, "seeds=[0]", "heldout.fraction=0.1"])
+    result = run_reproduction(tmp_path, [*data, *FAST_ARMS, "seeds=[0]", "heldout.fraction=0.1", "wandb.enabled=true"])
     split = json.loads((tmp_path / "out" / "split" / "split.json").read_text())
     assert split["records"] == 200 and split["heldout_groups"] == round(163 * 0.1)
     assert result["n_heldout"] == split["heldout"]
@@ -137,3 +137,5 @@ def test_reproduce_on_shared_mmsafe_po(tmp_path, mmsafe_path):
     for arm in ("base", "dpo", "bpo"):  # every run trained on the MMSafe-PO records of its side of the split
         summary = json.loads((tmp_path / "out" / "runs" / arm / "seed0" / "data_summary.json").read_text())
         assert summary["path"] == str(mmsafe_path) and summary["records_read"] == split["train"]
+    assert result["data"]["path"] == str(mmsafe_path) and result["data"]["format"] == "mmsafe_po"
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))  # the comparison's W&B run (offline)
