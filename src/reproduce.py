@@ -36,7 +36,6 @@ log = logging.getLogger("reproduce")
 BASE = "base"
 # two-sided 95% Student t quantiles by degrees of freedom (seeds - 1); 1.96 beyond the table
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-ANSWERS_PER_STEP = {"dpo": 2, "bpo": 3}
 
 
 class ReproduceError(ValueError):
@@ -158,6 +157,12 @@ class Reproduction:
 
     # -- the whole comparison ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        equal = self.cfg.equal_budget
+        if equal.enabled and not {equal.like, equal.objective} <= set(self.cfg.arms):
+            raise ReproduceError(
+                f"equal_budget compares arms {equal.objective!r} and {equal.like!r}, but arms are "
+                f"{sorted(self.cfg.arms)}; set equal_budget.objective / .like, or equal_budget.enabled=false"
+            )
         ids_file, bench = self.split()
         base = self.base_model(ids_file)
         arms: dict[str, dict[int, Path]] = {}
@@ -169,8 +174,8 @@ class Reproduction:
                 steps[name] = last_step(run_dir)
             equal = self.cfg.equal_budget
             if equal.enabled:
-                ref_steps = steps[equal.like]
-                budget = math.ceil(ref_steps * ANSWERS_PER_STEP[equal.like] / ANSWERS_PER_STEP[equal.objective])
+                like, same = arms[equal.like][seed], arms[equal.objective][seed]
+                budget = math.ceil(steps[equal.like] * scored_answers(like) / scored_answers(same))
                 extra = [*self.cfg.arms[equal.objective], f"model.name_or_path={base}"]
                 extra += [f"trainer.max_steps={budget}", "trainer.max_epochs=-1"]
                 arms.setdefault(equal.name, {})[seed] = self.train(equal.name, extra, seed, ids_file)
@@ -205,6 +210,11 @@ def _value(v: Any) -> str:
 def last_step(run_dir: Path) -> int:
     """The number of optimizer steps a run took."""
     return int(json.loads((run_dir / "run_summary.json").read_text())["optimizer_steps"])
+
+
+def scored_answers(run_dir: Path) -> int:
+    """How many answers per pair a run's objective scored each step (dpo 2, bpo 3)."""
+    return len(OmegaConf.load(run_dir / "config.yaml").objective.answers)
 
 
 def training_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:

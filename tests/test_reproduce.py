@@ -139,3 +139,8 @@ def test_reproduce_on_shared_mmsafe_po(tmp_path, mmsafe_path):
         assert summary["path"] == str(mmsafe_path) and summary["records_read"] == split["train"]
     assert result["data"]["path"] == str(mmsafe_path) and result["data"]["format"] == "mmsafe_po"
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))  # the comparison's W&B run (offline)
+
+
+def test_equal_budget_needs_both_arms(tmp_path):
+    with pytest.raises(ReproduceError, match=r"equal_budget compares arms 'dpo' and 'bpo', but arms are \['dpo'\]"):
+        run_reproduction(tmp_path, ["~arms.bpo"])
