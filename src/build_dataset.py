@@ -23,6 +23,7 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf.errors import MissingMandatoryValue  # noqa: E402
 
 from src.build.base import BuildError  # noqa: E402
 from src.build.pipeline import DatasetBuilder  # noqa: E402
@@ -85,6 +86,9 @@ def main(cfg: DictConfig) -> None:
         report = build(cfg)
     except (BuildError, DataError) as e:  # a problem the user can fix: say what and where, no stack trace
         log.error("build_dataset: %s", e)
+        sys.exit(2)
+    except MissingMandatoryValue as e:
+        log.error("build_dataset: %s is required, e.g. %s=<path>", e.full_key, e.full_key)
         sys.exit(2)
     print(summary(report, cfg.output_dir))
 

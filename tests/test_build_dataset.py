@@ -214,6 +214,15 @@ def test_command_line_offline_build(tmp_path):
         timeout=120,
     )
     assert missing.returncode == 2 and "input file not found" in missing.stdout + missing.stderr
+    no_root = subprocess.run(
+        [sys.executable, "src/build_dataset.py", f"input={hh}", f"output_dir={out}", "image=local"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert no_root.returncode == 2 and "image.root is required" in no_root.stdout + no_root.stderr
+    assert "Traceback" not in no_root.stderr
 
 
 @pytest.mark.slow
