@@ -31,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 from src.data.datamodule import grouped_split  # noqa: E402
 from src.data.readers import read_records  # noqa: E402
 from src.data.records import DataError  # noqa: E402
+from src.evaluation.metrics import wilson_interval  # noqa: E402
 
 log = logging.getLogger("reproduce")
 BASE = "base"
@@ -253,8 +254,6 @@ def summarize(
 
 def _pooled(reports: list[dict]) -> dict[str, Any]:
     """All seeds' verdicts together: safe count over judged answers, with its Wilson interval."""
-    from src.evaluation.metrics import wilson_interval
-
     k = n = 0
     for r in reports:
         judged = r["n"] - r.get("unparsed", 0)  # answers the judge gave no verdict on (e.g. empty) are left out

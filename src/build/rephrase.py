@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from src.build.base import BuildError, Entity, RephraseItem
-from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template
+from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template, load_template
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +465,10 @@ class ModelRephraser:
         if dtype not in _DTYPES:
             raise BuildError(f"rephrase.dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         self.name = name
-        self.template = _load_template(prompt_file)
+        try:
+            self.template = load_template(prompt_file, ["{text}", "{phrase}"], "rephrase.prompt_file")
+        except (OSError, ValueError) as e:
+            raise BuildError(str(e)) from None
         self.client = (
             ChatClient(
                 base_url,
@@ -597,15 +600,3 @@ class ModelRephraser:
                 )
             replies.extend(tok.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True))
         return replies
-
-
-def _load_template(prompt_file: str | Path) -> str:
-    """The rephrasing prompt template; checked now so a bad file fails at start-up."""
-    path = Path(prompt_file)
-    if not path.is_file():
-        raise BuildError(f"rephrase prompt file {path} not found; point rephrase.prompt_file at a text file")
-    template = path.read_text(encoding="utf-8")
-    missing = [p for p in ("{text}", "{phrase}") if p not in template]
-    if missing:
-        raise BuildError(f"rephrase prompt file {path} lacks the placeholder(s) {', '.join(missing)}")
-    return template

@@ -14,6 +14,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,19 @@ def fill_template(template: str, values: dict[str, str]) -> str:
         return template
     pattern = re.compile(r"\{(" + "|".join(re.escape(k) for k in values) + r")\}")
     return pattern.sub(lambda m: values[m.group(1)], template)
+
+
+def load_template(prompt_file: str | os.PathLike[str], placeholders: list[str], setting: str) -> str:
+    """A prompt template file holding every one of ``placeholders``; checked at start-up, so a bad file fails
+    before any generation. ``setting`` names the config key in the messages (e.g. ``judge.prompt_file``)."""
+    path = Path(prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found; point {setting} at a text file")
+    template = path.read_text(encoding="utf-8")
+    missing = [p for p in placeholders if p not in template]
+    if missing:
+        raise ValueError(f"prompt file {path} ({setting}) lacks the placeholder(s) {', '.join(missing)}")
+    return template
 
 
 def scrub(text: str, secret: str | None) -> str:

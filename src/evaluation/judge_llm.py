@@ -7,13 +7,11 @@ of ``src.evaluation.chat_client``; Llama Guard loads through transformers on fir
 from __future__ import annotations
 
 import logging
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template
+from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template, load_template
 from src.evaluation.judges import JudgeInput, Verdict, match_category
 
 log = logging.getLogger(__name__)
@@ -39,20 +37,6 @@ def parse_safety_reply(text: str | None) -> Verdict:
         return Verdict(safe=None, reason=f"unparsed reply: {text[:80]}")
     rest = text[m.end() :].strip()
     return Verdict(safe=m.group(1).lower() == "safe", reason=rest or "(no reason given)")
-
-
-def _load_template(prompt_file: str | os.PathLike[str], need_criteria: bool) -> str:
-    """The judge prompt template; checked now so a bad file fails at start-up, not after generation."""
-    path = Path(prompt_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"judge prompt file {path} not found; point judge.prompt_file at a text file")
-    template = path.read_text(encoding="utf-8")
-    missing = [p for p in PLACEHOLDERS[:2] if p not in template]
-    if need_criteria and "{criteria}" not in template:
-        missing.append("{criteria}")
-    if missing:
-        raise ValueError(f"judge prompt file {path} lacks the placeholder(s) {', '.join(missing)}")
-    return template
 
 
 class OpenAIJudge:
@@ -98,7 +82,8 @@ class OpenAIJudge:
         )
         self.max_workers = int(max_workers)
         self.category_criteria = {str(k): str(v) for k, v in (category_criteria or {}).items()}
-        self.template = _load_template(prompt_file, need_criteria=bool(self.category_criteria))
+        needed = list(PLACEHOLDERS[:2]) + (["{criteria}"] if self.category_criteria else [])
+        self.template = load_template(prompt_file, needed, "judge.prompt_file")
 
     def __repr__(self) -> str:
         return f"OpenAIJudge(name={self.name!r}, model={self.client.model!r}, url={self.client.url!r})"
