@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Sequence
@@ -61,6 +62,29 @@ def metric_names(answers: Sequence[str], reference_free: bool = False) -> list[s
     fake = torch.zeros(1, len(answers))
     metrics = likelihood_metrics(fake, fake, answers) if reference_free else preference_metrics(fake, fake)
     return ["loss", *metrics]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def low_precision_matmuls(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store the weights of matrix products (linear, convolution) in ``dtype``, the rest as they are.
+
+    Under autocast to ``dtype`` the policy casts exactly these weights to ``dtype`` and keeps embeddings,
+    norms and the residual stream in float32, so a copy stored this way computes the same numbers while
+    holding most of its memory (the matrices) at half the size. Casting the whole copy would also put its
+    residual stream and norms in ``dtype``, and its log-probs would differ from the policy's at step 0.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and id(module.weight) not in embeddings:
+            module.to(dtype)  # a head tied to the input embeddings stays as it is, like the embeddings
 
 
 class PreferenceModule(LightningModule):
@@ -123,10 +147,11 @@ class PreferenceModule(LightningModule):
             self.reference_strategy = "adapters_disabled"
         if self.reference_strategy == "adapters_disabled" and not is_peft(self.policy):
             raise ValueError("reference.strategy=adapters_disabled needs model.lora.enabled=true")
+        self.reference_dtype = DTYPES[reference["dtype"]] if reference.get("dtype") else None
         if self.reference_strategy == "frozen_copy":
             self.reference = copy.deepcopy(self.policy)
-            if reference.get("dtype"):
-                self.reference.to(DTYPES[reference["dtype"]])
+            if self.reference_dtype is not None:
+                low_precision_matmuls(self.reference, self.reference_dtype)
             self.reference.requires_grad_(False)
             self.reference.eval()
         # ModuleDict keys cannot hold "/", so val metric names are stored with "/" -> "__"
@@ -166,7 +191,8 @@ class PreferenceModule(LightningModule):
             return batch["reference_logps"].to(device)
         with torch.no_grad():
             if self.reference is not None:
-                return answer_logprobs(self.reference, batch, self.pad_token_id, self.layout)
+                with self._reference_autocast(device):
+                    return answer_logprobs(self.reference, batch, self.pad_token_id, self.layout)
             if self.reference_strategy == "adapters_disabled":
                 with adapters_disabled(self.policy):
                     return answer_logprobs(self.policy, batch, self.pad_token_id, self.layout)
@@ -174,6 +200,21 @@ class PreferenceModule(LightningModule):
             f"records {batch['ids']} have no precomputed reference log-probs and there is no reference "
             "model (reference.strategy=precomputed needs precompute_reference_logps before training)"
         )
+
+    def _reference_autocast(self, device: torch.device) -> Any:
+        """A low-precision copy computes as the policy does under the run's autocast; without autocast (a
+        full-precision run) it still needs one, and then differs from the policy: said once."""
+        name = str(self.reference_dtype).removeprefix("torch.")
+        if self.reference_dtype is None or torch.is_autocast_enabled(device.type):
+            if self.reference_dtype not in (None, torch.get_autocast_dtype(device.type)):
+                _warn_once(f"reference.dtype={name} differs from the run's autocast dtype: rewards start off zero")
+            return contextlib.nullcontext()
+        _warn_once(
+            f"reference.dtype={name} in a full-precision run: the reference computes in {name} autocast while "
+            "the policy does not, so rewards start off zero (5e-3 nats on the tiny model); use a matching "
+            "trainer.precision (bf16-mixed) or reference.dtype=null"
+        )
+        return torch.autocast(device.type, dtype=self.reference_dtype)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss, metrics = self.forward_batch(batch)
