@@ -71,3 +71,19 @@ def test_interrupted_file_resumes_without_duplicates(tiny, tmp_path):
     assert all(a["num_tokens"] <= 4 and (a["finished"] or a["num_tokens"] == 4) for a in answers.values())
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines() if line.endswith("}")]
     assert sorted(ids) == ["r0", "r1", "r2", "r3"]
+
+
+def test_generations_are_redone_when_the_image_changes(tiny, tmp_path):
+    """Cached answers to stand-in images are not answers to the real images put in place later."""
+    model, processor = tiny
+    recs = records(2)
+    out = tmp_path / "gen.jsonl"
+    stand_ins = AnswerGenerator(model, processor, SETTINGS, ImageResolver(tmp_path, "render", 32))
+    stand_ins.run(recs, out, with_image=True)
+    assert stand_ins.generated == 2
+    from src.data.images import render_stand_in
+
+    render_stand_in("a real photo", 48).save(tmp_path / "r0.png")
+    real = AnswerGenerator(model, processor, SETTINGS, ImageResolver(tmp_path, "render", 32))
+    real.run(recs, out, with_image=True)
+    assert real.generated == 1  # r0 now has its real image; r1 is still the same stand-in

@@ -229,3 +229,21 @@ def test_packed_and_padded_runs_follow_the_same_curve(tmp_path):
     assert packed_losses == pytest.approx(padded_losses, abs=1e-3)
     for key in ("val/rewards/accuracies", "val/rewards/blind_accuracies", "val/loss"):
         assert packed[key] == pytest.approx(padded[key], abs=1e-3), key
+
+
+@pytest.mark.slow
+def test_a_shared_reference_cache_recomputes_for_other_images_and_precision(tmp_path):
+    """Same records, one cache folder: other pixels or another precision are computed, never reused."""
+    common = ["trainer.max_steps=1", "logger=csv", f"reference.cache_dir={tmp_path}/ref"]
+    runs = {
+        "first": [],
+        "again": [],
+        "pixels": ["data.stand_in_size=16"],  # the stand-ins drawn at another size: other pixel inputs
+        "bf16": ["trainer.precision=bf16-mixed"],
+    }
+    counts = {}
+    for name, overrides in runs.items():
+        run_train(tmp_path / name, [*common, *overrides])
+        summary = json.loads((tmp_path / name / "run/run_summary.json").read_text())
+        counts[name] = (summary["reference_logps"]["computed"], summary["reference_logps"]["reused"])
+    assert counts == {"first": (96, 0), "again": (0, 96), "pixels": (96, 0), "bf16": (96, 0)}

@@ -208,6 +208,7 @@ class PreferenceDataModule(LightningDataModule):
             stats.encoded += 1
             stats.dropped_history += result.dropped_turns > 0
             stats.truncated_answers += result.truncated_answers
+            stats.truncated_extra += result.truncated_extra
             pairs.append(result)
         self.stats[name] = stats
         if not pairs and records:

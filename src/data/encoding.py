@@ -7,11 +7,14 @@ turn, closed by EOS, so the scored text is exactly what the model would have to 
 
 Truncation never cuts the prompt (and so never cuts image tokens): oldest history turns are dropped
 first, then answers are shortened from the end; a record that still does not fit is skipped with a
-reason that is counted and reported.
+reason that is counted and reported. The prompt is fitted to the preference pair (chosen, rejected)
+alone, exactly as DPO fits it; an extra answer (the blind one) takes the budget that is left, so BPO and
+DPO train their shared term on identical prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +25,7 @@ from src.data.records import Conversation, DataError, PreferenceRecord
 
 IGNORE_INDEX = -100
 ANSWER_KEYS = ("chosen", "rejected", "blind")
+PAIR_KEYS = ANSWER_KEYS[:2]  # the answers a prompt is fitted to; others fit the budget left
 
 
 @dataclass
@@ -33,6 +37,7 @@ class EncodedPair:
     answer_ids: list[list[int]]
     dropped_turns: int = 0
     truncated_answers: int = 0
+    truncated_extra: int = 0  # of which extra answers (blind) shortened to the budget the pair left
     reference_logps: list[float] | None = None  # filled from the reference cache, when precomputed
 
 
@@ -44,6 +49,7 @@ class EncodeStats:
     skipped: Counter = field(default_factory=Counter)
     dropped_history: int = 0
     truncated_answers: int = 0
+    truncated_extra: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -52,6 +58,7 @@ class EncodeStats:
             "skipped_by_reason": dict(self.skipped),
             "records_with_history_dropped": self.dropped_history,
             "answers_truncated": self.truncated_answers,
+            "blind_answers_truncated": self.truncated_extra,
         }
 
 
@@ -88,8 +95,12 @@ class PromptEncoder:
             ids = ids[1:]
         return ids
 
-    def answer_ids(self, record: Conversation, answer: str) -> list[int]:
-        """Tokens the chat template appends for ``answer`` as the assistant turn, ending in EOS."""
+    def answer_ids(self, record: Conversation, answer: str, finished: bool = True) -> list[int]:
+        """Tokens the chat template appends for ``answer`` as the assistant turn, ending in EOS.
+
+        ``finished=False`` (a generation cut by its token limit) scores the answer's own tokens only: no
+        EOS and no end-of-turn text, which would teach that the cut-off text ends there.
+        """
         messages = record.messages(with_image=record.image is not None)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         full = self.processor.apply_chat_template(
@@ -102,42 +113,75 @@ class PromptEncoder:
                 f"record {record.id}: the chat template renders the prompt differently when an answer "
                 "follows it; cannot tell which tokens belong to the answer"
             )
-        ids = self.tokenizer(full[len(prompt) :].rstrip(), add_special_tokens=False)["input_ids"]
+        rest = full[len(prompt) :]
+        if not finished and answer.strip():
+            end = rest.find(answer.strip()) if answer.strip() else 0
+            if end < 0:
+                raise DataError(f"record {record.id}: the chat template changed the answer text; cannot cut its end")
+            text = rest[: end + len(answer.strip())]
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(rest.rstrip(), add_special_tokens=False)["input_ids"]
         if not ids or ids[-1] != self.tokenizer.eos_token_id:
             ids = ids + [self.tokenizer.eos_token_id]
         return ids
 
     # -- records -------------------------------------------------------------------------------
     def encode(
-        self, record: PreferenceRecord, image: Any, answer_keys: tuple[str, ...] = ANSWER_KEYS[:2]
+        self, record: PreferenceRecord, image: Any, answer_keys: tuple[str, ...] = PAIR_KEYS
     ) -> EncodedPair | str:
-        """Tokenize a record for scoring; returns the skip reason (a string) when it cannot fit."""
+        """Tokenize a record for scoring; returns the skip reason (a string) when it cannot fit.
+
+        The prompt is fitted to the answers of ``answer_keys`` that are in `PAIR_KEYS`; the others
+        (blind) are shortened to the budget those leave.
+        """
         texts = []
         for key in answer_keys:
             text = getattr(record, key)
             if text is None:
                 raise DataError(f"record {record.id}: no {key!r} answer (the objective needs {list(answer_keys)})")
             texts.append(text)
-        return self.encode_answers(record, image, texts)
+        finished = [record.blind_finished if key == "blind" else True for key in answer_keys]
+        fit = [key in PAIR_KEYS for key in answer_keys]
+        return self.encode_answers(record, image, texts, finished=finished, fit=fit if any(fit) else None)
 
-    def encode_answers(self, record: Conversation, image: Any, texts: list[str]) -> EncodedPair | str:
-        """Tokenize any prompt with any answers for scoring (same truncation rules as `encode`)."""
-        answers = [self.answer_ids(record, text) for text in texts]
+    def encode_answers(
+        self,
+        record: Conversation,
+        image: Any,
+        texts: list[str],
+        finished: list[bool] | None = None,
+        fit: list[bool] | None = None,
+    ) -> EncodedPair | str:
+        """Tokenize any prompt with any answers for scoring (same truncation rules as `encode`).
+
+        ``fit[k]``: whether the prompt is fitted to answer k (default: every answer); answers not fitted
+        to are shortened to the budget left. ``finished[k]=False``: answer k was cut by a token limit and
+        is scored without EOS.
+        """
+        finished = finished or [True] * len(texts)
+        answers = [self.answer_ids(record, text, done) for text, done in zip(texts, finished, strict=True)]
+        fit = fit or [True] * len(answers)
         if record.image is not None and image is None:
             raise DataError(f"record {record.id}: image {record.image!r} was not resolved")
-        longest = max(len(a) for a in answers)
-        starts = record.history_starts()
-        for start in starts:
+        longest = max(len(a) for a, f in zip(answers, fit, strict=True) if f)
+        for start in record.history_starts():
             prompt = self.prompt_ids(record, image, first_turn=start)
-            if len(prompt) + longest <= self.max_length:
-                return EncodedPair(record.id, prompt, answers, dropped_turns=start)
-        # only the last user turn is left: shorten answers from the end
+            fitted = len(prompt) + longest <= self.max_length
+            if fitted:
+                break
+        # not fitted: only the last user turn is left, and answers are shortened from the end
         budget = self.max_length - len(prompt)
-        if budget < self.min_answer_tokens:
+        if not fitted and budget < self.min_answer_tokens:
             return "prompt_too_long"
-        truncated = sum(len(a) > budget for a in answers)
-        answers = [a[:budget] for a in answers]
-        return EncodedPair(record.id, prompt, answers, dropped_turns=starts[-1], truncated_answers=truncated)
+        cut = [len(a) > budget for a in answers]
+        return EncodedPair(
+            record.id,
+            prompt,
+            [a[:budget] for a in answers],
+            dropped_turns=start,
+            truncated_answers=sum(cut),
+            truncated_extra=sum(c and not f for c, f in zip(cut, fit, strict=True)),
+        )
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -171,6 +215,22 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
         batch["reference_logps"] = torch.tensor([p.reference_logps for p in pairs], dtype=torch.float32)
     batch |= cat_image_inputs([it["image_inputs"] for it in items if it["image_inputs"] is not None])
     return batch
+
+
+def inputs_digest(image_inputs: dict[str, Any] | None) -> str | None:
+    """Identity of the exact image inputs a model sees (None: no image).
+
+    A hash of every tensor the image processor returned (names, dtypes, shapes, values), so it changes with
+    the image file, a rendered stand-in, its size, and every processor setting (resize, crop or pad, mean).
+    """
+    if image_inputs is None:
+        return None
+    h = hashlib.sha256()
+    for key in sorted(image_inputs):
+        value = torch.as_tensor(image_inputs[key]).detach().cpu().contiguous()
+        h.update(f"{key} {value.dtype} {tuple(value.shape)}".encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return h.hexdigest()[:20]
 
 
 def cat_image_inputs(inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

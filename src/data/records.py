@@ -85,9 +85,10 @@ class PreferenceRecord(Conversation):
     rejected: str
     blind: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    blind_finished: bool = True  # False: the blind answer was cut by its token limit (scored without EOS)
 
-    def with_blind(self, blind: str) -> PreferenceRecord:
-        return replace(self, blind=blind)
+    def with_blind(self, blind: str, finished: bool = True) -> PreferenceRecord:
+        return replace(self, blind=blind, blind_finished=finished)
 
 
 def validate_turns(turns: list[Turn], where: str) -> None:

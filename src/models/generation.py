@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from src.data.encoding import PromptEncoder, cat_image_inputs
+from src.data.encoding import PromptEncoder, cat_image_inputs, inputs_digest
 from src.data.images import ImageResolver
 from src.data.records import Conversation, PreferenceRecord
 from src.models.factory import fingerprint
-from src.models.logprobs import add_token_types
+from src.models.logprobs import add_token_types, attn_implementation
 from src.models.predict import generate_on_devices
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ def _sha(text: str) -> str:
 
 
 def _prompt_sha(record: Conversation, prompt: tuple[list[int], Any, str]) -> str:
-    """Identity of a prompt: its token ids (so template and tokenizer changes count) and its image."""
-    return _sha(json.dumps([prompt[0], record.image if prompt[1] is not None else None]))
+    """Identity of a prompt: its token ids (so template and tokenizer changes count) and the exact image
+    inputs (so another image file, a stand-in or other processor settings count, not just the path)."""
+    return _sha(json.dumps([prompt[0], inputs_digest(prompt[1])]))
 
 
 def read_generations(path: Path) -> dict[str, dict[str, Any]]:
@@ -212,8 +213,8 @@ def _is_main_process() -> bool:
 
 
 def blind_cache_path(cache_dir: str | Path, model: torch.nn.Module, settings: GenerationSettings) -> Path:
-    """Cache file for blind answers: one per (model weights, generation settings)."""
-    key = _sha(fingerprint(model) + settings.key())
+    """Cache file for blind answers: one per (model weights and dtype, attention kernel, generation settings)."""
+    key = _sha(fingerprint(model) + attn_implementation(model) + settings.key())
     return Path(cache_dir) / f"blind-{key}.jsonl"
 
 
@@ -238,15 +239,22 @@ def fill_blind_answers(
         return records, summary | {"generated": 0, "from_cache": 0}
     path = blind_cache_path(cache_dir, reference, settings)
     generator = AnswerGenerator(reference, processor, settings, devices=devices)
-    answers = {k: v["answer"] for k, v in generator.run(missing, path, with_image=False, desc="blind answers").items()}
+    lines = generator.run(missing, path, with_image=False, desc="blind answers")
     generated = generator.generated
-    empty = [rid for rid, a in answers.items() if not a]
     filled = []
     for r in records:
         if r.blind is None:
-            # an empty generation is still a (bad) answer; score its EOS rather than drop the record
-            filled.append(r.with_blind(answers[r.id]))
+            # an empty generation is still a (bad) answer; score its EOS rather than drop the record. One cut
+            # by max_new_tokens is scored without EOS (lines from before `finished` was stored count as cut).
+            line = lines[r.id]
+            filled.append(r.with_blind(line["answer"], finished=bool(line.get("finished", False))))
         else:
             filled.append(r)
-    summary |= {"generated": generated, "from_cache": len(missing) - generated, "empty": len(empty), "cache": str(path)}
+    summary |= {
+        "generated": generated,
+        "from_cache": len(missing) - generated,
+        "empty": sum(not line["answer"] for line in lines.values()),
+        "unfinished": sum(not line.get("finished", False) for line in lines.values()),
+        "cache": str(path),
+    }
     return filled, summary

@@ -4,9 +4,14 @@ The reference model is the initial policy and never changes, so log pi_ref(y|x) 
 is a constant of the data set. Computing it once (batched, in the packed layout) removes the reference
 forward from every training step and the frozen copy from memory.
 
-The cache is a JSON file per model fingerprint, keyed by record id and a hash of the exact prompt and
-answer tokens, so it is invalidated by a different model, and per entry by changed data, answers,
-truncation or tokenization.
+A cached value is reused only when everything that changes it is the same. The file is one per model
+fingerprint (weights, config, parameter dtypes), layout actually used, compute dtype (the autocast dtype
+of the run's precision, else the weights') and attention kernel; an entry is keyed by record id, the exact
+prompt and answer token ids (so template, system prompt, truncation and tokenizer count) and a hash of the
+exact pixel inputs (so another image file, a stand-in, its size or other processor settings count).
+
+Records are streamed: images are loaded and processed a batch at a time, so memory is bounded by the
+batch, not by the data set (pixel tensors of a 336 px image take ~1.35 MB).
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from src.data.encoding import EncodedPair, collate_pairs
+from src.data.encoding import EncodedPair, collate_pairs, inputs_digest
 from src.models.factory import fingerprint
-from src.models.logprobs import answer_logprobs
+from src.models.logprobs import answer_logprobs, attn_implementation, resolve_layout
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +39,20 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("precomputed", "frozen_copy", "adapters_disabled", "none")
 
 
-def entry_key(pair: EncodedPair, k: int) -> str:
-    tokens = json.dumps([pair.prompt_ids, pair.answer_ids[k]])
+def entry_key(pair: EncodedPair, k: int, image: str | None) -> str:
+    """Key of answer ``k`` of ``pair`` whose image inputs have digest ``image`` (`inputs_digest`)."""
+    tokens = json.dumps([pair.prompt_ids, pair.answer_ids[k], image])
     return f"{pair.id}:{hashlib.sha256(tokens.encode()).hexdigest()[:20]}"
 
 
-def cache_path(cache_dir: str | Path, model: torch.nn.Module, layout: str) -> Path:
-    return Path(cache_dir) / f"reference-logps-{fingerprint(model)}-{layout}.json"
+def cache_path(
+    cache_dir: str | Path, model: torch.nn.Module, layout: str, compute_dtype: torch.dtype | None = None
+) -> Path:
+    """One file per (weights, layout used, compute dtype, attention kernel)."""
+    dtype = str(compute_dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    layout = resolve_layout(model, layout)
+    name = f"reference-logps-{fingerprint(model)}-{layout}-{dtype}-{attn_implementation(model)}.json"
+    return Path(cache_dir) / name
 
 
 def _load(path: Path) -> dict[str, float]:
@@ -72,48 +84,51 @@ def precompute_reference_logps(
 ) -> dict[str, Any]:
     """Fill ``reference_logps`` of every pair in ``datasets`` from the cache, computing what is missing.
 
-    ``model`` must hold the reference weights (the initial policy). Returns counts for the run summary.
+    ``model`` must hold the reference weights (the initial policy); ``autocast_dtype`` is the compute dtype
+    of the training run (so reference and policy compute alike). Items are read a batch at a time: at most
+    ``2 * batch_size`` items' image inputs are held at once. Returns counts for the run summary.
     """
-    path = cache_path(cache_dir, model, layout)
+    path = cache_path(cache_dir, model, layout, autocast_dtype)
     cached = _load(path)
-    todo: list[tuple[Any, int]] = []
-    reused = 0
-    for dataset in datasets:
-        for index, pair in enumerate(dataset.pairs):
-            keys = [entry_key(pair, k) for k in range(len(pair.answer_ids))]
-            if all(key in cached for key in keys):
-                pair.reference_logps = [cached[key] for key in keys]
-                reused += 1
-            else:
-                todo.append((dataset, index))
-    if todo:
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        loader = DataLoader(
-            [dataset[index] for dataset, index in todo],
-            batch_size=batch_size,
-            collate_fn=partial(collate_pairs, pad_token_id=pad_token_id),
-        )
-        amp = (
-            torch.autocast(device.type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        offset = 0
+    device = next(model.parameters()).device
+    collate = partial(collate_pairs, pad_token_id=pad_token_id)
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    counts = {"computed": 0, "reused": 0}
+    pending: list[tuple[dict[str, Any], list[str]]] = []  # items still to score, with their entry keys
+
+    def flush() -> None:
+        batch = collate([item for item, _ in pending])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with amp:
-            for batch in tqdm(loader, desc="reference log-probs"):
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                logps = answer_logprobs(model, batch, pad_token_id, layout).cpu().tolist()
-                for row in logps:
-                    dataset, index = todo[offset]
-                    pair = dataset.pairs[index]
-                    pair.reference_logps = row
-                    for k, value in enumerate(row):
-                        cached[entry_key(pair, k)] = value
-                    offset += 1
-        model.train(was_training)
+            logps = answer_logprobs(model, batch, pad_token_id, layout).cpu().tolist()
+        for (item, keys), row in zip(pending, logps, strict=True):
+            item["pair"].reference_logps = row
+            cached.update(zip(keys, row, strict=True))
+        counts["computed"] += len(pending)
+        pending.clear()
+
+    was_training = model.training
+    model.eval()
+    total = sum(len(d) for d in datasets)
+    with tqdm(total=total, desc="reference log-probs") as bar:
+        for dataset in datasets:
+            for items in DataLoader(dataset, batch_size=batch_size, collate_fn=list):
+                for item in items:
+                    pair, image = item["pair"], inputs_digest(item["image_inputs"])
+                    keys = [entry_key(pair, k, image) for k in range(len(pair.answer_ids))]
+                    if all(key in cached for key in keys):
+                        pair.reference_logps = [cached[key] for key in keys]
+                        counts["reused"] += 1
+                    else:
+                        pending.append((item, keys))
+                if len(pending) >= batch_size:
+                    flush()
+                bar.update(len(items))
+        if pending:
+            flush()
+    model.train(was_training)
+    if counts["computed"]:
         _save(path, cached)
-    summary = {"computed": len(todo), "reused": reused, "cache": str(path)}
+    summary = counts | {"cache": str(path)}
     log.info("reference log-probs: %s", summary)
     return summary
