@@ -71,8 +71,12 @@ def summary(report: dict[str, Any], output_dir: str) -> str:
         f"of {e['distinct_looked_up']} looked up {drops}",
         f"records written: {r['written']} {json.dumps(r['by_entity_type'])} -> {Path(output_dir) / 'data.json'}",
     ]
+    lines.append(f"questions made by: {json.dumps(r['rephrased_by'])}")
     if r["rephrase_fallbacks"]:
-        lines.append(f"rephrase fell back to the rule-based turn: {json.dumps(r['rephrase_fallbacks'])}")
+        lines.append(
+            f"rephrase fell back to the rule-based turn for {sum(r['rephrase_fallbacks'].values())} records: "
+            f"{json.dumps(r['rephrase_fallbacks'])} (asked again on the next run)"
+        )
     if report["problems"]:
         lines.append(f"bad input records (first of {p['bad_record']}): {report['problems'][0]}")
     if report["components"]["ner"] == "fallback":

@@ -4,6 +4,7 @@ picks the reply, and every request is counted with its Authorization header."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -14,14 +15,16 @@ Reply = Callable[["FakeChatServer", str, int], tuple[int, str | None]]
 
 
 class FakeChatServer:
-    def __init__(self, cases: tuple[str, ...], reply: Reply, default: str, url_suffix: str = "/v1") -> None:
+    def __init__(
+        self, cases: tuple[str, ...], reply: Reply, default: str, url_suffix: str = "/v1", port: int = 0
+    ) -> None:
         self.cases, self._reply, self.default = cases, reply, default
         self.counts: Counter[str] = Counter()
         self.auth: list[str | None] = []
         self.prompts: dict[str, str] = {}
         self.paths: list[str] = []
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())  # port 0: any free one
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}{url_suffix}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -66,3 +69,10 @@ class FakeChatServer:
                     pass
 
         return Handler
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (a connection to it is refused), for a server that is down."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

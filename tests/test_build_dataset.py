@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 from build_fixture import CONVERSATIONS, write_hh_fixture
+from chat_server import FakeChatServer, closed_port
 from PIL import Image
 
-from src.build.base import BuildError, NoImage
-from src.build.images import TypographyImages
+from src.build.base import BuildError, Entity, NoImage, Rewrite, TextPair
+from src.build.images import LocalImages, TypographyImages
 from src.build.ner import FallbackNER
 from src.build.pipeline import DatasetBuilder, StageLog, conversation
 from src.build.readers import parse_hh_transcript, read_text_pairs
-from src.build.rephrase import RuleRephraser
+from src.build.rephrase import ModelRephraser, RuleRephraser
+from src.build_dataset import summary
 from src.data.readers import read_mmsafe_po
 from src.data.records import DataError
 
@@ -29,6 +31,8 @@ class Counting:
 
     def __init__(self, inner, fail_after: int | None = None):
         self.inner, self.name, self.calls, self.fail_after = inner, inner.name, 0, fail_after
+        if hasattr(inner, "fingerprint"):  # part of the stage key: the wrapped component's cache is the same
+            self.fingerprint = inner.fingerprint
 
     def __call__(self, *args):
         n = len(args[0]) if isinstance(args[0], list) else 1
@@ -223,6 +227,154 @@ def test_command_line_offline_build(tmp_path):
     )
     assert no_root.returncode == 2 and "image.root is required" in no_root.stdout + no_root.stderr
     assert "Traceback" not in no_root.stderr
+
+
+# ---------------------------------------------------------------- what the stage caches keep and report
+
+REWRITE = "Tell me more about what the image shows."
+
+
+def test_rephrase_fallbacks_are_asked_again_and_reported_on_every_run(tmp_path, monkeypatch):
+    """Server down: every record says it fell back, on this run and on a re-run with the same settings; with the
+    server up, the re-run asks about those records again and the model's rewrites are used (and then kept)."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    pairs = read_text_pairs(write_hh_fixture(tmp_path / "hh.jsonl", bad_lines=False))[:6]
+    out, url = tmp_path / "built", f"http://127.0.0.1:{closed_port()}/v1"
+    settings = {"rephrase": {"base_url": url, "model": "rewriter"}}
+
+    def run() -> dict:
+        rephraser = ModelRephraser(base_url=url, model="rewriter", timeout_s=10, max_retries=0)
+        return builder(out, rephraser=rephraser, stage_settings=settings).run(pairs)
+
+    down = run()
+    n = down["records"]["written"]
+    assert n >= 4 and down["records"]["rephrase_fallbacks"] == {"request_failed": n}
+    again = run()
+    assert again["records"]["rephrase_fallbacks"] == {"request_failed": n}
+    assert again["records"]["rephrased_by"] == down["records"]["rephrased_by"] == {"rule (fallback: request_failed)": n}
+    raw = json.loads((out / "data.json").read_text())
+    assert {r["rephrased_by"] for r in raw} == {"rule (fallback: request_failed)"}
+    assert all(r["question"] == r["mid_prompt"] for r in raw)
+    text = summary(again, str(out))
+    assert 'questions made by: {"rule (fallback: request_failed)": ' in text and "request_failed" in text
+
+    def reply(fake, case, count):
+        return 200, REWRITE
+
+    with FakeChatServer((), reply, default="OK", port=int(url.split(":")[2].split("/")[0])) as server:
+        up = run()
+    assert server.counts["OK"] == n  # every fall-back asked again
+    assert up["records"]["rephrased_by"] == {"model": n} and up["records"]["rephrase_fallbacks"] == {}
+    raw = json.loads((out / "data.json").read_text())
+    assert all(r["rephrased_by"] == "model" and REWRITE in r["question"] for r in raw)
+    assert 'questions made by: {"model": ' in summary(up, str(out))
+    kept = run()  # server down again: the model's rewrites were stored, nothing is asked
+    assert kept["records"]["rephrased_by"] == {"model": n} and kept["records"]["rephrase_fallbacks"] == {}
+
+
+def test_rephraser_results_must_say_how_they_were_made(tmp_path):
+    pairs = read_text_pairs(write_hh_fixture(tmp_path / "hh.jsonl", bad_lines=False))[:3]
+
+    class Plain:  # a bare string cannot say whether it is a fall-back
+        name = "plain"
+
+        def __call__(self, items):
+            return [i.mid_prompt for i in items]
+
+    with pytest.raises(BuildError, match="'plain' returned a str .*not a Rewrite"):
+        builder(tmp_path / "a", rephraser=Plain()).run(pairs)
+
+    class Blank:
+        name = "blank"
+
+        def __call__(self, items):
+            return [Rewrite(" ") for _ in items]
+
+    report = builder(tmp_path / "b", rephraser=Blank()).run(pairs)
+    n = report["records"]["written"]
+    assert report["records"]["rephrased_by"] == {"rule (fallback: empty)": n}  # not "blank"
+
+
+def test_image_lookups_that_failed_on_the_way_are_asked_again(tmp_path):
+    pairs = read_text_pairs(write_hh_fixture(tmp_path / "hh.jsonl", bad_lines=False))[:3]
+
+    class Flaky:  # Rand Paul's server times out while ``down``; there is no image of anyone else
+        name = "flaky"
+
+        def __init__(self, down: bool) -> None:
+            self.down, self.asked = down, []
+
+        def __call__(self, entity, dest):
+            self.asked.append(entity.text)
+            if entity.text != "Rand Paul":
+                raise NoImage("not_found", entity.text)
+            if self.down:
+                raise NoImage("timeout", "timed out after 10s")
+            return TypographyImages(size=64)(entity, dest)
+
+    out = tmp_path / "built"
+    first = builder(out, matcher=Flaky(down=True)).run(pairs)
+    assert first["entities"]["image_drop_reasons"] == {"timeout": 1, "not_found": 2}
+    still_down = Flaky(down=True)
+    assert builder(out, matcher=still_down).run(pairs) == first
+    assert still_down.asked == ["Rand Paul"]  # a not_found is an answer and kept; a timeout is not
+    up = Flaky(down=False)
+    report = builder(out, matcher=up).run(pairs)
+    assert up.asked == ["Rand Paul"] and report["entities"]["image_drop_reasons"] == {"not_found": 2}
+    assert [r["entity"] for r in json.loads((out / "data.json").read_text())] == ["Rand Paul"]
+
+
+def test_an_image_overwritten_by_other_settings_is_made_again(tmp_path):
+    pairs = read_text_pairs(write_hh_fixture(tmp_path / "hh.jsonl", bad_lines=False))[:3]
+    out, big = tmp_path / "built", {"image": {"size": 64}}
+    builder(out, matcher=TypographyImages(size=64), stage_settings=big).run(pairs)
+    builder(out, matcher=TypographyImages(size=32), stage_settings={"image": {"size": 32}}).run(pairs)  # same files
+    report = builder(out, matcher=TypographyImages(size=64), stage_settings=big).run(pairs)
+    _check_built(out, report)  # 64 x 64 again, not the 32-pixel files left by the run before
+
+
+def test_stage_caches_cover_entity_types_and_the_files_behind_settings(tmp_path):
+    pair = TextPair("j", (("user", "Is Jordan safe to visit? Zorblax Corp says so."),), "Maybe.", "Yes.")
+
+    class OneEntity:  # "Jordan" as the given type
+        name = "one"
+
+        def __init__(self, type_: str) -> None:
+            self.type = type_
+
+        def __call__(self, texts):
+            return [[Entity("Jordan", self.type, t.index("Jordan"), t.index("Jordan") + 6)] for t in texts]
+
+    root = tmp_path / "images"
+    for type_, color in (("PER", (200, 0, 0)), ("LOC", (0, 0, 200))):
+        (root / type_).mkdir(parents=True)
+        Image.new("RGB", (40, 40), color).save(root / type_ / "jordan.png")
+
+    def image_color(type_: str) -> tuple[int, ...]:
+        out = tmp_path / "built"
+        report = builder(out, OneEntity(type_), LocalImages(str(root)), stage_settings={"ner": type_}).run([pair])
+        assert report["records"]["written"] == 1
+        with Image.open(out / json.loads((out / "data.json").read_text())[0]["image"]) as im:
+            return im.convert("RGB").getpixel((0, 0))
+
+    assert image_color("PER") == (200, 0, 0)
+    assert image_color("LOC") == (0, 0, 200)  # the image row of "Jordan" is keyed by its type too
+    (root / "LOC" / "jordan.png").unlink()  # the folder changed: its matches are looked up again
+    Image.new("RGB", (40, 40), (0, 200, 0)).save(root / "jordan.png")
+    assert image_color("LOC") == (0, 200, 0)
+
+    gazetteer = tmp_path / "names.tsv"
+    gazetteer.write_text("# none yet\n", encoding="utf-8")
+    settings = {"ner": {"gazetteer": str(gazetteer)}}
+
+    def zorblax_type() -> str:
+        out = tmp_path / "ner"
+        builder(out, FallbackNER(str(gazetteer)), stage_settings=settings, entity_types=["ORG", "MISC"]).run([pair])
+        return json.loads((out / "data.json").read_text())[0]["entity_type"]
+
+    before = zorblax_type()
+    gazetteer.write_text("Zorblax Corp\tMISC\n", encoding="utf-8")  # same path, a new entry
+    assert before == "ORG" and zorblax_type() == "MISC"
 
 
 @pytest.mark.slow

@@ -138,6 +138,19 @@ def test_local_missing_root(tmp_path):
         LocalImages(str(tmp_path / "nowhere"))
 
 
+def test_local_fingerprint_follows_the_folder(tmp_path):
+    """The fingerprint is part of the image stage's cache key: a file added or replaced changes it."""
+    (tmp_path / "PER").mkdir()
+    (tmp_path / "PER" / "rand_paul.png").write_bytes(image_bytes())
+    matcher = LocalImages(str(tmp_path))
+    before = matcher.fingerprint()
+    assert LocalImages(str(tmp_path)).fingerprint() == before
+    (tmp_path / "taylor_swift.png").write_bytes(image_bytes())
+    added = matcher.fingerprint()
+    (tmp_path / "PER" / "rand_paul.png").write_bytes(image_bytes(size=90))
+    assert len({before, added, matcher.fingerprint()}) == 3
+
+
 # ---------------------------------------------------------------- Wikipedia
 
 

@@ -329,6 +329,23 @@ def test_transformers_missing_model(tmp_path: Path) -> None:
     assert "offline" in str(err.value)
 
 
+def test_fingerprints_follow_the_files_behind_the_settings(tmp_path: Path) -> None:
+    """Part of the NER stage's cache key: the gazetteer's entries and the model's files, not just their names."""
+    tsv = tmp_path / "names.tsv"
+    tsv.write_text("Zorblax Corp\tORG\n", encoding="utf-8")
+    before = FallbackNER(gazetteer=str(tsv)).fingerprint()
+    assert FallbackNER(gazetteer=str(tsv)).fingerprint() == before != FallbackNER().fingerprint()
+    tsv.write_text("Zorblax Corp\tMISC\n", encoding="utf-8")
+    assert FallbackNER(gazetteer=str(tsv)).fingerprint() != before
+    folder = tmp_path / "ner-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}", encoding="utf-8")
+    first = TransformersNER(model=str(folder)).fingerprint()
+    (folder / "model.safetensors").write_bytes(b"retrained")
+    assert first is not None and TransformersNER(model=str(folder)).fingerprint() != first
+    assert TransformersNER(model="someone/not-cached").fingerprint() is None  # no files to look at
+
+
 def test_transformers_untrained_head(tmp_path: Path) -> None:
     tokenizer = _tokenizer([t for t, _ in TRAIN])
     tokenizer.save_pretrained(tmp_path)

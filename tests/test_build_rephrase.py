@@ -12,7 +12,7 @@ import pytest
 from chat_server import FakeChatServer
 from omegaconf import OmegaConf
 
-from src.build.base import ENTITY_TYPES, BuildError, Entity, RephraseItem
+from src.build.base import ENTITY_TYPES, BuildError, Entity, RephraseItem, Rewrite
 from src.build.rephrase import (
     DEFAULT_PHRASES,
     ModelRephraser,
@@ -356,7 +356,7 @@ def item(
 def test_rule_rephraser_keeps_mid_prompt():
     rephraser = RuleRephraser()
     items = [item("Where does the person featured in the image live?"), item("Who is the person in the image?")]
-    assert rephraser.name == "rule" and rephraser(items) == [i.mid_prompt for i in items]
+    assert rephraser.name == "rule" and rephraser(items) == [Rewrite(i.mid_prompt) for i in items]
     assert rephraser([]) == [] and not rephraser.fallbacks
 
 
@@ -399,6 +399,26 @@ def test_model_rephraser_config_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- reply checks
+
+
+def test_model_rephraser_fingerprint_follows_the_prompt_and_model_files(tmp_path):
+    """The fingerprint is part of the rephrase stage's cache key: an edited prompt file or model folder changes it."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Rewrite {text} about {phrase}.", encoding="utf-8")
+    endpoint = ModelRephraser(base_url="http://127.0.0.1:1/v1", model="m", prompt_file=prompt)
+    assert (
+        endpoint.fingerprint()
+        == ModelRephraser(base_url="http://127.0.0.1:1/v1", model="m", prompt_file=prompt).fingerprint()
+    )
+    prompt.write_text("Rewrite {text} fluently about {phrase}.", encoding="utf-8")
+    edited = ModelRephraser(base_url="http://127.0.0.1:1/v1", model="m", prompt_file=prompt).fingerprint()
+    assert edited != endpoint.fingerprint()
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}", encoding="utf-8")
+    local = ModelRephraser(path=str(folder), prompt_file=prompt).fingerprint()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    assert len({edited, local, ModelRephraser(path=str(folder), prompt_file=prompt).fingerprint()}) == 3
 
 
 @pytest.mark.parametrize(
@@ -490,11 +510,12 @@ def test_endpoint_rephraser(chat_server, monkeypatch, caplog):
     items = [item(f"<{c}> Where does the person featured in the image live?") for c in CASES]
     got = dict(zip(CASES, rephraser(items), strict=True))
 
-    assert got["OK"] == "Where does the senator shown in the image live?"
-    assert got["LABELED"] == "Where is the home of the senator in the image?"
-    assert got["FLAKY"] == "Where does the senator in the image live now?" and chat_server.counts["FLAKY"] == 2
-    for case in ("NAMES", "EMPTY", "LONG", "DENIED", "REFUSES"):
-        assert got[case] == f"<{case}> Where does the person featured in the image live?"
+    assert got["OK"] == Rewrite("Where does the senator shown in the image live?")
+    assert got["LABELED"] == Rewrite("Where is the home of the senator in the image?")
+    assert got["FLAKY"] == Rewrite("Where does the senator in the image live now?") and chat_server.counts["FLAKY"] == 2
+    reasons = {"NAMES": "names_entity", "EMPTY": "empty", "LONG": "too_long", "DENIED": "request_failed"}
+    for case, reason in (reasons | {"REFUSES": "refused"}).items():
+        assert got[case] == Rewrite(f"<{case}> Where does the person featured in the image live?", reason)
     assert chat_server.counts["DENIED"] == 1  # a client error is not retried
     assert rephraser.fallbacks == Counter(names_entity=1, empty=1, too_long=1, request_failed=1, refused=1)
 
@@ -558,8 +579,9 @@ def test_local_model_rephraser(tiny_lm_dirs, template):
     items = [item(m) for m in mids]
     out = rephraser(items)
     assert rephraser._chat is template and rephraser._tokenizer.padding_side == "left"
-    assert len(out) == 3 and all(isinstance(q, str) and q for q in out)
-    assert sum(rephraser.fallbacks.values()) == sum(q == m for q, m in zip(out, mids, strict=True))
+    assert len(out) == 3 and all(isinstance(q.text, str) and q.text for q in out)
+    assert sum(rephraser.fallbacks.values()) == sum(q.fallback is not None for q in out)
+    assert all(q.text == m for q, m in zip(out, mids, strict=True) if q.fallback is not None)
 
     # left padding: each prompt alone continues as in its padded batch
     prompts = [rephraser.build_prompt(i) for i in items]
@@ -569,5 +591,5 @@ def test_local_model_rephraser(tiny_lm_dirs, template):
 
     rephraser.max_length_ratio = 1e-3  # every non-empty reply is now too long
     rephraser.fallbacks.clear()
-    assert rephraser(items) == mids
+    assert [q.text for q in rephraser(items)] == mids
     assert sum(rephraser.fallbacks.values()) == 3 and set(rephraser.fallbacks) <= {"too_long", "empty", "garbled"}

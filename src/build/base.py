@@ -8,15 +8,24 @@ A `TextPair` is a text-only preference conversation. NER finds `Entity` spans in
 an image matcher writes one image file for an entity or raises `NoImage` with a reason; the entity is
 replaced in the turn by a referring phrase (``mid_prompt``), which a rephraser may rewrite fluently
 (``question``).
+
+Stage results are cached (`src.build.pipeline`) under a key of the component's name and settings. A component
+whose results depend on more than its settings (the contents of a file or folder its settings only name) has a
+``fingerprint() -> str`` that changes with that content; it becomes part of the key.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 ENTITY_TYPES = ("PER", "ORG", "LOC", "MISC")
+# `NoImage` reasons that are a failure of the way to the image, not a fact about the entity: never cached,
+# so a re-run asks again
+RETRIED_REASONS = frozenset({"timeout", "network_error"})
 
 
 class BuildError(ValueError):
@@ -100,9 +109,44 @@ class RephraseItem:
     image: Path | None = None  # the matched image, for rephrasers that look at it
 
 
+@dataclass(frozen=True)
+class Rewrite:
+    """A rephraser's question turn for one item and how it was made.
+
+    ``fallback`` is None when the rephraser made ``text`` itself; otherwise ``text`` is the rule-based
+    ``mid_prompt`` and ``fallback`` the reason the rephraser's own rewrite was not used (``request_failed``,
+    ``empty``, ...). A fall-back is never cached: it is asked again on the next run.
+    """
+
+    text: str
+    fallback: str | None = None
+
+
 class Rephraser(Protocol):
-    """``rephraser(items) -> one rewritten turn per item`` (the final ``question`` turn text)."""
+    """``rephraser(items) -> one Rewrite per item`` (the final ``question`` turn text and how it was made)."""
 
     name: str
 
-    def __call__(self, items: list[RephraseItem]) -> list[str]: ...
+    def __call__(self, items: list[RephraseItem]) -> list[Rewrite]: ...
+
+
+def path_fingerprint(path: str | os.PathLike[str] | None) -> str | None:
+    """A digest of what is at ``path`` as far as a cache key needs it: a file's bytes, a folder's file names,
+    sizes and modification times (weights are not read whole); None when nothing is there (a hub id, unset)."""
+    if path is None:
+        return None
+    target = os.path.expanduser(os.fspath(path))
+    h = hashlib.sha256()
+    if os.path.isfile(target):
+        with open(target, "rb") as f:
+            h.update(f.read())
+    elif os.path.isdir(target):
+        for root, dirs, files in os.walk(target):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                st = os.stat(full)
+                h.update(f"{os.path.relpath(full, target)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        return None
+    return h.hexdigest()[:16]

@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image
 
-from src.build.base import ENTITY_TYPES, BuildError, Entity, ImageMatch, NoImage
+from src.build.base import ENTITY_TYPES, BuildError, Entity, ImageMatch, NoImage, path_fingerprint
 from src.data.images import render_stand_in
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,10 @@ class LocalImages:
         self.min_size = int(min_size)
         self._index: dict[tuple[str | None, str], Path] | None = None
         self._lock = threading.Lock()
+
+    def fingerprint(self) -> str | None:
+        """The folder's files (names, sizes, times): an added, removed or replaced image changes the matches."""
+        return path_fingerprint(self.root)
 
     def _scan(self, folder: Path, entity_type: str | None, index: dict[tuple[str | None, str], Path]) -> None:
         for path in sorted(folder.iterdir()):

@@ -12,6 +12,7 @@ Two recognizers implement `src.build.base.EntityRecognizer`:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src.build.base import ENTITY_TYPES, BuildError, Entity
+from src.build.base import ENTITY_TYPES, BuildError, Entity, path_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +388,10 @@ class FallbackNER:
     def __repr__(self) -> str:
         return f"FallbackNER(gazetteer={self.gazetteer_path!r}, entries={len(self.gazetteer)})"
 
+    def fingerprint(self) -> str:
+        """The gazetteer in use (built-in + the file's entries): editing the file changes the entities."""
+        return hashlib.sha256(json.dumps(sorted(self.gazetteer.items())).encode("utf-8")).hexdigest()[:16]
+
     def __call__(self, texts: list[str]) -> list[list[Entity]]:
         return [self._recognize(text) for text in texts]
 
@@ -620,6 +625,19 @@ class TransformersNER:
 
     def __repr__(self) -> str:
         return f"TransformersNER(model={self.model!r}, device={self.device!r}, min_score={self.min_score})"
+
+    def fingerprint(self) -> str | None:
+        """The model's files (names, sizes, times): a local folder, or a hub id's snapshot in the hub cache."""
+        path = os.path.expanduser(self.model)
+        if not os.path.isdir(path):
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                found = try_to_load_from_cache(self.model, "config.json", revision=self.revision)
+            except ValueError:  # not a valid hub id: loading names the problem
+                found = None
+            path = os.path.dirname(found) if isinstance(found, str) else None
+        return path_fingerprint(path)
 
     def _load(self) -> None:
         from transformers import AutoModelForTokenClassification, AutoTokenizer

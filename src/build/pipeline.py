@@ -1,8 +1,12 @@
 """The data builder's stages, resumable: text pairs -> entities -> images -> rephrased turns -> MMSafe-PO JSON.
 
 Every stage appends its results to a JSONL file under ``<output_dir>/work/`` named by a hash of the stage's
-settings, so an interrupted run continues where it stopped and a changed setting recomputes only that stage
-and the ones after it. ``data.json`` and ``report.json`` are written whole (temporary file + rename) at the end.
+component, settings and the component's ``fingerprint()`` (file contents the settings only name), so an
+interrupted run continues where it stopped and a changed setting recomputes only that stage and the ones after
+it. Within a file, a row's key covers the inputs of that item. What is not a result is never stored: an image
+lookup that failed on the way (`RETRIED_REASONS`) and a rephraser's fall-back to the rule-based turn are asked
+again on every run, and counted in the report of every run. ``data.json`` and ``report.json`` are written whole
+(temporary file + rename) at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from tqdm import tqdm
 
 from src.build.base import (
     ENTITY_TYPES,
+    RETRIED_REASONS,
     BuildError,
     Entity,
     EntityRecognizer,
@@ -30,6 +35,7 @@ from src.build.base import (
     NoImage,
     RephraseItem,
     Rephraser,
+    Rewrite,
     TextPair,
 )
 from src.build.rephrase import referring_phrase, rewrite_turn
@@ -110,6 +116,16 @@ def _one_per_item(component: Any, items: list[Any]) -> list[Any]:
     return out
 
 
+def _fingerprint(component: Any) -> str | None:
+    """What a component's results depend on beyond its settings (see `src.build.base`); None if nothing."""
+    fingerprint = getattr(component, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
+def _file_digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
 def _slug(text: str) -> str:
     slug = re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_").lower()[:40]
     return f"{slug or 'entity'}-{digest(text, 8)}"
@@ -155,17 +171,25 @@ class Candidate:
     replacement: str | None = None
     mid_turn: str | None = None
     question_turn: str | None = None
+    rephrased_by: str | None = None  # the rephraser's name, or "rule" when it fell back
+    rephrase_fallback: str | None = None  # why the rephraser's own rewrite was not used
 
     @property
     def id(self) -> str:
         return f"{self.pair.id}-e{self.index}"
+
+    @property
+    def made_by(self) -> str:
+        """How the question was made: ``model`` (the rephraser's name), ``rule``, ``rule (fallback: <reason>)``."""
+        return f"rule (fallback: {self.rephrase_fallback})" if self.rephrase_fallback else str(self.rephrased_by)
 
 
 class DatasetBuilder:
     """Runs the stages over a list of `TextPair` into ``output_dir`` (``data.json``, ``images/``, ``report.json``).
 
     ``stage_settings`` maps ``ner`` / ``image`` / ``rephrase`` to the settings that produced each stage's results:
-    they name the stage files, so changed settings are never served stale results.
+    with each component's name and ``fingerprint()`` they name the stage files, so changed settings or a changed
+    file behind them are never served stale results.
     """
 
     def __init__(
@@ -195,9 +219,9 @@ class DatasetBuilder:
         self.work_dir = self.output_dir / "work"
         settings = stage_settings or {}
         self.keys = {
-            "ner": digest([recognizer.name, settings.get("ner")]),
-            "image": digest([matcher.name, settings.get("image")]),
-            "rephrase": digest([rephraser.name, settings.get("rephrase"), phrases]),
+            "ner": digest([recognizer.name, settings.get("ner"), _fingerprint(recognizer)]),
+            "image": digest([matcher.name, settings.get("image"), _fingerprint(matcher)]),
+            "rephrase": digest([rephraser.name, settings.get("rephrase"), phrases, _fingerprint(rephraser)]),
         }
         self.entity_types = tuple(entity_types)
         self.max_entities = max_entities
@@ -243,41 +267,60 @@ class DatasetBuilder:
         return out
 
     def match_images(self, entities: list[Entity]) -> dict[str, dict[str, Any]]:
-        """One image per distinct entity surface form: ``{text: {"file", "source"} | {"reason", "detail"}}``."""
+        """One image per distinct entity surface form: ``{text: {"file", "source"} | {"reason", "detail"}}``.
+
+        The image of a surface form is matched for its first entity, and its row keyed by that entity's type
+        too (a matcher may look in a folder per type). A failed lookup in `RETRIED_REASONS` is not stored.
+        """
         store = StageLog(self.work_dir / f"image-{self.keys['image']}.jsonl")
         self.images_dir.mkdir(parents=True, exist_ok=True)
         texts = sorted({e.text for e in entities})
-        first = {}
+        first: dict[str, Entity] = {}
         for e in entities:
             first.setdefault(e.text, e)
+        key = {t: f"{first[t].type}:{t}" for t in texts}
 
-        def cached(text: str) -> bool:  # a result whose image file was deleted is matched again
-            row = store.done.get(text)
-            return row is not None and ("reason" in row or (self.images_dir / row["file"]).is_file())
+        def cached(text: str) -> bool:  # a result whose image file was deleted or overwritten is matched again
+            row = store.done.get(key[text])
+            return row is not None and ("reason" in row or _file_digest(self.images_dir / row["file"]) == row["sha"])
 
         todo = [t for t in texts if not cached(t)]
+        rows: dict[str, dict[str, Any]] = {}
         try:
             with self._bar("images", len(texts), len(texts) - len(todo)) as bar:
                 for text in todo:
                     try:
                         match = self.matcher(first[text], self.images_dir / _slug(text))
-                        row = {"file": match.path.name, "source": match.source}
                         if match.path.parent.resolve() != self.images_dir.resolve():
                             raise BuildError(f"image matcher {self.matcher.name!r} wrote outside images/: {match.path}")
+                        row = {"file": match.path.name, "source": match.source, "sha": _file_digest(match.path)}
                     except NoImage as e:
                         row = {"reason": e.reason, "detail": e.detail}
-                    store.put_many([(text, row)])
+                    rows[text] = row
+                    if row.get("reason") not in RETRIED_REASONS:
+                        store.put_many([(key[text], row)])
                     bar.update(1)
         finally:
             store.close()
-        return {t: store[t] for t in texts}
+        return {t: rows[t] if t in rows else store[key[t]] for t in texts}
 
     def rephrase(self, candidates: list[Candidate]) -> None:
+        """Each candidate's ``mid_turn`` and ``question_turn``, and ``rephrased_by``: how the question was made.
+
+        Only the rephraser's own rewrites are stored; a fall-back to the rule-based turn is asked again on the
+        next run (a server that was down may be up), so every run counts its fall-backs.
+        """
         store = StageLog(self.work_dir / f"rephrase-{self.keys['rephrase']}.jsonl")
         for c in candidates:
             phrase = referring_phrase(c.entity.type, c.id, self.phrases)
             c.mid_turn, c.replacement = remove_entity(c.pair.last_user, c.entity, phrase)
-        key = {c.id: f"{c.id}:{digest([c.mid_turn, c.image])}" for c in candidates}
+        key = {
+            c.id: f"{c.id}:{digest([c.mid_turn, c.replacement, c.entity.text, c.entity.type, c.image])}"
+            for c in candidates
+        }
+        for c in candidates:
+            if key[c.id] in store:
+                c.question_turn, c.rephrased_by = store[key[c.id]], self.rephraser.name
         todo = [c for c in candidates if key[c.id] not in store]
         try:
             with self._bar("rephrase", len(candidates), len(candidates) - len(todo)) as bar:
@@ -288,13 +331,23 @@ class DatasetBuilder:
                         )
                         for c in batch
                     ]
-                    out = _one_per_item(self.rephraser, items)
-                    store.put_many((key[c.id], str(q).strip()) for c, q in zip(batch, out, strict=True))
+                    made = []
+                    for c, rewrite in zip(batch, _one_per_item(self.rephraser, items), strict=True):
+                        if not isinstance(rewrite, Rewrite):
+                            raise BuildError(
+                                f"rephraser {self.rephraser.name!r} returned a {type(rewrite).__name__} for "
+                                f"{c.id}, not a Rewrite (the question and whether it fell back)"
+                            )
+                        reason = rewrite.fallback or (None if rewrite.text.strip() else "empty")
+                        if reason is None:
+                            c.question_turn, c.rephrased_by = rewrite.text.strip(), self.rephraser.name
+                            made.append((key[c.id], c.question_turn))
+                        else:
+                            c.question_turn, c.rephrased_by, c.rephrase_fallback = c.mid_turn, "rule", reason
+                    store.put_many(made)
                     bar.update(len(batch))
         finally:
             store.close()
-        for c in candidates:
-            c.question_turn = store[key[c.id]] or c.mid_turn
 
     # -- output ------------------------------------------------------------------------------------
     def record(self, c: Candidate) -> dict[str, Any]:
@@ -317,6 +370,7 @@ class DatasetBuilder:
             "mid_prompt": conversation([*history, ("user", c.mid_turn)], image_last=True),
             "source_id": c.pair.id,
             "image_source": c.image_source,
+            "rephrased_by": c.made_by,
         }
         return row
 
@@ -364,7 +418,6 @@ class DatasetBuilder:
         write_atomic(self.output_dir / "data.json", json.dumps(records, ensure_ascii=False, indent=1) + "\n")
 
         used = {c.pair.id for c in candidates}
-        fallbacks = dict(getattr(self.rephraser, "fallbacks", {}) or {})
         report = {
             "inputs": inputs,
             "components": {"ner": self.recognizer.name, "image": self.matcher.name, "rephrase": self.rephraser.name},
@@ -388,7 +441,8 @@ class DatasetBuilder:
                 "by_entity_type": dict(Counter(c.entity.type for c in candidates)),
                 "per_entity_type": {t: dict(v) for t, v in sorted(by_type.items())},
                 "entity_candidates_dropped_for_image": dict(image_drops),
-                "rephrase_fallbacks": fallbacks,
+                "rephrased_by": dict(Counter(c.made_by for c in candidates)),
+                "rephrase_fallbacks": dict(Counter(c.rephrase_fallback for c in candidates if c.rephrase_fallback)),
             },
             "problems": problems[:MAX_PROBLEMS_IN_REPORT],
             "problems_not_shown": max(0, len(problems) - MAX_PROBLEMS_IN_REPORT),

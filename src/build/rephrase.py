@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from src.build.base import BuildError, Entity, RephraseItem
+from src.build.base import BuildError, Entity, RephraseItem, Rewrite, path_fingerprint
 from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template, load_template
 
 log = logging.getLogger(__name__)
@@ -338,8 +338,8 @@ class RuleRephraser:
     def __repr__(self) -> str:
         return f"RuleRephraser(name={self.name!r})"
 
-    def __call__(self, items: list[RephraseItem]) -> list[str]:
-        return [item.mid_prompt for item in items]
+    def __call__(self, items: list[RephraseItem]) -> list[Rewrite]:
+        return [Rewrite(item.mid_prompt) for item in items]
 
 
 # labels a model may put before its answer ("Rewritten request:", "Here is the rewritten text:")
@@ -427,7 +427,8 @@ class ModelRephraser:
     ``{text}`` (``mid_prompt``), ``{phrase}`` (the referring phrase) and ``{entity_type}`` ("a person",
     "an organization", "a place", "a thing", "a group of people"). The model sees text only.
 
-    Each rejected reply (see `check_reply`) is counted by reason in ``fallbacks`` across calls.
+    A rejected reply (see `check_reply`) gives ``Rewrite(mid_prompt, fallback=<reason>)`` and is counted by
+    reason in ``fallbacks`` across calls.
     """
 
     def __init__(
@@ -502,14 +503,18 @@ class ModelRephraser:
         backend = repr(self.client) if self.client is not None else f"path={self.path!r}"
         return f"ModelRephraser(name={self.name!r}, {backend})"
 
+    def fingerprint(self) -> str:
+        """What the rewrites depend on beyond the settings: the prompt text and, for ``path``, the model folder."""
+        return hashlib.sha256(f"{self.template}\0{path_fingerprint(self.path)}".encode()).hexdigest()[:16]
+
     def build_prompt(self, item: RephraseItem) -> str:
         """The filled rephrasing prompt for one item."""
         kind = "PLURAL" if is_plural(item.entity.type, item.entity.text) else item.entity.type
         values = {"text": item.mid_prompt, "phrase": item.replacement, "entity_type": TYPE_WORDS.get(kind, "a thing")}
         return fill_template(self.template, values)
 
-    def __call__(self, items: list[RephraseItem]) -> list[str]:
-        """One question per item, in order."""
+    def __call__(self, items: list[RephraseItem]) -> list[Rewrite]:
+        """One question per item, in order: the model's, or ``mid_prompt`` with the reason it fell back."""
         if not items:
             return []
         prompts = [self.build_prompt(item) for item in items]
@@ -520,7 +525,7 @@ class ModelRephraser:
             question, reason = check_reply(reply, item, self.max_length_ratio)
             if reason is not None:
                 reasons[reason] += 1
-            questions.append(question)
+            questions.append(Rewrite(question, reason))
         self.fallbacks.update(reasons)
         if reasons:
             log.info(
