@@ -48,8 +48,11 @@ def _sha(text: str) -> str:
 
 
 def _prompt_sha(record: Conversation, prompt: tuple[list[int], Any, str]) -> str:
-    """Identity of a prompt: its token ids (so template and tokenizer changes count) and its image."""
-    return _sha(json.dumps([prompt[0], record.image if prompt[1] is not None else None]))
+    """Identity of a prompt: its token ids (so template, system prompt and tokenizer changes count) and its
+    image, with a digest of the pixels the model sees (so padding or other preprocessing counts too)."""
+    ids, inputs, _ = prompt
+    pixels = None if inputs is None else hashlib.sha256(inputs["pixel_values"].numpy().tobytes()).hexdigest()
+    return _sha(json.dumps([ids, record.image if inputs is not None else None, pixels]))
 
 
 def read_generations(path: Path) -> dict[str, dict[str, Any]]:
@@ -95,6 +98,8 @@ class AnswerGenerator:
         settings: GenerationSettings,
         resolver: ImageResolver | None = None,
         devices: dict[str, Any] | None = None,
+        system_prompt: str | None = None,
+        image_aspect_ratio: str = "crop",
     ):
         self.model = model
         self.processor = processor
@@ -103,7 +108,12 @@ class AnswerGenerator:
         self.resolver = resolver or ImageResolver(missing="error")
         # Lightning Trainer arguments (accelerator, devices, strategy) to spread generation over devices
         self.devices = dict(devices) if devices else None
-        self.encoder = PromptEncoder(processor, max_length=max(1, settings.max_length - settings.max_new_tokens))
+        self.encoder = PromptEncoder(
+            processor,
+            max_length=max(1, settings.max_length - settings.max_new_tokens),
+            system_prompt=system_prompt,
+            image_aspect_ratio=image_aspect_ratio,
+        )
 
     def prompt(self, record: Conversation, with_image: bool) -> tuple[list[int], Any, str]:
         """(prompt ids, image inputs or None, rendered prompt text) with old history dropped to fit."""
@@ -113,8 +123,7 @@ class AnswerGenerator:
             if len(ids) <= self.encoder.max_length:
                 break
         text = self.encoder.prompt_text(record, with_image=image is not None, first_turn=start)
-        inputs = None if image is None else dict(self.processor.image_processor(images=image, return_tensors="pt"))
-        return ids, inputs, text
+        return ids, self.encoder.image_inputs(image), text
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[tuple[list[int], Any, str]]) -> list[dict[str, Any]]:
@@ -224,11 +233,13 @@ def fill_blind_answers(
     settings: GenerationSettings,
     cache_dir: str | Path,
     devices: dict[str, Any] | None = None,
+    system_prompt: str | None = None,
 ) -> tuple[list[PreferenceRecord], dict[str, Any]]:
     """Give every record without a blind answer the reference model's answer to the image-less prompt.
 
     Answers come from (and go to) a JSONL cache keyed by record id and a fingerprint of the model and
-    generation settings, so a second run with the same model and settings generates nothing.
+    generation settings, so a second run with the same model and settings generates nothing; a line is reused
+    only for the same prompt tokens (``system_prompt`` included).
     Returns the records and a summary (counts, cache path).
     """
     records = list(records)
@@ -237,7 +248,7 @@ def fill_blind_answers(
     if not missing:
         return records, summary | {"generated": 0, "from_cache": 0}
     path = blind_cache_path(cache_dir, reference, settings)
-    generator = AnswerGenerator(reference, processor, settings, devices=devices)
+    generator = AnswerGenerator(reference, processor, settings, devices=devices, system_prompt=system_prompt)
     answers = {k: v["answer"] for k, v in generator.run(missing, path, with_image=False, desc="blind answers").items()}
     generated = generator.generated
     empty = [rid for rid, a in answers.items() if not a]

@@ -4,9 +4,9 @@ The reference model is the initial policy and never changes, so log pi_ref(y|x) 
 is a constant of the data set. Computing it once (batched, in the packed layout) removes the reference
 forward from every training step and the frozen copy from memory.
 
-The cache is a JSON file per model fingerprint, keyed by record id and a hash of the exact prompt and
-answer tokens, so it is invalidated by a different model, and per entry by changed data, answers,
-truncation or tokenization.
+The cache is a JSON file per model fingerprint, layout and image fitting (crop | pad), keyed by record id
+and a hash of the exact prompt and answer tokens, so it is invalidated by a different model or image
+preprocessing, and per entry by changed data, answers, system prompt, truncation or tokenization.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def entry_key(pair: EncodedPair, k: int) -> str:
     return f"{pair.id}:{hashlib.sha256(tokens.encode()).hexdigest()[:20]}"
 
 
-def cache_path(cache_dir: str | Path, model: torch.nn.Module, layout: str) -> Path:
-    return Path(cache_dir) / f"reference-logps-{fingerprint(model)}-{layout}.json"
+def cache_path(cache_dir: str | Path, model: torch.nn.Module, layout: str, image_aspect_ratio: str) -> Path:
+    return Path(cache_dir) / f"reference-logps-{fingerprint(model)}-{layout}-{image_aspect_ratio}.json"
 
 
 def _load(path: Path) -> dict[str, float]:
@@ -74,7 +74,8 @@ def precompute_reference_logps(
 
     ``model`` must hold the reference weights (the initial policy). Returns counts for the run summary.
     """
-    path = cache_path(cache_dir, model, layout)
+    # the entry keys hold tokens, not pixels: how the datasets' encoder fits images to the model keys the file
+    path = cache_path(cache_dir, model, layout, "-".join(sorted({d.encoder.image_aspect_ratio for d in datasets})))
     cached = _load(path)
     todo: list[tuple[Any, int]] = []
     reused = 0
