@@ -31,7 +31,7 @@ def generate(cfg: DictConfig) -> dict[str, str]:
     model, processor = build_model(**OmegaConf.to_container(cfg.model, resolve=True))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    datamodule = hydra.utils.instantiate(cfg.data, processor=processor)
+    datamodule = hydra.utils.instantiate(cfg.data, processor=processor, system_prompt=cfg.model.get("system_prompt"))
     if cfg.split == "all":
         records = datamodule.load_records()
     elif cfg.split in ("train", "val"):
@@ -41,7 +41,16 @@ def generate(cfg: DictConfig) -> dict[str, str]:
     if cfg.mode not in ("blind", "image"):
         raise ValueError(f"mode must be 'blind' (image removed) or 'image'; got {cfg.mode!r}")
     devices = OmegaConf.to_container(cfg.devices, resolve=True) if cfg.get("devices") else None
-    generator = AnswerGenerator(model, processor, GenerationSettings(**cfg.generation), datamodule.resolver, devices)
+    hp = datamodule.hparams
+    generator = AnswerGenerator(
+        model,
+        processor,
+        GenerationSettings(**cfg.generation),
+        datamodule.resolver,
+        devices,
+        system_prompt=hp.system_prompt,
+        image_aspect_ratio=hp.image_aspect_ratio,
+    )
     answers = generator.run(records, cfg.output, with_image=cfg.mode == "image", desc=f"{cfg.mode} answers")
     log.info(
         "%d answers in %s (%d generated now, %d reused); stand-in images: %d",

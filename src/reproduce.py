@@ -87,6 +87,25 @@ class Reproduction:
             cfg.logger.wandb.group = self.group
         return cfg
 
+    def prompt_format(self) -> dict[str, Any]:
+        """The prompt format (system prompt, image fitting) the runs train with; every evaluation uses it.
+
+        Runs that train with different formats cannot be compared on one set of prompts: that is an error.
+        """
+        runs = dict(self.cfg.arms)
+        if not self.cfg.base.path:
+            runs[BASE] = self.cfg.base.overrides
+        formats = {}
+        for name, extra in runs.items():
+            cfg = self.train_config(list(extra), self.out, 0, None)
+            formats[name] = {
+                "system_prompt": cfg.model.get("system_prompt"),
+                "image_aspect_ratio": cfg.data.image_aspect_ratio,
+            }
+        if len({json.dumps(f, sort_keys=True) for f in formats.values()}) > 1:
+            raise ReproduceError(f"the runs train with different prompt formats, so no evaluation fits all: {formats}")
+        return next(iter(formats.values()), {"system_prompt": None, "image_aspect_ratio": "crop"})
+
     # -- stages ----------------------------------------------------------------------------------
     def split(self) -> tuple[Path | None, dict[str, Any]]:
         """Train ids (None: all of data.path) and the evaluation benchmark settings."""
@@ -149,6 +168,9 @@ class Reproduction:
         overrides += ["wandb.enabled=false", f"seed={seed or 0}"]  # the comparison's own W&B run has every figure
         overrides += [f"judge={self.cfg.judge_name}", *self.cfg.eval_overrides]
         cfg = self.compose("eval", overrides)
+        # the prompts as the models were trained (set here, not as overrides: a system prompt is free text)
+        cfg.model.system_prompt = self.format["system_prompt"]
+        cfg.image_aspect_ratio = self.format["image_aspect_ratio"]
         if _finished(out_dir, "report.json", cfg):
             return json.loads((out_dir / "report.json").read_text())
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +186,8 @@ class Reproduction:
                 f"equal_budget compares arms {equal.objective!r} and {equal.like!r}, but arms are "
                 f"{sorted(self.cfg.arms)}; set equal_budget.objective / .like, or equal_budget.enabled=false"
             )
+        self.format = self.prompt_format()
+        log.info("prompt format of every run and evaluation: %s", self.format)
         ids_file, bench = self.split()
         base = self.base_model(ids_file)
         arms: dict[str, dict[int, Path]] = {}

@@ -83,7 +83,13 @@ def add_blind_answers(cfg: DictConfig, module: PreferenceModule, datamodule: Any
                 f"blind.devices.devices={devices.get('devices')} must equal trainer.devices={cfg.trainer.devices}"
             )
         records, summary = fill_blind_answers(
-            datamodule.load_records(), reference, module.processor, settings, cfg.blind.cache_dir, devices
+            datamodule.load_records(),
+            reference,
+            module.processor,
+            settings,
+            cfg.blind.cache_dir,
+            devices,
+            system_prompt=datamodule.hparams.system_prompt,
         )
     datamodule.set_records(records)
     return summary
@@ -118,7 +124,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         reference=container["reference"],
         nonfinite=cfg.get("nonfinite", "raise"),
     )
-    datamodule = hydra.utils.instantiate(cfg.data, processor=module.processor, answers=list(module.answers))
+    datamodule = hydra.utils.instantiate(
+        cfg.data,
+        processor=module.processor,
+        answers=list(module.answers),
+        system_prompt=cfg.model.get("system_prompt"),
+    )
     report: dict[str, Any] = {}
     if "blind" in module.answers:
         report["blind_answers"] = add_blind_answers(cfg, module, datamodule)

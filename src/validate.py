@@ -31,7 +31,13 @@ log = logging.getLogger("validate")
 def validate(cfg: DictConfig) -> dict[str, Any]:
     """The data summary of `PreferenceDataModule` with every bad record described instead of raised."""
     processor = load_processor(**OmegaConf.to_container(cfg.model, resolve=True))
-    datamodule = hydra.utils.instantiate(cfg.data, processor=processor, answers=list(cfg.answers), on_error="skip")
+    datamodule = hydra.utils.instantiate(
+        cfg.data,
+        processor=processor,
+        answers=list(cfg.answers),
+        on_error="skip",
+        system_prompt=cfg.model.get("system_prompt"),
+    )
     try:
         datamodule.setup("fit")
     except (DataError, ValueError) as e:  # the file itself is unusable, or nothing in it is

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
-from src.data.images import ImageResolver
+from src.data.images import IMAGE_ASPECT_RATIOS, ImageResolver
 from src.data.readers import keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord
 
@@ -57,15 +57,15 @@ class EpochShuffle(Sampler[int]):
 
 
 class PreferenceDataset(Dataset):
-    """Encoded pairs; images are loaded and processed per item."""
+    """Encoded pairs; images are loaded and processed per item, by the encoder that encoded the pairs."""
 
     def __init__(
-        self, records: list[PreferenceRecord], pairs: list[EncodedPair], resolver: ImageResolver, image_processor: Any
+        self, records: list[PreferenceRecord], pairs: list[EncodedPair], resolver: ImageResolver, encoder: PromptEncoder
     ):
         self.records = {r.id: r for r in records}
         self.pairs = pairs
         self.resolver = resolver
-        self.image_processor = image_processor
+        self.encoder = encoder
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -73,8 +73,7 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         pair = self.pairs[i]
         image = self.resolver(self.records[pair.id])
-        inputs = None if image is None else dict(self.image_processor(images=image, return_tensors="pt"))
-        return {"pair": pair, "image_inputs": inputs}
+        return {"pair": pair, "image_inputs": self.encoder.image_inputs(image)}
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -82,7 +81,8 @@ class PreferenceDataModule(LightningDataModule):
 
     ``answers`` lists the answers each example carries, in order (``[chosen, rejected]`` for DPO,
     ``[chosen, rejected, blind]`` for BPO). Records that do not fit ``max_length`` are skipped and
-    counted in ``stats``; nothing is dropped silently.
+    counted in ``stats``; nothing is dropped silently. ``system_prompt`` opens every prompt that has no
+    system turn; ``image_aspect_ratio`` (crop | pad) is how non-square images reach the model.
     """
 
     def __init__(
@@ -99,6 +99,8 @@ class PreferenceDataModule(LightningDataModule):
         answers: tuple[str, ...] = ANSWER_KEYS[:2],
         max_length: int = 512,
         min_answer_tokens: int = 4,
+        system_prompt: str | None = None,
+        image_aspect_ratio: str = "crop",
         val_fraction: float = 0.1,
         val_path: str | None = None,
         split_seed: int = 0,
@@ -120,6 +122,8 @@ class PreferenceDataModule(LightningDataModule):
         if unknown:
             raise ValueError(f"data.answers may hold {ANSWER_KEYS}; got unknown {sorted(unknown)}")
         self.answers = tuple(answers)
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"data.image_aspect_ratio must be crop or pad, got {image_aspect_ratio!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
         # with on_error=skip, bad records are described here, skipped and counted, never dropped silently
@@ -190,7 +194,10 @@ class PreferenceDataModule(LightningDataModule):
 
     # -- encoding ------------------------------------------------------------------------------
     def _encode(self, records: list[PreferenceRecord], name: str) -> PreferenceDataset:
-        encoder = PromptEncoder(self.processor, self.hparams.max_length, self.hparams.min_answer_tokens)
+        hp = self.hparams
+        encoder = PromptEncoder(
+            self.processor, hp.max_length, hp.min_answer_tokens, hp.system_prompt, hp.image_aspect_ratio
+        )
         stats = EncodeStats()
         pairs = []
         for record in records:
@@ -216,7 +223,7 @@ class PreferenceDataModule(LightningDataModule):
                 f"{name}: all {len(records)} records were skipped ({dict(stats.skipped)}); "
                 f"raise data.max_length (now {self.hparams.max_length})"
             )
-        return PreferenceDataset(records, pairs, self.resolver, self.processor.image_processor)
+        return PreferenceDataset(records, pairs, self.resolver, encoder)
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:

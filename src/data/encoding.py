@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from src.data.images import IMAGE_ASPECT_RATIOS, mean_colour, pad_to_square
 from src.data.records import Conversation, DataError, PreferenceRecord
 
 IGNORE_INDEX = -100
@@ -65,18 +66,52 @@ class EncodeStats:
 class PromptEncoder:
     """Render and tokenize prompts and answers of `PreferenceRecord`s with a model's processor."""
 
-    def __init__(self, processor: Any, max_length: int = 512, min_answer_tokens: int = 4):
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int = 512,
+        min_answer_tokens: int = 4,
+        system_prompt: str | None = None,
+        image_aspect_ratio: str = "crop",
+    ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; answers must end with one to be scored")
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
         self.max_length = max_length
         self.min_answer_tokens = min_answer_tokens
+        # the system message of records that bring none (LLaVA-1.5 was trained with Vicuna's system line)
+        self.system_prompt = system_prompt
+        self.image_aspect_ratio = image_aspect_ratio
 
     # -- prompts -------------------------------------------------------------------------------
-    def prompt_text(self, record: Conversation, with_image: bool = True, first_turn: int = 0) -> str:
+    def messages(self, record: Conversation, with_image: bool = True, first_turn: int = 0) -> list[dict[str, Any]]:
+        """The record's chat-template messages, opened by ``system_prompt`` when it has no system turn."""
         messages = record.messages(with_image=with_image, first_turn=first_turn)
+        if self.system_prompt and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}, *messages]
+        return messages
+
+    def prompt_text(self, record: Conversation, with_image: bool = True, first_turn: int = 0) -> str:
+        messages = self.messages(record, with_image=with_image, first_turn=first_turn)
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def image_inputs(self, image: Any) -> dict[str, Any] | None:
+        """The image processor's outputs for ``image`` (``pixel_values`` (1, C, H, W) for LLaVA-1.5); None: none.
+
+        Every place that turns an image into model inputs goes through here, so training, blind answers,
+        generation and scoring see the same pixels.
+        """
+        if image is None:
+            return None
+        return dict(self.processor.image_processor(images=self._fit(image), return_tensors="pt"))
+
+    def _fit(self, image: Any) -> Any:
+        if self.image_aspect_ratio == "pad":
+            return pad_to_square(image, mean_colour(self.processor.image_processor))
+        return image
 
     def prompt_ids(self, record: Conversation, image: Any, first_turn: int = 0) -> list[int]:
         """Token ids of the prompt, image tokens expanded by the processor (``image=None``: blind).
@@ -88,7 +123,7 @@ class PromptEncoder:
         if image is None:
             ids = self.tokenizer(text)["input_ids"]
         else:
-            ids = self.processor(text=text, images=image)["input_ids"]
+            ids = self.processor(text=text, images=self._fit(image))["input_ids"]  # image tokens can depend on size
             ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
         bos = self.tokenizer.bos_token_id
         if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
@@ -101,7 +136,7 @@ class PromptEncoder:
         ``finished=False`` (a generation cut by its token limit) scores the answer's own tokens only: no
         EOS and no end-of-turn text, which would teach that the cut-off text ends there.
         """
-        messages = record.messages(with_image=record.image is not None)
+        messages = self.messages(record, with_image=record.image is not None)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         full = self.processor.apply_chat_template(
             messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],

@@ -10,12 +10,16 @@ import hashlib
 import textwrap
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
 from src.data.records import Conversation, DataError
 
 MISSING_POLICIES = ("error", "render")
+# how a non-square image reaches the model: crop (the processor's resize and centre crop, which cuts the long
+# side's edges) | pad (first padded to a square with the processor's mean colour, as LLaVA-1.5 was trained)
+IMAGE_ASPECT_RATIOS = ("crop", "pad")
 RENDER_PREFIX = "render:"  # an image reference that is always drawn from its text, never looked up on disk
 
 
@@ -40,6 +44,22 @@ def render_stand_in(text: str, size: int = 336) -> Image.Image:
         draw.text(((size - w) / 2, y), line, fill=(0, 0, 0), font=font)
         y += line_h
     return image
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """``image`` centred on a square RGB canvas of colour ``fill`` (side: its longer side); squares unchanged."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image.convert("RGB"), ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def mean_colour(image_processor: Any) -> tuple[int, int, int]:
+    """The processor's normalisation mean as 0-255 RGB: padding of this colour normalises to ~0."""
+    return tuple(int(x * 255) for x in image_processor.image_mean)
 
 
 class ImageResolver:

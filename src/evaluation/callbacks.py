@@ -49,7 +49,14 @@ class GenerationSamples(Callback):
         records = [dm.val_set.records[p.id] for p in dm.val_set.pairs[: self.num_samples]]
         out = Path(trainer.default_root_dir) / "samples" / f"epoch_{trainer.current_epoch:03d}.jsonl"
         out.unlink(missing_ok=True)  # a fresh file per validation: these are the policy's current answers
-        generator = AnswerGenerator(pl_module.policy, pl_module.processor, self.settings, dm.resolver)
+        generator = AnswerGenerator(
+            pl_module.policy,
+            pl_module.processor,
+            self.settings,
+            dm.resolver,
+            system_prompt=dm.hparams.system_prompt,
+            image_aspect_ratio=dm.hparams.image_aspect_ratio,
+        )
         answers = generator.run(records, out, with_image=True, desc="val samples")
         judge = self.judge()
         texts = [answers[r.id]["answer"] for r in records]

@@ -108,6 +108,11 @@ class Evaluator:
         self.benchmark = hydra.utils.instantiate(cfg.benchmark)
         self.judge: Judge = hydra.utils.instantiate(cfg.judge)
         self.settings = GenerationSettings(**cfg.generation)
+        # the model's prompt format, as it was trained (llava-1.5: Vicuna's system line, images padded to a square)
+        self.prompt_format = {
+            "system_prompt": cfg.model.get("system_prompt"),
+            "image_aspect_ratio": cfg.get("image_aspect_ratio", "crop"),
+        }
         # judges see the prompt's image only when asked (Llama Guard Vision); text judges ignore it
         self.judge_resolver = self.benchmark.resolver if cfg.get("judge_images") else None
         self.lines: list[dict[str, Any]] = []  # generations.jsonl of this run: answers with verdicts
@@ -117,7 +122,9 @@ class Evaluator:
         key = hashlib.sha256((self.fingerprint + self.settings.key()).encode()).hexdigest()[:16]
         cache = Path(self.cfg.cache_dir) / f"{self.benchmark.name}-{mode}-{key}.jsonl"
         devices = OmegaConf.to_container(self.cfg.devices, resolve=True) if self.cfg.get("devices") else None
-        generator = AnswerGenerator(self.model, self.processor, self.settings, self.benchmark.resolver, devices)
+        generator = AnswerGenerator(
+            self.model, self.processor, self.settings, self.benchmark.resolver, devices, **self.prompt_format
+        )
         with_image = [i for i in items if i.image]
         without = [i for i in items if not i.image]
         out: dict[str, dict[str, Any]] = {}
@@ -199,6 +206,7 @@ class Evaluator:
         chosen = [refs[i.id]["chosen"] for i in have]
         rejected = [refs[i.id]["rejected"] for i in have]
         kwargs = {"max_length": self.cfg.scoring.max_length, "batch_size": self.cfg.scoring.batch_size}
+        kwargs |= self.prompt_format
         out: dict[str, Any] = {}
         if self.cfg.scoring.pairwise:
             out["pairwise"] = pairwise_accuracy(
@@ -247,6 +255,7 @@ class Evaluator:
             "benchmark": {"name": self.benchmark.name, "kind": self.benchmark.kind},
             "judge": self.judge.name,
             "generation_settings": json.loads(self.settings.key()),
+            "prompt_format": self.prompt_format,
         }
         for mode in modes:
             log.info("mode %s on %s", mode, self.benchmark.name)

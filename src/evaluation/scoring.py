@@ -33,12 +33,17 @@ def score_answers(
     max_length: int = 2048,
     batch_size: int = 8,
     desc: str = "scoring",
+    system_prompt: str | None = None,
+    image_aspect_ratio: str = "crop",
 ) -> torch.Tensor:
     """Summed log-prob of each answer given its prompt: (N, K) float32, NaN rows for skipped prompts.
 
     A prompt is skipped (NaN) only when it cannot fit ``max_length`` even after dropping history.
+    ``system_prompt`` and ``image_aspect_ratio`` are the model's prompt format, as in training.
     """
-    encoder = PromptEncoder(processor, max_length=max_length)
+    encoder = PromptEncoder(
+        processor, max_length=max_length, system_prompt=system_prompt, image_aspect_ratio=image_aspect_ratio
+    )
     tok = getattr(processor, "tokenizer", processor)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     collate = partial(collate_pairs, pad_token_id=pad)
@@ -50,8 +55,7 @@ def score_answers(
         pair = encoder.encode_answers(prompt, image, texts)
         if isinstance(pair, str):
             continue
-        inputs = None if image is None else dict(processor.image_processor(images=image, return_tensors="pt"))
-        items.append({"pair": pair, "image_inputs": inputs})
+        items.append({"pair": pair, "image_inputs": encoder.image_inputs(image)})
         index.append(i)
     was_training = model.training
     model.eval()

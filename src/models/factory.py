@@ -57,6 +57,7 @@ def build_model(
     lora: dict[str, Any] | None = None,
     gradient_checkpointing: bool | str = False,
     load_in_4bit: bool = False,
+    system_prompt: str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Return (model, processor).
 
@@ -66,7 +67,8 @@ def build_model(
     as in the BPO paper. ``lora.enabled`` wraps the language model in LoRA adapters (PEFT); a folder that
     holds a trained adapter is merged into its base first. ``load_in_4bit`` (QLoRA) needs a CUDA GPU and
     bitsandbytes. ``gradient_checkpointing`` (true / full, or selective) recomputes activations in the backward
-    pass (`src.models.checkpointing`).
+    pass (`src.models.checkpointing`). ``system_prompt`` is not used here: it belongs to the model's prompt
+    format (``model.system_prompt``) and is passed to `PromptEncoder` by the entry points.
     """
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

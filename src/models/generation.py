@@ -96,6 +96,8 @@ class AnswerGenerator:
         settings: GenerationSettings,
         resolver: ImageResolver | None = None,
         devices: dict[str, Any] | None = None,
+        system_prompt: str | None = None,
+        image_aspect_ratio: str = "crop",
     ):
         self.model = model
         self.processor = processor
@@ -104,7 +106,12 @@ class AnswerGenerator:
         self.resolver = resolver or ImageResolver(missing="error")
         # Lightning Trainer arguments (accelerator, devices, strategy) to spread generation over devices
         self.devices = dict(devices) if devices else None
-        self.encoder = PromptEncoder(processor, max_length=max(1, settings.max_length - settings.max_new_tokens))
+        self.encoder = PromptEncoder(
+            processor,
+            max_length=max(1, settings.max_length - settings.max_new_tokens),
+            system_prompt=system_prompt,
+            image_aspect_ratio=image_aspect_ratio,
+        )
 
     def prompt(self, record: Conversation, with_image: bool) -> tuple[list[int], Any, str]:
         """(prompt ids, image inputs or None, rendered prompt text) with old history dropped to fit."""
@@ -114,8 +121,7 @@ class AnswerGenerator:
             if len(ids) <= self.encoder.max_length:
                 break
         text = self.encoder.prompt_text(record, with_image=image is not None, first_turn=start)
-        inputs = None if image is None else dict(self.processor.image_processor(images=image, return_tensors="pt"))
-        return ids, inputs, text
+        return ids, self.encoder.image_inputs(image), text
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[tuple[list[int], Any, str]]) -> list[dict[str, Any]]:
@@ -225,11 +231,13 @@ def fill_blind_answers(
     settings: GenerationSettings,
     cache_dir: str | Path,
     devices: dict[str, Any] | None = None,
+    system_prompt: str | None = None,
 ) -> tuple[list[PreferenceRecord], dict[str, Any]]:
     """Give every record without a blind answer the reference model's answer to the image-less prompt.
 
     Answers come from (and go to) a JSONL cache keyed by record id and a fingerprint of the model and
-    generation settings, so a second run with the same model and settings generates nothing.
+    generation settings, so a second run with the same model and settings generates nothing; a line is reused
+    only for the same prompt tokens (``system_prompt`` included).
     Returns the records and a summary (counts, cache path).
     """
     records = list(records)
@@ -238,7 +246,7 @@ def fill_blind_answers(
     if not missing:
         return records, summary | {"generated": 0, "from_cache": 0}
     path = blind_cache_path(cache_dir, reference, settings)
-    generator = AnswerGenerator(reference, processor, settings, devices=devices)
+    generator = AnswerGenerator(reference, processor, settings, devices=devices, system_prompt=system_prompt)
     lines = generator.run(missing, path, with_image=False, desc="blind answers")
     generated = generator.generated
     filled = []
