@@ -74,7 +74,12 @@ def report(summary: dict[str, Any], show: int) -> str:
             )
     lines += _listed("problems", summary["problems"], show)
     lines += _listed("skipped", summary["skipped_records"], show)
-    lines.append("OK: every record is usable" if summary["ok"] else "NOT OK: see the problems above")
+    if summary["rejected_records"]:
+        lines.append("NOT OK: see the problems above")
+    elif not summary["ok"]:
+        lines.append("NOT OK (strict=true): records were skipped, see above")
+    else:
+        lines.append("OK: every record is usable" if not summary["skipped"] else "OK: no bad record (some skipped)")
     return "\n".join(lines)
 
 
