@@ -169,14 +169,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             module.policy.save_pretrained(model_dir, state_dict=state)
             module.processor.save_pretrained(model_dir)
         (out_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
-        skipped = sum(s["skipped"] for k, s in report["data"].items() if isinstance(s, dict) and "skipped" in s)
+        data = report["data"]
         log.info("saved policy and processor to %s", model_dir)
         log.info(
-            "records skipped: %d (%s); rejected as bad input: %d; stand-in images: %d",
-            skipped,
-            {k: s["skipped_by_reason"] for k, s in report["data"].items() if isinstance(s, dict) and "skipped" in s},
-            report["data"].get("rejected_records", 0),
-            report["data"]["stand_in_images"],
+            "records read: %d = %d usable + %d rejected as bad input + %d skipped %s; stand-in images: %d",
+            data["records_read"],
+            data["usable"],
+            data["rejected_records"],
+            data["skipped"],
+            data["skipped_by_reason"],
+            data["stand_in_images"],
         )
     return metrics
 

@@ -2,8 +2,10 @@
 
     python src/validate.py data=mmsafe_po data.path=train.json data.image_root=images/ [strict=true]
 
-Prints records read, usable, skipped by reason and every problem (file, line or index, record id, what
-is wrong); exits 0 when every record is usable, 1 otherwise (with strict=true, truncation skips count).
+Prints where every record of the file went, each counted once (records read = usable + rejected +
+skipped), every problem (file, line or index, record id, what is wrong) and every skipped record; the same
+figures go to validation.json. Exits 0 when no record is rejected, 1 otherwise (with strict=true, truncation
+skips count too).
 """
 
 from __future__ import annotations
@@ -41,29 +43,33 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     try:
         datamodule.setup("fit")
     except (DataError, ValueError) as e:  # the file itself is unusable, or nothing in it is
-        return {"path": str(cfg.data.path), "fatal": str(e), "ok": False}
-    summary = datamodule.summary()
-    skipped = {}
-    for split in ("train", "val"):
-        for reason, n in summary.get(split, {}).get("skipped_by_reason", {}).items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    usable = sum(summary.get(s, {}).get("encoded", 0) for s in ("train", "val"))
-    rejected = summary.get("rejected_records", 0)
-    truncation_skips = sum(n for reason, n in skipped.items() if reason != "bad_record")
-    summary |= {"usable": usable, "skipped": skipped, "ok": rejected == 0 and not (cfg.strict and truncation_skips)}
+        return {"path": str(cfg.data.path), "fatal": str(e), "problems": datamodule.problems, "ok": False}
+    summary = datamodule.summary(limit=None)
+    summary["ok"] = summary["rejected_records"] == 0 and not (cfg.strict and summary["skipped"])
     return summary
+
+
+def _listed(title: str, items: list[str], show: int) -> list[str]:
+    if not items:
+        return []
+    return [f"{title} ({min(show, len(items))} shown of {len(items)}):"] + [f"  - {p}" for p in items[:show]]
 
 
 def report(summary: dict[str, Any], show: int) -> str:
     if "fatal" in summary:
-        return f"{summary['path']}: cannot be used: {summary['fatal']}"
-    lines = [
-        f"data set: {summary['path']}",
-        f"records read:      {summary['records_read'] + summary.get('rejected_records', 0)}",
+        problems = _listed("problems", summary.get("problems") or [], show)
+        return "\n".join([f"{summary['path']}: cannot be used: {summary['fatal']}", *problems])
+    by_reason = f" {json.dumps(summary['skipped_by_reason'])}" if summary["skipped"] else ""
+    lines = [f"data set: {summary['path']}", f"records in file:   {summary['records_in_file']}"]
+    not_selected = summary["not_selected"]
+    if not_selected:  # left out on purpose by data.ids_file / data.max_records
+        lines.append(f"not selected:      {sum(not_selected.values())} {json.dumps(not_selected)}")
+    lines += [
+        f"records read:      {summary['records_read']} (= usable + rejected + skipped)",
         f"usable:            {summary['usable']}",
-        f"rejected (errors): {summary.get('rejected_records', 0)}",
-        f"skipped:           {json.dumps(summary['skipped']) if summary['skipped'] else 0}",
-        f"stand-in images:   {summary.get('stand_in_images', 0)}",
+        f"rejected (errors): {summary['rejected_records']}",
+        f"skipped:           {summary['skipped']}{by_reason}",
+        f"stand-in images:   {summary['stand_in_images']} (usable records drawn as a stand-in, image file missing)",
     ]
     for split in ("train", "val"):
         if split in summary:
@@ -72,11 +78,14 @@ def report(summary: dict[str, Any], show: int) -> str:
                 f"{split}: {s['encoded']} encoded, history dropped in {s['records_with_history_dropped']}, "
                 f"{s['answers_truncated']} answers truncated"
             )
-    problems = summary.get("problems", [])
-    if problems:
-        lines.append(f"problems ({len(problems)} shown of {summary.get('rejected_records', 0)}):")
-        lines += [f"  - {p}" for p in problems[:show]]
-    lines.append("OK: every record is usable" if summary["ok"] else "NOT OK: see the problems above")
+    lines += _listed("problems", summary["problems"], show)
+    lines += _listed("skipped", summary["skipped_records"], show)
+    if summary["rejected_records"]:
+        lines.append("NOT OK: see the problems above")
+    elif not summary["ok"]:
+        lines.append("NOT OK (strict=true): records were skipped, see above")
+    else:
+        lines.append("OK: every record is usable" if not summary["skipped"] else "OK: no bad record (some skipped)")
     return "\n".join(lines)
 
 

@@ -157,7 +157,7 @@ def test_datamodule_counts_skips_and_reports(tiny, tmp_path):
     summary = dm.summary()
     assert summary["records_read"] == 6
     assert summary["train"]["encoded"] == 5 and summary["train"]["skipped_by_reason"] == {"prompt_too_long": 1}
-    assert summary["stand_in_images"] == 6
+    assert summary["stand_in_images"] == 5  # the usable records; the skipped one is not counted
     batch = next(iter(dm.train_dataloader()))
     assert batch["answer_ids"].shape[0] == 2 and len(batch["ids"]) == 4
     assert isinstance(batch["pixel_values"], torch.Tensor)

@@ -190,6 +190,23 @@ def test_ids_kept_as_strings_and_unique(tmp_path, mmsafe_rows):
         read_hf_dataset(str(tmp_path / "b"), image_dir=tmp_path / "img")
 
 
+def test_marker_without_image_is_rejected_or_counted(tmp_path, mmsafe_rows):
+    """A row whose prompt has an <image> marker but no image is bad input, in both hub shapes."""
+    rows = hub_rows(mmsafe_rows[:3])
+    rows[1]["image"] = None
+    Dataset.from_list(rows, features=HUB_FEATURES).save_to_disk(str(tmp_path / "m"))
+    generic = _generic_rows()
+    generic[0]["image"] = None
+    Dataset.from_list(generic).save_to_disk(str(tmp_path / "g"))
+    for folder, where, kept in [("m", r"row #1 \(id=1\)", ["0", "2"]), ("g", r"row #0 \(id=g1\)", ["g2"])]:
+        with pytest.raises(DataError, match=rf"{folder} \(split train\): {where}: the prompt has an <image> marker"):
+            read_hf_dataset(str(tmp_path / folder), image_dir=tmp_path / "img")
+        problems = []
+        records = read_records(tmp_path / folder, "hf", image_dir=tmp_path / "img", problems=problems)
+        assert [r.id for r in records] == kept
+        assert len(problems) == 1 and "<image> marker" in problems[0], problems
+
+
 def _generic_rows():
     return [
         {

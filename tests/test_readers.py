@@ -61,6 +61,39 @@ def test_mmsafe_errors_name_file_and_record(tmp_path):
     )
     with pytest.raises(DataError, match="id=8.*2 <image> markers"):
         read_records(path)
+    path.write_text(json.dumps([_mmsafe(1, "a.jpg"), _mmsafe(1, "b.jpg")]))
+    with pytest.raises(DataError, match=r"bad\.json: record id=1 \(#1\): duplicate record id '1'"):
+        read_records(path)
+
+
+def _mmsafe(rid, image):
+    return {"id": rid, "question": "USER: <image>\nQ ASSISTANT:", "image": image, "chosen": "a", "rejected": "b"}
+
+
+@pytest.mark.parametrize("image", [None, ""])
+def test_mmsafe_marker_without_image_is_rejected(tmp_path, image):
+    """A marker with no image must not silently train as a text-only pair."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([_mmsafe(1, "a.jpg"), _mmsafe(2, image), _mmsafe(3, "c.jpg")]))
+    with pytest.raises(DataError, match=r"d\.json: record id=2 \(#1\): the prompt has an <image> marker but 'image'"):
+        read_records(path)
+    problems = []
+    assert [r.id for r in read_records(path, problems=problems)] == ["1", "3"]
+    assert len(problems) == 1 and "record id=2 (#1)" in problems[0]
+
+
+@pytest.mark.parametrize("image", ["null", '""'])
+def test_generic_jsonl_marker_without_image_is_rejected(tmp_path, image):
+    path = tmp_path / "d.jsonl"
+    ok = '{"id": "ok", "prompt": "q", "chosen": "c", "rejected": "r"}'
+    path.write_text(
+        ok + "\n" + f'{{"id": "x", "prompt": "<image> q", "image": {image}, "chosen": "c", "rejected": "r"}}'
+    )
+    with pytest.raises(DataError, match=r"d\.jsonl:2 \(id=x\): the prompt has an <image> marker but no 'image'"):
+        read_records(path)
+    problems = []
+    assert [r.id for r in read_records(path, problems=problems)] == ["ok"]
+    assert len(problems) == 1 and "d.jsonl:2 (id=x)" in problems[0]
 
 
 def test_generic_jsonl_both_content_forms(tmp_path):
@@ -118,7 +151,7 @@ def test_generic_jsonl_both_content_forms(tmp_path):
             '{"id": "x", "messages": [{"role": "user", "content": "<image> q"}], "chosen": "c", "rejected": "r"}',
             "no 'image' field",
         ),
-        ('{"id": "ok", "prompt": "q", "chosen": "c", "rejected": "r"}', "duplicate record id 'ok'"),
+        ('{"id": "ok", "prompt": "q", "chosen": "c", "rejected": "r"}', r"d\.jsonl:2: duplicate record id 'ok'"),
     ],
 )
 def test_generic_jsonl_errors(tmp_path, line, message):

@@ -194,7 +194,8 @@ def test_train_on_shared_mmsafe_po_reads_all_records(tmp_path, mmsafe_path):
     data = summary["data"]
     assert data["records_read"] == 200
     assert data["train"]["encoded"] + data["train"]["skipped"] + data["val"]["encoded"] + data["val"]["skipped"] == 200
-    assert data["stand_in_images"] == 200
+    assert data["records_read"] == data["usable"] + data["skipped"] and data["rejected_records"] == 0
+    assert data["stand_in_images"] == data["usable"]  # every usable record, none of the skipped ones
 
 
 def test_precomputed_reference_trains_like_a_frozen_copy(tmp_path):

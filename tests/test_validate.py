@@ -51,6 +51,7 @@ def hostile(tmp_path):
         rec("huge-image", image="huge.png"),
         rec("two-markers", messages=[{"role": "user", "content": "<image> and <image>"}]),
         rec("too-long", messages=[{"role": "user", "content": "<image>\n" + "word " * 3000}]),
+        rec("null-image", image=None),
     ]
     path = tmp_path / "hostile.jsonl"
     data = "\n".join(lines).encode() + b'\n{"id": "latin1", "prompt": "caf\xe9"}\n'
@@ -68,8 +69,25 @@ EXPECTED = {
     "image file not found": "missing-image",
     "cannot read image": "truncated-image",
     "2 <image> markers": "two-markers",
-    "not valid UTF-8": ":18:",
+    "not valid UTF-8": ":19:",
+    "<image> marker but no 'image'": "null-image",
 }
+# how each record that is not usable is named, once, in the problems or the skipped list
+NOT_USABLE = [
+    ":7: invalid JSON",
+    "id=no-rejected",
+    "id=wrong-type",
+    "id=blank",
+    "id=same",
+    ":12: duplicate record id 'good-1'",
+    "record missing-image:",
+    "record truncated-image:",
+    "record huge-image:",
+    "id=two-markers",
+    "record too-long:",
+    "id=null-image",
+    ":19: not valid UTF-8",
+]
 
 
 def test_validate_reports_every_problem(tmp_path, hostile, monkeypatch):
@@ -89,10 +107,72 @@ def test_validate_reports_every_problem(tmp_path, hostile, monkeypatch):
         assert any(message in p and where in p for p in summary["problems"]), (message, problems)
     assert any("cannot read image" in p and "huge-image" in p for p in summary["problems"])
     # good, converted-mode and marker-less records are usable; the long one is a counted skip
-    assert summary["usable"] == 6 and summary["skipped"] == {"bad_record": 3, "prompt_too_long": 1}
-    assert summary["rejected_records"] == 11 and not summary["ok"]
+    assert summary["usable"] == 6 and summary["skipped_by_reason"] == {"prompt_too_long": 1}
+    assert summary["rejected_records"] == 12 and not summary["ok"]
     text = report(summary, show=50)
     assert "NOT OK" in text and "usable:            6" in text
+
+
+def _console_counts(text):
+    """The figures `report` prints, by label."""
+    labels = {"records in file": "records_in_file", "records read": "records_read", "usable": "usable"}
+    labels |= {"rejected (errors)": "rejected_records", "skipped": "skipped", "stand-in images": "stand_in_images"}
+    out = {}
+    for line in text.splitlines():
+        label, _, value = line.partition(":")
+        if label in labels and value.strip():
+            out[labels[label]] = int(value.split()[0])
+    return out
+
+
+@pytest.mark.parametrize("missing, usable, stand_ins", [("error", 6, 0), ("render", 7, 1)])
+def test_every_record_is_counted_once(tmp_path, hostile, monkeypatch, missing, usable, stand_ins):
+    """records in the file = usable + rejected + skipped, each record named once, console == validation.json."""
+    from src.validate import report, validate
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    path, img = hostile
+    overrides = ["data=jsonl", f"data.path={path}", f"data.image_root={img}", "data.val_fraction=0"]
+    overrides += ["data.max_length=512", f"data.missing_images={missing}"]
+    summary = validate(compose_config("validate", overrides, tmp_path / "run"))
+    assert summary["records_in_file"] == summary["records_read"] == 19 and summary["not_selected"] == {}
+    assert summary["usable"] == usable and summary["stand_in_images"] == stand_ins
+    assert summary["rejected_records"] == 19 - usable - 1 and summary["skipped"] == 1
+    named = summary["problems"] + summary["skipped_records"]
+    assert len(named) == summary["rejected_records"] + summary["skipped"]
+    expected = [n for n in NOT_USABLE if missing == "error" or n != "record missing-image:"]
+    for name in expected:
+        assert sum(name in line for line in named) == 1, (name, named)
+    assert len(named) == len(expected)
+    counts = _console_counts(report(summary, show=50))
+    assert counts == {k: summary[k] for k in counts} and len(counts) == 6
+    assert counts["records_read"] == counts["usable"] + counts["rejected_records"] + counts["skipped"]
+
+
+def test_selected_records_and_a_bookkeeping_bug(tmp_path, tiny):
+    """ids_file / max_records leave records out on purpose: counted apart; a mismatch raises, never prints."""
+    from src.data.datamodule import PreferenceDataModule
+
+    lines = [rec(f"r{i}", group=f"g{i}") for i in range(6)] + ['{"id": "broken"']
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "ids.txt").write_text("r0\nr1\nr2\nr3\n")
+    dm = PreferenceDataModule(
+        str(tmp_path / "d.jsonl"),
+        missing_images="render",
+        ids_file=str(tmp_path / "ids.txt"),
+        max_records=3,
+        val_fraction=0.0,
+        on_error="skip",
+        processor=tiny[1],
+    )
+    dm.setup("fit")
+    summary = dm.summary()
+    assert summary["records_in_file"] == 7 and summary["not_selected"] == {"ids_file": 2, "max_records": 1}
+    assert summary["records_read"] == 4 and summary["usable"] == 3 and summary["rejected_records"] == 1
+    assert summary["stand_in_images"] == 3
+    dm.records_in_file += 1
+    with pytest.raises(RuntimeError, match="does not add up: 5 records read != 3 usable"):
+        dm.summary()
 
 
 def test_validate_exit_codes_and_strict(tmp_path):
@@ -152,7 +232,10 @@ def test_training_skips_and_counts_or_stops_with_a_clear_message(tmp_path, hosti
     ]
     _, metrics = run_train(tmp_path, [*common, "data.on_error=skip"])
     summary = json.loads((tmp_path / "run/run_summary.json").read_text())
-    assert summary["data"]["rejected_records"] == 11 and summary["data"]["train"]["encoded"] == 6
+    assert summary["data"]["rejected_records"] == 12 and summary["data"]["train"]["encoded"] == 6
+    data = json.loads((tmp_path / "run/data_summary.json").read_text())
+    assert data["records_in_file"] == data["records_read"] == 19
+    assert (data["usable"], data["rejected_records"], data["skipped"]) == (6, 12, 1)
     out = subprocess.run(
         [sys.executable, "src/train.py", *common, f"hydra.run.dir={tmp_path}/r2"],
         cwd=ROOT,

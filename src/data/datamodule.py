@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
 from src.data.images import IMAGE_ASPECT_RATIOS, ImageResolver
-from src.data.readers import keep_listed, read_records
+from src.data.readers import collect_problem, keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,10 @@ class PreferenceDataModule(LightningDataModule):
     """Reads a preference data set, splits it by source conversation, encodes it with the processor.
 
     ``answers`` lists the answers each example carries, in order (``[chosen, rejected]`` for DPO,
-    ``[chosen, rejected, blind]`` for BPO). Records that do not fit ``max_length`` are skipped and
-    counted in ``stats``; nothing is dropped silently. ``system_prompt`` opens every prompt that has no
-    system turn; ``image_aspect_ratio`` (crop | pad) is how non-square images reach the model.
+    ``[chosen, rejected, blind]`` for BPO). Every record in the data file(s) is counted exactly once (see
+    `summary`): left out by ``ids_file`` / ``max_records``, usable, rejected as bad input (``on_error=skip``),
+    or skipped because it does not fit ``max_length``; nothing is dropped silently. ``system_prompt`` opens every
+    prompt that has no system turn; ``image_aspect_ratio`` (crop | pad) is how non-square images reach the model.
     """
 
     def __init__(
@@ -128,6 +130,9 @@ class PreferenceDataModule(LightningDataModule):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
         # with on_error=skip, bad records are described here, skipped and counted, never dropped silently
         self.problems: list[str] | None = [] if on_error == "skip" else None
+        self.skipped_records: list[str] = []  # one line per record skipped at encoding, naming it and why
+        self.records_in_file = 0  # every record of data.path and data.val_path, kept or rejected
+        self.not_selected: Counter = Counter()  # records left out on purpose, by the setting that did it
         self.processor = processor
         data_folder = Path(path).parent if Path(path).is_file() else None
         self.resolver = ImageResolver(image_root, missing_images, stand_in_size or _image_size(processor), data_folder)
@@ -142,24 +147,35 @@ class PreferenceDataModule(LightningDataModule):
         """Read the data file(s) once; returns every record (train and validation)."""
         if self.records is None:
             hp = self.hparams
-            hub = {"image_dir": hp.image_dir, "revision": hp.revision, "problems": self.problems}
-            records = read_records(hp.path, hp.format, split=hp.split, **hub)
+            records = self._read(hp.path, hp.split)
             if hp.ids_file:
                 n = len(records)
                 records = keep_listed(records, hp.ids_file, hp.path)
+                self.not_selected["ids_file"] = n - len(records)
                 log.info("kept the %d of %d records listed in %s", len(records), n, hp.ids_file)
-            if hp.max_records:
+            if hp.max_records and len(records) > hp.max_records:
+                self.not_selected["max_records"] = len(records) - hp.max_records
                 records = records[: hp.max_records]
             self.records = records
             if hp.val_path:
-                val = read_records(hp.val_path, hp.format, split=hp.val_split, **hub)
-                self.val_records_given = self._drop_shared_ids(records, val)
+                self.val_records_given = self._drop_shared_ids(records, self._read(hp.val_path, hp.val_split))
             log.info("read %d records from %s", len(records), hp.path)
             # fail fast on missing images; with on_error=skip each one is described when encoding instead
             missing = 0 if self.problems is not None else self.resolver.check(records + (self.val_records_given or []))
             if missing:
                 log.warning("%d images not found: drawing stand-ins (data.missing_images=render)", missing)
         return self.records + (self.val_records_given or [])
+
+    def _read(self, path: str, split: str | None) -> list[PreferenceRecord]:
+        """The good records of one file; all of its records are counted, the rejected ones included."""
+        hp = self.hparams
+        rejected_before = len(self.problems or [])
+        records = read_records(
+            path, hp.format, split=split, image_dir=hp.image_dir, revision=hp.revision, problems=self.problems
+        )
+        # the readers describe each rejected record by exactly one problem
+        self.records_in_file += len(records) + len(self.problems or []) - rejected_before
+        return records
 
     def _drop_shared_ids(self, train: list[PreferenceRecord], val: list[PreferenceRecord]) -> list[PreferenceRecord]:
         """Ids key caches and reports, so they must be unique across data.path and data.val_path too."""
@@ -171,9 +187,7 @@ class PreferenceDataModule(LightningDataModule):
                     f"{self.hparams.val_path}: record id {r.id!r} is also in {self.hparams.path}; "
                     "ids must be unique across the training and validation files"
                 )
-                if self.problems is None:
-                    raise error
-                self.problems.append(str(error))
+                collect_problem(self.problems, error)
                 continue
             kept.append(r)
         return kept
@@ -203,13 +217,15 @@ class PreferenceDataModule(LightningDataModule):
         for record in records:
             try:
                 result = encoder.encode(record, self.resolver(record), self.answers)
-            except DataError as e:  # e.g. an unreadable image
-                if self.problems is None:
-                    raise
-                self.problems.append(str(e))
-                result = "bad_record"
+            except DataError as e:  # e.g. an unreadable image: bad input, counted as rejected only
+                collect_problem(self.problems, e)
+                stats.rejected += 1
+                continue
             if isinstance(result, str):
                 stats.skipped[result] += 1
+                self.skipped_records.append(
+                    f"{name}: record {record.id}: {result} (data.max_length={self.hparams.max_length})"
+                )
                 log.warning("%s: skipping record %s (%s)", name, record.id, result)
                 continue
             stats.encoded += 1
@@ -219,9 +235,10 @@ class PreferenceDataModule(LightningDataModule):
             pairs.append(result)
         self.stats[name] = stats
         if not pairs and records:
+            hint = f"; raise data.max_length (now {self.hparams.max_length})" if stats.skipped else ""
             raise ValueError(
-                f"{name}: all {len(records)} records were skipped ({dict(stats.skipped)}); "
-                f"raise data.max_length (now {self.hparams.max_length})"
+                f"{name}: none of the {len(records)} records is usable ({stats.rejected} rejected as bad input, "
+                f"skipped: {dict(stats.skipped)}){hint}"
             )
         return PreferenceDataset(records, pairs, self.resolver, encoder)
 
@@ -234,15 +251,42 @@ class PreferenceDataModule(LightningDataModule):
         self.train_set = self._encode(train, "train")
         self.val_set = self._encode(val, "val") if val else None
 
-    def summary(self) -> dict[str, Any]:
-        """Records read, encoded, skipped by reason, truncated, and images rendered as stand-ins."""
-        out: dict[str, Any] = {"path": str(self.hparams.path), "records_read": len(self.load_records())}
+    def summary(self, limit: int | None = 100) -> dict[str, Any]:
+        """Where every record of the data file(s) went, counted once; per-split encoding figures.
+
+        ``records_in_file`` = ``not_selected`` (by data.ids_file / data.max_records) + ``records_read``, and
+        ``records_read`` = ``usable`` + ``rejected_records`` (bad input, each described in ``problems``) +
+        ``skipped`` (does not fit data.max_length, each named in ``skipped_records``). ``stand_in_images``
+        counts the usable records whose missing image is drawn as a stand-in. ``limit`` caps the two lists.
+        """
+        if self.train_set is None:
+            raise RuntimeError("PreferenceDataModule.summary() needs setup() first")
+        usable = sum(s.encoded for s in self.stats.values())
+        skipped_by_reason = sum((s.skipped for s in self.stats.values()), Counter())
+        skipped = sum(skipped_by_reason.values())
+        rejected = len(self.problems or [])
+        records_read = self.records_in_file - sum(self.not_selected.values())
+        if records_read != usable + rejected + skipped:  # a bookkeeping bug: never report numbers that disagree
+            raise RuntimeError(
+                f"data accounting does not add up: {records_read} records read != {usable} usable + "
+                f"{rejected} rejected + {skipped} skipped"
+            )
+        usable_ids = {p.id for d in (self.train_set, self.val_set) if d is not None for p in d.pairs}
+        out: dict[str, Any] = {
+            "path": str(self.hparams.path),
+            "records_in_file": self.records_in_file,
+            "not_selected": dict(self.not_selected),
+            "records_read": records_read,
+            "usable": usable,
+            "rejected_records": rejected,
+            "skipped": skipped,
+            "skipped_by_reason": dict(skipped_by_reason),
+            "stand_in_images": len(self.resolver.rendered & usable_ids),
+        }
         for name, stats in self.stats.items():
             out[name] = stats.summary()
-        out["stand_in_images"] = len(self.resolver.rendered)
-        if self.problems is not None:
-            out["rejected_records"] = len(self.problems)
-            out["problems"] = self.problems[:100]
+        out["problems"] = (self.problems or [])[:limit]
+        out["skipped_records"] = self.skipped_records[:limit]
         return out
 
     # -- loaders -------------------------------------------------------------------------------

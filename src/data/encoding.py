@@ -47,6 +47,7 @@ class EncodeStats:
     """What truncation did over a data set; reported at the start and the end of a run."""
 
     encoded: int = 0
+    rejected: int = 0  # bad input (e.g. an unreadable image), described in the data module's problems
     skipped: Counter = field(default_factory=Counter)
     dropped_history: int = 0
     truncated_answers: int = 0
@@ -55,6 +56,7 @@ class EncodeStats:
     def summary(self) -> dict[str, Any]:
         return {
             "encoded": self.encoded,
+            "rejected": self.rejected,
             "skipped": sum(self.skipped.values()),
             "skipped_by_reason": dict(self.skipped),
             "records_with_history_dropped": self.dropped_history,

@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image as PILImage
 from PIL import PngImagePlugin
 
-from src.data.readers import generic_record, mmsafe_record
+from src.data.readers import collect_problem, generic_record, mmsafe_record
 from src.data.records import DataError, PreferenceRecord
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def read_hf_dataset(
     format: str = "auto",
     image_dir: str | Path | None = None,
     revision: str | None = None,
+    problems: list[str] | None = None,
 ) -> list[PreferenceRecord]:
     """Read one split of a Hugging Face data set into preference records.
 
@@ -57,7 +58,8 @@ def read_hf_dataset(
     stands in for it), ``jsonl`` (the generic format: ``messages`` or ``prompt``, ``chosen``, ``rejected``,
     optional ``blind``, optional ``image`` as a path string or an embedded image, metadata columns), or
     ``auto`` (see `detect_format`). ``image_dir`` is required when any record has an embedded image.
-    Errors name the data set, the split, the row and the record id.
+    Errors name the data set, the split, the row and the record id. With a ``problems`` list, a bad row is
+    described there and skipped instead of raising; a missing ``image_dir`` always raises.
     """
     if format not in HF_SUBFORMATS:
         raise DataError(f"unknown Hugging Face data format {format!r}; use one of {HF_SUBFORMATS}")
@@ -80,20 +82,24 @@ def read_hf_dataset(
         embedded = image is not None and not isinstance(image, str)
         if embedded and _is_empty_image(image):
             raw[IMAGE_COLUMN], embedded = None, False
-        if embedded:
+        if embedded:  # a setting, not a row, is wrong when image_dir is missing: raises even when skipping
             raw[IMAGE_COLUMN] = str(writer.target(rid, f"{where} (id={rid})"))
-        if format == "mmsafe_po":
-            record = mmsafe_record(raw, f"{where} (id={rid})", fallback_id=str(index))
-        else:  # appends the id to `where` itself
-            record = generic_record(raw, where, fallback_id=str(index))
-        if record.id in seen:
-            raise DataError(
-                f"{where} (id={record.id}): duplicate record id {record.id!r}; ids key caches and reports, "
-                "so they must be unique"
-            )
+        try:
+            if format == "mmsafe_po":
+                record = mmsafe_record(raw, f"{where} (id={rid})", fallback_id=str(index))
+            else:  # appends the id to `where` itself
+                record = generic_record(raw, where, fallback_id=str(index))
+            if record.id in seen:
+                raise DataError(
+                    f"{where} (id={record.id}): duplicate record id {record.id!r}; ids key caches and reports, "
+                    "so they must be unique"
+                )
+            if embedded:
+                writer.write(image, record.id, f"{where} (id={record.id})")
+        except DataError as e:
+            collect_problem(problems, e)
+            continue
         seen.add(record.id)
-        if embedded:
-            writer.write(image, record.id, f"{where} (id={record.id})")
         records.append(record)
     if writer.written or writer.reused:
         log.info(

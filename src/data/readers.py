@@ -100,6 +100,10 @@ def mmsafe_record(raw: Any, where: str, fallback_id: str | None = None) -> Prefe
     turns, image_turn = parse_conversation(question, where)
     if image_turn is None:
         raise DataError(f"{where}: no {IMAGE_MARKER} marker in 'question'")
+    if not raw["image"]:  # a marker without an image would train the pair as text-only
+        raise DataError(f"{where}: the prompt has an {IMAGE_MARKER} marker but 'image' is empty ({raw['image']!r})")
+    if not isinstance(raw["image"], str):
+        raise DataError(f"{where}: 'image' must be a path string, got {type(raw['image']).__name__}")
     meta = {k: v for k, v in raw.items() if k not in MMSAFE_FIELDS + ("prompt",)}
     # records made from one source conversation share text_prompt and both answers
     meta["group"] = str(raw.get("text_prompt") or raw["id"])
@@ -110,7 +114,7 @@ def mmsafe_record(raw: Any, where: str, fallback_id: str | None = None) -> Prefe
         id=str(raw["id"]),
         turns=tuple(turns),
         image_turn=image_turn,
-        image=str(raw["image"]) if raw["image"] else None,
+        image=raw["image"],
         chosen=chosen,
         rejected=rejected,
         blind=_answer(raw["blind"], "blind", where) if raw.get("blind") else None,
@@ -123,7 +127,7 @@ def _check_differ(chosen: str, rejected: str, where: str) -> None:
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical; the pair carries no preference")
 
 
-def _collect(problems: list[str] | None, error: DataError) -> None:
+def collect_problem(problems: list[str] | None, error: DataError) -> None:
     """Raise (``problems is None``) or record the problem and let the caller skip the record."""
     if problems is None:
         raise error
@@ -139,16 +143,16 @@ def read_mmsafe_po(path: str | Path, problems: list[str] | None = None) -> list[
     data = _load_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of MMSafe-PO records, got {type(data).__name__}")
-    records = []
+    records, seen = [], set()
     for index, raw in enumerate(data):
         where = f"{path}: record #{index}"
         if isinstance(raw, dict) and "id" in raw:
             where = f"{path}: record id={raw['id']} (#{index})"
         try:
-            records.append(mmsafe_record(raw, where))
+            records.append(_unique(mmsafe_record(raw, where), seen, where))
         except DataError as e:
-            _collect(problems, e)
-    return _check_unique(records, path, problems)
+            collect_problem(problems, e)
+    return records
 
 
 def _content_to_text(content: Any, where: str) -> str:
@@ -195,7 +199,7 @@ def generic_record(raw: Any, where: str, fallback_id: str) -> PreferenceRecord:
         # no marker: the image belongs to the last user turn, as in single-image chat data
         image_turn = len(turns) - 1
     if image_turn is not None and not image:
-        raise DataError(f"{where}: the prompt has an {IMAGE_MARKER} marker but no 'image' field")
+        raise DataError(f"{where}: the prompt has an {IMAGE_MARKER} marker but no 'image' field (or it is empty)")
     known = {"id", "messages", "prompt", "image", "chosen", "rejected", "blind"}
     chosen, rejected = _answer(raw["chosen"], "chosen", where), _answer(raw["rejected"], "rejected", where)
     _check_differ(chosen, rejected, where)
@@ -217,7 +221,7 @@ def read_jsonl(path: str | Path, problems: list[str] | None = None) -> list[Pref
     With a ``problems`` list, a bad line is described there and skipped instead of raising.
     """
     path = Path(path)
-    records = []
+    records, seen = [], set()
     for lineno, data in enumerate(path.read_bytes().splitlines(), 1):
         if not data.strip():
             continue
@@ -231,10 +235,10 @@ def read_jsonl(path: str | Path, problems: list[str] | None = None) -> list[Pref
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            records.append(generic_record(raw, where, fallback_id=f"line-{lineno}"))
+            records.append(_unique(generic_record(raw, where, fallback_id=f"line-{lineno}"), seen, where))
         except DataError as e:
-            _collect(problems, e)
-    return _check_unique(records, path, problems)
+            collect_problem(problems, e)
+    return records
 
 
 HF_FORMATS = ("hf", "hf_mmsafe_po", "hf_jsonl")  # Hugging Face `datasets`: auto, MMSafe-PO, generic
@@ -263,8 +267,8 @@ def read_records(
     ``auto`` picks ``hf`` for a folder written by ``save_to_disk``, else goes by the file extension.
     The ``hf*`` formats read a Hugging Face data set (a hub id or a local folder, see
     `src.data.hub.read_hf_dataset`): ``split`` (default ``train``), ``image_dir`` (where embedded
-    images are written as PNG files) and ``revision`` apply to them only. With a ``problems`` list, bad
-    records of the file formats are described there and skipped instead of raising (`validate.py`,
+    images are written as PNG files) and ``revision`` apply to them only. With a ``problems`` list, each bad
+    record is described there (one entry per record) and skipped instead of raising (`validate.py`,
     ``data.on_error=skip``); a file that cannot be read at all always raises.
     """
     if format not in FORMATS:
@@ -275,7 +279,9 @@ def read_records(
         from src.data.hub import read_hf_dataset  # imports `datasets`, which is slow: only when needed
 
         hf_format = {"hf": "auto", "hf_mmsafe_po": "mmsafe_po", "hf_jsonl": "jsonl"}[format]
-        records = read_hf_dataset(str(path), split or "train", hf_format, image_dir=image_dir, revision=revision)
+        records = read_hf_dataset(
+            str(path), split or "train", hf_format, image_dir=image_dir, revision=revision, problems=problems
+        )
         if not records:
             raise DataError(f"{path} (split {split or 'train'}): no records")
         return records
@@ -305,22 +311,14 @@ def _load_json(path: Path) -> Any:
         raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
-def _check_unique(
-    records: list[PreferenceRecord], path: Path, problems: list[str] | None = None
-) -> list[PreferenceRecord]:
-    """Records with unique ids; a repeated id raises, or (collecting) keeps the first and reports the rest."""
-    seen: set[str] = set()
-    kept = []
-    for r in records:
-        if r.id in seen:
-            _collect(
-                problems,
-                DataError(f"{path}: duplicate record id {r.id!r}; ids key caches and reports, so they must be unique"),
-            )
-            continue
-        seen.add(r.id)
-        kept.append(r)
-    return kept
+def _unique(record: PreferenceRecord, seen: set[str], where: str) -> PreferenceRecord:
+    """``record`` if its id is new (and now seen); a repeated id is an error at the repeat, naming it."""
+    if record.id in seen:
+        raise DataError(
+            f"{where}: duplicate record id {record.id!r}; ids key caches and reports, so they must be unique"
+        )
+    seen.add(record.id)
+    return record
 
 
 def read_ids(path: str | Path) -> set[str]:
