@@ -28,3 +28,16 @@ def mmsafe_path() -> Path:
     if not SHARED_MMSAFE.is_file():
         pytest.skip(f"shared MMSafe-PO records not found at {SHARED_MMSAFE} (only present on build machines)")
     return SHARED_MMSAFE
+
+
+@pytest.fixture
+def unfused_flex(monkeypatch):
+    """Flex attention through torch's unfused implementation (the same rule over materialised scores) instead of
+    the torch.compile'd kernel transformers builds, which takes ~30 s per new input shape on CPU."""
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def unfused(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", unfused)

@@ -1,13 +1,25 @@
+import pytest
 import torch
 
 from src.data.encoding import PromptEncoder, collate_pairs
 from src.data.images import render_stand_in
 from src.data.records import PreferenceRecord, Turn
-from src.models.logprobs import answer_logprobs
+from src.models.logprobs import answer_logprobs, attn_implementation
+from src.models.tiny import build_tiny_llava
 
 
-def test_batched_padded_logprobs_match_one_sequence_at_a_time(tiny):
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
+def test_batched_padded_logprobs_match_one_sequence_at_a_time(tiny, impl, request):
+    """The packed batch under each attention backend gives the plain forward of one sequence (sdpa, same weights)."""
     model, processor = tiny
+    scorer = model
+    if impl != "sdpa":
+        if impl == "flex_attention":
+            request.getfixturevalue("unfused_flex")
+        scorer, _ = build_tiny_llava(seed=0, attn_implementation=impl)  # the weights depend only on the seed
+        scorer.eval()
+    assert attn_implementation(scorer) == impl
     enc = PromptEncoder(processor, max_length=512)
     records = [
         PreferenceRecord(
@@ -40,7 +52,7 @@ def test_batched_padded_logprobs_match_one_sequence_at_a_time(tiny):
         )
     batch = collate_pairs(items, processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        batched = answer_logprobs(model, batch, processor.tokenizer.pad_token_id)
+        batched = answer_logprobs(scorer, batch, processor.tokenizer.pad_token_id)
     assert batched.shape == (2, 3)
     for b, item in enumerate(items):
         pair = item["pair"]

@@ -3,9 +3,10 @@
 Two layouts of the same computation, which give the same numbers:
 
 - ``packed`` (default): one row per record, ``[prompt | answer 1 | ... | answer K | pad]``. A 4D attention
-  mask lets every answer attend to the prompt and to itself only, and each answer's position ids continue
-  from the end of the prompt, so each answer is scored exactly as if it followed the prompt alone. The
-  prompt (576 image tokens for llava-1.5) and the vision tower run once per record instead of K times.
+  mask (a ``BlockMask`` under flex attention) lets every answer attend, causally, to the prompt and to itself
+  only, and each answer's position ids continue from the end of the prompt, so each answer is scored exactly
+  as if it followed the prompt alone. The prompt (576 image tokens for llava-1.5) and the vision tower run once
+  per record instead of K times.
 - ``padded``: one row per (record, answer), ``[prompt | answer | pad]``, answer-major (row ``j * B + b``),
   the record's image inputs repeated per answer. Works with every attention backend.
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
 LAYOUTS = ("packed", "padded")
-# attention backends that take an arbitrary 4D mask; FlashAttention-2 reads only 2D padding masks
+# attention backends that take an arbitrary 4D mask (flex as a BlockMask); FlashAttention-2 reads only 2D padding masks
 MASKABLE = ("sdpa", "eager", "flex_attention")
 _warned: set[str] = set()
 
@@ -77,11 +78,15 @@ def padded_rows(batch: dict[str, Any], pad_token_id: int) -> Rows:
     return _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
 
 
-def packed_rows(batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dtype | None = None) -> Rows:
+def packed_rows(
+    batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dtype | None = None, block_mask: bool = False
+) -> Rows:
     """B rows ``[prompt | answer 1 | ... | answer K]`` with a block attention mask and restarted positions.
 
-    ``mask_dtype=None`` gives a boolean mask (True = attend: sdpa, flex); a float dtype gives an additive
-    mask (0 or the dtype's minimum: eager attention adds the mask to the scores).
+    ``mask_dtype=None`` gives a boolean mask (B, 1, T, T), True = attend; a float dtype gives an additive
+    mask (0 or the dtype's minimum: eager attention adds the mask to the scores). ``block_mask=True`` gives a flex
+    ``BlockMask`` of the same rule: transformers passes a 4D BlockMask to flex attention as is, whereas it *adds*
+    a dense mask to flex's scores, which masks nothing.
     """
     prompts, p_len = batch["prompt_ids"], batch["prompt_lengths"].tolist()
     answers, a_len = batch["answer_ids"], batch["answer_lengths"].tolist()
@@ -109,15 +114,35 @@ def packed_rows(batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dtyp
             slot += [i * k + j] * a
             target.append(answers[j, i, :a])
             start += a
-    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
-    q, kk = segment.unsqueeze(2), segment.unsqueeze(1)
-    allowed = causal & (q >= 0) & (kk >= 0) & ((kk == 0) | (kk == q))
-    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # pads attend to themselves: no empty row
-    mask = allowed.unsqueeze(1)  # (B, 1, T, T)
-    if mask_dtype is not None:
-        mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill(~mask, torch.finfo(mask_dtype).min)
+    if block_mask:
+        mask = _block_mask(segment)
+    else:
+        pos = torch.arange(width, device=device)
+        mask = _attends(segment.unsqueeze(2), segment.unsqueeze(1), pos.unsqueeze(1), pos).unsqueeze(1)
+        if mask_dtype is not None:
+            mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill(
+                ~mask, torch.finfo(mask_dtype).min
+            )
     inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids} | _image_inputs(batch)
     return _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
+
+
+def _attends(seg_q: torch.Tensor, seg_kv: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """The packed rule, elementwise over broadcast segment ids (0 prompt, j+1 answer j, -1 pad) and positions:
+    a token sees earlier tokens of the prompt and of its own answer; padding sees only itself (no empty row)."""
+    same = (seg_q >= 0) & (seg_kv >= 0) & ((seg_kv == 0) | (seg_kv == seg_q))
+    return (same & (kv <= q)) | (kv == q)
+
+
+def _block_mask(segment: torch.Tensor) -> Any:
+    """Flex attention ``BlockMask`` (B, 1, T, T) of :func:`_attends` over the segment ids ``segment`` (B, T)."""
+    from torch.nn.attention.flex_attention import create_block_mask  # torch >= 2.5, as flex attention itself
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return _attends(segment[b, q_idx], segment[b, kv_idx], q_idx, kv_idx)
+
+    b, width = segment.shape
+    return create_block_mask(mask_mod, B=b, H=None, Q_LEN=width, KV_LEN=width, device=segment.device)
 
 
 def _rows(inputs, pred_row, pred_col, target, slot, num_slots, device) -> Rows:
@@ -195,8 +220,9 @@ def answer_logprobs(
     if layout == "packed":
         # an additive float mask, built once, is shared by every layer; with a boolean mask sdpa makes a
         # float copy per layer and keeps each alive for the backward pass (measured: ~5% of peak memory)
-        additive = attn_implementation(model) in ("eager", "sdpa")
-        rows = packed_rows(batch, pad_token_id, mask_dtype=_activation_dtype(model, dtype) if additive else None)
+        impl = attn_implementation(model)
+        additive = _activation_dtype(model, dtype) if impl in ("eager", "sdpa") else None
+        rows = packed_rows(batch, pad_token_id, mask_dtype=additive, block_mask=impl == "flex_attention")
     else:
         rows = padded_rows(batch, pad_token_id)
     inputs = add_token_types(model, dict(rows.inputs))
