@@ -24,6 +24,9 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from src.data.records import DataError  # noqa: E402
@@ -36,6 +39,24 @@ from src.models.reference import precompute_reference_logps  # noqa: E402
 log = logging.getLogger("train")
 # a frozen reference copy is in eval mode on purpose
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+def multirun_dir() -> str:
+    """The sweep folder of a multirun's job (``-m``, Optuna), "" for a single run: the W&B group of its jobs."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    return str(HydraConfig.get().sweep.dir)
+
+
+OmegaConf.register_new_resolver("multirun_dir", multirun_dir, replace=True)
+
+
+def finish_wandb_run(loggers: list[Any], exit_code: int) -> None:
+    """End this process's W&B run: else the next job of a multirun (or training in this process) would log into it."""
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        wandb.finish(exit_code=exit_code)
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -149,12 +170,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False
     )
-    for lg in loggers:
-        lg.log_hyperparams({"config": container, "data_summary": report["data"]})
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if datamodule.val_set is not None and "val/loss" not in trainer.callback_metrics:
-        # stopped by max_steps before an epoch ended: still report held-out figures for sweeps
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    try:
+        for lg in loggers:
+            lg.log_hyperparams({"config": container, "data_summary": report["data"]})
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if datamodule.val_set is not None and "val/loss" not in trainer.callback_metrics:
+            # stopped by max_steps before an epoch ended: still report held-out figures for sweeps
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    except BaseException:
+        finish_wandb_run(loggers, exit_code=1)
+        raise
+    finish_wandb_run(loggers, exit_code=0)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report["final_metrics"] = metrics

@@ -75,15 +75,12 @@ FALLBACK_ROWS = [
 ]
 
 
-def _shared_rows() -> list[dict] | None:
-    return json.loads(SHARED_MMSAFE.read_text()) if SHARED_MMSAFE.is_file() else None
-
-
 @pytest.fixture(scope="module")
 def mmsafe_rows() -> list[dict]:
-    """A few MMSafe-PO records (single- and multi-turn): from the shared file when present."""
-    rows = _shared_rows()
-    return rows[:8] if rows else FALLBACK_ROWS
+    """A few MMSafe-PO records (single- and multi-turn): the first 8 shared ones when present, else 3 written here."""
+    if SHARED_MMSAFE is not None and SHARED_MMSAFE.is_file():
+        return json.loads(SHARED_MMSAFE.read_text())[:8]
+    return FALLBACK_ROWS
 
 
 def hub_rows(rows: list[dict], keep_id: bool = False) -> list[dict]:
@@ -317,7 +314,7 @@ def test_training_reads_a_hub_shaped_dataset(tmp_path, mmsafe_rows):
 
     from tests.test_train import run_train
 
-    rows = (mmsafe_rows * 4)[:24]
+    rows = [mmsafe_rows[i % len(mmsafe_rows)] for i in range(24)]  # as many with 3 fallback rows as with 8
     rows = [dict(r, id=i) for i, r in enumerate(rows)]
     DatasetDict({"train": hub_dataset(rows, keep_id=True)}).save_to_disk(str(tmp_path / "hub"))
     _, metrics = run_train(

@@ -35,6 +35,7 @@ def test_bpo_few_steps_writes_run_outputs_and_model_reloads(tmp_path):
     ):
         assert (run / name).exists(), name
     assert list((run / "wandb").glob("offline-run-*")), "W&B should log offline into the run directory"
+    assert OmegaConf.load(run / "config.yaml").logger.wandb.group == ""  # a single run: no sweep to group by
     rows = read_metrics(run / "metrics.csv")
     steps = [r for r in rows if r.get("train/loss")]
     assert len(steps) == 4
@@ -146,7 +147,7 @@ def test_default_training_run_learns_the_preferences(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_sweeps_beta(tmp_path):
+def test_multirun_sweeps_beta_one_wandb_run_per_job(tmp_path):
     out = subprocess.run(
         [
             sys.executable,
@@ -154,7 +155,6 @@ def test_multirun_sweeps_beta(tmp_path):
             "-m",
             "objective.beta=0.05,0.1",
             "trainer.max_steps=3",
-            "logger=csv",
             f"hydra.sweep.dir={tmp_path}/sweep",
             f"blind.cache_dir={tmp_path}/cache",
         ],
@@ -164,10 +164,19 @@ def test_multirun_sweeps_beta(tmp_path):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    run_ids = []
     for job, beta in ((0, 0.05), (1, 0.1)):
         cfg = OmegaConf.load(tmp_path / f"sweep/{job}/config.yaml")
         assert cfg.objective.beta == beta
         assert (tmp_path / f"sweep/{job}/model/model.safetensors").exists()
+        # each job its own W&B run in its own folder, grouped by the sweep folder
+        (run_dir,) = (tmp_path / f"sweep/{job}/wandb").glob("offline-run-*")
+        run_id = run_dir.name.rsplit("-", 1)[1]
+        run_ids.append(run_id)
+        assert cfg.logger.wandb.group == str(tmp_path / "sweep")
+        assert str(tmp_path / "sweep").encode() in (run_dir / f"run-{run_id}.wandb").read_bytes()
+    assert run_ids[0] != run_ids[1]
+    assert "already in progress" not in out.stdout + out.stderr
 
 
 @pytest.mark.slow
