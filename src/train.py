@@ -29,6 +29,7 @@ from hydra.types import RunMode  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from src.data.encoding import PROMPT_FORMAT_FILE  # noqa: E402
 from src.data.records import DataError  # noqa: E402
 from src.models.distributed import policy_state_dict  # noqa: E402
 from src.models.generation import GenerationSettings, fill_blind_answers  # noqa: E402
@@ -194,6 +195,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else:
             module.policy.save_pretrained(model_dir, state_dict=state)
             module.processor.save_pretrained(model_dir)
+        # how prompts were built in training, so an evaluation can check it builds them the same way
+        fmt = {k: datamodule.hparams[k] for k in ("system_prompt", "image_aspect_ratio")}
+        (model_dir / PROMPT_FORMAT_FILE).write_text(json.dumps(fmt, indent=2))
         (out_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
         data = report["data"]
         log.info("saved policy and processor to %s", model_dir)

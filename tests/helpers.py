@@ -9,6 +9,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import src.train  # noqa: F401  (registers the config's own resolvers, e.g. multirun_dir)
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 

@@ -27,6 +27,8 @@ from src.data.records import Conversation, DataError, PreferenceRecord
 IGNORE_INDEX = -100
 ANSWER_KEYS = ("chosen", "rejected", "blind")
 PAIR_KEYS = ANSWER_KEYS[:2]  # the answers a prompt is fitted to; others fit the budget left
+# written beside a trained model: the PromptEncoder settings (system_prompt, image_aspect_ratio) it was trained with
+PROMPT_FORMAT_FILE = "prompt_format.json"
 
 
 @dataclass
