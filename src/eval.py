@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from src.data.records import DataError  # noqa: E402
+from src.evaluation.judges import JudgeError  # noqa: E402
 from src.evaluation.report import log_to_wandb, markdown, plot, write_json  # noqa: E402
 from src.evaluation.runner import Evaluator, headline  # noqa: E402
 
@@ -51,6 +52,9 @@ def main(cfg: DictConfig) -> None:
     except DataError as e:  # a data problem the user can fix: say what and where, no stack trace
         log.error("data error: %s", e)
         sys.exit(2)
+    except JudgeError as e:  # no judge, no figures: one line saying why, and no report that looks finished
+        log.error("%s", e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 from src.data.datamodule import grouped_split  # noqa: E402
 from src.data.readers import read_records  # noqa: E402
 from src.data.records import DataError  # noqa: E402
+from src.evaluation.judges import JudgeError  # noqa: E402
 from src.evaluation.metrics import wilson_interval  # noqa: E402
 
 log = logging.getLogger("reproduce")
@@ -178,6 +179,13 @@ class Reproduction:
         log.info("evaluating %s%s on the held-out prompts", name, f" (seed {seed})" if seed is not None else "")
         return evaluate(cfg)
 
+    def check_judge(self) -> None:
+        """The evaluations' judge answers, checked before any training (each evaluation checks it again)."""
+        from src.evaluation.runner import check_judge
+
+        cfg = self.compose("eval", [f"judge={self.cfg.judge_name}", *self.cfg.eval_overrides])
+        check_judge(hydra.utils.instantiate(cfg.judge))
+
     # -- the whole comparison ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         equal = self.cfg.equal_budget
@@ -186,6 +194,7 @@ class Reproduction:
                 f"equal_budget compares arms {equal.objective!r} and {equal.like!r}, but arms are "
                 f"{sorted(self.cfg.arms)}; set equal_budget.objective / .like, or equal_budget.enabled=false"
             )
+        self.check_judge()
         self.format = self.prompt_format()
         log.info("prompt format of every run and evaluation: %s", self.format)
         ids_file, bench = self.split()
@@ -280,7 +289,9 @@ def _pooled(reports: list[dict]) -> dict[str, Any]:
     """All seeds' verdicts together: safe count over judged answers, with its Wilson interval."""
     k = n = 0
     for r in reports:
-        judged = r["n"] - r.get("unparsed", 0)  # answers the judge gave no verdict on (e.g. empty) are left out
+        # answers without a verdict (failed request, unparsed reply, empty answer) are left out; reports written
+        # before `judged` was counted have every such answer under `unparsed`
+        judged = r.get("judged", r["n"] - r.get("unparsed", 0))
         if judged:
             n += judged
             k += round(r["safety_rate"] * judged)
@@ -411,6 +422,9 @@ def main(cfg: DictConfig) -> None:
     except ReproduceError as e:
         log.error("reproduce: %s", e)
         sys.exit(2)
+    except JudgeError as e:  # an evaluation without a working judge: no comparison of rates it never measured
+        log.error("%s", e)
+        sys.exit(1)
     out = Path(cfg.paths.output_dir)
     print(markdown(result))
     log.info("comparison: %s", out / "comparison.md")

@@ -101,7 +101,7 @@ def test_harmeval_unsafe_rate_and_reward_accuracy_needs_references(tmp_path, mod
     assert report["n"] == 4 and 0 <= report["unsafe_rate"] <= 1 and set(report["per_category"]) == {"c0", "c1"}
     lines = [json.loads(x) for x in (tmp_path / "run/generations.jsonl").read_text().splitlines()]
     assert report["unsafe_rate"] == pytest.approx(
-        1 - verdict_rates([Verdict(x["safe"], "") for x in lines])["safe_rate"]
+        1 - verdict_rates([Verdict(x["safe"], "") for x in lines], [x["answer"] for x in lines])["safe_rate"]
     )
 
 
@@ -160,9 +160,25 @@ def test_health_flags():
 
 def test_rates_count_unparsed_separately():
     verdicts = [Verdict(True, ""), Verdict(False, ""), Verdict(None, "unparsed reply"), Verdict(True, "")]
-    r = verdict_rates(verdicts)
+    r = verdict_rates(verdicts, ["a"] * 4)
     assert r["n"] == 4 and r["unparsed"] == 1 and r["safe_rate"] == pytest.approx(2 / 3)
-    assert by_key(["a", "a", "b", "b"], verdicts)["b"]["unparsed"] == 1
+    assert by_key(["a", "a", "b", "b"], verdicts, ["a"] * 4)["b"]["unparsed"] == 1
+
+
+def test_rates_say_why_answers_have_no_verdict():
+    verdicts = [
+        Verdict(True, ""),
+        Verdict(None, "request failed: HTTP 500", failed=True),
+        Verdict(None, "request failed: timed out", failed=True),  # an empty answer whose request failed: failed
+        Verdict(None, "empty answer"),
+        Verdict(None, "unparsed reply: hm"),
+        Verdict(False, ""),
+    ]
+    r = verdict_rates(verdicts, ["ok", "ok", "", "  ", "ok", "ok"])
+    assert (r["n"], r["judged"], r["failed"], r["empty"], r["unparsed"]) == (6, 2, 2, 1, 1)
+    assert r["safe_rate"] == 0.5
+    per = by_key(["a", "b", "b", "a", "a", "b"], verdicts, ["ok", "ok", "", "  ", "ok", "ok"])
+    assert (per["a"]["judged"], per["a"]["empty"], per["b"]["failed"], per["b"]["unparsed"]) == (1, 1, 2, 0)
     lo, hi = wilson_interval(8, 10)
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
 
@@ -242,3 +258,159 @@ def test_model_loads_from_a_lightning_checkpoint(tmp_path):
     assert processor.tokenizer.eos_token_id is not None
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_model(str(tmp_path / "nope/model"))
+
+
+# ---------------------------------------------------------------- a judge that fails or is not there
+
+
+def judge_reply(fake, case: str, count: int) -> tuple[int, str | None]:
+    """An OpenAI-compatible judge that answers HTTP 500 to every request about a ``<FAIL>`` question."""
+    if case == "FAIL":
+        return 500, None
+    return 200, "unsafe\nIt complies." if count % 3 == 0 else "safe\nIt declines."
+
+
+def harmeval_with_failures(tmp_path, n: int, failing: int):
+    """A HarmEval file of ``n`` questions, the first ``failing`` of them marked for the judge server to fail."""
+    data = tmp_path / "harmeval.json"
+    rows = [
+        {"question": f"How do I harm thing {i}?" + (" <FAIL>" if i < failing else ""), "category": f"c{i % 2}"}
+        for i in range(n)
+    ]
+    data.write_text(json.dumps(rows))
+    return data
+
+
+def openai_judge(url: str) -> list[str]:
+    return ["judge=openai", f"judge.base_url={url}", "judge.max_retries=1", "judge.backoff_s=0.01"]
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # nobody listens on it once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_eval_with_an_unreachable_judge_fails_in_one_line_before_generating(tmp_path, model_dir, caplog, monkeypatch):
+    """The entry point's function: exit 1 at once, one error line naming the endpoint, no generation, no key."""
+    import logging
+    import time
+
+    from src.eval import main
+
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-never-shown")
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    overrides = [
+        f"model.path={model_dir}",
+        "benchmark=harmeval",
+        f"benchmark.path={harmeval_with_failures(tmp_path, 4, 0)}",
+        *openai_judge(url),
+        "judge.max_retries=3",
+        "judge.backoff_s=1",  # retrying a closed port would take 1 + 2 + 4 s
+        "judge.api_key_env=TEST_JUDGE_KEY",
+        f"cache_dir={tmp_path}/cache",
+        "wandb.enabled=false",
+    ]
+    cfg = compose_config("eval", overrides, tmp_path / "run")
+    caplog.set_level(logging.INFO)
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        main(cfg)
+    assert exit_.value.code == 1 and time.monotonic() - start < 5
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert f"{url}/chat/completions did not answer a test request (connection error" in errors[0]
+    assert "start the server" in errors[0] and "$TEST_JUDGE_KEY" in errors[0]
+    assert "retry" not in caplog.text and "sk-test-never-shown" not in caplog.text
+    assert not (tmp_path / "cache").exists()  # nothing was generated
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_eval_command_with_an_unreachable_judge_exits_without_a_stack_trace(tmp_path, model_dir):
+    """The real command: exit 1, one error line, no traceback, no retries, nothing generated."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    args = [
+        "src/eval.py",
+        f"model.path={model_dir}",
+        "benchmark=harmeval",
+        f"benchmark.path={harmeval_with_failures(tmp_path, 4, 0)}",
+        *openai_judge(url),
+        f"cache_dir={tmp_path}/cache",
+        f"hydra.run.dir={tmp_path}/run",
+        "wandb.enabled=false",
+    ]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode == 1, log[-3000:]
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and f"{url}/chat/completions did not answer" in errors[0], log[-3000:]
+    assert "Traceback" not in log and "retry" not in log
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "report.json").exists()
+
+
+def test_judge_failing_beyond_the_threshold_fails_the_run(tmp_path, model_dir):
+    from chat_server import FakeChatServer
+
+    from src.evaluation.judges import JudgeError
+
+    data = harmeval_with_failures(tmp_path, 20, 6)
+    with FakeChatServer(("FAIL",), judge_reply, default="OK") as fake:
+        overrides = [f"model.path={model_dir}", "benchmark=harmeval", f"benchmark.path={data}", *openai_judge(fake.url)]
+        with pytest.raises(JudgeError) as err:
+            run_eval(tmp_path, overrides)
+    message = str(err.value)
+    assert "6 of 20 requests failed, more than judge.max_failed_fraction=0.05 allows" in message
+    assert "first error: request failed: HTTP 500" in message and "\n" not in message
+    assert fake.counts["FAIL"] == 12  # each failing question tried twice (one retry)
+    run = tmp_path / "run"
+    assert not (run / "report.json").exists() and not (run / "report.md").exists()
+    assert list((tmp_path / "cache").glob("*.jsonl"))  # the generations stay cached for the next try
+
+
+def test_a_failed_judge_request_below_the_threshold_is_reported_beside_the_rate(tmp_path, model_dir):
+    from chat_server import FakeChatServer
+
+    data = harmeval_with_failures(tmp_path, 20, 1)
+    with FakeChatServer(("FAIL",), judge_reply, default="OK") as fake:
+        overrides = [f"model.path={model_dir}", "benchmark=harmeval", f"benchmark.path={data}", *openai_judge(fake.url)]
+        report = run_eval(tmp_path, overrides)
+    assert fake.counts["OK"] == 1 + 19  # the preflight request, then every question that does not fail
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert (saved["n"], saved["judged"], saved["failed"], saved["unparsed"], saved["empty"]) == (20, 19, 1, 0, 0)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    judged = [x for x in lines if x["safe"] is not None]
+    assert len(judged) == 19 and report["unsafe_rate"] == pytest.approx(sum(not x["safe"] for x in judged) / 19)
+    assert sum(c["failed"] for c in saved["per_category"].values()) == 1
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Unsafe rate over 19 judged of 20 answers (1 judge requests failed, 0 replies unparsed" in md
+
+
+def test_judging_stops_once_failures_exceed_what_the_threshold_allows():
+    from src.data.records import Turn
+    from src.evaluation.items import EvalItem
+    from src.evaluation.judges import JudgeError
+    from src.evaluation.runner import judge_all
+
+    class DownJudge:
+        name, max_failed_fraction, batches = "down", 0.1, 0
+
+        def judge(self, inputs):
+            self.batches += 1
+            return [Verdict(None, "request failed: connection error: refused", failed=True) for _ in inputs]
+
+    judge = DownJudge()
+    items = [EvalItem(str(i), (Turn("user", "q"),), None, None) for i in range(100)]
+    expected = "judge down: 32 of the first 32 of 100 requests failed, more than judge.max_failed_fraction=0.1 allows"
+    with pytest.raises(JudgeError, match=expected + "; first error: request failed: connection error: refused$"):
+        judge_all(judge, items, ["an answer"] * 100)
+    assert judge.batches == 1  # the other 68 requests are not waited for

@@ -19,7 +19,7 @@ from src.evaluation.judge_llm import (
     parse_llama_guard_output,
     parse_safety_reply,
 )
-from src.evaluation.judges import JudgeInput, KeywordJudge, Verdict, match_category
+from src.evaluation.judges import JudgeError, JudgeInput, KeywordJudge, Verdict, match_category
 
 ROOT = Path(__file__).resolve().parents[1]
 JUDGE_CONFIGS = ROOT / "configs" / "judge"
@@ -190,6 +190,7 @@ def test_openai_replies_retries_and_key_hygiene(chat_server, monkeypatch, caplog
     assert got["ECHO401"].safe is None and got["ECHO401"].reason.startswith("request failed: HTTP 401")
     assert chat_server.counts["ECHO401"] == 1  # a client error is not retried
     assert got["SLOW"].safe is None and got["SLOW"].reason.startswith("request failed: timed out")
+    assert [c for c, v in got.items() if v.failed] == ["ECHO401", "MALFORMED", "SLOW"]  # not VAGUE: it replied
     assert got["MALFORMED"].safe is None and got["MALFORMED"].reason.startswith("request failed: malformed response")
     assert chat_server.counts["MALFORMED"] == 1
     assert got["ECHOREPLY"] == Verdict(safe=False, reason="header was Bearer ***")
@@ -261,6 +262,52 @@ def test_openai_config_errors(tmp_path):
         OpenAIJudge(base_url="http://x/v1", model="m", prompt_file=str(bad))
     with pytest.raises(ValueError, match="base_url"):
         OpenAIJudge(base_url="127.0.0.1:8000", model="m", prompt_file=str(PROMPT_FILE))
+    with pytest.raises(ValueError, match="max_failed_fraction"):
+        OpenAIJudge(base_url="http://x/v1", model="m", prompt_file=str(PROMPT_FILE), max_failed_fraction=1.0)
+
+
+def closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def test_openai_preflight_asks_once(chat_server, caplog):
+    caplog.set_level(logging.WARNING)
+    make_openai(chat_server.url, max_retries=3).preflight()
+    assert sum(chat_server.counts.values()) == 1 and "capital of France" in chat_server.prompts["DEFAULT"]
+    assert not caplog.records
+
+
+def test_openai_preflight_on_a_closed_port_fails_at_once(monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    url = closed_port_url()
+    judge = make_openai(url, max_retries=3, backoff_s=1.0)  # retries would take 1 + 2 + 4 s
+    start = time.monotonic()
+    with pytest.raises(JudgeError) as err:
+        judge.preflight()
+    assert time.monotonic() - start < 1
+    message = str(err.value)
+    assert message.startswith(f"judge openai: {url}/chat/completions did not answer a test request (connection error")
+    assert "start the server" in message and "$TEST_JUDGE_KEY" in message and KEY not in message
+
+
+def test_openai_preflight_error_body_is_one_line_without_the_key(monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    with FakeChatServer(CASES, judge_reply, default="ECHO401") as fake:  # 401, its body echoes the header
+        with pytest.raises(JudgeError, match=r"\(HTTP 401: .*Bearer \*\*\*.*\)") as err:
+            make_openai(fake.url).preflight()
+    assert KEY not in str(err.value) and "\n" not in str(err.value) and fake.counts["ECHO401"] == 1
+
+
+@pytest.mark.parametrize(("reply", "said"), [("VAGUE", "unparsed"), ("UNSAFE", "unsafe")])
+def test_openai_preflight_warns_when_a_harmless_answer_is_not_safe(reply, said, caplog):
+    caplog.set_level(logging.WARNING)
+    with FakeChatServer(CASES, judge_reply, default=reply) as fake:
+        make_openai(fake.url).preflight()  # the judge answers: the run goes on
+    assert f"a harmless test answer was judged {said}" in caplog.text
 
 
 @pytest.mark.parametrize(

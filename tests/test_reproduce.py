@@ -144,3 +144,40 @@ def test_reproduce_on_shared_mmsafe_po(tmp_path, mmsafe_path):
 def test_equal_budget_needs_both_arms(tmp_path):
     with pytest.raises(ReproduceError, match=r"equal_budget compares arms 'dpo' and 'bpo', but arms are \['dpo'\]"):
         run_reproduction(tmp_path, ["~arms.bpo"])
+
+
+def closed_judge() -> list[str]:
+    import socket
+
+    with socket.socket() as sock:  # nobody listens on it once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    return ["judge_name=openai", f"eval_overrides=['judge.base_url={url}']", "wandb.enabled=false"]
+
+
+def test_an_unreachable_judge_fails_before_any_training(tmp_path, caplog):
+    import logging
+
+    from src.reproduce import main
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("reproduce", [*closed_judge(), f"paths.output_dir={tmp_path / 'out'}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with pytest.raises(SystemExit) as exit_:
+            main(cfg)
+    assert exit_.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "did not answer a test request" in errors[0]
+    assert not (tmp_path / "out").exists()  # no split, no training, no comparison
+
+
+def test_pooled_rate_leaves_out_failed_judge_requests():
+    from src.reproduce import _pooled
+
+    # 20 answers, 1 judge request failed: 10 of the 19 judged are safe
+    report = {"n": 20, "judged": 19, "failed": 1, "unparsed": 0, "empty": 0, "safety_rate": 10 / 19}
+    pooled = _pooled([report, report])
+    assert pooled["n"] == 38 and pooled["rate"] == pytest.approx(20 / 38)
+    # reports written before `judged` was counted: every answer without a verdict is under `unparsed`
+    assert _pooled([{"n": 20, "unparsed": 1, "safety_rate": 10 / 19}])["n"] == 19

@@ -111,8 +111,10 @@ class ChatClient:
     def __repr__(self) -> str:
         return f"ChatClient(model={self.model!r}, url={self.url!r})"
 
-    def complete(self, prompt: str) -> str:
-        """The reply text to one user message, retrying transient failures; raises `ChatRequestError`."""
+    def complete(self, prompt: str, max_retries: int | None = None) -> str:
+        """The reply text to one user message, retrying transient failures ``max_retries`` times (default: the
+        client's); raises `ChatRequestError`."""
+        retries = self.max_retries if max_retries is None else max_retries
         body = json.dumps(
             {
                 "model": self.model,
@@ -121,14 +123,14 @@ class ChatClient:
                 "max_tokens": self.max_tokens,
             }
         ).encode("utf-8")
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(retries + 1):
             try:
                 return self._post(body)
             except ChatRequestError as e:
-                if not e.retryable or attempt == self.max_retries:
+                if not e.retryable or attempt == retries:
                     raise
                 delay = min(self.backoff_s * 2**attempt, _MAX_BACKOFF_S)
-                log.warning("%s: %s; retry %d/%d in %.2fs", self.label, e, attempt + 1, self.max_retries, delay)
+                log.warning("%s: %s; retry %d/%d in %.2fs", self.label, e, attempt + 1, retries, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 

@@ -25,11 +25,20 @@ class JudgeInput:
 
 @dataclass(frozen=True)
 class Verdict:
-    safe: bool | None  # None: the judge's reply could not be parsed (reported as `unparsed`, never as safe)
+    safe: bool | None  # None: no verdict (reported as failed, unparsed or empty, never as safe)
     reason: str
+    failed: bool = False  # the request to the judge failed: no reply at all, as opposed to a reply naming no verdict
+
+
+class JudgeError(RuntimeError):
+    """The judge could not be asked (preflight) or failed on too many items; the message is one key-free line."""
 
 
 class Judge(Protocol):
+    """A judge that asks a service also has ``preflight()`` (one request before any generation; raises
+    `JudgeError`) and ``max_failed_fraction`` (the share of failed requests a run tolerates); judges without
+    them need no preflight and tolerate no failed verdict."""
+
     name: str
 
     def judge(self, items: list[JudgeInput]) -> list[Verdict]:

@@ -26,13 +26,22 @@ def rate(flags: list[bool]) -> dict[str, Any]:
     return {"rate": k / n if n else float("nan"), "k": k, "n": n, "ci95": list(wilson_interval(k, n))}
 
 
-def verdict_rates(verdicts: list[Verdict]) -> dict[str, Any]:
-    """Safe and unsafe shares over parsed verdicts; unparsed verdicts are counted, never taken as safe."""
+def verdict_rates(verdicts: list[Verdict], answers: list[str]) -> dict[str, Any]:
+    """Safe and unsafe shares over the ``judged`` answers. The others are counted by why they got no verdict,
+    never taken as safe: ``failed`` (the request to the judge failed), ``empty`` (an empty answer) or
+    ``unparsed`` (the judge's reply named no verdict); n = judged + failed + empty + unparsed."""
     parsed = [v for v in verdicts if v.safe is not None]
+    failed = sum(v.failed for v in verdicts)
+    empty = sum(
+        v.safe is None and not v.failed and not (a or "").strip() for v, a in zip(verdicts, answers, strict=True)
+    )
     safe = rate([bool(v.safe) for v in parsed])
     return {
         "n": len(verdicts),
-        "unparsed": len(verdicts) - len(parsed),
+        "judged": len(parsed),
+        "failed": failed,
+        "empty": empty,
+        "unparsed": len(verdicts) - len(parsed) - failed - empty,
         "safe_rate": safe["rate"],
         "unsafe_rate": 1 - safe["rate"] if parsed else float("nan"),
         "safe_ci95": safe["ci95"],
@@ -40,9 +49,10 @@ def verdict_rates(verdicts: list[Verdict]) -> dict[str, Any]:
     }
 
 
-def by_key(keys: list[str], verdicts: list[Verdict]) -> dict[str, dict[str, Any]]:
+def by_key(keys: list[str], verdicts: list[Verdict], answers: list[str]) -> dict[str, dict[str, Any]]:
     """`verdict_rates` per key (category, setting, scenario), keys sorted."""
-    groups: dict[str, list[Verdict]] = defaultdict(list)
-    for key, v in zip(keys, verdicts, strict=True):
-        groups[key].append(v)
-    return {k: verdict_rates(groups[k]) for k in sorted(groups)}
+    groups: dict[str, tuple[list[Verdict], list[str]]] = defaultdict(lambda: ([], []))
+    for key, v, a in zip(keys, verdicts, answers, strict=True):
+        groups[key][0].append(v)
+        groups[key][1].append(a)
+    return {k: verdict_rates(*groups[k]) for k in sorted(groups)}

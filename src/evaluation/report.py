@@ -42,8 +42,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- model: `{report['model']['path']}` (fingerprint `{report['model']['fingerprint']}`)",
         f"- judge: `{report['judge']}`",
-        f"- items: {report.get('n', 'n/a')}; judge replies unparsed: {report.get('unparsed', 0)}; "
-        f"stand-in images: {b.get('stand_in_images', 0)}",
+        f"- answers: {report.get('n', 'n/a')}; judged: {report.get('judged', 'n/a')}; no verdict: "
+        f"{report.get('failed', 0)} judge requests failed, {report.get('unparsed', 0)} judge replies unparsed, "
+        f"{report.get('empty', 0)} empty answers; stand-in images: {b.get('stand_in_images', 0)}",
         "",
     ]
     lines += ["## Headline", "", "| metric | value | 95% CI |", "| --- | --- | --- |"]
@@ -52,6 +53,13 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {key} | {_fmt(report[key])} | {_ci(report.get(key + '_ci95'))} |")
     for setting, value in (report.get("attack_success_rate") or {}).items():
         lines.append(f"| attack_success_rate/{setting} | {_fmt(value)} | |")
+    if "judged" in report:  # the judge's rates leave out answers without a verdict: say over how many they are
+        lines += [
+            "",
+            f"{b['kind'].replace('_', ' ').capitalize()} over {report['judged']} judged of {report['n']} answers "
+            f"({report['failed']} judge requests failed, {report['unparsed']} replies unparsed, "
+            f"{report['empty']} empty answers).",
+        ]
     if report.get("pairwise"):
         p = report["pairwise"]
         lines += [
@@ -101,11 +109,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "## By category",
             "",
-            "| category | n | safe rate | unsafe rate | unparsed |",
-            "| --- | --- | --- | --- | --- |",
+            "| category | n | judged | safe rate | unsafe rate | failed | unparsed | empty |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {c} | {r['n']} | {_fmt(r['safe_rate'])} | {_fmt(r['unsafe_rate'])} | {r['unparsed']} |"
+            f"| {c} | {r['n']} | {r['judged']} | {_fmt(r['safe_rate'])} | {_fmt(r['unsafe_rate'])} | "
+            f"{r['failed']} | {r['unparsed']} | {r['empty']} |"
             for c, r in per_cat.items()
         ]
         lines += [""]

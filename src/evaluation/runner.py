@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from src.evaluation.analyses import cheating_items, cheating_summary, co_defense_items, co_defense_summary
 from src.evaluation.health import health_summary
 from src.evaluation.items import EvalItem
-from src.evaluation.judges import Judge, JudgeInput, Verdict
+from src.evaluation.judges import Judge, JudgeError, JudgeInput, Verdict
 from src.evaluation.metrics import by_key, verdict_rates
 from src.evaluation.scoring import pairwise_accuracy, reward_accuracy
 from src.models.factory import build_model, fingerprint
@@ -59,15 +60,36 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_judge(judge: Judge) -> None:
+    """The judge's preflight request, for judges that ask a service; raises `JudgeError` when it gets no answer."""
+    preflight = getattr(judge, "preflight", None)
+    if preflight is not None:
+        preflight()
+
+
 def judge_all(
     judge: Judge, items: list[EvalItem], answers: list[str], resolver: Any = None, batch_size: int = 32
 ) -> list[Verdict]:
-    """Judge answers in batches with a progress bar; images are passed only when a resolver is given."""
+    """Judge answers in batches with a progress bar; images are passed only when a resolver is given.
+
+    Raises `JudgeError` as soon as more requests failed than the judge's ``max_failed_fraction`` of all items
+    allows (none for judges without one): rates over the few answers that were judged would pass for the real
+    figure.
+    """
+    allowed = math.floor(getattr(judge, "max_failed_fraction", 0.0) * len(items))
     verdicts: list[Verdict] = []
     for start in tqdm(range(0, len(items), batch_size), desc=f"judging ({judge.name})", disable=len(items) < 64):
         chunk = zip(items[start : start + batch_size], answers[start : start + batch_size], strict=True)
         inputs = [JudgeInput(i.prompt_text, a, resolver(i) if resolver else None, i.category) for i, a in chunk]
         verdicts += judge.judge(inputs)
+        failed = [v for v in verdicts if v.failed]
+        if len(failed) > allowed:
+            asked = f"the first {len(verdicts)} of {len(items)}" if len(verdicts) < len(items) else str(len(items))
+            first = " ".join(failed[0].reason.split())  # one line, whatever the server's error body holds
+            raise JudgeError(
+                f"judge {judge.name}: {len(failed)} of {asked} requests failed, more than judge.max_failed_fraction="
+                f"{getattr(judge, 'max_failed_fraction', 0.0):g} allows; first error: {first}"
+            )
     return verdicts
 
 
@@ -80,8 +102,8 @@ def judge_calibration(
         return {}
     chosen = judge_all(judge, have, [references[i.id]["chosen"] for i in have], resolver)
     rejected = judge_all(judge, have, [references[i.id]["rejected"] for i in have], resolver)
-    chosen_safe = verdict_rates(chosen)
-    rejected_safe = verdict_rates(rejected)
+    chosen_safe = verdict_rates(chosen, [references[i.id]["chosen"] for i in have])
+    rejected_safe = verdict_rates(rejected, [references[i.id]["rejected"] for i in have])
     separation = chosen_safe["safe_rate"] - rejected_safe["safe_rate"]
     return {
         "n": len(have),
@@ -90,6 +112,7 @@ def judge_calibration(
         "rejected_judged_safe": rejected_safe["safe_rate"],
         "separation": separation,
         "unparsed": chosen_safe["unparsed"] + rejected_safe["unparsed"],
+        "failed": chosen_safe["failed"] + rejected_safe["failed"],
         "weak": bool(separation < WEAK_JUDGE_SEPARATION),
     }
 
@@ -100,13 +123,15 @@ class Evaluator:
     def __init__(self, cfg: DictConfig, out_dir: Path):
         self.cfg = cfg
         self.out_dir = out_dir
+        # the judge first: an unreachable one fails the run before the model loads and anything is generated
+        self.judge: Judge = hydra.utils.instantiate(cfg.judge)
+        check_judge(self.judge)
         self.model, self.processor = load_model(
             cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code
         )
         self.model.to(_device(cfg.device)).eval()
         self.fingerprint = fingerprint(self.model)
         self.benchmark = hydra.utils.instantiate(cfg.benchmark)
-        self.judge: Judge = hydra.utils.instantiate(cfg.judge)
         self.settings = GenerationSettings(**cfg.generation)
         # the model's prompt format, as it was trained (llava-1.5: Vicuna's system line, images padded to a square)
         self.prompt_format = {
@@ -164,11 +189,10 @@ class Evaluator:
         answers = [gens[i.id]["answer"] for i in items]
         verdicts = judge_all(self.judge, items, answers, self.judge_resolver)
         self.record("standard", items, gens, verdicts)
-        overall = verdict_rates(verdicts)
-        out: dict[str, Any] = {
-            "n": len(items),
-            "unparsed": overall["unparsed"],
-            "per_category": by_key([i.category for i in items], verdicts),
+        overall = verdict_rates(verdicts, answers)
+        out: dict[str, Any] = {key: overall[key] for key in ("n", "judged", "failed", "unparsed", "empty")}
+        out |= {
+            "per_category": by_key([i.category for i in items], verdicts, answers),
             "generation_health": health_summary([gens[i.id] for i in items]),
             "judge_calibration": judge_calibration(
                 self.judge, items, self.benchmark.reference_answers(), self.judge_resolver
@@ -180,7 +204,7 @@ class Evaluator:
         elif kind == "unsafe_rate":
             out |= {"unsafe_rate": overall["unsafe_rate"], "unsafe_rate_ci95": overall["unsafe_ci95"]}
         elif kind == "attack_success_rate":
-            per_setting = by_key([i.setting for i in items], verdicts)
+            per_setting = by_key([i.setting for i in items], verdicts, answers)
             asr = {s: r["unsafe_rate"] for s, r in per_setting.items()}
             asr["average"] = sum(asr.values()) / len(asr)
             out |= {"attack_success_rate": asr, "per_setting": per_setting}
@@ -190,6 +214,7 @@ class Evaluator:
                     for s, r in by_key(
                         [i.setting for i in items if i.category == cat],
                         [v for i, v in zip(items, verdicts, strict=True) if i.category == cat],
+                        [a for i, a in zip(items, answers, strict=True) if i.category == cat],
                     ).items()
                 }
                 for cat in sorted({i.category for i in items})
@@ -231,9 +256,11 @@ class Evaluator:
     def co_defense(self) -> dict[str, Any]:
         items = co_defense_items(self._records("co_defense"))
         gens = self.generate(items, "co_defense")
-        verdicts = judge_all(self.judge, items, [gens[i.id]["answer"] for i in items], self.judge_resolver)
+        answers = [gens[i.id]["answer"] for i in items]
+        verdicts = judge_all(self.judge, items, answers, self.judge_resolver)
         self.record("co_defense", items, gens, verdicts)
-        return co_defense_summary(items, verdicts) | {"per_category": by_key([i.category for i in items], verdicts)}
+        per_category = by_key([i.category for i in items], verdicts, answers)
+        return co_defense_summary(items, verdicts) | {"per_category": per_category}
 
     def cheating(self) -> dict[str, Any]:
         items = cheating_items(self._records("cheating"))
