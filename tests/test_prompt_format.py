@@ -111,7 +111,7 @@ def test_null_system_prompt_leaves_prompts_as_the_chat_template_renders_them(tin
     assert enc.prompt_ids(r, None) == processor.tokenizer(blind)["input_ids"]
 
 
-def test_training_and_blind_prompts_begin_with_the_system_prompt(tmp_path, wide_data, seen):
+def test_training_and_blind_prompts_begin_with_the_system_prompt(tmp_path, wide_data, seen, caplog):
     from src.train import train
 
     overrides = [f"blind.cache_dir={tmp_path}/cache", f"reference.cache_dir={tmp_path}/ref", f"data.path={wide_data}"]
@@ -124,6 +124,15 @@ def test_training_and_blind_prompts_begin_with_the_system_prompt(tmp_path, wide_
     assert len(blind) == 4 and len(seen["prompts"]) == 8  # blind answers, then the training items
     assert all(p.startswith(f"<s>{VICUNA} USER: ") for p in seen["prompts"]), seen["prompts"]
     assert seen["sizes"] and set(seen["sizes"]) == {(64, 64)}  # every image padded to a square
+    # the saved model says how its prompts were built, and an evaluation that builds them otherwise is warned
+    from src.evaluation.runner import trained_prompt_format
+
+    trained = json.loads((tmp_path / "run/model/prompt_format.json").read_text())
+    assert trained == {"system_prompt": VICUNA, "image_aspect_ratio": "pad"}
+    assert trained_prompt_format(tmp_path / "run/model", trained) == trained
+    assert "another prompt format" not in caplog.text
+    trained_prompt_format(tmp_path / "run/model", {"system_prompt": None, "image_aspect_ratio": "pad"})
+    assert "trained with another prompt format" in caplog.text and "system_prompt" in caplog.text
 
 
 def test_evaluation_prompts_begin_with_the_system_prompt_and_see_padded_images(tmp_path, wide_data, seen):

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from src.data.encoding import PROMPT_FORMAT_FILE
 from src.evaluation.analyses import cheating_items, cheating_summary, co_defense_items, co_defense_summary
 from src.evaluation.health import health_summary
 from src.evaluation.items import EvalItem
@@ -117,6 +118,24 @@ def judge_calibration(
     }
 
 
+def trained_prompt_format(model_path: str, used: dict[str, Any]) -> dict[str, Any] | None:
+    """The prompt format a model of this project was trained with (None: unknown), warned about when the
+    evaluation builds prompts otherwise: answers to prompts the model never saw are a different experiment."""
+    path = Path(str(model_path)) / PROMPT_FORMAT_FILE
+    if not path.is_file():
+        return None
+    trained = json.loads(path.read_text())
+    differ = {k: (trained.get(k), v) for k, v in used.items() if trained.get(k) != v}
+    if differ:
+        log.warning(
+            "%s was trained with another prompt format than this evaluation uses (trained, used): %s; set "
+            "model.system_prompt / image_aspect_ratio to match unless that is the point",
+            model_path,
+            differ,
+        )
+    return trained
+
+
 class Evaluator:
     """Runs the configured modes of one benchmark for one model and assembles the report."""
 
@@ -138,6 +157,7 @@ class Evaluator:
             "system_prompt": cfg.model.get("system_prompt"),
             "image_aspect_ratio": cfg.get("image_aspect_ratio", "crop"),
         }
+        self.trained_prompt_format = trained_prompt_format(cfg.model.path, self.prompt_format)
         # judges see the prompt's image only when asked (Llama Guard Vision); text judges ignore it
         self.judge_resolver = self.benchmark.resolver if cfg.get("judge_images") else None
         self.lines: list[dict[str, Any]] = []  # generations.jsonl of this run: answers with verdicts
@@ -283,6 +303,7 @@ class Evaluator:
             "judge": self.judge.name,
             "generation_settings": json.loads(self.settings.key()),
             "prompt_format": self.prompt_format,
+            "trained_prompt_format": self.trained_prompt_format,
         }
         for mode in modes:
             log.info("mode %s on %s", mode, self.benchmark.name)
