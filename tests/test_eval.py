@@ -72,6 +72,8 @@ def test_mmsafe_po_report_with_analyses_and_resume(tmp_path, model_dir, mmsafe_p
     assert {x["mode"] for x in lines} == {"standard", "co_defense", "cheating"}
     assert all(x["safe"] in (True, False, None) and x["reason"] for x in lines)
     assert report["generation"]["standard"]["generated"] == 12
+    assert saved["judge"] == "keyword" and saved["judge_identity"]["name"] == "keyword"
+    assert saved["judge_identity"]["phrases_sha256"] == saved["cheating"]["refusal_judge_identity"]["phrases_sha256"]
 
     again = run_eval(tmp_path, common, run="run2")
     assert {m: g["generated"] for m, g in again["generation"].items()} == {
@@ -387,6 +389,10 @@ def test_a_failed_judge_request_below_the_threshold_is_reported_beside_the_rate(
     assert fake.counts["OK"] == 1 + 19  # the preflight request, then every question that does not fail
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert (saved["n"], saved["judged"], saved["failed"], saved["unparsed"], saved["empty"]) == (20, 19, 1, 0, 0)
+    host = fake.url.split("://")[1].split("/")[0]
+    assert saved["judge"] == "openai"  # the readable name, as before
+    assert saved["judge_identity"]["endpoint"] == f"http://{host}" and saved["judge_identity"]["model"]
+    assert len(saved["judge_identity"]["prompt_sha256"]) == 16
     lines = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     judged = [x for x in lines if x["safe"] is not None]
     assert len(judged) == 19 and report["unsafe_rate"] == pytest.approx(sum(not x["safe"] for x in judged) / 19)

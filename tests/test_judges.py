@@ -119,6 +119,17 @@ def test_keyword_rejects_empty_phrases():
         KeywordJudge(phrases="i'm sorry")
 
 
+def test_keyword_identity_hashes_the_phrase_lists(keyword, keyword_cfg):
+    same = KeywordJudge(phrases=keyword_cfg["phrases"], category_phrases=keyword_cfg["category_phrases"])
+    fewer = KeywordJudge(phrases=keyword_cfg["phrases"][1:], category_phrases=keyword_cfg["category_phrases"])
+    no_categories = KeywordJudge(phrases=keyword_cfg["phrases"])
+    ident = keyword.identity()
+    assert ident["name"] == "keyword" and ident["type"] == "keyword"
+    assert same.identity() == ident
+    hashes = {j.identity()["phrases_sha256"] for j in (keyword, fewer, no_categories)}
+    assert len(hashes) == 3  # a changed phrase list is a different judge
+
+
 # ---------------------------------------------------------------- OpenAI-compatible judge
 
 
@@ -251,6 +262,26 @@ def test_openai_default_criteria_and_single_pass_fill(tmp_path):
     judge = OpenAIJudge(base_url="http://127.0.0.1:9/v1", model="m", prompt_file=str(template))
     filled = judge.build_prompt(JudgeInput(prompt="say {answer}", answer="x", category="01-Illegal"))
     assert filled.startswith("Q=say {answer} A=x C=The answer is unsafe")
+
+
+def test_openai_identity_names_model_host_and_prompt_without_secrets(tmp_path):
+    url = f"http://user:{KEY}@127.0.0.1:8000/v1/?api_key={KEY}"
+    ident = make_openai(url).identity()
+    assert ident["name"] == "openai" and ident["type"] == "openai" and ident["model"] == "judge-model"
+    assert ident["endpoint"] == "http://127.0.0.1:8000"  # no credentials, path or query
+    assert KEY not in repr(ident)
+    assert make_openai("http://127.0.0.1:8000/v1").identity() == ident
+    assert make_openai("http://127.0.0.1:9000/v1").identity()["endpoint"] == "http://127.0.0.1:9000"
+    assert make_openai(url, model="other").identity()["model"] == "other"
+
+    prompt = tmp_path / "judge.txt"
+    prompt.write_text(PROMPT_FILE.read_text() + "\nBe brief.")
+    hashes = {
+        make_openai(url).identity()["prompt_sha256"],
+        make_openai(url, prompt_file=str(prompt)).identity()["prompt_sha256"],
+        make_openai(url, category_criteria={"10": "other criterion"}).identity()["prompt_sha256"],
+    }
+    assert len(hashes) == 3  # the template and the criteria filled into it both change the prompt
 
 
 def test_openai_config_errors(tmp_path):
@@ -462,6 +493,18 @@ def test_llama_guard_judge_end_to_end(tiny_guard_dir):
 )
 def test_parse_llama_guard_output(text, expected):
     assert parse_llama_guard_output(text) == expected
+
+
+def test_llama_guard_identity_fingerprints_folder_and_weights(tiny_guard_dir):
+    judge = LlamaGuardJudge(str(tiny_guard_dir), device="cpu", max_new_tokens=2)
+    before = judge.identity()
+    assert before["name"] == "llama_guard" and before["model"] == str(tiny_guard_dir)
+    assert before["path_fingerprint"] is not None and before["weights_fingerprint"] is None  # not loaded yet
+    judge.judge([JudgeInput(prompt="Hi", answer="Hello!")])
+    after = judge.identity()
+    assert after["path_fingerprint"] == before["path_fingerprint"] and after["weights_fingerprint"] is not None
+    hub = LlamaGuardJudge("meta-llama/Llama-Guard-3-1B").identity()
+    assert hub["model"] == "meta-llama/Llama-Guard-3-1B" and hub["path_fingerprint"] is None  # a hub id: no folder
 
 
 def test_llama_guard_rejects_bad_settings():

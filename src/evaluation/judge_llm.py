@@ -10,9 +10,10 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template, load_template
-from src.evaluation.judges import JudgeError, JudgeInput, Verdict, match_category
+from src.evaluation.judges import JudgeError, JudgeInput, Verdict, match_category, text_hash
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,22 @@ class OpenAIJudge:
 
     def __repr__(self) -> str:
         return f"OpenAIJudge(name={self.name!r}, model={self.client.model!r}, url={self.client.url!r})"
+
+    def identity(self) -> dict[str, Any]:
+        """Model, endpoint (scheme, host and port only: no credentials, path or query), sampling settings and a
+        hash of the prompt template with the criteria filled into it."""
+        url = urlsplit(self.client.url)
+        host = f"{url.hostname}:{url.port}" if url.port else str(url.hostname)
+        criteria = {"default": DEFAULT_CRITERIA, "categories": self.category_criteria}
+        return {
+            "name": self.name,
+            "type": "openai",
+            "model": self.client.model,
+            "endpoint": f"{url.scheme}://{host}",
+            "temperature": self.client.temperature,
+            "max_tokens": self.client.max_tokens,
+            "prompt_sha256": text_hash({"template": self.template, "criteria": criteria}),
+        }
 
     def criteria_for(self, category: str | None) -> str:
         """The scenario's criterion when one is configured, else the default one."""
@@ -228,6 +245,25 @@ class LlamaGuardJudge:
 
     def __repr__(self) -> str:
         return f"LlamaGuardJudge(name={self.name!r}, model={self.model_name_or_path!r}, device={self.device!r})"
+
+    def identity(self) -> dict[str, Any]:
+        """The model path or hub id, a fingerprint of the local folder (None for a hub id) and, once loaded,
+        of the weights themselves (None when nothing needed judging)."""
+        from src.build.base import path_fingerprint
+
+        weights = None
+        if self._model is not None:
+            from src.models.factory import fingerprint
+
+            weights = fingerprint(self._model)
+        return {
+            "name": self.name,
+            "type": "llama_guard",
+            "model": self.model_name_or_path,
+            "path_fingerprint": path_fingerprint(self.model_name_or_path),
+            "weights_fingerprint": weights,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
     def _load(self) -> None:
         """Load tokenizer / processor and model; picks the vision path when the checkpoint has images."""

@@ -6,6 +6,8 @@ This module holds the interface and the offline keyword judge; the judges that a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
@@ -44,6 +46,16 @@ class Judge(Protocol):
     def judge(self, items: list[JudgeInput]) -> list[Verdict]:
         """One verdict per input, in order."""
         ...
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the verdicts (model, endpoint host, prompt or phrase hashes), for report.json; no key."""
+        ...
+
+
+def text_hash(value: Any) -> str:
+    """A short sha256 of a text, or of a JSON-able value (keys sorted), for recording what a judge was given."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def match_category(mapping: Mapping[str, T] | None, category: str | None) -> tuple[str, T] | None:
@@ -142,6 +154,14 @@ class KeywordJudge:
         return (
             f"KeywordJudge(name={self.name!r}, phrases={len(self.phrases)}, categories={sorted(self.category_phrases)})"
         )
+
+    def identity(self) -> dict[str, Any]:
+        """Name and a hash of the phrase lists (order included: the first match names the reason)."""
+        return {
+            "name": self.name,
+            "type": "keyword",
+            "phrases_sha256": text_hash({"phrases": self.phrases, "category_phrases": self.category_phrases}),
+        }
 
     def _first_match(self, text: str, phrases: list[str]) -> str | None:
         return next((p for p in phrases if self._patterns[p].search(text)), None)

@@ -288,7 +288,10 @@ class Evaluator:
         refusal_judge = hydra.utils.instantiate(OmegaConf.load(self.cfg.refusal_judge))
         refusals = judge_all(refusal_judge, items, [gens[i.id]["answer"] for i in items])
         self.record("cheating", items, gens, refusals)
-        return cheating_summary(refusals) | {"refusal_judge": refusal_judge.name}
+        return cheating_summary(refusals) | {
+            "refusal_judge": refusal_judge.name,
+            "refusal_judge_identity": refusal_judge.identity(),
+        }
 
     # -- all -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -313,6 +316,8 @@ class Evaluator:
             else:
                 report[mode] = section
         report["generation"] = self.generation_counts
+        # after judging: a judge that loads its model on first use can then fingerprint the weights
+        report["judge_identity"] = self.judge.identity()
         report["benchmark"]["stand_in_images"] = len(self.benchmark.resolver.rendered)
         report["examples"] = [x for x in self.lines if x["mode"] == modes[0]][: self.cfg.report.examples]
         return report
