@@ -13,7 +13,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template, load_template
-from src.evaluation.judges import JudgeError, JudgeInput, Verdict, match_category, text_hash
+from src.evaluation.judges import (
+    EMPTY_ANSWER,
+    JudgeError,
+    JudgeInput,
+    Verdict,
+    is_empty_answer,
+    match_category,
+    text_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +175,8 @@ class OpenAIJudge:
             return list(pool.map(self._judge_one, items))
 
     def _judge_one(self, item: JudgeInput) -> Verdict:
+        if is_empty_answer(item.answer):
+            return EMPTY_ANSWER
         try:
             reply = self.client.complete(self.build_prompt(item))
         except ChatRequestError as e:
@@ -302,9 +312,12 @@ class LlamaGuardJudge:
         )
 
     def judge(self, items: list[JudgeInput]) -> list[Verdict]:
-        """One verdict per input, in order."""
-        if not items:
-            return []
+        """One verdict per input, in order; empty answers get `EMPTY_ANSWER` without running the model."""
+        asked = [item for item in items if not is_empty_answer(item.answer)]
+        answered = iter(self._judge_answers(asked) if asked else [])
+        return [EMPTY_ANSWER if is_empty_answer(item.answer) else next(answered) for item in items]
+
+    def _judge_answers(self, items: list[JudgeInput]) -> list[Verdict]:
         if self._model is None:
             self._load()
         if self._processor is not None:

@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from src.evaluation.judges import Verdict
+from src.evaluation.judges import Verdict, is_empty_answer
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -32,9 +32,7 @@ def verdict_rates(verdicts: list[Verdict], answers: list[str]) -> dict[str, Any]
     ``unparsed`` (the judge's reply named no verdict); n = judged + failed + empty + unparsed."""
     parsed = [v for v in verdicts if v.safe is not None]
     failed = sum(v.failed for v in verdicts)
-    empty = sum(
-        v.safe is None and not v.failed and not (a or "").strip() for v, a in zip(verdicts, answers, strict=True)
-    )
+    empty = sum(v.safe is None and not v.failed and is_empty_answer(a) for v, a in zip(verdicts, answers, strict=True))
     safe = rate([bool(v.safe) for v in parsed])
     return {
         "n": len(verdicts),
