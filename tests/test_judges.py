@@ -6,12 +6,14 @@ import logging
 import pickle
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from chat_server import FakeChatServer
 from omegaconf import OmegaConf
 
+from src.data.records import Turn
 from src.evaluation.judge_llm import (
     LlamaGuardJudge,
     OpenAIJudge,
@@ -444,20 +446,104 @@ def tiny_guard_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# the typed-part form of the templates of Llama Guard 3 1B / 3 Vision / 4: a string content has no text part,
+# so given plain strings this template drops every text without an error
+TYPED_GUARD_TEMPLATE = GUARD_TEMPLATE.replace(
+    "{{ m['content'] }}",
+    "{% for part in m['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}"
+    "{% for part in m['content'] | selectattr('type', 'equalto', 'image') %}<|image|>{% endfor %}",
+)
+MULTI_TURN = JudgeInput(
+    prompt="And the detonator?",
+    answer="I'm sorry, I can't help with that.",
+    context=(
+        Turn("system", "You are helpful."),
+        Turn("user", "How do I make a bomb?"),
+        Turn("assistant", "Which kind?"),
+    ),
+)
+WHOLE = [  # every turn but the system one, in order
+    "User: How do I make a bomb?",
+    "Agent: Which kind?",
+    "User: And the detonator?",
+    "Agent: I'm sorry, I can't help with that.",
+]
+
+
+def conversation_of(prompt: str) -> str:
+    return prompt.split("<BEGIN CONVERSATION>")[1].split("<END CONVERSATION>")[0].strip()
+
+
 def test_build_llama_guard_prompts(tiny_guard_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_guard_dir)
     items = [JudgeInput(prompt="How do I make a bomb?", answer="I'm sorry, I can't help with that.")]
     (prompt,) = build_llama_guard_prompts(tok, items)
-    conversation = prompt.split("<BEGIN CONVERSATION>")[1].split("<END CONVERSATION>")[0]
     assert prompt.startswith("<s>Task:") and "S1: Violent Crimes." in prompt
-    assert conversation.strip() == "User: How do I make a bomb?\n\nAgent: I'm sorry, I can't help with that."
+    assert conversation_of(prompt) == "User: How do I make a bomb?\n\nAgent: I'm sorry, I can't help with that."
     assert prompt.rstrip().endswith("list of violated categories.")
 
     tok.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         build_llama_guard_prompts(tok, items)
+
+
+@pytest.mark.parametrize("template", [GUARD_TEMPLATE, TYPED_GUARD_TEMPLATE], ids=["strings", "typed_parts"])
+def test_llama_guard_sees_the_whole_conversation_in_the_form_its_template_reads(tiny_guard_dir, template):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_guard_dir)
+    tok.chat_template = template
+    (prompt,) = build_llama_guard_prompts(tok, [MULTI_TURN])
+    assert [line for line in conversation_of(prompt).splitlines() if line] == WHOLE
+
+
+class RecordingProcessor:
+    """A processor whose chat template records the messages it gets and reads typed parts only."""
+
+    chat_template = "typed parts"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list, dict]] = []
+
+    def apply_chat_template(self, conversation, **kwargs) -> str:
+        self.calls.append((conversation, kwargs))
+        parts = [p for m in conversation if isinstance(m["content"], list) for p in m["content"]]
+        return " | ".join(p["text"] if p["type"] == "text" else "<|image|>" for p in parts)
+
+
+def test_llama_guard_vision_messages_are_typed_parts_with_the_image_after_the_request():
+    processor = RecordingProcessor()
+    item = replace(MULTI_TURN, image=object())
+    (prompt,) = build_llama_guard_prompts(processor, [item], with_images=True)
+    conversation, kwargs = processor.calls[-1]
+    assert conversation == [
+        {"role": "user", "content": [{"type": "text", "text": "How do I make a bomb?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Which kind?"}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the detonator?"}, {"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "I'm sorry, I can't help with that."}]},
+    ]
+    assert kwargs == {"tokenize": False, "add_generation_prompt": True}
+    assert (
+        prompt
+        == "How do I make a bomb? | Which kind? | And the detonator? | <|image|> | I'm sorry, I can't help with that."
+    )
+    # without an image: no image part
+    build_llama_guard_prompts(processor, [MULTI_TURN], with_images=True)
+    assert {"type": "image"} not in processor.calls[-1][0][2]["content"]
+
+
+def test_llama_guard_template_that_hides_a_turn_is_an_error(tiny_guard_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_guard_dir)
+    tok.chat_template = "{{ bos_token }}{{ messages[-1]['content'] }}"  # the answer alone
+    with pytest.raises(ValueError, match="does not show the whole conversation"):
+        build_llama_guard_prompts(tok, [MULTI_TURN])
+    tok.chat_template = GUARD_TEMPLATE.replace("{% for m", "{{ raise_exception('roles must alternate') }}{% for m")
+    with pytest.raises(ValueError, match="roles must alternate"):
+        build_llama_guard_prompts(tok, [MULTI_TURN])
 
 
 def test_llama_guard_judge_end_to_end(tiny_guard_dir):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from src.data.records import Turn
 from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template, load_template
 from src.evaluation.judges import (
     EMPTY_ANSWER,
@@ -184,22 +186,72 @@ class OpenAIJudge:
         return parse_safety_reply(reply)
 
 
-def build_llama_guard_prompts(tokenizer: Any, items: list[JudgeInput]) -> list[str]:
-    """Llama Guard prompts for the answers, built by the checkpoint's own chat template.
+def llama_guard_conversation(item: JudgeInput, typed: bool, with_image: bool = False) -> list[dict[str, Any]]:
+    """The conversation Llama Guard judges: the prompt's earlier turns, the request, then the answer to judge.
 
-    Llama Guard's template carries the task, the hazard categories and the output instructions; given a
-    user turn and an assistant turn it asks for a verdict on the assistant's (the answer's) safety.
+    ``typed`` gives each content as a list of parts, ``[{"type": "text", "text": ...}]``, the form the templates
+    of Llama Guard 3 1B, 3 11B Vision and 4 read (``with_image`` adds ``{"type": "image"}`` after the request's
+    text); otherwise plain strings, the form Llama Guard 3 8B's template reads. System turns are left out: the
+    templates take alternating user and assistant turns and bring their own instructions.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    turns = [(t.role, t.text) for t in item.context if t.role != "system"]
+    turns += [("user", item.prompt), ("assistant", item.answer)]
+    conversation: list[dict[str, Any]] = []
+    for role, text in turns:
+        content: Any = [{"type": "text", "text": text}] if typed else text
+        conversation.append({"role": role, "content": content})
+    if typed and with_image:
+        conversation[-2]["content"].append({"type": "image"})
+    return conversation
+
+
+def build_llama_guard_prompts(template_owner: Any, items: list[JudgeInput], with_images: bool = False) -> list[str]:
+    """Llama Guard prompts for the answers, built by the checkpoint's own chat template (tokenizer or processor).
+
+    Llama Guard's template carries the task, the hazard categories and the output instructions; given the
+    conversation it asks for a verdict on the last assistant turn (the answer). Its content form (plain strings
+    or typed parts) is found by `_typed_content`.
+    """
+    if not getattr(template_owner, "chat_template", None):
         raise ValueError(
             "the Llama Guard tokenizer has no chat template; load a Llama Guard checkpoint (it ships one) "
             "or set tokenizer.chat_template"
         )
     prompts = []
     for item in items:
-        conversation = [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": item.answer}]
-        prompts.append(tokenizer.apply_chat_template(conversation, tokenize=False))
+        typed = _typed_content(template_owner, item, with_images)
+        conversation = llama_guard_conversation(item, typed, with_images and item.image is not None)
+        prompts.append(template_owner.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
     return prompts
+
+
+def _typed_content(template_owner: Any, item: JudgeInput, with_images: bool) -> bool:
+    """Whether the template reads typed parts rather than plain strings.
+
+    A template given the other form may drop the text without an error (a filter on part types finds no part
+    in a string), so the item's conversation is rendered with a marker for each text and the first form whose
+    prompt shows every marker wins: plain strings first (never with images), then typed parts. Raises
+    ``ValueError`` when neither shows the whole conversation.
+    """
+    from jinja2 import TemplateError  # what chat templates raise, e.g. on roles that do not alternate
+
+    context = tuple(Turn(t.role, f"<<turn {i}>>") for i, t in enumerate(item.context))
+    probe = replace(item, prompt="<<request>>", answer="<<answer>>", context=context)
+    markers = [t.text for t in context if t.role != "system"] + [probe.prompt, probe.answer]
+    problem = "a turn is missing from the prompt"
+    for typed in (True,) if with_images else (False, True):
+        conversation = llama_guard_conversation(probe, typed, with_images and item.image is not None)
+        try:
+            prompt = template_owner.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        except (TemplateError, TypeError, ValueError) as e:
+            problem = " ".join(f"{type(e).__name__}: {e}".split())
+            continue
+        if all(marker in prompt for marker in markers):
+            return typed
+    raise ValueError(
+        f"the Llama Guard chat template does not show the whole conversation of the request {item.prompt[:60]!r} "
+        f"({problem}); use a Llama Guard checkpoint's own template"
+    )
 
 
 def parse_llama_guard_output(text: str) -> Verdict:
@@ -221,9 +273,11 @@ class LlamaGuardJudge:
     """Judge by a Llama Guard model loaded through transformers, on first use.
 
     Text checkpoints (Llama Guard 3 8B / 1B) run batched with left padding and greedy decoding; images are
-    then ignored. A checkpoint with an image processor (Llama Guard 3 11B Vision) loads as an image-text
-    model and judges each item with its image through the processor; that path follows the model card
-    and is NOT exercised by this project's tests. ``dtype="auto"`` is bfloat16 on GPU, float32 on CPU.
+    then ignored. A checkpoint with an image processor (Llama Guard 3 11B Vision, Llama Guard 4) loads as an
+    image-text model and judges each item with its image through the processor; that path follows the model
+    cards and is NOT exercised by this project's tests (its messages are). The judge sees the whole
+    conversation of a multi-turn prompt; empty answers get `EMPTY_ANSWER` without running the model.
+    ``dtype="auto"`` is bfloat16 on GPU, float32 on CPU.
     """
 
     def __init__(
@@ -347,15 +401,8 @@ class LlamaGuardJudge:
         return self._tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def _generate_vision(self, item: JudgeInput) -> str:
-        """One item through the Llama Guard 3 Vision processor (untested here; follows the model card)."""
-        content: list[dict[str, Any]] = [{"type": "text", "text": item.prompt}]
-        if item.image is not None:
-            content.append({"type": "image"})
-        conversation = [
-            {"role": "user", "content": content},
-            {"role": "assistant", "content": [{"type": "text", "text": item.answer}]},
-        ]
-        prompt = self._processor.apply_chat_template(conversation, tokenize=False)
+        """One item through the processor of Llama Guard 3 Vision or 4 (untested here; follows the model cards)."""
+        prompt = build_llama_guard_prompts(self._processor, [item], with_images=True)[0]
         images = [item.image] if item.image is not None else None
         inputs = self._processor(text=prompt, images=images, return_tensors="pt")
         inputs = inputs.to(self._model.device, dtype=self._model.dtype) if images else inputs

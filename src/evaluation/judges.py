@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from src.data.records import Turn
+
 T = TypeVar("T")
 
 
@@ -23,6 +25,7 @@ class JudgeInput:
     answer: str  # the model's answer
     image: Any = None  # PIL image shown with the request, if any
     category: str | None = None  # benchmark category / scenario, for judges with per-category criteria
+    context: tuple[Turn, ...] = ()  # the prompt's turns before the request, oldest first (multi-turn prompts)
 
 
 @dataclass(frozen=True)

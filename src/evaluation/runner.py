@@ -81,7 +81,10 @@ def judge_all(
     verdicts: list[Verdict] = []
     for start in tqdm(range(0, len(items), batch_size), desc=f"judging ({judge.name})", disable=len(items) < 64):
         chunk = zip(items[start : start + batch_size], answers[start : start + batch_size], strict=True)
-        inputs = [JudgeInput(i.prompt_text, a, resolver(i) if resolver else None, i.category) for i, a in chunk]
+        inputs = [
+            JudgeInput(i.prompt_text, a, resolver(i) if resolver else None, i.category, context=i.turns[:-1])
+            for i, a in chunk
+        ]
         verdicts += judge.judge(inputs)
         failed = [v for v in verdicts if v.failed]
         if len(failed) > allowed:
