@@ -52,7 +52,8 @@ class JudgeError(RuntimeError):
 class Judge(Protocol):
     """A judge that asks a service also has ``preflight()`` (one request before any generation; raises
     `JudgeError`) and ``max_failed_fraction`` (the share of failed requests a run tolerates); judges without
-    them need no preflight and tolerate no failed verdict."""
+    them need no preflight and tolerate no failed verdict. ``identity()`` is expected too; report.json marks
+    a judge without one as unknown beside its name."""
 
     name: str
 

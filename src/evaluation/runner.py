@@ -68,6 +68,12 @@ def check_judge(judge: Judge) -> None:
         preflight()
 
 
+def judge_identity(judge: Judge) -> dict[str, Any]:
+    """The judge's `identity()` for report.json; a judge class without one is recorded by name and marked so."""
+    identity = getattr(judge, "identity", None)
+    return identity() if identity is not None else {"name": judge.name, "identity": "unknown (no identity())"}
+
+
 def judge_all(
     judge: Judge, items: list[EvalItem], answers: list[str], resolver: Any = None, batch_size: int = 32
 ) -> list[Verdict]:
@@ -293,7 +299,7 @@ class Evaluator:
         self.record("cheating", items, gens, refusals)
         return cheating_summary(refusals) | {
             "refusal_judge": refusal_judge.name,
-            "refusal_judge_identity": refusal_judge.identity(),
+            "refusal_judge_identity": judge_identity(refusal_judge),
         }
 
     # -- all -----------------------------------------------------------------------------------
@@ -320,7 +326,7 @@ class Evaluator:
                 report[mode] = section
         report["generation"] = self.generation_counts
         # after judging: a judge that loads its model on first use can then fingerprint the weights
-        report["judge_identity"] = self.judge.identity()
+        report["judge_identity"] = judge_identity(self.judge)
         report["benchmark"]["stand_in_images"] = len(self.benchmark.resolver.rendered)
         report["examples"] = [x for x in self.lines if x["mode"] == modes[0]][: self.cfg.report.examples]
         return report
