@@ -138,6 +138,18 @@ def test_mm_safetybench_filters(mmsb_root):
         MMSafetyBench(str(mmsb_root), settings=["sd", "typography"])
 
 
+def test_mm_safetybench_scenarios_from_a_command_line_override(mmsb_root, tmp_path):
+    """Hydra reads `[01,10]` as ["01", 10]: numbers are 2-digit prefixes, whatever type the override gives them."""
+    from tests.helpers import compose_config
+
+    for override in ("[01,10]", "[1,10-Legal_Opinion]"):
+        cfg = compose_config(
+            "eval", ["benchmark=mm_safetybench", f"benchmark.root={mmsb_root}", f"benchmark.scenarios={override}"]
+        )
+        bench = instantiate(cfg.benchmark)
+        assert [f.stem for f in bench.scenario_files] == ["01-Illegal_Activitiy", "10-Legal_Opinion"], override
+
+
 def test_mm_safetybench_missing_image(mmsb_root):
     (mmsb_root / "imgs" / "10-Legal_Opinion" / "SD" / "0.jpg").unlink()
     with pytest.raises(DataError, match=r"1 of 12 images not found; first: record 10-Legal_Opinion/0/sd: .*SD/0\.jpg"):

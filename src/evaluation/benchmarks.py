@@ -163,6 +163,14 @@ class MMSafePO(PreferenceSet):
         super().__init__(path, "mmsafe_po", image_root, missing_images, stand_in_size, max_items, ids_file)
 
 
+def _scenario_key(wanted: str | int) -> str:
+    """A scenario as the config names it, as a string: Hydra reads ``[01,10]`` as ``["01", 10]``, so a number
+    is the 2-digit prefix (``1`` and ``10`` -> ``"01"``, ``"10"``)."""
+    if isinstance(wanted, bool) or not isinstance(wanted, int | str):
+        raise ValueError(f"benchmark.scenarios: expected scenario names or numbers, got {wanted!r}")
+    return f"{wanted:02d}" if isinstance(wanted, int) else wanted
+
+
 def _question_order(qid: str) -> tuple[int, int, str]:
     """Numeric ids in numeric order ("2" before "10"), any others after them by name."""
     return (0, int(qid), "") if qid.isascii() and qid.isdigit() else (1, 0, qid)
@@ -182,7 +190,7 @@ class MMSafetyBench:
         self,
         root: str,
         settings: Sequence[str] = tuple(MM_SAFETYBENCH_SETTINGS),
-        scenarios: Sequence[str] | None = None,
+        scenarios: Sequence[str | int] | None = None,
         missing_images: str = "error",
         stand_in_size: int = 336,
         max_per_scenario: int | None = None,
@@ -195,7 +203,7 @@ class MMSafetyBench:
                 f"benchmark {self.name}: unknown setting(s) {unknown} in {self.settings}; "
                 f"set benchmark.settings to a non-empty list of distinct names from {list(MM_SAFETYBENCH_SETTINGS)}"
             )
-        self.scenario_files = self._scenario_files(None if scenarios is None else list(scenarios))
+        self.scenario_files = self._scenario_files(None if scenarios is None else [_scenario_key(s) for s in scenarios])
         self._items: list[EvalItem] = []
         for file in self.scenario_files:
             questions = sorted(self._load(file).items(), key=lambda kv: _question_order(kv[0]))
