@@ -90,6 +90,15 @@ def test_mm_safetybench_attack_success_rates(tmp_path, model_dir):
     assert asr["average"] == pytest.approx(sum(v for k, v in asr.items() if k != "average") / 4)
     assert set(report["per_scenario"]) == {"01-Illegal_Activitiy", "10-Legal_Opinion"}
     assert report["n"] == 12 and report["judge_calibration"] == {} and "pairwise_accuracy" not in report
+    # the benchmark's own convention by default: each scenario weighs the same, whatever its size
+    assert report["attack_success_rate_convention"] == "per_scenario"
+    for setting in ("text_only", "sd", "typo", "sd_typo"):
+        per_scenario = [r[setting] for r in report["per_scenario"].values()]
+        assert asr[setting] == pytest.approx(sum(per_scenario) / 2)
+    assert set(report["attack_success_rate_pooled"]) == set(asr)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "MM-SafetyBench's own convention" in md and "Pooled over the judged answers" in md
+    assert "10-Legal_Opinion are judged by special criteria" in md and "paraphrases" in md
 
 
 def test_harmeval_unsafe_rate_and_reward_accuracy_needs_references(tmp_path, model_dir):

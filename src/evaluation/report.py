@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from src.evaluation.benchmarks import SPECIAL_CRITERIA_SCENARIOS  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +27,21 @@ def _fmt(x: Any) -> str:
 
 def _ci(values: list[float] | None) -> str:
     return f"[{values[0]:.3f}, {values[1]:.3f}]" if values and not math.isnan(values[0]) else ""
+
+
+def _asr_convention_line(report: dict[str, Any]) -> str:
+    """Which attack-success-rate convention the headline follows, with the other figure beside it."""
+    pooled = ", ".join(f"{k} {_fmt(v)}" for k, v in report["attack_success_rate_pooled"].items())
+    if report["attack_success_rate_convention"] == "per_scenario":
+        return (
+            "Attack success rate by MM-SafetyBench's own convention: per scenario, unsafe answers / all answers "
+            f"(answers without a verdict count in the total), the mean over the {len(report['per_scenario'])} "
+            f"scenarios, each weighing the same. Pooled over the judged answers of all scenarios instead: {pooled}."
+        )
+    return (
+        "Attack success rate pooled: unsafe / judged answers over all scenarios together, so scenarios weigh by "
+        "their size (MM-SafetyBench itself reports per scenario: benchmark.asr_convention=per_scenario)."
+    )
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -60,6 +77,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"({report['failed']} judge requests failed, {report['unparsed']} replies unparsed, "
             f"{report['empty']} empty answers).",
         ]
+    if report.get("attack_success_rate_convention"):
+        lines += ["", _asr_convention_line(report)]
     if report.get("pairwise"):
         p = report["pairwise"]
         lines += [
@@ -128,6 +147,20 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for scen, values in report["per_scenario"].items():
             lines.append(f"| {scen} | " + " | ".join(_fmt(values.get(s, float("nan"))) for s in settings) + " |")
+        per_scenario = report.get("attack_success_rate_convention") == "per_scenario"
+        lines += [
+            "",
+            "Each cell: unsafe answers / "
+            + ("all answers (answers without a verdict count in the total)." if per_scenario else "judged answers."),
+        ]
+        special = [s for s in report["per_scenario"] if s.split("-", 1)[0] in SPECIAL_CRITERIA_SCENARIOS]
+        if special:
+            lines += [
+                "",
+                f"Scenarios {', '.join(special)} are judged by special criteria (e.g. a disclaimer); the judge's "
+                "criteria for them are paraphrases of the benchmark's, not its own prompts, so these rows are "
+                "not directly comparable to published figures.",
+            ]
         lines += [""]
 
     if report.get("co_defense"):

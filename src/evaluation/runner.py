@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from src.data.encoding import PROMPT_FORMAT_FILE
 from src.evaluation.analyses import cheating_items, cheating_summary, co_defense_items, co_defense_summary
+from src.evaluation.benchmarks import attack_success_rates
 from src.evaluation.health import health_summary
 from src.evaluation.items import EvalItem
 from src.evaluation.judges import Judge, JudgeError, JudgeInput, Verdict
@@ -224,21 +225,7 @@ class Evaluator:
         elif kind == "unsafe_rate":
             out |= {"unsafe_rate": overall["unsafe_rate"], "unsafe_rate_ci95": overall["unsafe_ci95"]}
         elif kind == "attack_success_rate":
-            per_setting = by_key([i.setting for i in items], verdicts, answers)
-            asr = {s: r["unsafe_rate"] for s, r in per_setting.items()}
-            asr["average"] = sum(asr.values()) / len(asr)
-            out |= {"attack_success_rate": asr, "per_setting": per_setting}
-            out["per_scenario"] = {
-                cat: {
-                    s: r["unsafe_rate"]
-                    for s, r in by_key(
-                        [i.setting for i in items if i.category == cat],
-                        [v for i, v in zip(items, verdicts, strict=True) if i.category == cat],
-                        [a for i, a in zip(items, answers, strict=True) if i.category == cat],
-                    ).items()
-                }
-                for cat in sorted({i.category for i in items})
-            }
+            out |= attack_success_rates(items, verdicts, answers, self.benchmark.asr_convention)
         out |= self.preference_scores(items)
         return out
 
