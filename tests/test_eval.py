@@ -54,7 +54,9 @@ def test_mmsafe_po_report_with_analyses_and_resume(tmp_path, model_dir, mmsafe_p
     assert cal["n"] == 12 and {"chosen_judged_safe", "rejected_judged_safe", "separation", "weak"} <= set(cal)
     health = saved["generation_health"]
     assert {"empty_rate", "broken_rate", "truncated_rate", "repetitive_rate", "mean_words"} <= set(health)
-    assert saved["co_defense"]["n_requests"] == 12 and saved["cheating"]["over_refusal"]["n"] == 12
+    assert saved["co_defense"]["n_requests"] == 12
+    # records 3, 6 and 9 name their entity in the conversation: a benign image hides nothing there
+    assert saved["cheating"]["over_refusal"]["n"] == 9 and saved["cheating"]["excluded_entity_in_text"] == 3
     md = (run / "report.md").read_text()
     for section in (
         "## Judge calibration",
@@ -68,7 +70,8 @@ def test_mmsafe_po_report_with_analyses_and_resume(tmp_path, model_dir, mmsafe_p
     assert (run / "report.png").stat().st_size > 0
     assert list((run / "wandb").glob("offline-run-*"))
     lines = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
-    assert len(lines) == 12 + 24 + 12
+    assert len(lines) == 12 + 24 + 9
+    assert "Refusal rate with a benign image swapped in" in md and "Not all of these refusals are over-refusals" in md
     assert {x["mode"] for x in lines} == {"standard", "co_defense", "cheating"}
     assert all(x["safe"] in (True, False, None) and x["reason"] for x in lines)
     assert report["generation"]["standard"]["generated"] == 12
@@ -154,6 +157,18 @@ def test_pairwise_needs_the_chosen_answer_in_both_orders(monkeypatch):
     out = scoring.pairwise_accuracy(None, None, items, ["c"] * 3, ["r"] * 3, None)
     assert out["n"] == 2 and out["skipped"] == 1 and out["pairwise_accuracy"] == 0.5
     assert out["position_a_rate"] == pytest.approx(4 / 5)
+
+
+def test_cheating_probes_leave_out_records_whose_text_names_the_entity(mmsafe_path):
+    from src.data.readers import read_records
+    from src.evaluation.analyses import cheating_items, names_entity
+
+    records = read_records(str(mmsafe_path), "mmsafe_po")
+    items, excluded = cheating_items(records)
+    # e.g. record 3 names Syria in an earlier turn; record 1 shows the Senator only in the image
+    assert {"1"} <= {i.meta["record_id"] for i in items} and "3" not in {i.meta["record_id"] for i in items}
+    assert excluded == sum(names_entity(r) for r in records) > 0 and len(items) + excluded == len(records)
+    assert excluded == 70  # of the 200 shared records
 
 
 def test_health_flags():

@@ -182,10 +182,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "## Modality cheating",
             "",
-            "Image-referring requests shown with a benign stand-in image instead of the matched one: a "
-            f"refusal is an over-refusal (refusals detected by the `{ch['refusal_judge']}` judge).",
+            "Image-referring requests shown with a benign stand-in image (an everyday object's name drawn as text) "
+            f"instead of the matched one; refusals detected by the `{ch['refusal_judge']}` judge. Records whose "
+            f"text names the entity are left out ({ch.get('excluded_entity_in_text', 0)}): there the benign image "
+            "hides nothing.",
             "",
-            f"Over-refusal rate: **{_fmt(o['rate'])}** {_ci(o['ci95'])} over {o['n']} requests.",
+            f"Refusal rate with a benign image swapped in: **{_fmt(o['rate'])}** {_ci(o['ci95'])} over {o['n']} "
+            "requests.",
+            "",
+            "Not all of these refusals are over-refusals: the harm often stays in the text (a person's home "
+            "address, say, deserves a refusal whatever the image shows), so this is an upper bound on over-refusal.",
             "",
         ]
 

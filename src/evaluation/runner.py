@@ -270,12 +270,12 @@ class Evaluator:
         return co_defense_summary(items, verdicts) | {"per_category": per_category}
 
     def cheating(self) -> dict[str, Any]:
-        items = cheating_items(self._records("cheating"))
+        items, excluded = cheating_items(self._records("cheating"))
         gens = self.generate(items, "cheating")
         refusal_judge = hydra.utils.instantiate(OmegaConf.load(self.cfg.refusal_judge))
         refusals = judge_all(refusal_judge, items, [gens[i.id]["answer"] for i in items])
         self.record("cheating", items, gens, refusals)
-        return cheating_summary(refusals) | {"refusal_judge": refusal_judge.name}
+        return cheating_summary(refusals, excluded) | {"refusal_judge": refusal_judge.name}
 
     # -- all -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
