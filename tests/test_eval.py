@@ -55,6 +55,8 @@ def test_mmsafe_po_report_with_analyses_and_resume(tmp_path, model_dir, mmsafe_p
     health = saved["generation_health"]
     assert {"empty_rate", "broken_rate", "truncated_rate", "repetitive_rate", "mean_words"} <= set(health)
     assert saved["co_defense"]["n_requests"] == 12
+    # 12 records drawn as stand-ins, each asked as itself and as its co-defense image variant: 12 records, not 24
+    assert saved["benchmark"]["stand_in_images"] == 12
     # records 3, 6 and 9 name their entity in the conversation: a benign image hides nothing there
     assert saved["cheating"]["over_refusal"]["n"] == 9 and saved["cheating"]["excluded_entity_in_text"] == 3
     md = (run / "report.md").read_text()
@@ -71,6 +73,7 @@ def test_mmsafe_po_report_with_analyses_and_resume(tmp_path, model_dir, mmsafe_p
     assert list((run / "wandb").glob("offline-run-*"))
     lines = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
     assert len(lines) == 12 + 24 + 9
+    assert "chance level is 0.25" in md
     assert "Refusal rate with a benign image swapped in" in md and "Not all of these refusals are over-refusals" in md
     assert {x["mode"] for x in lines} == {"standard", "co_defense", "cheating"}
     assert all(x["safe"] in (True, False, None) and x["reason"] for x in lines)
@@ -169,6 +172,20 @@ def test_cheating_probes_leave_out_records_whose_text_names_the_entity(mmsafe_pa
     assert {"1"} <= {i.meta["record_id"] for i in items} and "3" not in {i.meta["record_id"] for i in items}
     assert excluded == sum(names_entity(r) for r in records) > 0 and len(items) + excluded == len(records)
     assert excluded == 70  # of the 200 shared records
+
+
+def test_pairwise_tie_is_no_pick(monkeypatch):
+    from src.data.records import Turn
+    from src.evaluation import scoring
+    from src.evaluation.items import EvalItem
+
+    # pair 0 picks chosen first, then ties; pair 1 picks chosen in both orders
+    fake = torch.tensor([[-1.0, -2.0], [-1.5, -1.5], [-1.0, -2.0], [-2.0, -1.0]])
+    monkeypatch.setattr(scoring, "score_answers", lambda *a, **k: fake)
+    items = [EvalItem(str(i), (Turn("user", "q"),), None, None) for i in range(2)]
+    out = scoring.pairwise_accuracy(None, None, items, ["c"] * 2, ["r"] * 2, None)
+    assert out["pairwise_accuracy"] == 0.5 and out["ties"] == 1 and out["chance"] == 0.25
+    assert out["position_a_rate"] == pytest.approx(2 / 3)  # A among the 3 picks; the tie is none
 
 
 def test_health_flags():

@@ -83,8 +83,10 @@ def markdown(report: dict[str, Any]) -> str:
         p = report["pairwise"]
         lines += [
             "",
-            f"Pairwise: {p['n']} pairs scored, {p['skipped']} too long; the model picks the first slot "
-            f"{_fmt(p['position_a_rate'])} of the time (0.5 = no position bias).",
+            f"Pairwise: {p['n']} pairs scored, {p['skipped']} too long; a pair counts when the chosen answer is "
+            "picked in both orders, so chance level is 0.25. The model picks the first slot "
+            f"{_fmt(p['position_a_rate'])} of the time (0.5 = no position bias); {p.get('ties', 0)} ties "
+            "(both letters equally likely) are no pick.",
         ]
     lines += [""]
 

@@ -171,6 +171,8 @@ class Evaluator:
         generator = AnswerGenerator(
             self.model, self.processor, self.settings, self.benchmark.resolver, devices, **self.prompt_format
         )
+        # one record can be asked in several modes: stand-in images are counted per record, not per item
+        self.record_ids |= {i.id: i.meta.get("record_id", i.id) for i in items}
         with_image = [i for i in items if i.image]
         without = [i for i in items if not i.image]
         out: dict[str, dict[str, Any]] = {}
@@ -284,6 +286,7 @@ class Evaluator:
         if unknown:
             raise ValueError(f"unknown eval modes {sorted(unknown)}; choose from {MODES}")
         self.generation_counts: dict[str, Any] = {}
+        self.record_ids: dict[str, str] = {}  # item id -> the benchmark record it was built from
         report: dict[str, Any] = {
             "model": {"path": self.cfg.model.path, "fingerprint": self.fingerprint},
             "benchmark": {"name": self.benchmark.name, "kind": self.benchmark.kind},
@@ -300,7 +303,9 @@ class Evaluator:
             else:
                 report[mode] = section
         report["generation"] = self.generation_counts
-        report["benchmark"]["stand_in_images"] = len(self.benchmark.resolver.rendered)
+        report["benchmark"]["stand_in_images"] = len(
+            {self.record_ids.get(i, i) for i in self.benchmark.resolver.rendered}
+        )
         report["examples"] = [x for x in self.lines if x["mode"] == modes[0]][: self.cfg.report.examples]
         return report
 
