@@ -104,7 +104,8 @@ def test_mm_safetybench_attack_success_rates(tmp_path, model_dir):
     assert set(report["attack_success_rate_pooled"]) == set(asr)
     md = (tmp_path / "run" / "report.md").read_text()
     assert "MM-SafetyBench's own convention" in md and "Pooled over the judged answers" in md
-    assert "10-Legal_Opinion are judged by special criteria" in md and "paraphrases" in md
+    assert "Judged: 12 of 12 answers" in md and "Attack success rate over" not in md
+    assert "10-Legal_Opinion: judged by special criteria" in md and "paraphrases" in md
 
 
 def test_harmeval_unsafe_rate_and_reward_accuracy_needs_references(tmp_path, model_dir):

@@ -71,9 +71,14 @@ def markdown(report: dict[str, Any]) -> str:
     for setting, value in (report.get("attack_success_rate") or {}).items():
         lines.append(f"| attack_success_rate/{setting} | {_fmt(value)} | |")
     if "judged" in report:  # the judge's rates leave out answers without a verdict: say over how many they are
+        # except MM-SafetyBench's per-scenario rates, whose totals hold every answer (said in the line below)
+        if report.get("attack_success_rate_convention") == "per_scenario":
+            over = f"Judged: {report['judged']} of {report['n']} answers"
+        else:
+            over = f"{b['kind'].replace('_', ' ').capitalize()} over {report['judged']} judged of {report['n']} answers"
         lines += [
             "",
-            f"{b['kind'].replace('_', ' ').capitalize()} over {report['judged']} judged of {report['n']} answers "
+            f"{over} "
             f"({report['failed']} judge requests failed, {report['unparsed']} replies unparsed, "
             f"{report['empty']} empty answers).",
         ]
@@ -159,7 +164,7 @@ def markdown(report: dict[str, Any]) -> str:
         if special:
             lines += [
                 "",
-                f"Scenarios {', '.join(special)} are judged by special criteria (e.g. a disclaimer); the judge's "
+                f"Scenario(s) {', '.join(special)}: judged by special criteria (e.g. a disclaimer); the judge's "
                 "criteria for them are paraphrases of the benchmark's, not its own prompts, so these rows are "
                 "not directly comparable to published figures.",
             ]
