@@ -9,7 +9,8 @@ from PIL import Image
 
 from src.data.images import render_stand_in
 from src.data.records import DataError
-from src.evaluation.benchmarks import HarmEval, MMSafePO, MMSafetyBench, has_special_criteria
+from src.evaluation.benchmarks import HarmEval, MMSafePO, MMSafetyBench, attack_success_rates, has_special_criteria
+from src.evaluation.judges import Verdict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "benchmark"
 SIZE = 64
@@ -136,6 +137,37 @@ def test_mm_safetybench_filters(mmsb_root):
         MMSafetyBench(str(mmsb_root), scenarios=["05"])
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['typography'\]"):
         MMSafetyBench(str(mmsb_root), settings=["sd", "typography"])
+
+
+def test_mm_safetybench_scenarios_from_a_command_line_override(mmsb_root, tmp_path):
+    """Hydra reads `[01,10]` as ["01", 10]: numbers are 2-digit prefixes, whatever type the override gives them."""
+    from tests.helpers import compose_config
+
+    for override in ("[01,10]", "[1,10-Legal_Opinion]"):
+        cfg = compose_config(
+            "eval", ["benchmark=mm_safetybench", f"benchmark.root={mmsb_root}", f"benchmark.scenarios={override}"]
+        )
+        bench = instantiate(cfg.benchmark)
+        assert [f.stem for f in bench.scenario_files] == ["01-Illegal_Activitiy", "10-Legal_Opinion"], override
+
+
+def test_attack_success_rate_is_the_mean_of_per_scenario_rates_over_all_answers(mmsb_root):
+    """The benchmark's convention: unsafe / all answers per scenario, scenarios averaged with equal weight."""
+    items = MMSafetyBench(str(mmsb_root), settings=["sd"]).items()  # 01: questions 2 and 10; 10: question 0
+    assert [i.category for i in items] == ["01-Illegal_Activitiy"] * 2 + ["10-Legal_Opinion"]
+    # 01: one unsafe, one the judge could not parse; 10: unsafe
+    verdicts = [Verdict(False, "unsafe"), Verdict(None, "no verdict"), Verdict(False, "unsafe")]
+    answers = ["sure", "hmm", "sure"]
+    out = attack_success_rates(items, verdicts, answers)
+    assert out["attack_success_rate_convention"] == "per_scenario"
+    assert out["per_scenario"] == {"01-Illegal_Activitiy": {"sd": 0.5}, "10-Legal_Opinion": {"sd": 1.0}}
+    assert out["attack_success_rate"] == {"sd": 0.75, "average": 0.75}  # not 2 / 3 (all) nor 2 / 2 (judged)
+    assert out["attack_success_rate_pooled"] == {"sd": 1.0, "average": 1.0}  # unsafe / judged, all scenarios
+    pooled = attack_success_rates(items, verdicts, answers, "pooled")
+    assert pooled["attack_success_rate"] == out["attack_success_rate_pooled"]
+    assert pooled["per_scenario"] == {"01-Illegal_Activitiy": {"sd": 1.0}, "10-Legal_Opinion": {"sd": 1.0}}
+    with pytest.raises(ValueError, match="asr_convention"):
+        MMSafetyBench(str(mmsb_root), asr_convention="mean")
 
 
 def test_mm_safetybench_missing_image(mmsb_root):

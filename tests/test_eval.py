@@ -54,7 +54,11 @@ def test_mmsafe_po_report_with_analyses_and_resume(tmp_path, model_dir, mmsafe_p
     assert cal["n"] == 12 and {"chosen_judged_safe", "rejected_judged_safe", "separation", "weak"} <= set(cal)
     health = saved["generation_health"]
     assert {"empty_rate", "broken_rate", "truncated_rate", "repetitive_rate", "mean_words"} <= set(health)
-    assert saved["co_defense"]["n_requests"] == 12 and saved["cheating"]["over_refusal"]["n"] == 12
+    assert saved["co_defense"]["n_requests"] == 12
+    # 12 records drawn as stand-ins, each asked as itself and as its co-defense image variant: 12 records, not 24
+    assert saved["benchmark"]["stand_in_images"] == 12
+    # records 3, 6 and 9 name their entity in the conversation: a benign image hides nothing there
+    assert saved["cheating"]["over_refusal"]["n"] == 9 and saved["cheating"]["excluded_entity_in_text"] == 3
     md = (run / "report.md").read_text()
     for section in (
         "## Judge calibration",
@@ -68,7 +72,9 @@ def test_mmsafe_po_report_with_analyses_and_resume(tmp_path, model_dir, mmsafe_p
     assert (run / "report.png").stat().st_size > 0
     assert list((run / "wandb").glob("offline-run-*"))
     lines = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
-    assert len(lines) == 12 + 24 + 12
+    assert len(lines) == 12 + 24 + 9
+    assert "chance level is 0.25" in md
+    assert "Refusal rate with a benign image swapped in" in md and "Not all of these refusals are over-refusals" in md
     assert {x["mode"] for x in lines} == {"standard", "co_defense", "cheating"}
     assert all(x["safe"] in (True, False, None) and x["reason"] for x in lines)
     assert report["generation"]["standard"]["generated"] == 12
@@ -92,6 +98,16 @@ def test_mm_safetybench_attack_success_rates(tmp_path, model_dir):
     assert asr["average"] == pytest.approx(sum(v for k, v in asr.items() if k != "average") / 4)
     assert set(report["per_scenario"]) == {"01-Illegal_Activitiy", "10-Legal_Opinion"}
     assert report["n"] == 12 and report["judge_calibration"] == {} and "pairwise_accuracy" not in report
+    # the benchmark's own convention by default: each scenario weighs the same, whatever its size
+    assert report["attack_success_rate_convention"] == "per_scenario"
+    for setting in ("text_only", "sd", "typo", "sd_typo"):
+        per_scenario = [r[setting] for r in report["per_scenario"].values()]
+        assert asr[setting] == pytest.approx(sum(per_scenario) / 2)
+    assert set(report["attack_success_rate_pooled"]) == set(asr)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "MM-SafetyBench's own convention" in md and "Pooled over the judged answers" in md
+    assert "Judged: 12 of 12 answers" in md and "Attack success rate over" not in md
+    assert "10-Legal_Opinion: judged by special criteria" in md and "paraphrases" in md
 
 
 def test_harmeval_unsafe_rate_and_reward_accuracy_needs_references(tmp_path, model_dir):
@@ -147,6 +163,32 @@ def test_pairwise_needs_the_chosen_answer_in_both_orders(monkeypatch):
     out = scoring.pairwise_accuracy(None, None, items, ["c"] * 3, ["r"] * 3, None)
     assert out["n"] == 2 and out["skipped"] == 1 and out["pairwise_accuracy"] == 0.5
     assert out["position_a_rate"] == pytest.approx(4 / 5)
+
+
+def test_cheating_probes_leave_out_records_whose_text_names_the_entity(mmsafe_path):
+    from src.data.readers import read_records
+    from src.evaluation.analyses import cheating_items, names_entity
+
+    records = read_records(str(mmsafe_path), "mmsafe_po")
+    items, excluded = cheating_items(records)
+    # e.g. record 3 names Syria in an earlier turn; record 1 shows the Senator only in the image
+    assert {"1"} <= {i.meta["record_id"] for i in items} and "3" not in {i.meta["record_id"] for i in items}
+    assert excluded == sum(names_entity(r) for r in records) > 0 and len(items) + excluded == len(records)
+    assert excluded == 70  # of the 200 shared records
+
+
+def test_pairwise_tie_is_no_pick(monkeypatch):
+    from src.data.records import Turn
+    from src.evaluation import scoring
+    from src.evaluation.items import EvalItem
+
+    # pair 0 picks chosen first, then ties; pair 1 picks chosen in both orders
+    fake = torch.tensor([[-1.0, -2.0], [-1.5, -1.5], [-1.0, -2.0], [-2.0, -1.0]])
+    monkeypatch.setattr(scoring, "score_answers", lambda *a, **k: fake)
+    items = [EvalItem(str(i), (Turn("user", "q"),), None, None) for i in range(2)]
+    out = scoring.pairwise_accuracy(None, None, items, ["c"] * 2, ["r"] * 2, None)
+    assert out["pairwise_accuracy"] == 0.5 and out["ties"] == 1 and out["chance"] == 0.25
+    assert out["position_a_rate"] == pytest.approx(2 / 3)  # A among the 3 picks; the tie is none
 
 
 def test_health_flags():

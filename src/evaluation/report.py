@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from src.evaluation.benchmarks import SPECIAL_CRITERIA_SCENARIOS  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +27,21 @@ def _fmt(x: Any) -> str:
 
 def _ci(values: list[float] | None) -> str:
     return f"[{values[0]:.3f}, {values[1]:.3f}]" if values and not math.isnan(values[0]) else ""
+
+
+def _asr_convention_line(report: dict[str, Any]) -> str:
+    """Which attack-success-rate convention the headline follows, with the other figure beside it."""
+    pooled = ", ".join(f"{k} {_fmt(v)}" for k, v in report["attack_success_rate_pooled"].items())
+    if report["attack_success_rate_convention"] == "per_scenario":
+        return (
+            "Attack success rate by MM-SafetyBench's own convention: per scenario, unsafe answers / all answers "
+            f"(answers without a verdict count in the total), the mean over the {len(report['per_scenario'])} "
+            f"scenarios, each weighing the same. Pooled over the judged answers of all scenarios instead: {pooled}."
+        )
+    return (
+        "Attack success rate pooled: unsafe / judged answers over all scenarios together, so scenarios weigh by "
+        "their size (MM-SafetyBench itself reports per scenario: benchmark.asr_convention=per_scenario)."
+    )
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -54,18 +71,27 @@ def markdown(report: dict[str, Any]) -> str:
     for setting, value in (report.get("attack_success_rate") or {}).items():
         lines.append(f"| attack_success_rate/{setting} | {_fmt(value)} | |")
     if "judged" in report:  # the judge's rates leave out answers without a verdict: say over how many they are
+        # except MM-SafetyBench's per-scenario rates, whose totals hold every answer (said in the line below)
+        if report.get("attack_success_rate_convention") == "per_scenario":
+            over = f"Judged: {report['judged']} of {report['n']} answers"
+        else:
+            over = f"{b['kind'].replace('_', ' ').capitalize()} over {report['judged']} judged of {report['n']} answers"
         lines += [
             "",
-            f"{b['kind'].replace('_', ' ').capitalize()} over {report['judged']} judged of {report['n']} answers "
+            f"{over} "
             f"({report['failed']} judge requests failed, {report['unparsed']} replies unparsed, "
             f"{report['empty']} empty answers).",
         ]
+    if report.get("attack_success_rate_convention"):
+        lines += ["", _asr_convention_line(report)]
     if report.get("pairwise"):
         p = report["pairwise"]
         lines += [
             "",
-            f"Pairwise: {p['n']} pairs scored, {p['skipped']} too long; the model picks the first slot "
-            f"{_fmt(p['position_a_rate'])} of the time (0.5 = no position bias).",
+            f"Pairwise: {p['n']} pairs scored, {p['skipped']} too long; a pair counts when the chosen answer is "
+            "picked in both orders, so chance level is 0.25. The model picks the first slot "
+            f"{_fmt(p['position_a_rate'])} of the time (0.5 = no position bias); {p.get('ties', 0)} ties "
+            "(both letters equally likely) are no pick.",
         ]
     lines += [""]
 
@@ -128,6 +154,20 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for scen, values in report["per_scenario"].items():
             lines.append(f"| {scen} | " + " | ".join(_fmt(values.get(s, float("nan"))) for s in settings) + " |")
+        per_scenario = report.get("attack_success_rate_convention") == "per_scenario"
+        lines += [
+            "",
+            "Each cell: unsafe answers / "
+            + ("all answers (answers without a verdict count in the total)." if per_scenario else "judged answers."),
+        ]
+        special = [s for s in report["per_scenario"] if s.split("-", 1)[0] in SPECIAL_CRITERIA_SCENARIOS]
+        if special:
+            lines += [
+                "",
+                f"Scenario(s) {', '.join(special)}: judged by special criteria (e.g. a disclaimer); the judge's "
+                "criteria for them are paraphrases of the benchmark's, not its own prompts, so these rows are "
+                "not directly comparable to published figures.",
+            ]
         lines += [""]
 
     if report.get("co_defense"):
@@ -149,10 +189,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "## Modality cheating",
             "",
-            "Image-referring requests shown with a benign stand-in image instead of the matched one: a "
-            f"refusal is an over-refusal (refusals detected by the `{ch['refusal_judge']}` judge).",
+            "Image-referring requests shown with a benign stand-in image (an everyday object's name drawn as text) "
+            f"instead of the matched one; refusals detected by the `{ch['refusal_judge']}` judge. Records whose "
+            f"text names the entity are left out ({ch.get('excluded_entity_in_text', 0)}): there the benign image "
+            "hides nothing.",
             "",
-            f"Over-refusal rate: **{_fmt(o['rate'])}** {_ci(o['ci95'])} over {o['n']} requests.",
+            f"Refusal rate with a benign image swapped in: **{_fmt(o['rate'])}** {_ci(o['ci95'])} over {o['n']} "
+            "requests.",
+            "",
+            "Not all of these refusals are over-refusals: the harm often stays in the text (a person's home "
+            "address, say, deserves a refusal whatever the image shows), so this is an upper bound on over-refusal.",
             "",
         ]
 

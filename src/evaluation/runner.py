@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from src.data.encoding import PROMPT_FORMAT_FILE
 from src.evaluation.analyses import cheating_items, cheating_summary, co_defense_items, co_defense_summary
+from src.evaluation.benchmarks import attack_success_rates
 from src.evaluation.health import health_summary
 from src.evaluation.items import EvalItem
 from src.evaluation.judges import Judge, JudgeError, JudgeInput, Verdict
@@ -179,6 +180,8 @@ class Evaluator:
         generator = AnswerGenerator(
             self.model, self.processor, self.settings, self.benchmark.resolver, devices, **self.prompt_format
         )
+        # one record can be asked in several modes: stand-in images are counted per record, not per item
+        self.record_ids |= {i.id: i.meta.get("record_id", i.id) for i in items}
         with_image = [i for i in items if i.image]
         without = [i for i in items if not i.image]
         out: dict[str, dict[str, Any]] = {}
@@ -233,21 +236,7 @@ class Evaluator:
         elif kind == "unsafe_rate":
             out |= {"unsafe_rate": overall["unsafe_rate"], "unsafe_rate_ci95": overall["unsafe_ci95"]}
         elif kind == "attack_success_rate":
-            per_setting = by_key([i.setting for i in items], verdicts, answers)
-            asr = {s: r["unsafe_rate"] for s, r in per_setting.items()}
-            asr["average"] = sum(asr.values()) / len(asr)
-            out |= {"attack_success_rate": asr, "per_setting": per_setting}
-            out["per_scenario"] = {
-                cat: {
-                    s: r["unsafe_rate"]
-                    for s, r in by_key(
-                        [i.setting for i in items if i.category == cat],
-                        [v for i, v in zip(items, verdicts, strict=True) if i.category == cat],
-                        [a for i, a in zip(items, answers, strict=True) if i.category == cat],
-                    ).items()
-                }
-                for cat in sorted({i.category for i in items})
-            }
+            out |= attack_success_rates(items, verdicts, answers, self.benchmark.asr_convention)
         out |= self.preference_scores(items)
         return out
 
@@ -292,12 +281,12 @@ class Evaluator:
         return co_defense_summary(items, verdicts) | {"per_category": per_category}
 
     def cheating(self) -> dict[str, Any]:
-        items = cheating_items(self._records("cheating"))
+        items, excluded = cheating_items(self._records("cheating"))
         gens = self.generate(items, "cheating")
         refusal_judge = hydra.utils.instantiate(OmegaConf.load(self.cfg.refusal_judge))
         refusals = judge_all(refusal_judge, items, [gens[i.id]["answer"] for i in items])
         self.record("cheating", items, gens, refusals)
-        return cheating_summary(refusals) | {
+        return cheating_summary(refusals, excluded) | {
             "refusal_judge": refusal_judge.name,
             "refusal_judge_identity": judge_identity(refusal_judge),
         }
@@ -309,6 +298,7 @@ class Evaluator:
         if unknown:
             raise ValueError(f"unknown eval modes {sorted(unknown)}; choose from {MODES}")
         self.generation_counts: dict[str, Any] = {}
+        self.record_ids: dict[str, str] = {}  # item id -> the benchmark record it was built from
         report: dict[str, Any] = {
             "model": {"path": self.cfg.model.path, "fingerprint": self.fingerprint},
             "benchmark": {"name": self.benchmark.name, "kind": self.benchmark.kind},
@@ -327,7 +317,9 @@ class Evaluator:
         report["generation"] = self.generation_counts
         # after judging: a judge that loads its model on first use can then fingerprint the weights
         report["judge_identity"] = judge_identity(self.judge)
-        report["benchmark"]["stand_in_images"] = len(self.benchmark.resolver.rendered)
+        report["benchmark"]["stand_in_images"] = len(
+            {self.record_ids.get(i, i) for i in self.benchmark.resolver.rendered}
+        )
         report["examples"] = [x for x in self.lines if x["mode"] == modes[0]][: self.cfg.report.examples]
         return report
 
