@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from src.evaluation.report import plt, write_json
 from src.evaluation.runner import headline
 
 
+def natural_key(path: Path) -> list[tuple[int, int | str]]:
+    """Sort key reading digit runs as numbers, so sweep job folders order 0, 1, 2, ..., 10, 11 (as labels given in
+    sweep order expect), not 0, 1, 10, 11, 2 as text."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", str(path)) if t]
+
+
 def find_reports(inputs: list[Path]) -> list[Path]:
-    """report.json files named directly or found below the given folders, in a stable order."""
+    """report.json files named directly or found below the given folders (in job-number order)."""
     found: list[Path] = []
     for p in inputs:
         if p.is_dir():
-            found += sorted(p.rglob("report.json"))
+            found += sorted(p.rglob("report.json"), key=natural_key)
         elif p.is_file():
             found.append(p)
         else:
@@ -24,6 +33,10 @@ def find_reports(inputs: list[Path]) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"no report.json under {[str(p) for p in inputs]}")
     return found
+
+
+# row fields that are not headline metrics
+INFO = {"label", "benchmark", "judge", "n", "report", "overrides", "judge_separation"}
 
 
 def _label(report: dict[str, Any], path: Path) -> str:
@@ -51,22 +64,37 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
                 "n": report.get("n"),
                 "judge_separation": cal.get("separation"),
                 "report": str(path),
+                "overrides": _overrides(path),
                 **headline(report),
             }
         )
-    metrics = sorted({k for r in rows for k in r} - {"label", "benchmark", "judge", "n", "report", "judge_separation"})
+    metrics = sorted({k for r in rows for k in r} - INFO)
     head = ["model", "benchmark", "judge", "n", *metrics, "judge separation"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [r["label"], r["benchmark"], r["judge"], str(r["n"])] + [_fmt(r.get(m)) for m in metrics]
         lines.append("| " + " | ".join(cells + [_fmt(r["judge_separation"])]) + " |")
-    md = "# Comparison\n\n" + "\n".join(lines) + "\n\nReports: " + ", ".join(f"`{r['report']}`" for r in rows) + "\n"
+    md = "# Comparison\n\n" + "\n".join(lines) + "\n\nReports:\n\n" + "".join(f"- {m}\n" for m in mapping(rows))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(md)
     table = {"metrics": metrics, "rows": rows}
     write_json(out_dir / "comparison.json", table)
     _plot(rows, metrics, out_dir / "comparison.png")
     return table
+
+
+def _overrides(report: Path) -> list[str] | None:
+    """The sweep job's command-line overrides saved by Hydra beside the report (None when there are none)."""
+    saved = report.parent / ".hydra" / "overrides.yaml"
+    return [str(o) for o in yaml.safe_load(saved.read_text()) or []] if saved.is_file() else None
+
+
+def mapping(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per row: its label, the report it shows and that job's overrides, to check labels against."""
+    return [
+        f"{r['label']}: `{r['report']}`" + (f" (overrides: {' '.join(r['overrides'])})" if r["overrides"] else "")
+        for r in rows
+    ]
 
 
 def _fmt(x: Any) -> str:

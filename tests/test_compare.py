@@ -1,0 +1,40 @@
+"""Comparison tables of several evaluation reports: row order, labels, denominators, what the rows share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from src.evaluation.compare import compare_reports, find_reports
+
+
+def write_report(folder: Path, **fields: Any) -> Path:
+    """A minimal report.json (safety-rate benchmark, keyword judge, 10 answers all judged) with ``fields`` on top."""
+    folder.mkdir(parents=True, exist_ok=True)
+    report = {
+        "model": {"path": f"runs/{folder.name}/model"},
+        "benchmark": {"name": "mmsafe_po", "kind": "safety_rate"},
+        "judge": "keyword",
+        "n": 10,
+        "judged": 10,
+        "failed": 0,
+        "unparsed": 0,
+        "empty": 0,
+        "safety_rate": 0.5,
+    } | fields
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder / "report.json"
+
+
+def test_sweep_of_twelve_jobs_gets_every_label_right(tmp_path):
+    sweep = tmp_path / "multiruns" / "2026-01-01_00-00-00"
+    for job in range(12):
+        write_report(sweep / str(job), safety_rate=job / 100)
+        (sweep / str(job) / ".hydra").mkdir()
+        (sweep / str(job) / ".hydra" / "overrides.yaml").write_text(f"- model.path=runs/m{job}/model\n")
+    labels = [f"job{job}" for job in range(12)]
+    table = compare_reports(find_reports([sweep]), labels, tmp_path / "out")
+    assert [(r["label"], r["safety_rate"]) for r in table["rows"]] == [(f"job{j}", j / 100) for j in range(12)]
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert f"- job11: `{sweep / '11' / 'report.json'}` (overrides: model.path=runs/m11/model)" in md
