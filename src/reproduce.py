@@ -32,31 +32,34 @@ from src.data.datamodule import grouped_split  # noqa: E402
 from src.data.readers import read_records  # noqa: E402
 from src.data.records import DataError  # noqa: E402
 from src.evaluation.judges import JudgeError  # noqa: E402
-from src.evaluation.metrics import wilson_interval  # noqa: E402
+from src.evaluation.metrics import t_quantile, wilson_interval  # noqa: E402
 
 log = logging.getLogger("reproduce")
 BASE = "base"
-# two-sided 95% Student t quantiles by degrees of freedom (seeds - 1); 1.96 beyond the table
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 class ReproduceError(ValueError):
     """A setting or folder the user must change; reported without a stack trace."""
 
 
-def seed_interval(values: list[float], bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
-    """Mean over seeds with a 95% t-interval (None with one seed), clipped to ``bounds`` (rates: [0, 1])."""
-    values = [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
-    if not values:
-        return {"mean": None, "ci95": None, "n_seeds": 0, "values": []}
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": mean, "ci95": None, "n_seeds": 1, "values": values}
-    half = _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+def seed_interval(values: list[float | None], bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
+    """Mean over seeds with a 95% t-interval (None with one seed), clipped to ``bounds`` (rates: [0, 1]).
+
+    Seeds without a value (None, NaN) are left out and counted in ``n_missing``; ``zero_variance`` flags seeds that
+    all gave the same value, whose zero-width interval says nothing about the spread of another seed."""
+    used = [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
+    out: dict[str, Any] = {"n_seeds": len(used), "n_missing": len(values) - len(used), "values": used}
+    if not used:
+        return out | {"mean": None, "ci95": None, "zero_variance": False}
+    mean = statistics.fmean(used)
+    if len(used) < 2:
+        return out | {"mean": mean, "ci95": None, "zero_variance": False}
+    sd = statistics.stdev(used)
+    half = t_quantile(0.975, len(used) - 1) * sd / math.sqrt(len(used))
     low, high = mean - half, mean + half
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
-    return {"mean": mean, "ci95": [low, high], "n_seeds": len(values), "values": values}
+    return out | {"mean": mean, "ci95": [low, high], "zero_variance": sd == 0}
 
 
 class Reproduction:
@@ -299,10 +302,14 @@ def _pooled(reports: list[dict]) -> dict[str, Any]:
 
 
 def _fmt(stat: dict[str, Any]) -> str:
+    """``mean [low, high] (n=k seeds)``; the number of seeds without a value and a zero spread are named."""
+    missing = f"; {stat['n_missing']} without a value" if stat.get("n_missing") else ""
     if stat.get("mean") is None:
-        return "-"
+        return f"- (n=0 seeds{missing})" if missing else "-"
     ci = stat.get("ci95")
-    return f"{stat['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    n = stat["n_seeds"]
+    seeds = f"zero variance over {n} seeds" if stat.get("zero_variance") else f"n={n} seed{'s' if n > 1 else ''}"
+    return f"{stat['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f" ({seeds}{missing})"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -310,7 +317,8 @@ def markdown(result: dict[str, Any]) -> str:
         "# Base vs DPO vs BPO on held-out prompts",
         "",
         f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
-        f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds].",
+        f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
+        "value; a seed without one is named, never counted as a value).",
         "",
         "| arm | safety rate | held-out reward accuracy | pairwise accuracy | empty answers | broken answers | steps |",
         "| --- | --- | --- | --- | --- | --- | --- |",
