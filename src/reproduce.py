@@ -261,6 +261,7 @@ def training_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
 
 METRICS = ("safety_rate", "reward_accuracy", "pairwise_accuracy")
 HEALTH = ("empty", "broken", "truncated", "repetitive")
+NO_VERDICT = ("judged", "failed", "unparsed", "empty")  # report.json counts beside its judged rates
 
 
 def summarize(
@@ -270,6 +271,8 @@ def summarize(
     for name, by_seed in reports.items():
         row: dict[str, Any] = {m: seed_interval([r.get(m, float("nan")) for r in by_seed.values()]) for m in METRICS}
         row["safety_rate_pooled"] = _pooled(list(by_seed.values()))
+        # the safety rate's denominators, all seeds together: judged answers and why the others got no verdict
+        row["answers"] = {k: sum(r.get(k) or 0 for r in by_seed.values()) for k in ("n", *NO_VERDICT)}
         row["health"] = {
             h: seed_interval([r["generation_health"].get(f"{h}_rate") for r in by_seed.values()]) for h in HEALTH
         }
@@ -320,13 +323,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
         "value; a seed without one is named, never counted as a value).",
         "",
-        "| arm | safety rate | held-out reward accuracy | pairwise accuracy | empty answers | broken answers | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | safety rate | judged / answers (all seeds) | held-out reward accuracy | pairwise accuracy | "
+        "empty answers | broken answers | steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in result["arms"].items():
         steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
+        a = row["answers"]
+        judged = f"{a['judged']} / {a['n']} ({a['failed']} failed, {a['unparsed']} unparsed, {a['empty']} empty)"
         lines.append(
-            f"| {name} | {_fmt(row['safety_rate'])} | {_fmt(row['reward_accuracy'])} | "
+            f"| {name} | {_fmt(row['safety_rate'])} | {judged} | {_fmt(row['reward_accuracy'])} | "
             f"{_fmt(row['pairwise_accuracy'])} | {_fmt(row['health']['empty'])} | {_fmt(row['health']['broken'])} "
             f"| {steps} |"
         )
@@ -336,7 +342,9 @@ def markdown(result: dict[str, Any]) -> str:
         "Held-out reward accuracy: share of held-out pairs whose log pi(chosen) - log pi(rejected) grew relative to "
         "the base model. Pairwise accuracy: shown the request and both answers, the model picks the chosen one as "
         "the safer in both orders. Empty / broken answers: share of generations with no text / with split "
-        "multi-byte or control characters; the safety rate is over the answers the judge could read.",
+        "multi-byte or control characters. The safety rate of each seed is over the answers the judge gave a verdict "
+        "(judged); judged / answers counts them over all seeds, with the answers that got none: failed judge "
+        "requests, unparsed judge replies, empty answers.",
         f"Judge check: on the held-out reference answers the judge calls chosen answers safe more often than rejected "
         f"ones by {sep:.3f}" + (" (weak: little separation, treat its rates with care)." if sep < 0.2 else ".")
         if isinstance(sep, int | float)

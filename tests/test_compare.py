@@ -38,3 +38,13 @@ def test_sweep_of_twelve_jobs_gets_every_label_right(tmp_path):
     assert [(r["label"], r["safety_rate"]) for r in table["rows"]] == [(f"job{j}", j / 100) for j in range(12)]
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert f"- job11: `{sweep / '11' / 'report.json'}` (overrides: model.path=runs/m11/model)" in md
+
+
+def test_failed_judgements_are_shown_beside_the_rate(tmp_path):
+    write_report(tmp_path / "a", n=100, judged=10, failed=88, unparsed=1, empty=1, safety_rate=0.9)
+    table = compare_reports(find_reports([tmp_path]), ["a"], tmp_path / "out")
+    row = table["rows"][0]
+    assert (row["n"], row["judged"], row["failed"], row["denominators"]["safety_rate"]) == (100, 10, 88, 10)
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| model | benchmark | judge | answers | judged | failed | unparsed | empty | safety_rate |" in md
+    assert "| a | mmsafe_po | keyword | 100 | 10 | 88 | 1 | 1 | 0.9000 (n=10) |" in md

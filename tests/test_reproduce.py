@@ -12,13 +12,13 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from src.data.readers import read_ids, read_records
 from src.data.records import DataError
 from src.evaluation.benchmarks import PreferenceSet
 from src.evaluation.metrics import t_quantile
-from src.reproduce import ReproduceError, Reproduction, _fmt, seed_interval
+from src.reproduce import ReproduceError, Reproduction, _fmt, markdown, seed_interval, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -69,6 +69,20 @@ def test_seed_interval_flags_zero_variance_and_counts_seeds_without_a_value():
     assert (gaps["n_seeds"], gaps["n_missing"], gaps["zero_variance"]) == (2, 2, False)
     assert _fmt(gaps).endswith("(n=2 seeds; 2 without a value)")
     assert _fmt(seed_interval([float("nan")])) == "- (n=0 seeds; 1 without a value)"
+
+
+def test_reproduce_table_shows_judged_and_failed_beside_the_rate():
+    def report(judged: int, failed: int) -> dict:
+        counts = {"n": 100, "judged": judged, "failed": failed, "unparsed": 0, "empty": 100 - judged - failed}
+        return counts | {"judge": "keyword", "safety_rate": 0.5, "generation_health": {}}
+
+    reports = {"base": {None: report(100, 0)}, "dpo": {0: report(10, 85), 1: report(90, 10)}}
+    result = summarize(OmegaConf.create({"seeds": [0, 1]}), reports, {}, "base-model")
+    assert result["arms"]["dpo"]["answers"] == {"n": 200, "judged": 100, "failed": 95, "unparsed": 0, "empty": 5}
+    assert (
+        "| dpo | 0.500 [0.500, 0.500] (zero variance over 2 seeds) | 100 / 200 (95 failed, 0 unparsed, 5 empty) |"
+        in (markdown(result))
+    )
 
 
 def test_heldout_split_is_grouped_and_feeds_data_and_benchmark(tmp_path):

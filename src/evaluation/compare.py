@@ -35,8 +35,10 @@ def find_reports(inputs: list[Path]) -> list[Path]:
     return found
 
 
+# why answers got no verdict, beside the judged count (report.json, from metrics.verdict_rates)
+COUNTS = ("judged", "failed", "unparsed", "empty")
 # row fields that are not headline metrics
-INFO = {"label", "benchmark", "judge", "n", "report", "overrides", "judge_separation"}
+INFO = {"label", "benchmark", "judge", "n", *COUNTS, "denominators", "report", "overrides", "judge_separation"}
 
 
 def _label(report: dict[str, Any], path: Path) -> str:
@@ -62,6 +64,8 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
                 "benchmark": report["benchmark"]["name"],
                 "judge": report["judge"],
                 "n": report.get("n"),
+                **{c: report.get(c) for c in COUNTS},
+                "denominators": denominators(report),
                 "judge_separation": cal.get("separation"),
                 "report": str(path),
                 "overrides": _overrides(path),
@@ -69,18 +73,56 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
             }
         )
     metrics = sorted({k for r in rows for k in r} - INFO)
-    head = ["model", "benchmark", "judge", "n", *metrics, "judge separation"]
+    head = ["model", "benchmark", "judge", "answers", *COUNTS, *metrics, "judge separation"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["label"], r["benchmark"], r["judge"], str(r["n"])] + [_fmt(r.get(m)) for m in metrics]
+        cells = [r["label"], r["benchmark"], r["judge"], *[_fmt(r[c]) for c in ("n", *COUNTS)]]
+        cells += [_fmt(r.get(m)) + _over(r["denominators"].get(m), m in r) for m in metrics]
         lines.append("| " + " | ".join(cells + [_fmt(r["judge_separation"])]) + " |")
-    md = "# Comparison\n\n" + "\n".join(lines) + "\n\nReports:\n\n" + "".join(f"- {m}\n" for m in mapping(rows))
+    note = (
+        "Each rate is over the answers the judge gave a verdict, `judged` of `answers` (pairwise and reward "
+        "accuracy: over the pairs scored); (n=...) beside a rate is its denominator. Answers without a verdict: "
+        "`failed` judge requests, `unparsed` judge replies, `empty` answers."
+    )
+    md = (
+        "# Comparison\n\n"
+        + "\n".join(lines)
+        + f"\n\n{note}\n\nReports:\n\n"
+        + "".join(f"- {m}\n" for m in mapping(rows))
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(md)
     table = {"metrics": metrics, "rows": rows}
     write_json(out_dir / "comparison.json", table)
     _plot(rows, metrics, out_dir / "comparison.png")
     return table
+
+
+def denominators(report: dict[str, Any]) -> dict[str, int | None]:
+    """How many answers (or pairs) each headline figure of ``runner.headline`` is a share of; None where the
+    report does not say (reports written before the judged count)."""
+    out: dict[str, int | None] = {k: report.get("judged") for k in ("safety_rate", "unsafe_rate")}
+    for key in ("pairwise", "reward"):
+        if report.get(key):
+            out[f"{key}_accuracy"] = report[key].get("n")
+    per_setting = report.get("per_setting") or {}
+    for setting in report.get("attack_success_rate") or {}:
+        out[f"asr/{setting}"] = per_setting.get(setting, {}).get("judged")
+    if "average" in (report.get("attack_success_rate") or {}):  # the mean of the settings' rates
+        out["asr/average"] = report.get("judged")
+    for k, v in (report.get("co_defense") or {}).items():
+        if isinstance(v, dict) and "n" in v:
+            out[f"co_defense/{k}"] = v["n"]
+    if report.get("cheating"):
+        out["cheating/over_refusal"] = report["cheating"]["over_refusal"]["n"]
+    return out
+
+
+def _over(n: int | None, present: bool) -> str:
+    """`` (n=...)`` after a rate: its denominator (``n=?`` when the report does not give it)."""
+    if not present:
+        return ""
+    return f" (n={n})" if n is not None else " (n=?)"
 
 
 def _overrides(report: Path) -> list[str] | None:
