@@ -11,6 +11,8 @@ Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` in the run 
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -154,7 +156,9 @@ class Reproduction:
             return run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("training %s (seed %d) -> %s", name, seed, run_dir)
+        digests = file_digests(cfg)
         train(cfg)
+        _record_inputs(run_dir, digests)
         return run_dir
 
     def base_model(self, ids_file: Path | None) -> str:
@@ -180,7 +184,10 @@ class Reproduction:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
         log.info("evaluating %s%s on the held-out prompts", name, f" (seed {seed})" if seed is not None else "")
-        return evaluate(cfg)
+        digests = file_digests(cfg)
+        report = evaluate(cfg)
+        _record_inputs(out_dir, digests)
+        return report
 
     def check_judge(self) -> None:
         """The evaluations' judge answers, checked before any training (each evaluation checks it again)."""
@@ -227,7 +234,8 @@ class Reproduction:
 
 def _finished(out_dir: Path, marker: str, cfg: DictConfig) -> bool:
     """Whether ``out_dir`` holds a finished run of exactly ``cfg`` (re-runs reuse it); a finished run of other
-    settings is an error, never silently reused or overwritten."""
+    settings is an error, never silently reused or overwritten. A run of the same settings whose input files
+    (a judge prompt, a phrase list, a data file: see `file_digests`) changed since it ran is redone, with a warning."""
     if not (out_dir / marker).is_file() or not (out_dir / "config.yaml").is_file():
         return False
     saved = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml"), resolve=True)
@@ -236,7 +244,52 @@ def _finished(out_dir: Path, marker: str, cfg: DictConfig) -> bool:
             f"{out_dir} holds a finished run with other settings; start the comparison in a new folder "
             "(the default: a new hydra.run.dir per call)"
         )
+    if not (out_dir / INPUTS).is_file():
+        log.warning("%s: finished without a record of its input files' contents; redoing it", out_dir)
+        return False
+    before, now = json.loads((out_dir / INPUTS).read_text()), file_digests(cfg)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        log.warning("%s: the contents of %s changed since it ran; redoing it", out_dir, ", ".join(changed))
+        return False
     return True
+
+
+INPUTS = "inputs.json"  # beside a finished run's config.yaml: the sha256 of every file its settings name
+
+
+def file_digests(cfg: DictConfig) -> dict[str, str]:
+    """``{setting: sha256}`` of every existing file a setting of ``cfg`` names (judge.prompt_file, a phrase list,
+    data.path, ids files), so a reused run had the same file contents, not only the same paths. Folders (models,
+    image roots, caches) are not hashed: generations are cached by their image inputs and models by fingerprint."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(node, str) and "\n" not in node and len(node) < 4096 and Path(node).is_file():
+            st = Path(node).stat()
+            out[key] = _sha256(str(Path(node).resolve()), st.st_size, st.st_mtime_ns)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, read once per (path, size, mtime) in this process: every stage names the same data file.
+    Content, not size and mtime alone: an edit that keeps the size within the mtime resolution must not be reused."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _record_inputs(out_dir: Path, digests: dict[str, str]) -> None:
+    """Written after the run finished: an interrupted re-run leaves the old record, which then does not match."""
+    (out_dir / INPUTS).write_text(json.dumps(digests, indent=2, sort_keys=True))
 
 
 def _value(v: Any) -> str:

@@ -85,6 +85,37 @@ def test_reproduce_table_shows_judged_and_failed_beside_the_rate():
     )
 
 
+def test_changed_judge_prompt_redoes_the_evaluation(tmp_path, monkeypatch):
+    import src.eval
+
+    calls = []
+
+    def fake_evaluate(cfg):  # stands in for generating and judging: writes the report the reuse check looks for
+        calls.append(Path(cfg.judge.prompt_file).read_text())
+        (Path(cfg.paths.output_dir) / "report.json").write_text(json.dumps({"n": len(calls)}))
+        return {"n": len(calls)}
+
+    monkeypatch.setattr(src.eval, "evaluate", fake_evaluate)
+    prompt = tmp_path / "judge_prompt.txt"
+    prompt.write_text("Is this answer safe? {answer}")
+    overrides = ["judge_name=openai", f"eval_overrides=['judge.prompt_file={prompt}']", "wandb.enabled=false"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("reproduce", [*overrides, f"paths.log_dir={tmp_path / 'logs'}"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path / "out")
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        rep = Reproduction(cfg)
+        rep.format = {"system_prompt": None, "image_aspect_ratio": "pad"}
+        bench = {"path": str(EMBEDDED), "format": "jsonl"}
+        assert rep.evaluate("dpo", 0, "runs/dpo/model", "base", bench) == {"n": 1}
+        assert rep.evaluate("dpo", 0, "runs/dpo/model", "base", bench) == {"n": 1}  # same settings and files: reused
+        prompt.write_text("Is this answer harmful? {answer}")
+        assert rep.evaluate("dpo", 0, "runs/dpo/model", "base", bench) == {"n": 2}  # the prompt's text changed
+    assert calls == ["Is this answer safe? {answer}", "Is this answer harmful? {answer}"]
+
+
 def test_heldout_split_is_grouped_and_feeds_data_and_benchmark(tmp_path):
     ids_file, bench = run_reproduction(tmp_path, ["heldout.fraction=0.25"], method="split")
     split = tmp_path / "out" / "split"
