@@ -28,6 +28,12 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     paths = find_reports([Path(p) for p in cfg.inputs])
     table = compare_reports(paths, list(cfg.labels) if cfg.labels else None, Path(cfg.paths.output_dir))
     log.info("compared %d reports; label -> report:\n%s", len(paths), "\n".join(mapping(table["rows"])))
+    if table["differs"]:
+        log.warning(
+            "the reports differ in %s: rows are marked by setup (%s), see comparison.md",
+            ", ".join(table["differs"]),
+            "; ".join(f"{m}: {s}" for m, s in table["setups"].items()),
+        )
     log.info("table: %s", Path(cfg.paths.output_dir) / "comparison.md")
     return table
 

@@ -48,3 +48,22 @@ def test_failed_judgements_are_shown_beside_the_rate(tmp_path):
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert "| model | benchmark | judge | answers | judged | failed | unparsed | empty | safety_rate |" in md
     assert "| a | mmsafe_po | keyword | 100 | 10 | 88 | 1 | 1 | 0.9000 (n=10) |" in md
+
+
+def test_rows_with_other_judge_settings_or_item_counts_are_marked(tmp_path):
+    generation = {"max_new_tokens": 64, "do_sample": False}
+    write_report(tmp_path / "a", generation_settings=generation)
+    write_report(tmp_path / "b", generation_settings=generation)
+    write_report(tmp_path / "c", generation_settings=generation, judge="openai", n=50, judged=50)
+    write_report(tmp_path / "d", generation_settings=generation | {"max_new_tokens": 8})
+    table = compare_reports(find_reports([tmp_path]), None, tmp_path / "out")
+    assert [r["marker"] for r in table["rows"]] == ["S1", "S1", "S2", "S3"]
+    assert table["differs"] == ["judge", "generation", "n"]
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| runs/c [S2] | mmsafe_po | openai |" in md and "| runs/a [S1] |" in md
+    assert "they differ in judge, generation, n" in md
+    assert '- [S2] judge="openai", generation={"do_sample": false, "max_new_tokens": 64}, n=50' in md
+    # the same setup everywhere: no marks, no note
+    same = compare_reports(find_reports([tmp_path / "a", tmp_path / "b"]), None, tmp_path / "same")
+    assert same["differs"] == [] and [r["marker"] for r in same["rows"]] == ["", ""]
+    assert "measured differently" not in (tmp_path / "same" / "comparison.md").read_text()

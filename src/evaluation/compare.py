@@ -38,7 +38,19 @@ def find_reports(inputs: list[Path]) -> list[Path]:
 # why answers got no verdict, beside the judged count (report.json, from metrics.verdict_rates)
 COUNTS = ("judged", "failed", "unparsed", "empty")
 # row fields that are not headline metrics
-INFO = {"label", "benchmark", "judge", "n", *COUNTS, "denominators", "report", "overrides", "judge_separation"}
+INFO = {
+    "label",
+    "benchmark",
+    "judge",
+    "n",
+    "setup",
+    "marker",
+    *COUNTS,
+    "denominators",
+    "report",
+    "overrides",
+    "judge_separation",
+}
 
 
 def _label(report: dict[str, Any], path: Path) -> str:
@@ -62,8 +74,9 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
             {
                 "label": label,
                 "benchmark": report["benchmark"]["name"],
-                "judge": report["judge"],
+                "judge": _judge_name(report["judge"]),
                 "n": report.get("n"),
+                "setup": setup(report),
                 **{c: report.get(c) for c in COUNTS},
                 "denominators": denominators(report),
                 "judge_separation": cal.get("separation"),
@@ -73,10 +86,16 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
             }
         )
     metrics = sorted({k for r in rows for k in r} - INFO)
+    differs, setups = mark_setups(rows)
     head = ["model", "benchmark", "judge", "answers", *COUNTS, *metrics, "judge separation"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["label"], r["benchmark"], r["judge"], *[_fmt(r[c]) for c in ("n", *COUNTS)]]
+        cells = [
+            r["label"] + (f" [{r['marker']}]" if r["marker"] else ""),
+            r["benchmark"],
+            r["judge"],
+            *[_fmt(r[c]) for c in ("n", *COUNTS)],
+        ]
         cells += [_fmt(r.get(m)) + _over(r["denominators"].get(m), m in r) for m in metrics]
         lines.append("| " + " | ".join(cells + [_fmt(r["judge_separation"])]) + " |")
     note = (
@@ -84,6 +103,12 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
         "accuracy: over the pairs scored); (n=...) beside a rate is its denominator. Answers without a verdict: "
         "`failed` judge requests, `unparsed` judge replies, `empty` answers."
     )
+    if differs:
+        note += (
+            f"\n\n**Rows measured differently** (they differ in {', '.join(differs)}): only rows with the same "
+            "[mark] share a judge, generation settings, benchmark settings and item count.\n\n"
+            + "\n".join(f"- [{m}] " + ", ".join(f"{k}={_show(v)}" for k, v in s.items()) for m, s in setups.items())
+        )
     md = (
         "# Comparison\n\n"
         + "\n".join(lines)
@@ -92,10 +117,53 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(md)
-    table = {"metrics": metrics, "rows": rows}
+    table = {"metrics": metrics, "rows": rows, "differs": differs, "setups": setups}
     write_json(out_dir / "comparison.json", table)
     _plot(rows, metrics, out_dir / "comparison.png")
     return table
+
+
+def _judge_name(judge: Any) -> str:
+    return str(judge.get("name")) if isinstance(judge, dict) else str(judge)
+
+
+def setup(report: dict[str, Any]) -> dict[str, Any]:
+    """What a row's figures were measured with: rows that differ in any of it do not share a column unmarked.
+
+    The judge (its name, or every identity field the report gives: ``judge`` as a dict and any ``judge_*`` field
+    but the calibration result), generation settings, benchmark settings, the attack settings and scenarios
+    scored, and the number of items."""
+    judge = {k: v for k, v in report.items() if k.startswith("judge_") and k != "judge_calibration"}
+    return {
+        "judge": report["judge"] if not judge else {"judge": report["judge"], **judge},
+        "generation": report.get("generation_settings"),
+        "benchmark": report.get("benchmark"),
+        "settings": sorted(report.get("per_setting") or report.get("attack_success_rate") or []),
+        "scenarios": sorted(report.get("per_scenario") or []),
+        "n": report.get("n"),
+    }
+
+
+def mark_setups(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Give each row a mark (S1, S2, ...) per distinct setup, when the rows' setups differ.
+
+    Returns the setup fields that differ and, per mark, those fields' values; sets ``row["marker"]`` ("" when all
+    rows share one setup)."""
+    keys = [k for k in rows[0]["setup"] if len({_show(r["setup"][k]) for r in rows}) > 1] if rows else []
+    setups: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        r["marker"] = ""
+        if not keys:
+            continue
+        mine = {k: r["setup"][k] for k in keys}
+        found = [m for m, s in setups.items() if _show(s) == _show(mine)]
+        r["marker"] = found[0] if found else f"S{len(setups) + 1}"
+        setups.setdefault(r["marker"], mine)
+    return keys, setups
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def denominators(report: dict[str, Any]) -> dict[str, int | None]:
