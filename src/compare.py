@@ -5,7 +5,6 @@ python src/compare.py 'inputs=[logs/eval/multiruns/2026-01-01_00-00-00]'
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -19,7 +18,7 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from src.evaluation.compare import compare_reports, find_reports  # noqa: E402
+from src.evaluation.compare import compare_reports, find_reports, mapping  # noqa: E402
 
 log = logging.getLogger("compare")
 
@@ -28,7 +27,14 @@ log = logging.getLogger("compare")
 def main(cfg: DictConfig) -> dict[str, Any]:
     paths = find_reports([Path(p) for p in cfg.inputs])
     table = compare_reports(paths, list(cfg.labels) if cfg.labels else None, Path(cfg.paths.output_dir))
-    log.info("compared %d reports: %s", len(paths), json.dumps(table["rows"], indent=None)[:500])
+    log.info("compared %d reports; label -> report:\n%s", len(paths), "\n".join(mapping(table["rows"])))
+    if table["differs"]:
+        log.warning(
+            "the reports differ in %s: rows are marked by setup (%s), see comparison.md",
+            ", ".join(table["differs"]),
+            "; ".join(f"{m}: {s}" for m, s in table["setups"].items()),
+        )
+    log.info("table: %s", Path(cfg.paths.output_dir) / "comparison.md")
     return table
 
 

@@ -11,6 +11,8 @@ Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` in the run 
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -32,31 +34,34 @@ from src.data.datamodule import grouped_split  # noqa: E402
 from src.data.readers import read_records  # noqa: E402
 from src.data.records import DataError  # noqa: E402
 from src.evaluation.judges import JudgeError  # noqa: E402
-from src.evaluation.metrics import wilson_interval  # noqa: E402
+from src.evaluation.metrics import t_quantile, wilson_interval  # noqa: E402
 
 log = logging.getLogger("reproduce")
 BASE = "base"
-# two-sided 95% Student t quantiles by degrees of freedom (seeds - 1); 1.96 beyond the table
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 class ReproduceError(ValueError):
     """A setting or folder the user must change; reported without a stack trace."""
 
 
-def seed_interval(values: list[float], bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
-    """Mean over seeds with a 95% t-interval (None with one seed), clipped to ``bounds`` (rates: [0, 1])."""
-    values = [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
-    if not values:
-        return {"mean": None, "ci95": None, "n_seeds": 0, "values": []}
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": mean, "ci95": None, "n_seeds": 1, "values": values}
-    half = _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+def seed_interval(values: list[float | None], bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
+    """Mean over seeds with a 95% t-interval (None with one seed), clipped to ``bounds`` (rates: [0, 1]).
+
+    Seeds without a value (None, NaN) are left out and counted in ``n_missing``; ``zero_variance`` flags seeds that
+    all gave the same value, whose zero-width interval says nothing about the spread of another seed."""
+    used = [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
+    out: dict[str, Any] = {"n_seeds": len(used), "n_missing": len(values) - len(used), "values": used}
+    if not used:
+        return out | {"mean": None, "ci95": None, "zero_variance": False}
+    mean = statistics.fmean(used)
+    if len(used) < 2:
+        return out | {"mean": mean, "ci95": None, "zero_variance": False}
+    sd = statistics.stdev(used)
+    half = t_quantile(0.975, len(used) - 1) * sd / math.sqrt(len(used))
     low, high = mean - half, mean + half
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
-    return {"mean": mean, "ci95": [low, high], "n_seeds": len(values), "values": values}
+    return out | {"mean": mean, "ci95": [low, high], "zero_variance": sd == 0}
 
 
 class Reproduction:
@@ -151,7 +156,9 @@ class Reproduction:
             return run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("training %s (seed %d) -> %s", name, seed, run_dir)
+        digests = file_digests(cfg)
         train(cfg)
+        _record_inputs(run_dir, digests)
         return run_dir
 
     def base_model(self, ids_file: Path | None) -> str:
@@ -177,7 +184,10 @@ class Reproduction:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
         log.info("evaluating %s%s on the held-out prompts", name, f" (seed {seed})" if seed is not None else "")
-        return evaluate(cfg)
+        digests = file_digests(cfg)
+        report = evaluate(cfg)
+        _record_inputs(out_dir, digests)
+        return report
 
     def check_judge(self) -> None:
         """The evaluations' judge answers, checked before any training (each evaluation checks it again)."""
@@ -224,7 +234,8 @@ class Reproduction:
 
 def _finished(out_dir: Path, marker: str, cfg: DictConfig) -> bool:
     """Whether ``out_dir`` holds a finished run of exactly ``cfg`` (re-runs reuse it); a finished run of other
-    settings is an error, never silently reused or overwritten."""
+    settings is an error, never silently reused or overwritten. A run of the same settings whose input files
+    (a judge prompt, a phrase list, a data file: see `file_digests`) changed since it ran is redone, with a warning."""
     if not (out_dir / marker).is_file() or not (out_dir / "config.yaml").is_file():
         return False
     saved = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml"), resolve=True)
@@ -233,7 +244,52 @@ def _finished(out_dir: Path, marker: str, cfg: DictConfig) -> bool:
             f"{out_dir} holds a finished run with other settings; start the comparison in a new folder "
             "(the default: a new hydra.run.dir per call)"
         )
+    if not (out_dir / INPUTS).is_file():
+        log.warning("%s: finished without a record of its input files' contents; redoing it", out_dir)
+        return False
+    before, now = json.loads((out_dir / INPUTS).read_text()), file_digests(cfg)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        log.warning("%s: the contents of %s changed since it ran; redoing it", out_dir, ", ".join(changed))
+        return False
     return True
+
+
+INPUTS = "inputs.json"  # beside a finished run's config.yaml: the sha256 of every file its settings name
+
+
+def file_digests(cfg: DictConfig) -> dict[str, str]:
+    """``{setting: sha256}`` of every existing file a setting of ``cfg`` names (judge.prompt_file, a phrase list,
+    data.path, ids files), so a reused run had the same file contents, not only the same paths. Folders (models,
+    image roots, caches) are not hashed: generations are cached by their image inputs and models by fingerprint."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(node, str) and "\n" not in node and len(node) < 4096 and Path(node).is_file():
+            st = Path(node).stat()
+            out[key] = _sha256(str(Path(node).resolve()), st.st_size, st.st_mtime_ns)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, read once per (path, size, mtime) in this process: every stage names the same data file.
+    Content, not size and mtime alone: an edit that keeps the size within the mtime resolution must not be reused."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _record_inputs(out_dir: Path, digests: dict[str, str]) -> None:
+    """Written after the run finished: an interrupted re-run leaves the old record, which then does not match."""
+    (out_dir / INPUTS).write_text(json.dumps(digests, indent=2, sort_keys=True))
 
 
 def _value(v: Any) -> str:
@@ -258,6 +314,7 @@ def training_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
 
 METRICS = ("safety_rate", "reward_accuracy", "pairwise_accuracy")
 HEALTH = ("empty", "broken", "truncated", "repetitive")
+NO_VERDICT = ("judged", "failed", "unparsed", "empty")  # report.json counts beside its judged rates
 
 
 def summarize(
@@ -267,6 +324,8 @@ def summarize(
     for name, by_seed in reports.items():
         row: dict[str, Any] = {m: seed_interval([r.get(m, float("nan")) for r in by_seed.values()]) for m in METRICS}
         row["safety_rate_pooled"] = _pooled(list(by_seed.values()))
+        # the safety rate's denominators, all seeds together: judged answers and why the others got no verdict
+        row["answers"] = {k: sum(r.get(k) or 0 for r in by_seed.values()) for k in ("n", *NO_VERDICT)}
         row["health"] = {
             h: seed_interval([r["generation_health"].get(f"{h}_rate") for r in by_seed.values()]) for h in HEALTH
         }
@@ -299,10 +358,14 @@ def _pooled(reports: list[dict]) -> dict[str, Any]:
 
 
 def _fmt(stat: dict[str, Any]) -> str:
+    """``mean [low, high] (n=k seeds)``; the number of seeds without a value and a zero spread are named."""
+    missing = f"; {stat['n_missing']} without a value" if stat.get("n_missing") else ""
     if stat.get("mean") is None:
-        return "-"
+        return f"- (n=0 seeds{missing})" if missing else "-"
     ci = stat.get("ci95")
-    return f"{stat['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    n = stat["n_seeds"]
+    seeds = f"zero variance over {n} seeds" if stat.get("zero_variance") else f"n={n} seed{'s' if n > 1 else ''}"
+    return f"{stat['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f" ({seeds}{missing})"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -310,15 +373,19 @@ def markdown(result: dict[str, Any]) -> str:
         "# Base vs DPO vs BPO on held-out prompts",
         "",
         f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
-        f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds].",
+        f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
+        "value; a seed without one is named, never counted as a value).",
         "",
-        "| arm | safety rate | held-out reward accuracy | pairwise accuracy | empty answers | broken answers | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | safety rate | judged / answers (all seeds) | held-out reward accuracy | pairwise accuracy | "
+        "empty answers | broken answers | steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in result["arms"].items():
         steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
+        a = row["answers"]
+        judged = f"{a['judged']} / {a['n']} ({a['failed']} failed, {a['unparsed']} unparsed, {a['empty']} empty)"
         lines.append(
-            f"| {name} | {_fmt(row['safety_rate'])} | {_fmt(row['reward_accuracy'])} | "
+            f"| {name} | {_fmt(row['safety_rate'])} | {judged} | {_fmt(row['reward_accuracy'])} | "
             f"{_fmt(row['pairwise_accuracy'])} | {_fmt(row['health']['empty'])} | {_fmt(row['health']['broken'])} "
             f"| {steps} |"
         )
@@ -328,7 +395,9 @@ def markdown(result: dict[str, Any]) -> str:
         "Held-out reward accuracy: share of held-out pairs whose log pi(chosen) - log pi(rejected) grew relative to "
         "the base model. Pairwise accuracy: shown the request and both answers, the model picks the chosen one as "
         "the safer in both orders. Empty / broken answers: share of generations with no text / with split "
-        "multi-byte or control characters; the safety rate is over the answers the judge could read.",
+        "multi-byte or control characters. The safety rate of each seed is over the answers the judge gave a verdict "
+        "(judged); judged / answers counts them over all seeds, with the answers that got none: failed judge "
+        "requests, unparsed judge replies, empty answers.",
         f"Judge check: on the held-out reference answers the judge calls chosen answers safe more often than rejected "
         f"ones by {sep:.3f}" + (" (weak: little separation, treat its rates with care)." if sep < 0.2 else ".")
         if isinstance(sep, int | float)

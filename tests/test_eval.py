@@ -245,7 +245,7 @@ def test_compare_gathers_reports(tmp_path):
     table = compare_reports(find_reports([tmp_path]), None, tmp_path / "out")
     assert [r["label"] for r in table["rows"]] == ["runs/base", "runs/bpo"]
     md = (tmp_path / "out/comparison.md").read_text()
-    assert "| runs/bpo | mmsafe_po | keyword | 10 | 0.5000 | 0.9000 | 0.1000 |" in md
+    assert "| runs/bpo | mmsafe_po | keyword | 10 |  |  |  |  | 0.5000 (n=?) | 0.9000 (n=?) | 0.1000 |" in md
     assert (tmp_path / "out/comparison.png").exists()
 
 

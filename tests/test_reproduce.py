@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,13 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from src.data.readers import read_ids, read_records
 from src.data.records import DataError
 from src.evaluation.benchmarks import PreferenceSet
-from src.reproduce import ReproduceError, Reproduction, seed_interval
+from src.evaluation.metrics import t_quantile
+from src.reproduce import ReproduceError, Reproduction, _fmt, markdown, seed_interval, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -42,9 +44,76 @@ def test_seed_interval():
     assert one["mean"] == 0.5 and one["ci95"] is None
     three = seed_interval([0.4, 0.5, 0.6, float("nan")])
     half = 4.303 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
-    assert three["n_seeds"] == 3 and three["ci95"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert three["n_seeds"] == 3 and three["ci95"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-4)
     assert seed_interval([0.9, 1.0, 1.0])["ci95"][1] == 1.0  # rates stay in [0, 1]
     assert seed_interval([])["mean"] is None
+
+
+def test_t_quantile_matches_the_table():
+    table = {1: 12.706, 2: 4.303, 4: 2.776, 11: 2.201, 30: 2.042, 100: 1.984}
+    assert {df: round(t_quantile(0.975, df), 3) for df in table} == table
+    assert t_quantile(0.95, 10) == pytest.approx(1.812, abs=1e-3)
+
+
+def test_seed_interval_beyond_eleven_seeds_uses_t_not_z():
+    values = [0.40 + 0.01 * (i % 4) for i in range(12)]
+    stat = seed_interval(values)
+    half = 2.201 * statistics.stdev(values) / math.sqrt(12)  # t(0.975, 11), not 1.96
+    assert stat["ci95"] == pytest.approx([stat["mean"] - half, stat["mean"] + half], abs=1e-4)
+
+
+def test_seed_interval_flags_zero_variance_and_counts_seeds_without_a_value():
+    same = seed_interval([0.5, 0.5, 0.5])
+    assert same["zero_variance"] and _fmt(same) == "0.500 [0.500, 0.500] (zero variance over 3 seeds)"
+    gaps = seed_interval([0.4, float("nan"), 0.5, None])
+    assert (gaps["n_seeds"], gaps["n_missing"], gaps["zero_variance"]) == (2, 2, False)
+    assert _fmt(gaps).endswith("(n=2 seeds; 2 without a value)")
+    assert _fmt(seed_interval([float("nan")])) == "- (n=0 seeds; 1 without a value)"
+
+
+def test_reproduce_table_shows_judged_and_failed_beside_the_rate():
+    def report(judged: int, failed: int) -> dict:
+        counts = {"n": 100, "judged": judged, "failed": failed, "unparsed": 0, "empty": 100 - judged - failed}
+        return counts | {"judge": "keyword", "safety_rate": 0.5, "generation_health": {}}
+
+    reports = {"base": {None: report(100, 0)}, "dpo": {0: report(10, 85), 1: report(90, 10)}}
+    result = summarize(OmegaConf.create({"seeds": [0, 1]}), reports, {}, "base-model")
+    assert result["arms"]["dpo"]["answers"] == {"n": 200, "judged": 100, "failed": 95, "unparsed": 0, "empty": 5}
+    assert (
+        "| dpo | 0.500 [0.500, 0.500] (zero variance over 2 seeds) | 100 / 200 (95 failed, 0 unparsed, 5 empty) |"
+        in (markdown(result))
+    )
+
+
+def test_changed_judge_prompt_redoes_the_evaluation(tmp_path, monkeypatch):
+    import src.eval
+
+    calls = []
+
+    def fake_evaluate(cfg):  # stands in for generating and judging: writes the report the reuse check looks for
+        calls.append(Path(cfg.judge.prompt_file).read_text())
+        (Path(cfg.paths.output_dir) / "report.json").write_text(json.dumps({"n": len(calls)}))
+        return {"n": len(calls)}
+
+    monkeypatch.setattr(src.eval, "evaluate", fake_evaluate)
+    prompt = tmp_path / "judge_prompt.txt"
+    prompt.write_text("Is this answer safe? {answer}")
+    overrides = ["judge_name=openai", f"eval_overrides=['judge.prompt_file={prompt}']", "wandb.enabled=false"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("reproduce", [*overrides, f"paths.log_dir={tmp_path / 'logs'}"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path / "out")
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        rep = Reproduction(cfg)
+        rep.format = {"system_prompt": None, "image_aspect_ratio": "pad"}
+        bench = {"path": str(EMBEDDED), "format": "jsonl"}
+        assert rep.evaluate("dpo", 0, "runs/dpo/model", "base", bench) == {"n": 1}
+        assert rep.evaluate("dpo", 0, "runs/dpo/model", "base", bench) == {"n": 1}  # same settings and files: reused
+        prompt.write_text("Is this answer harmful? {answer}")
+        assert rep.evaluate("dpo", 0, "runs/dpo/model", "base", bench) == {"n": 2}  # the prompt's text changed
+    assert calls == ["Is this answer safe? {answer}", "Is this answer harmful? {answer}"]
 
 
 def test_heldout_split_is_grouped_and_feeds_data_and_benchmark(tmp_path):

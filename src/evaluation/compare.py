@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from src.evaluation.report import plt, write_json
 from src.evaluation.runner import headline
 
 
+def natural_key(path: Path) -> list[tuple[int, int | str]]:
+    """Sort key reading digit runs as numbers, so sweep job folders order 0, 1, 2, ..., 10, 11 (as labels given in
+    sweep order expect), not 0, 1, 10, 11, 2 as text."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", str(path)) if t]
+
+
 def find_reports(inputs: list[Path]) -> list[Path]:
-    """report.json files named directly or found below the given folders, in a stable order."""
+    """report.json files named directly or found below the given folders (in job-number order)."""
     found: list[Path] = []
     for p in inputs:
         if p.is_dir():
-            found += sorted(p.rglob("report.json"))
+            found += sorted(p.rglob("report.json"), key=natural_key)
         elif p.is_file():
             found.append(p)
         else:
@@ -24,6 +33,24 @@ def find_reports(inputs: list[Path]) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"no report.json under {[str(p) for p in inputs]}")
     return found
+
+
+# why answers got no verdict, beside the judged count (report.json, from metrics.verdict_rates)
+COUNTS = ("judged", "failed", "unparsed", "empty")
+# row fields that are not headline metrics
+INFO = {
+    "label",
+    "benchmark",
+    "judge",
+    "n",
+    "setup",
+    "marker",
+    *COUNTS,
+    "denominators",
+    "report",
+    "overrides",
+    "judge_separation",
+}
 
 
 def _label(report: dict[str, Any], path: Path) -> str:
@@ -47,26 +74,137 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
             {
                 "label": label,
                 "benchmark": report["benchmark"]["name"],
-                "judge": report["judge"],
+                "judge": _judge_name(report["judge"]),
                 "n": report.get("n"),
+                "setup": setup(report),
+                **{c: report.get(c) for c in COUNTS},
+                "denominators": denominators(report),
                 "judge_separation": cal.get("separation"),
                 "report": str(path),
+                "overrides": _overrides(path),
                 **headline(report),
             }
         )
-    metrics = sorted({k for r in rows for k in r} - {"label", "benchmark", "judge", "n", "report", "judge_separation"})
-    head = ["model", "benchmark", "judge", "n", *metrics, "judge separation"]
+    metrics = sorted({k for r in rows for k in r} - INFO)
+    differs, setups = mark_setups(rows)
+    head = ["model", "benchmark", "judge", "answers", *COUNTS, *metrics, "judge separation"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["label"], r["benchmark"], r["judge"], str(r["n"])] + [_fmt(r.get(m)) for m in metrics]
+        cells = [
+            r["label"] + (f" [{r['marker']}]" if r["marker"] else ""),
+            r["benchmark"],
+            r["judge"],
+            *[_fmt(r[c]) for c in ("n", *COUNTS)],
+        ]
+        cells += [_fmt(r.get(m)) + _over(r["denominators"].get(m), m in r) for m in metrics]
         lines.append("| " + " | ".join(cells + [_fmt(r["judge_separation"])]) + " |")
-    md = "# Comparison\n\n" + "\n".join(lines) + "\n\nReports: " + ", ".join(f"`{r['report']}`" for r in rows) + "\n"
+    note = (
+        "Each rate is over the answers the judge gave a verdict, `judged` of `answers` (pairwise and reward "
+        "accuracy: over the pairs scored); (n=...) beside a rate is its denominator. Answers without a verdict: "
+        "`failed` judge requests, `unparsed` judge replies, `empty` answers."
+    )
+    if differs:
+        note += (
+            f"\n\n**Rows measured differently** (they differ in {', '.join(differs)}): only rows with the same "
+            "[mark] share a judge, generation settings, benchmark settings and item count.\n\n"
+            + "\n".join(f"- [{m}] " + ", ".join(f"{k}={_show(v)}" for k, v in s.items()) for m, s in setups.items())
+        )
+    md = (
+        "# Comparison\n\n"
+        + "\n".join(lines)
+        + f"\n\n{note}\n\nReports:\n\n"
+        + "".join(f"- {m}\n" for m in mapping(rows))
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(md)
-    table = {"metrics": metrics, "rows": rows}
+    table = {"metrics": metrics, "rows": rows, "differs": differs, "setups": setups}
     write_json(out_dir / "comparison.json", table)
     _plot(rows, metrics, out_dir / "comparison.png")
     return table
+
+
+def _judge_name(judge: Any) -> str:
+    return str(judge.get("name")) if isinstance(judge, dict) else str(judge)
+
+
+def setup(report: dict[str, Any]) -> dict[str, Any]:
+    """What a row's figures were measured with: rows that differ in any of it do not share a column unmarked.
+
+    The judge (its name, or every identity field the report gives: ``judge`` as a dict and any ``judge_*`` field
+    but the calibration result), generation settings, benchmark settings, the attack settings and scenarios
+    scored, and the number of items."""
+    judge = {k: v for k, v in report.items() if k.startswith("judge_") and k != "judge_calibration"}
+    return {
+        "judge": report["judge"] if not judge else {"judge": report["judge"], **judge},
+        "generation": report.get("generation_settings"),
+        "benchmark": report.get("benchmark"),
+        "settings": sorted(report.get("per_setting") or report.get("attack_success_rate") or []),
+        "scenarios": sorted(report.get("per_scenario") or []),
+        "n": report.get("n"),
+    }
+
+
+def mark_setups(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Give each row a mark (S1, S2, ...) per distinct setup, when the rows' setups differ.
+
+    Returns the setup fields that differ and, per mark, those fields' values; sets ``row["marker"]`` ("" when all
+    rows share one setup)."""
+    keys = [k for k in rows[0]["setup"] if len({_show(r["setup"][k]) for r in rows}) > 1] if rows else []
+    setups: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        r["marker"] = ""
+        if not keys:
+            continue
+        mine = {k: r["setup"][k] for k in keys}
+        found = [m for m, s in setups.items() if _show(s) == _show(mine)]
+        r["marker"] = found[0] if found else f"S{len(setups) + 1}"
+        setups.setdefault(r["marker"], mine)
+    return keys, setups
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def denominators(report: dict[str, Any]) -> dict[str, int | None]:
+    """How many answers (or pairs) each headline figure of ``runner.headline`` is a share of; None where the
+    report does not say (reports written before the judged count)."""
+    out: dict[str, int | None] = {k: report.get("judged") for k in ("safety_rate", "unsafe_rate")}
+    for key in ("pairwise", "reward"):
+        if report.get(key):
+            out[f"{key}_accuracy"] = report[key].get("n")
+    per_setting = report.get("per_setting") or {}
+    for setting in report.get("attack_success_rate") or {}:
+        out[f"asr/{setting}"] = per_setting.get(setting, {}).get("judged")
+    if "average" in (report.get("attack_success_rate") or {}):  # the mean of the settings' rates
+        out["asr/average"] = report.get("judged")
+    for k, v in (report.get("co_defense") or {}).items():
+        if isinstance(v, dict) and "n" in v:
+            out[f"co_defense/{k}"] = v["n"]
+    if report.get("cheating"):
+        out["cheating/over_refusal"] = report["cheating"]["over_refusal"]["n"]
+    return out
+
+
+def _over(n: int | None, present: bool) -> str:
+    """`` (n=...)`` after a rate: its denominator (``n=?`` when the report does not give it)."""
+    if not present:
+        return ""
+    return f" (n={n})" if n is not None else " (n=?)"
+
+
+def _overrides(report: Path) -> list[str] | None:
+    """The sweep job's command-line overrides saved by Hydra beside the report (None when there are none)."""
+    saved = report.parent / ".hydra" / "overrides.yaml"
+    return [str(o) for o in yaml.safe_load(saved.read_text()) or []] if saved.is_file() else None
+
+
+def mapping(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per row: its label, the report it shows and that job's overrides, to check labels against."""
+    return [
+        f"{r['label']}: `{r['report']}`" + (f" (overrides: {' '.join(r['overrides'])})" if r["overrides"] else "")
+        for r in rows
+    ]
 
 
 def _fmt(x: Any) -> str:

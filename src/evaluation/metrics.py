@@ -20,6 +20,38 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _t_central(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with an integer ``df`` >= 1, by the finite series in theta = atan(t / sqrt(df))
+    (Abramowitz & Stegun 26.7.3 / 26.7.4): exact, no special functions needed."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, total = math.cos(theta) ** 2, 0.0
+    if df % 2:  # odd: (2 / pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), terms up to cos^(df-2)
+        term = math.cos(theta)
+        for j in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= c2 * (2 * j) / (2 * j + 1)
+        return 2 / math.pi * (theta + math.sin(theta) * total)
+    term = 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...), terms up to cos^(df-2)
+    for j in range(1, df // 2 + 1):
+        total += term
+        term *= c2 * (2 * j - 1) / (2 * j)
+    return math.sin(theta) * total
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The ``q`` quantile (0.5 < q < 1) of Student's t with integer ``df`` >= 1, by bisection on its CDF;
+    t_quantile(0.975, df) is the factor of a two-sided 95% interval."""
+    if not 0.5 < q < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < q < 1 and df >= 1, got q={q}, df={df}")
+    target, lo, hi = 2 * q - 1, 0.0, 1.0
+    while _t_central(hi, df) < target:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central(mid, df) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
 def rate(flags: list[bool]) -> dict[str, Any]:
     """``{"rate", "k", "n", "ci95"}`` of a list of booleans."""
     k, n = sum(flags), len(flags)
