@@ -131,12 +131,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("strategy,dtype,lora", CASES)
-@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+# a bf16 copy in a full-precision run differs from the policy by design (and is warned about): not a case here
+PRECISION_CASES = [(p, *case) for p in ("32", "bf16-mixed") for case in CASES if case[1] is None or p != "32"]
+
+
+@pytest.mark.parametrize("precision,strategy,dtype,lora", PRECISION_CASES)
 def test_step_zero_rewards_are_exactly_zero(tmp_path, strategy, dtype, lora, precision):
     """Before any update the policy is the reference: every reward r = beta * (log pi - log pi_ref) is 0."""
-    if dtype is not None and precision == "32":
-        pytest.skip("a bf16 copy in a full-precision run differs from the policy by design (warned)")
     module, dm = module_and_batch(tmp_path, strategy, dtype, lora)
     amp_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
     if strategy == "precomputed":
