@@ -66,7 +66,7 @@ def test_interrupted_file_resumes_without_duplicates(tiny, tmp_path):
         f.write('{"id": "r2", "prompt_sha": "tor')  # a write cut short by a kill
     answers = gen.run(records(4), out, with_image=False)
     assert gen.generated == 2 and answers["r0"] == first["r0"]
-    assert set(answers["r3"]) == {"id", "prompt_sha", "with_image", "answer", "num_tokens", "finished"}
+    assert set(answers["r3"]) == {"id", "prompt_sha", "source", "with_image", "answer", "num_tokens", "finished"}
     # a random tiny model rarely says EOS in 4 tokens; either way the count and the flag agree
     assert all(a["num_tokens"] <= 4 and (a["finished"] or a["num_tokens"] == 4) for a in answers.values())
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines() if line.endswith("}")]
@@ -87,3 +87,26 @@ def test_generations_are_redone_when_the_image_changes(tiny, tmp_path):
     real = AnswerGenerator(model, processor, SETTINGS, ImageResolver(tmp_path, "render", 32))
     real.run(recs, out, with_image=True)
     assert real.generated == 1  # r0 now has its real image; r1 is still the same stand-in
+
+
+def test_a_shared_output_file_is_not_reused_across_models_or_settings(tiny, tmp_path):
+    """`generate.py output=...` names the file itself: lines from another model or settings are redone."""
+    import torch
+
+    from src.models.tiny import build_tiny_llava
+
+    model, processor = tiny
+    recs = records(2)
+    out = tmp_path / "answers.jsonl"
+    resolver = ImageResolver(missing="render", stand_in_size=32)
+    first = AnswerGenerator(model, processor, SETTINGS, resolver)
+    first.run(recs, out, with_image=False)
+    same = AnswerGenerator(model, processor, SETTINGS, resolver)
+    same.run(recs, out, with_image=False)
+    longer = AnswerGenerator(model, processor, GenerationSettings(max_new_tokens=6, batch_size=2), resolver)
+    longer.run(recs, out, with_image=False)
+    other_model, _ = build_tiny_llava(seed=1)
+    with torch.no_grad():
+        other = AnswerGenerator(other_model.eval(), processor, SETTINGS, resolver)
+        other.run(recs, out, with_image=False)
+    assert (first.generated, same.generated, longer.generated, other.generated) == (2, 0, 2, 2)

@@ -25,6 +25,7 @@ from src.evaluation.metrics import by_key, verdict_rates
 from src.evaluation.scoring import pairwise_accuracy, reward_accuracy
 from src.models.factory import build_model, fingerprint
 from src.models.generation import AnswerGenerator, GenerationSettings
+from src.models.logprobs import attn_implementation
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,9 @@ class Evaluator:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, items: list[EvalItem], mode: str) -> dict[str, dict[str, Any]]:
-        key = hashlib.sha256((self.fingerprint + self.settings.key()).encode()).hexdigest()[:16]
+        # like blind answers: weights, attention kernel (greedy picks can flip with it) and generation settings
+        key = hashlib.sha256((self.fingerprint + attn_implementation(self.model) + self.settings.key()).encode())
+        key = key.hexdigest()[:16]
         cache = Path(self.cfg.cache_dir) / f"{self.benchmark.name}-{mode}-{key}.jsonl"
         devices = OmegaConf.to_container(self.cfg.devices, resolve=True) if self.cfg.get("devices") else None
         generator = AnswerGenerator(

@@ -1,8 +1,10 @@
 """Batched greedy generation of answers, written to a resumable JSONL file keyed by record id.
 
 One component serves blind answers (the prompt with the image removed) and answers with the image.
-Each line of the output is ``{"id", "prompt_sha", "answer", ...}``; a line is only trusted when its
-``prompt_sha`` matches the prompt tokens now built for that record, so an edited record is regenerated.
+Each line of the output is ``{"id", "prompt_sha", "source", "answer", ...}``; a line is only trusted when its
+``prompt_sha`` matches the prompt now built for that record (tokens and pixel inputs) and its ``source`` the
+model, attention kernel and generation settings now used, so an edited record, or a file written by another
+model or with other settings (a user-named `generate.py` output), is regenerated.
 Lines are appended and flushed batch by batch, so an interrupted run resumes where it stopped.
 """
 
@@ -106,6 +108,8 @@ class AnswerGenerator:
         self.resolver = resolver or ImageResolver(missing="error")
         # Lightning Trainer arguments (accelerator, devices, strategy) to spread generation over devices
         self.devices = dict(devices) if devices else None
+        # what made an answer, besides its prompt: checked per line, whatever file the lines are in
+        self.source = _sha(fingerprint(model) + attn_implementation(model) + settings.key())
         self.encoder = PromptEncoder(
             processor,
             max_length=max(1, settings.max_length - settings.max_new_tokens),
@@ -168,7 +172,7 @@ class AnswerGenerator:
     ) -> dict[str, dict[str, Any]]:
         """Generate for every record not already answered in ``path``.
 
-        Returns {id: line} for all records, a line being ``{"id", "prompt_sha", "with_image", "answer",
+        Returns {id: line} for all records, a line being ``{"id", "prompt_sha", "source", "with_image", "answer",
         "num_tokens", "finished"}``.
         """
         path = Path(path)
@@ -180,7 +184,10 @@ class AnswerGenerator:
         for record in records:
             prompt = self.prompt(record, with_image)
             prev = done.get(record.id)
-            if prev is not None and prev.get("prompt_sha") == _prompt_sha(record, prompt):
+            if prev is not None and (prev.get("prompt_sha"), prev.get("source")) == (
+                _prompt_sha(record, prompt),
+                self.source,
+            ):
                 results[record.id] = prev
             else:
                 todo.append((record, prompt))
@@ -190,7 +197,7 @@ class AnswerGenerator:
         if todo and self.devices:
             outputs = generate_on_devices(self, [p for _, p in todo], self.devices)
             lines = [
-                {"id": r.id, "prompt_sha": _prompt_sha(r, p), "with_image": with_image} | o
+                {"id": r.id, "prompt_sha": _prompt_sha(r, p), "source": self.source, "with_image": with_image} | o
                 for (r, p), o in zip(todo, outputs, strict=True)
             ]
             results |= {line["id"]: line for line in lines}
@@ -203,7 +210,12 @@ class AnswerGenerator:
                 chunk = todo[start : start + self.settings.batch_size]
                 outputs = self._generate_batch([p for _, p in chunk])
                 for (record, prompt), output in zip(chunk, outputs, strict=True):
-                    line = {"id": record.id, "prompt_sha": _prompt_sha(record, prompt), "with_image": with_image}
+                    line = {
+                        "id": record.id,
+                        "prompt_sha": _prompt_sha(record, prompt),
+                        "source": self.source,
+                        "with_image": with_image,
+                    }
                     results[record.id] = line = line | output
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 f.flush()
