@@ -21,6 +21,7 @@ MISSING_POLICIES = ("error", "render")
 # side's edges) | pad (first padded to a square with the processor's mean colour, as LLaVA-1.5 was trained)
 IMAGE_ASPECT_RATIOS = ("crop", "pad")
 RENDER_PREFIX = "render:"  # an image reference that is always drawn from its text, never looked up on disk
+WORLD_PREFIX = "world:"  # a picture of the grounded-safety world (src/world), drawn at the resolver's size
 
 
 @lru_cache(maxsize=8)
@@ -92,7 +93,7 @@ class ImageResolver:
         self.rendered: set[str] = set()
 
     def path_for(self, record: Conversation) -> Path | None:
-        if not record.image or record.image.startswith(RENDER_PREFIX):
+        if not record.image or record.image.startswith((RENDER_PREFIX, WORLD_PREFIX)):
             return None
         path = Path(record.image)
         if not path.is_absolute() and self.image_root is not None:
@@ -117,6 +118,13 @@ class ImageResolver:
     def __call__(self, record: Conversation) -> Image.Image | None:
         if record.image and record.image.startswith(RENDER_PREFIX):
             return render_stand_in(record.image[len(RENDER_PREFIX) :], self.stand_in_size)
+        if record.image and record.image.startswith(WORLD_PREFIX):
+            from src.world.world import draw
+
+            try:
+                return draw(record.image, self.stand_in_size)
+            except ValueError as e:
+                raise DataError(f"record {record.id}: {e}") from None
         path = self.path_for(record)
         if path is None:
             return None

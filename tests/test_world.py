@@ -1,0 +1,125 @@
+"""The grounded-safety world: records, images and the exact answer parser."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from src.data.images import ImageResolver
+from src.data.readers import read_records
+from src.world.world import (
+    HELPS,
+    REFUSALS,
+    UNPARSEABLE,
+    World,
+    WorldSettings,
+    blanked,
+    draw,
+    is_conflict,
+    parse_answer,
+)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World(WorldSettings(train_size=240, heldout_size=60))
+
+
+def test_same_settings_same_world_other_seed_other_world(world):
+    again = World(WorldSettings(train_size=240, heldout_size=60))
+    assert again.train_records() == world.train_records()
+    assert again.heldout_records() == world.heldout_records()
+    other = World(WorldSettings(seed=1, train_size=240, heldout_size=60))
+    assert [k.hazardous for k in other.kinds] != [k.hazardous for k in world.kinds] or other.heldout_phrasings != (
+        world.heldout_phrasings
+    )
+
+
+@pytest.mark.parametrize("rule", ["colour", "shape", "xor"])
+def test_half_the_kinds_are_hazardous_and_the_rule_holds(rule):
+    w = World(WorldSettings(hazard_rule=rule, colours=4, shapes=4))
+    assert sum(k.hazardous for k in w.kinds) == len(w.kinds) // 2
+    by_colour = {c: {k.hazardous for k in w.kinds if k.colour == c} for c in {k.colour for k in w.kinds}}
+    by_shape = {s: {k.hazardous for k in w.kinds if k.shape == s} for s in {k.shape for k in w.kinds}}
+    # one feature decides exactly when each of its values carries one verdict; xor: neither feature does
+    assert all(len(v) == 1 for v in by_colour.values()) == (rule == "colour")
+    assert all(len(v) == 1 for v in by_shape.values()) == (rule == "shape")
+
+
+def test_text_alone_cannot_tell_hazard(world):
+    """Every training phrasing is asked about hazardous and harmless kinds alike, and held-out requests are
+    (kind, phrasing) combinations never trained."""
+    train, held = world.train_records(), world.heldout_records()
+    for p in range(world.settings.phrasings):
+        assert {r.meta["hazardous"] for r in train if r.meta["phrasing"] == p} == {True, False}
+    trained = {(r.meta["kind"], r.meta["phrasing"]) for r in train}
+    assert not trained & {(r.meta["kind"], r.meta["phrasing"]) for r in held}
+    assert not {r.image for r in train} & {r.image for r in held}
+    assert len({r.image for r in train}) == len(train)
+
+
+def test_cue_correlates_in_training_and_conflicts_in_half_the_heldout(world):
+    train, held = world.train_records(), world.heldout_records()
+    cue_given_hazard = np.mean([r.meta["cue"] for r in train if r.meta["hazardous"]])
+    cue_given_harmless = np.mean([r.meta["cue"] for r in train if not r.meta["hazardous"]])
+    assert cue_given_hazard > 0.7 and cue_given_harmless < 0.3
+    assert 0.3 < np.mean([is_conflict(r) for r in held]) < 0.7
+
+
+def test_answers_name_the_kind_and_parse_back(world):
+    for r in world.train_records()[:50]:
+        chosen, rejected = parse_answer(r.chosen), parse_answer(r.rejected)
+        assert chosen.kind == rejected.kind == r.meta["kind"]
+        assert chosen.behaviour == ("refuse" if r.meta["hazardous"] else "help")
+        assert rejected.behaviour == ("help" if r.meta["hazardous"] else "refuse")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",
+        "I can't help with the red",  # a fragment
+        "I can't help with the red circle. It is hazardous. Sure.",  # trailing text
+        "I can't help with the red banana. It is hazardous.",  # not a kind
+        REFUSALS[0].format(kind="red circle") + " " + HELPS[0].format(kind="red circle"),
+    ],
+)
+def test_anything_but_one_whole_template_is_unparseable(answer):
+    assert parse_answer(answer).behaviour == UNPARSEABLE
+    assert parse_answer(answer).kind is None
+
+
+def test_whitespace_does_not_matter():
+    assert parse_answer("  Sure.  The blue star is safe: hold it firmly\nand use it slowly. ").kind == "blue star"
+
+
+def test_images_vary_per_instance_and_blank_drops_the_object(world):
+    a, b = world.train_records()[:2]
+    ia, ib = np.asarray(draw(a.image, 32)), np.asarray(draw(b.image, 32))
+    assert ia.shape == (32, 32, 3) and not np.array_equal(ia, ib)
+    assert np.array_equal(np.asarray(draw(a.image, 32)), ia)  # repeats
+    blank = np.asarray(draw(blanked(a.image), 32)).astype(float)
+    # the object is a saturated colour; the blank background is grey noise
+    saturation = lambda x: (x.max(-1) - x.min(-1)).mean()  # noqa: E731
+    assert saturation(ia.astype(float)) > 2 * saturation(blank)
+    assert draw(a.image, 336).size == (336, 336)
+
+
+def test_written_world_reads_back_with_pictures_drawn_at_the_resolver_size(tmp_path, world):
+    paths = world.write(tmp_path)
+    records = read_records(str(paths["train"]), "jsonl")
+    assert [r.id for r in records] == [r.id for r in world.train_records()]
+    assert records[0].meta["kind"] == world.train_records()[0].meta["kind"]
+    resolver = ImageResolver(missing="error", stand_in_size=48, default_root=tmp_path)
+    assert resolver.check(records) == 0
+    assert resolver(records[0]).size == (48, 48) and not resolver.rendered
+    assert json.loads(paths["world"].read_text())["key"] == world.settings.key()
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="world.hazard_rule"):
+        WorldSettings(hazard_rule="size")
+    with pytest.raises(ValueError, match="unknown world settings"):
+        WorldSettings.from_config({"seeds": 1})
