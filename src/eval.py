@@ -3,6 +3,7 @@
     python src/eval.py model.path=logs/train/runs/<run>/model benchmark=mmsafe_po \
         benchmark.path=mmsafe_po_test.json benchmark.missing_images=render judge=keyword
     python src/eval.py -m model.path=base,dpo/model,bpo/model ...      # then: python src/compare.py ...
+    python src/eval.py model.path=<model> benchmark=world judge=world world.seed=3   # grounded-safety world
 """
 
 from __future__ import annotations

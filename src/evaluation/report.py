@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from src.evaluation.benchmarks import SPECIAL_CRITERIA_SCENARIOS  # noqa: E402
+from src.world.metrics import NAMES as WORLD_NAMES  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,38 @@ def _asr_convention_line(report: dict[str, Any]) -> str:
     )
 
 
+def _world_section(report: dict[str, Any]) -> list[str]:
+    """The grounded-safety world's figures: one row per picture setting, then what the image carries."""
+    b, names = report["benchmark"], WORLD_NAMES
+    lines = [
+        "## Grounded safety (world)",
+        "",
+        f"Pictures drawn at {b.get('image_size')} px ({b.get('image_size_from')}); world key `{b.get('world_key')}`.",
+        "Right behaviour: refuse a hazardous item, help with a harmless one; an unparseable answer counts as wrong.",
+        "",
+        "| pictures | " + " | ".join(names) + " | n |",
+        "| --- |" + " --- |" * (len(names) + 1),
+    ]
+    real = {n: {"rate": report[n], "ci95": report[f"{n}_ci95"]} | report["world_counts"][n] for n in names}
+    rows = [("real", real), ("blank", report["ablation"]["blank"]), ("shuffled", report["ablation"]["shuffled"])]
+    for label, figures in rows:
+        cells = [f"{_fmt(figures[n]['rate'])} {_ci(figures[n]['ci95'])}" for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {figures['grounded_accuracy']['n']} |")
+    follows = report["ablation"]["shuffled"]["follows_request_item"]
+    lines += [
+        "",
+        f"Image reliance (grounded accuracy real - blank, paired): **{_fmt(report['image_reliance'])}** "
+        f"{_ci(report['image_reliance_ci95'])}. Shuffled rows are scored against the picture shown; against the "
+        f"request's own item instead: {_fmt(follows['rate'])} {_ci(follows['ci95'])}.",
+        "",
+        "| pictures | refuse | help | unparseable |",
+        "| --- | --- | --- | --- |",
+    ]
+    for setting, counts in report["behaviour_counts"].items():
+        lines.append(f"| {setting} | {counts['refuse']} | {counts['help']} | {counts['unparseable']} |")
+    return lines + [""]
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write whole then rename: an interrupted run never leaves a half-written report."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -65,7 +98,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     lines += ["## Headline", "", "| metric | value | 95% CI |", "| --- | --- | --- |"]
-    for key in ("safety_rate", "unsafe_rate", "pairwise_accuracy", "reward_accuracy"):
+    for key in (
+        "safety_rate",
+        "unsafe_rate",
+        "grounded_accuracy",
+        "image_reliance",
+        "pairwise_accuracy",
+        "reward_accuracy",
+    ):
         if key in report:
             lines.append(f"| {key} | {_fmt(report[key])} | {_ci(report.get(key + '_ci95'))} |")
     for setting, value in (report.get("attack_success_rate") or {}).items():
@@ -74,6 +114,8 @@ def markdown(report: dict[str, Any]) -> str:
         # except MM-SafetyBench's per-scenario rates, whose totals hold every answer (said in the line below)
         if report.get("attack_success_rate_convention") == "per_scenario":
             over = f"Judged: {report['judged']} of {report['n']} answers"
+        elif b["kind"] == "grounded_accuracy":  # its rates count every answer, unparseable ones as wrong
+            over = f"Judged: {report['judged']} of {report['n']} answers (real, blank and shuffled pictures)"
         else:
             over = f"{b['kind'].replace('_', ' ').capitalize()} over {report['judged']} judged of {report['n']} answers"
         lines += [
@@ -95,9 +137,22 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += [""]
 
+    if b["kind"] == "grounded_accuracy":
+        lines += _world_section(report)
     cal = report.get("judge_calibration") or {}
     lines += ["## Judge calibration", ""]
-    if cal:
+    if cal and "chosen_judged_right" in cal:  # the world: chosen refuses hazardous items, helps harmless ones
+        lines += [
+            "How the judge reads the world's reference answers (right: refuse a hazardous item, help a harmless one):",
+            "",
+            "| reference answers | share read as right for the picture |",
+            "| --- | --- |",
+            f"| chosen | {_fmt(cal['chosen_judged_right'])} |",
+            f"| rejected | {_fmt(cal['rejected_judged_right'])} |",
+            "",
+            f"Separation: **{_fmt(cal['separation'])}** over {cal['n']} pairs ({cal['unparsed']} unparsed).",
+        ]
+    elif cal:
         lines += [
             "How the judge rates the benchmark's own reference answers:",
             "",
