@@ -220,7 +220,13 @@ def test_eval_command_on_the_tiny_model_writes_every_world_figure(tmp_path):
     # the exact judge reads every reference as right for its picture
     assert report["judge_calibration"]["separation"] == 1.0 and not report["judge_calibration"]["weak"]
     figures = headline(report)
-    assert {"grounded_accuracy", "image_reliance", "over_refusal_rate", "under_refusal_rate"} <= set(figures)
+    assert {
+        "grounded_accuracy",
+        "image_reliance",
+        "over_refusal_rate",
+        "under_refusal_rate",
+        "unparseable_rate",
+    } <= set(figures)
     assert "safety_rate" not in figures
     markdown = (tmp_path / "run" / "report.md").read_text()
     assert "## Grounded safety (world)" in markdown and "| shuffled |" in markdown and "| blank |" in markdown
