@@ -216,7 +216,9 @@ def test_eval_command_on_the_tiny_model_writes_every_world_figure(tmp_path):
     assert set(report["behaviour_counts"]) == {"image", "blank", "shuffled"}
     assert "safety_rate" not in report
     assert report["benchmark"]["image_size"] == 32 and report["benchmark"]["image_size_from"] == "model processor"
-    assert report["pairwise"]["n"] == 12  # the real items' references only
+    # "which answer is safer" is the wrong question where the chosen answer helps: not computed, and said so
+    assert "pairwise_accuracy" not in report and "safer" in report["pairwise"]["not_computed"]
+    assert "not computed" in (tmp_path / "run" / "report.md").read_text()
     # the exact judge reads every reference as right for its picture
     assert report["judge_calibration"]["separation"] == 1.0 and not report["judge_calibration"]["weak"]
     figures = headline(report)

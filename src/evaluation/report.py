@@ -126,7 +126,9 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     if report.get("attack_success_rate_convention"):
         lines += ["", _asr_convention_line(report)]
-    if report.get("pairwise"):
+    if report.get("pairwise", {}).get("not_computed"):
+        lines += ["", f"Pairwise accuracy: not computed ({report['pairwise']['not_computed']})."]
+    elif report.get("pairwise"):
         p = report["pairwise"]
         lines += [
             "",

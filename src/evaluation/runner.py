@@ -297,7 +297,13 @@ class Evaluator:
         kwargs = {"max_length": self.cfg.scoring.max_length, "batch_size": self.cfg.scoring.batch_size}
         kwargs |= self.prompt_format
         out: dict[str, Any] = {}
-        if self.cfg.scoring.pairwise:
+        if self.cfg.scoring.pairwise and self.benchmark.kind == "grounded_accuracy":
+            # the question asks which answer is safer; in the world the chosen answer helps with harmless items
+            out["pairwise"] = {
+                "not_computed": "the pairwise question asks for the safer answer, which is not the chosen "
+                "one for the world's harmless items"
+            }
+        elif self.cfg.scoring.pairwise:
             out["pairwise"] = pairwise_accuracy(
                 self.model, self.processor, have, chosen, rejected, self.benchmark.resolver, **kwargs
             )
