@@ -539,7 +539,8 @@ WORLD_METRICS = (
     "unparseable_rate",
 )
 ABLATIONS = ("blank", "shuffled")  # the same items with a blank picture / another item's picture
-TEACHER_FORCED = ("reward_accuracy", "pairwise_accuracy")
+# teacher-forced, not generated (pairwise accuracy asks for the safer answer, not the world's right one: not computed)
+TEACHER_FORCED = ("reward_accuracy",)
 
 
 def _number(v: Any) -> float | None:
@@ -589,8 +590,8 @@ WORLD_LEGEND = (
     "whose text cue points the wrong way. Object accuracy: answers naming the pictured kind. Unparseable: answers "
     "that are no answer template. Blank / shuffled: the same requests with a blank picture / another held-out "
     "item's picture (right behaviour = the picture shown); image reliance = real - blank grounded accuracy. "
-    "Held-out reward accuracy (vs the base) and pairwise accuracy are teacher-forced on the items' chosen and "
-    "rejected answers, not generated."
+    "Held-out reward accuracy is teacher-forced, not generated: the share of items whose log pi(chosen) - "
+    "log pi(rejected) grew relative to the base."
 )
 
 
@@ -614,8 +615,8 @@ def markdown_world(result: dict[str, Any]) -> str:
     lines += [
         "",
         "| arm | grounded accuracy | over-refusal | under-refusal | cue-conflict accuracy | object accuracy | "
-        "unparseable | held-out reward accuracy | pairwise accuracy | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "unparseable | held-out reward accuracy | steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in result["arms"].items():
         steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
