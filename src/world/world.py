@@ -111,7 +111,7 @@ class WorldSettings:
     hazard_rule: str = "colour"  # colour | shape decides alone; xor: hazardous when exactly one of them is
     phrasings: int = 10  # phrasings used (of PHRASINGS)
     heldout_phrasings: int = 2  # per kind: phrasings never trained with that kind, asked in the held-out items
-    cue_rate: float = 0.8  # training: P(cue | hazardous) = P(no cue | harmless); 0.5: the cue says nothing
+    cue_rate: float = 0.65  # training: P(cue | hazardous) = P(no cue | harmless); 0.5: the cue says nothing
     image_size: int | None = None  # pixels per side; null: the model's input size
     train_size: int = 480
     heldout_size: int = 120
