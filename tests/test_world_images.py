@@ -14,12 +14,13 @@ from tests.helpers import compose_config
 
 pytestmark = pytest.mark.slow
 
-# the world and schedule of experiment=reproduce_world, fewer held-out items
-WORLD = WorldSettings(heldout_size=60)
-# measured over seeds 0-2 (see test docstring): real-minus-blank grounded accuracy after DPO with images
-# 0.20-0.35, with zeroed pixels -0.02-0.03; the bar sits between with room on both sides
-MIN_RELIANCE = 0.12
-MAX_RELIANCE_BROKEN = 0.06
+# the default world and experiment=reproduce_world's base; DPO for two epochs at lr 1e-4, where (measured, from the
+# same base, seeds 0-1) its greedy behaviour follows the picture almost perfectly: grounded accuracy 1.00 / 0.98
+# with the real pictures, 0.50 with blank ones
+WORLD = WorldSettings()
+DPO = ["optim.lr=1.0e-4", "trainer.max_epochs=2"]
+MIN_RELIANCE = 0.25
+MAX_RELIANCE_BROKEN = 0.10
 
 
 def _train(out, cache, overrides):
@@ -58,7 +59,7 @@ def base(world, tmp_path_factory):
 
 def _dpo_then_reliance(world, base, out, monkeypatch=None):
     overrides = ["experiment=dpo_tiny", "data=jsonl", f"data.path={world}/train.jsonl", f"model.name_or_path={base}"]
-    overrides += ["optim.lr=1.0e-4", "trainer.max_epochs=4"]
+    overrides += DPO
     model = _train(out / "run", out / "cache", overrides)
     report = _evaluate(out / "eval", model, base)
     return report["image_reliance"], report
