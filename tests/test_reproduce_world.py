@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -77,19 +76,6 @@ def test_world_settings_that_cannot_work_fail_before_any_run(tmp_path, extra, me
     assert not (tmp_path / "out" / "runs").exists()
 
 
-def configs_with_world_benchmark(tmp_path: Path) -> Path:
-    """The project's configs, with a stand-in benchmark=world where the real one is not there: it reads the
-    top-level world node, as the real one does."""
-    configs = tmp_path / "configs"
-    shutil.copytree(CONFIGS, configs)
-    bench, judge = configs / "benchmark" / "world.yaml", configs / "judge" / "world.yaml"
-    if not bench.exists():
-        bench.write_text("defaults:\n  - /world@_global_.world: default\n\nname: world\n")
-    if not judge.exists():
-        judge.write_text("name: world\n")
-    return configs
-
-
 def test_every_evaluation_gets_every_world_setting_and_asks_the_written_items(tmp_path, monkeypatch):
     import src.eval
 
@@ -105,9 +91,8 @@ def test_every_evaluation_gets_every_world_setting_and_asks_the_written_items(tm
         return {"grounded_accuracy": 0.5}
 
     monkeypatch.setattr(src.eval, "evaluate", fake_evaluate)
-    configs = configs_with_world_benchmark(tmp_path)
     world = [*SMALL, "world.hazard_rule=xor", "world.cue_rate=0.6", "world.image_size=40", "world.phrasings=8"]
-    rep = reproduction(tmp_path, [*world, "wandb.enabled=false"], configs)
+    rep = reproduction(tmp_path, [*world, "wandb.enabled=false"])
     rep.format = {"system_prompt": None, "image_aspect_ratio": "crop"}
     _, settings = rep.split()
     assert rep.evaluate("dpo", 0, "runs/dpo/model", "base", settings) == {"grounded_accuracy": 0.5}
@@ -212,7 +197,6 @@ def test_world_plot_draws_real_blank_shuffled_and_refusals(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (CONFIGS / "benchmark" / "world.yaml").exists(), reason="benchmark=world is not there yet")
 def test_reproduce_world_end_to_end(tmp_path):
     overrides = [
         "experiment=reproduce_world",

@@ -5,7 +5,6 @@ carry zeroed pixels (an image path that silently drops every image while the los
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import pytest
 
@@ -16,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 # the default world and experiment=reproduce_world's base; DPO for two epochs at lr 1e-4, where (measured, from the
 # same base, seeds 0-1) its greedy behaviour follows the picture almost perfectly: grounded accuracy 1.00 / 0.98
-# with the real pictures, 0.50 with blank ones
+# with the real pictures, 0.50 with blank ones. This test measured image reliance 0.50 with the images and 0.00 with
+# zeroed pixels (72 s for both on 2 cores); the bars sit well inside that gap
 WORLD = WorldSettings()
 DPO = ["optim.lr=1.0e-4", "trainer.max_epochs=2"]
 MIN_RELIANCE = 0.25
@@ -67,6 +67,7 @@ def _dpo_then_reliance(world, base, out, monkeypatch=None):
 
 def test_dpo_on_the_world_relies_on_the_image(world, base, tmp_path):
     reliance, report = _dpo_then_reliance(world, base, tmp_path)
+    print(f"image reliance with the images: {reliance:.3f}")  # shown with pytest -s
     assert reliance >= MIN_RELIANCE, json.dumps({k: report[k] for k in ("grounded_accuracy", "ablation")})
     assert report["grounded_accuracy"] > report["ablation"]["blank"]["grounded_accuracy"]["rate"]
 
@@ -82,4 +83,5 @@ def test_zeroed_pixels_in_the_batch_collapse_the_gap(world, base, tmp_path, monk
 
     monkeypatch.setattr(datamodule, "collate_pairs", zeroed)
     reliance, report = _dpo_then_reliance(world, base, tmp_path)
+    print(f"image reliance with zeroed pixels: {reliance:.3f}")
     assert abs(reliance) <= MAX_RELIANCE_BROKEN, json.dumps({k: report[k] for k in ("grounded_accuracy", "ablation")})
