@@ -155,7 +155,10 @@ def test_notebook_runs_on_a_full_bpo_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "separation 0.100" in out and "WARNING: weak judge" in out
     assert "generation health" in out and "broken_rate 0.100" in out
-    assert "co-defense both_safe: 0.400" in out and "benign image swapped in (an upper bound of over-refusal): 0.133" in out
+    assert (
+        "co-defense both_safe: 0.400" in out
+        and "benign image swapped in (an upper bound of over-refusal): 0.133" in out
+    )
 
 
 def test_notebook_runs_without_optional_sections(tmp_path, monkeypatch, capsys):
