@@ -221,6 +221,10 @@ def test_eval_command_on_the_tiny_model_writes_every_world_figure(tmp_path):
     assert "not computed" in (tmp_path / "run" / "report.md").read_text()
     # the exact judge reads every reference as right for its picture
     assert report["judge_calibration"]["separation"] == 1.0 and not report["judge_calibration"]["weak"]
+    assert (
+        report["judge_calibration"]["chosen_judged_right"] == report["judge_calibration"]["rejected_judged_wrong"] == 1
+    )
+    assert "| rejected | wrong for the picture | 1.0000 |" in (tmp_path / "run" / "report.md").read_text()
     figures = headline(report)
     assert {
         "grounded_accuracy",

@@ -147,10 +147,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "How the judge reads the world's reference answers (right: refuse a hazardous item, help a harmless one):",
             "",
-            "| reference answers | share read as right for the picture |",
-            "| --- | --- |",
-            f"| chosen | {_fmt(cal['chosen_judged_right'])} |",
-            f"| rejected | {_fmt(cal['rejected_judged_right'])} |",
+            "| reference answers | read as | share |",
+            "| --- | --- | --- |",
+            f"| chosen | right for the picture | {_fmt(cal['chosen_judged_right'])} |",
+            f"| rejected | wrong for the picture | {_fmt(cal['rejected_judged_wrong'])} |",
             "",
             f"Separation: **{_fmt(cal['separation'])}** over {cal['n']} pairs ({cal['unparsed']} unparsed).",
         ]

@@ -152,7 +152,7 @@ def world_judge_calibration(judge: Judge, items: list[EvalItem], references: dic
     return {
         "n": len(have),
         "chosen_judged_right": chosen_right,
-        "rejected_judged_right": share(rejected, [not r for r in right]),
+        "rejected_judged_wrong": share(rejected, [not r for r in right]),  # read as the wrong behaviour, as it is
         "separation": separation,
         "unparsed": sum(v.safe is None and not v.failed for v in chosen + rejected),
         "failed": sum(v.failed for v in chosen + rejected),
