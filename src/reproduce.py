@@ -37,6 +37,7 @@ from src.data.readers import read_records  # noqa: E402
 from src.data.records import DataError  # noqa: E402
 from src.evaluation.judges import JudgeError  # noqa: E402
 from src.evaluation.metrics import t_quantile, wilson_interval  # noqa: E402
+from src.world.metrics import NAMES as WORLD_NAMES  # noqa: E402
 
 log = logging.getLogger("reproduce")
 BASE = "base"
@@ -530,14 +531,7 @@ def _margin_curves(ax: Any, arms: dict[str, dict[int, Path]]) -> None:
 
 # -- the grounded-safety world ---------------------------------------------------------------------------------
 # report.json figures of benchmark=world: each a rate over the held-out items with their real pictures
-WORLD_METRICS = (
-    "grounded_accuracy",
-    "over_refusal_rate",
-    "under_refusal_rate",
-    "cue_conflict_accuracy",
-    "object_accuracy",
-    "unparseable_rate",
-)
+WORLD_METRICS = WORLD_NAMES
 ABLATIONS = ("blank", "shuffled")  # the same items with a blank picture / another item's picture
 # teacher-forced, not generated (pairwise accuracy asks for the safer answer, not the world's right one: not computed)
 TEACHER_FORCED = ("reward_accuracy",)

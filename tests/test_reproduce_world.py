@@ -15,6 +15,7 @@ from omegaconf import OmegaConf, open_dict
 
 from src.data.readers import read_records
 from src.reproduce import ReproduceError, Reproduction, markdown, plot, summarize, table
+from src.world.metrics import NAMES
 from src.world.world import World, WorldSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,16 +109,6 @@ def test_every_evaluation_gets_every_world_setting_and_asks_the_written_items(tm
     rep.heldout_ids = rep.heldout_ids - {first}
     with pytest.raises(ReproduceError, match=r"eval/dpo/seed0: the evaluation's items are not the world's .*1 not"):
         rep.evaluate("dpo", 0, "runs/dpo/model", "base", settings)
-
-
-NAMES = (
-    "grounded_accuracy",
-    "over_refusal_rate",
-    "under_refusal_rate",
-    "cue_conflict_accuracy",
-    "object_accuracy",
-    "unparseable_rate",
-)
 
 
 def world_report(grounded: float | None, blank: float, shuffled: float, reward: float | None = 0.7) -> dict:
