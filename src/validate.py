@@ -3,9 +3,10 @@
     python src/validate.py data=mmsafe_po data.path=train.json data.image_root=images/ [strict=true]
 
 Prints where every record of the file went, each counted once (records read = usable + rejected +
-skipped), every problem (file, line or index, record id, what is wrong) and every skipped record; the same
-figures go to validation.json. Exits 0 when no record is rejected, 1 otherwise (with strict=true, truncation
-skips count too).
+skipped), and the problems grouped by what is wrong, with a count and the first record ids; validation.json
+holds the same figures and every problem and skipped record by name (also when the data cannot be used at all),
+and its path is the last line printed. Exits 0 when no record is rejected, 1 otherwise (with strict=true,
+truncation skips count too).
 """
 
 from __future__ import annotations
@@ -43,21 +44,48 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     try:
         datamodule.setup("fit")
     except (DataError, ValueError) as e:  # the file itself is unusable, or nothing in it is
-        return {"path": str(cfg.data.path), "fatal": str(e), "problems": datamodule.problems, "ok": False}
+        if "train" not in datamodule.encoded:  # stopped while reading: only the problems found so far
+            groups = datamodule.problem_groups()
+            return {
+                "path": str(cfg.data.path),
+                "fatal": str(e),
+                "problems_by_reason": groups,
+                "problems": datamodule.problems or [],
+                "ok": False,
+            }
+        return {**datamodule.summary(limit=None), "fatal": str(e), "ok": False}  # every record was looked at
     summary = datamodule.summary(limit=None)
     summary["ok"] = summary["rejected_records"] == 0 and not (cfg.strict and summary["skipped"])
     return summary
 
 
-def _listed(title: str, items: list[str], show: int) -> list[str]:
-    if not items:
+def _grouped(title: str, groups: list[dict[str, Any]], show: int) -> list[str]:
+    """One line per reason (the ``show`` most frequent): how many records, what is wrong, the first ids."""
+    if not groups:
         return []
-    return [f"{title} ({min(show, len(items))} shown of {len(items)}):"] + [f"  - {p}" for p in items[:show]]
+    records = sum(g["records"] for g in groups)
+    lines = [f"{title}: {records} records, {len(groups)} reasons ({min(show, len(groups))} shown):"]
+    for g in groups[:show]:
+        ids = ", ".join(g["first"]) + (", ..." if g["records"] > len(g["first"]) else "")
+        lines.append(f"  - {g['records']} records: {g['reason']} [records {ids}]")
+    return lines
+
+
+def _skipped(skipped: list[str], show: int) -> list[str]:
+    """Skipped records grouped by split and reason, the first few named."""
+    groups: dict[str, list[str]] = {}
+    for line in skipped:  # "train: record 7: prompt_too_long (data.max_length=512)"
+        split, _, rest = line.partition(": record ")
+        record, _, why = rest.partition(": ")
+        groups.setdefault(f"{split}: {why}", []).append(record)
+    return _grouped(
+        "skipped", [{"reason": r, "records": len(ids), "first": ids[:5]} for r, ids in groups.items()], show
+    )
 
 
 def report(summary: dict[str, Any], show: int) -> str:
-    if "fatal" in summary:
-        problems = _listed("problems", summary.get("problems") or [], show)
+    if "fatal" in summary and "records_read" not in summary:  # stopped while reading the file
+        problems = _grouped("problems", summary["problems_by_reason"], show)
         return "\n".join([f"{summary['path']}: cannot be used: {summary['fatal']}", *problems])
     by_reason = f" {json.dumps(summary['skipped_by_reason'])}" if summary["skipped"] else ""
     lines = [f"data set: {summary['path']}", f"records in file:   {summary['records_in_file']}"]
@@ -78,9 +106,11 @@ def report(summary: dict[str, Any], show: int) -> str:
                 f"{split}: {s['encoded']} encoded, history dropped in {s['records_with_history_dropped']}, "
                 f"{s['answers_truncated']} answers truncated"
             )
-    lines += _listed("problems", summary["problems"], show)
-    lines += _listed("skipped", summary["skipped_records"], show)
-    if summary["rejected_records"]:
+    lines += _grouped("problems", summary["problems_by_reason"], show)
+    lines += _skipped(summary["skipped_records"], show)
+    if "fatal" in summary:
+        lines.append(f"NOT OK: cannot be used: {summary['fatal']}")
+    elif summary["rejected_records"]:
         lines.append("NOT OK: see the problems above")
     elif not summary["ok"]:
         lines.append("NOT OK (strict=true): records were skipped, see above")
@@ -92,9 +122,10 @@ def report(summary: dict[str, Any], show: int) -> str:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="validate")
 def main(cfg: DictConfig) -> None:
     summary = validate(cfg)
-    print(report(summary, cfg.show))
     out = Path(cfg.paths.output_dir) / "validation.json"
     out.write_text(json.dumps(summary, indent=2, default=str))
+    print(report(summary, cfg.show))
+    print(f"validation report: {out}")
     sys.exit(0 if summary["ok"] else 1)
 
 

@@ -1,6 +1,7 @@
 """Hostile input: every case gives a clear message or a counted skip, through validate.py and training."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -72,6 +73,7 @@ EXPECTED = {
     "not valid UTF-8": ":19:",
     "<image> marker but no 'image'": "null-image",
 }
+MISSING_ADVICE = "Point data.image_root at the image folder, or set data.missing_images=render"
 # how each record that is not usable is named, once, in the problems or the skipped list
 NOT_USABLE = [
     ":7: invalid JSON",
@@ -109,6 +111,10 @@ def test_validate_reports_every_problem(tmp_path, hostile, monkeypatch):
     # good, converted-mode and marker-less records are usable; the long one is a counted skip
     assert summary["usable"] == 6 and summary["skipped_by_reason"] == {"prompt_too_long": 1}
     assert summary["rejected_records"] == 12 and not summary["ok"]
+    groups = {g["reason"]: g["first"] for g in summary["problems_by_reason"]}  # each record once, by what is wrong
+    assert sum(g["records"] for g in summary["problems_by_reason"]) == 12
+    assert groups["invalid JSON (Expecting value at column 31)"] == ["line 7"] and ["blank"] in groups.values()
+    assert groups[f"image file not found under {img} (data.image_root={img}). {MISSING_ADVICE}"] == ["missing-image"]
     text = report(summary, show=50)
     assert "NOT OK" in text and "usable:            6" in text
 
@@ -264,3 +270,69 @@ def test_duplicate_ids_across_train_and_validation_files(tmp_path):
         PreferenceDataModule(**kwargs).load_records()
     dm = PreferenceDataModule(**kwargs, on_error="skip")
     assert [r.id for r in dm.load_records()] == ["a", "b", "c"] and len(dm.problems) == 1
+
+
+def test_validate_names_missing_images_grouped(tmp_path):
+    """Every image missing: one line per reason with a count and the root, no max_length advice, all in the JSON."""
+    records = [
+        {
+            "id": str(i),
+            "question": "USER: <image>\nWho is this? ASSISTANT:",
+            "image": f"photo_{i}.jpg",
+            "chosen": "I can't identify people from photos.",
+            "rejected": f"That is person number {i}.",
+            "text_prompt": f"Who is person {i}?",
+        }
+        for i in range(12)
+    ]
+    path = tmp_path / "mmsafe.json"
+    path.write_text(json.dumps(records))
+    images = tmp_path / "no_images_here"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "src/validate.py",
+            "data=mmsafe_po",
+            f"data.path={path}",
+            f"data.image_root={images}",
+            f"hydra.run.dir={tmp_path}/v",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert f"image file not found under {images}" in text and "data.missing_images=render" in text
+    assert "max_length" not in text
+    lines = [line for line in text.splitlines() if "image file not found" in line]
+    assert 1 <= len(lines) <= 3, lines  # grouped, not one line per record
+    assert any("12 records" in line for line in lines), lines
+    report_path = tmp_path / "v" / "validation.json"
+    assert out.stdout.strip().splitlines()[-1] == f"validation report: {report_path}"
+    summary = json.loads(report_path.read_text())
+    assert len(summary["problems"]) == 12 and all("image file not found" in p for p in summary["problems"])
+    assert {p.split(":")[0] for p in summary["problems"]} == {f"record {i}" for i in range(12)}
+    assert summary["problems_by_reason"][0]["records"] == 12 and not summary["ok"]
+
+
+def test_nothing_usable_names_the_reasons(tmp_path, tiny):
+    """A split with no usable record stops with its reasons and counts; max_length is advised only for length skips."""
+    from src.data.datamodule import PreferenceDataModule
+
+    (tmp_path / "d.jsonl").write_text("\n".join(rec(f"r{i}", image=f"gone{i}.png") for i in range(4)) + "\n")
+    kwargs = {"path": str(tmp_path / "d.jsonl"), "val_fraction": 0.0, "on_error": "skip", "processor": tiny[1]}
+    dm = PreferenceDataModule(**kwargs, image_root=str(tmp_path / "img"))
+    with pytest.raises(
+        ValueError, match=r"none of the 4 records is usable: 4 records: image file not found under"
+    ) as e:
+        dm.setup("fit")
+    assert "max_length" not in str(e.value)
+    assert dm.summary()["problems_by_reason"] == [
+        {"reason": dm.problem_groups()[0]["reason"], "records": 4, "first": ["r0", "r1", "r2", "r3"]}
+    ]
+    dm = PreferenceDataModule(**kwargs, missing_images="render", max_length=8)
+    with pytest.raises(ValueError, match=r"4 records skipped: prompt_too_long .*; raise data.max_length \(now 8\)"):
+        dm.setup("fit")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,22 @@ from src.data.readers import collect_problem, keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord
 
 log = logging.getLogger(__name__)
+
+# where a problem line names its record: "record 7", "f.jsonl:3", "f.jsonl:3 (id=x)", "f.json: record id=x (#2)"
+_WHERE = re.compile(r"^(record [^:]+|.*?(?:\(id=[^)]*\)|\(#\d+\)|record #\d+|:\d+)): (.*)$", re.S)
+_LABEL = re.compile(r"id=([^)\s]+)|^record (\S+)$|record (#\d+)$|:(\d+)$")
+SHOWN_IDS = 5  # record ids listed per reason
+
+
+def split_problem(problem: str) -> tuple[str, str]:
+    """(record, what is wrong) of a problem line; the record is a short label (id, "#index", "line N"), "" if none."""
+    match = _WHERE.match(problem)
+    if not match:
+        return "", problem
+    label = _LABEL.search(match[1])
+    if label is None:
+        return match[1], match[2]
+    return label[1] or label[2] or label[3] or f"line {label[4]}", match[2]
 
 
 def grouped_split(
@@ -130,6 +147,7 @@ class PreferenceDataModule(LightningDataModule):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
         # with on_error=skip, bad records are described here, skipped and counted, never dropped silently
         self.problems: list[str] | None = [] if on_error == "skip" else None
+        self.problem_reasons: dict[int, str] = {}  # index in problems -> DataError.reason, where it has one
         self.skipped_records: list[str] = []  # one line per record skipped at encoding, naming it and why
         self.records_in_file = 0  # every record of data.path and data.val_path, kept or rejected
         self.not_selected: Counter = Counter()  # records left out on purpose, by the setting that did it
@@ -139,6 +157,7 @@ class PreferenceDataModule(LightningDataModule):
         self.records: list[PreferenceRecord] | None = None
         self.val_records_given: list[PreferenceRecord] | None = None
         self.stats: dict[str, EncodeStats] = {}
+        self.encoded: dict[str, PreferenceDataset] = {}  # by split, kept for summary() when setup() stopped
         self.train_set: PreferenceDataset | None = None
         self.val_set: PreferenceDataset | None = None
 
@@ -187,7 +206,7 @@ class PreferenceDataModule(LightningDataModule):
                     f"{self.hparams.val_path}: record id {r.id!r} is also in {self.hparams.path}; "
                     "ids must be unique across the training and validation files"
                 )
-                collect_problem(self.problems, error)
+                self._collect(error)
                 continue
             kept.append(r)
         return kept
@@ -206,6 +225,22 @@ class PreferenceDataModule(LightningDataModule):
             return self.records, self.val_records_given
         return grouped_split(self.records, self.hparams.val_fraction, self.hparams.split_seed)
 
+    # -- problems ------------------------------------------------------------------------------
+    def _collect(self, error: DataError) -> None:
+        """Raise, or describe the bad record in ``problems`` (keeping its record-independent reason)."""
+        collect_problem(self.problems, error)
+        if error.reason:
+            self.problem_reasons[len(self.problems) - 1] = error.reason
+
+    def problem_groups(self, start: int = 0, end: int | None = None) -> list[dict[str, Any]]:
+        """``problems[start:end]`` grouped by what is wrong, most frequent first: reason, records, first ids."""
+        groups: dict[str, list[str]] = {}
+        for i, problem in enumerate((self.problems or [])[start:end], start):
+            record, what = split_problem(problem)
+            groups.setdefault(self.problem_reasons.get(i, what), []).append(record)
+        ordered = sorted(groups.items(), key=lambda g: -len(g[1]))
+        return [{"reason": r, "records": len(ids), "first": ids[:SHOWN_IDS]} for r, ids in ordered]
+
     # -- encoding ------------------------------------------------------------------------------
     def _encode(self, records: list[PreferenceRecord], name: str) -> PreferenceDataset:
         hp = self.hparams
@@ -218,15 +253,13 @@ class PreferenceDataModule(LightningDataModule):
             try:
                 result = encoder.encode(record, self.resolver(record), self.answers)
             except DataError as e:  # e.g. an unreadable image: bad input, counted as rejected only
-                collect_problem(self.problems, e)
+                self._collect(e)
                 stats.rejected += 1
                 continue
             if isinstance(result, str):
                 stats.skipped[result] += 1
-                self.skipped_records.append(
-                    f"{name}: record {record.id}: {result} (data.max_length={self.hparams.max_length})"
-                )
-                log.warning("%s: skipping record %s (%s)", name, record.id, result)
+                self.skipped_records.append(f"{name}: record {record.id}: {result} (data.max_length={hp.max_length})")
+                log.debug("%s: skipping record %s (%s)", name, record.id, result)
                 continue
             stats.encoded += 1
             stats.dropped_history += result.dropped_turns > 0
@@ -234,13 +267,27 @@ class PreferenceDataModule(LightningDataModule):
             stats.truncated_extra += result.truncated_extra
             pairs.append(result)
         self.stats[name] = stats
-        if not pairs and records:
-            hint = f"; raise data.max_length (now {self.hparams.max_length})" if stats.skipped else ""
-            raise ValueError(
-                f"{name}: none of the {len(records)} records is usable ({stats.rejected} rejected as bad input, "
-                f"skipped: {dict(stats.skipped)}){hint}"
+        self.encoded[name] = dataset = PreferenceDataset(records, pairs, self.resolver, encoder)
+        if stats.skipped:  # one line per split; each record is named in skipped_records
+            log.warning(
+                "%s: %d records skipped %s (data.max_length=%d)",
+                name,
+                sum(stats.skipped.values()),
+                dict(stats.skipped),
+                hp.max_length,
             )
-        return PreferenceDataset(records, pairs, self.resolver, encoder)
+        return dataset
+
+    def _nothing_usable(self, name: str, records: int, problems: tuple[int, int]) -> str:
+        """Why no record of a split is usable: the reasons with their counts; max_length only if it is one."""
+        stats = self.stats[name]
+        reasons = [f"{g['records']} records: {g['reason']}" for g in self.problem_groups(*problems)]
+        reasons += [
+            f"{n} records skipped: {why} (data.max_length={self.hparams.max_length})"
+            for why, n in stats.skipped.items()
+        ]
+        hint = f"; raise data.max_length (now {self.hparams.max_length})" if stats.skipped else ""
+        return f"{name}: none of the {records} records is usable: {'; '.join(reasons)}{hint}"
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
@@ -248,8 +295,16 @@ class PreferenceDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         train, val = self.split()
-        self.train_set = self._encode(train, "train")
-        self.val_set = self._encode(val, "val") if val else None
+        # both splits are encoded before any stop, so every problem is described (validate.py reports them all)
+        before_train = len(self.problems or [])
+        train_set = self._encode(train, "train")
+        before_val = len(self.problems or [])
+        val_set = self._encode(val, "val") if val else None
+        problems = {"train": (before_train, before_val), "val": (before_val, len(self.problems or []))}
+        for name, records, dataset in (("train", train, train_set), ("val", val, val_set)):
+            if records and not dataset.pairs:
+                raise ValueError(self._nothing_usable(name, len(records), problems[name]))
+        self.train_set, self.val_set = train_set, val_set
 
     def summary(self, limit: int | None = 100) -> dict[str, Any]:
         """Where every record of the data file(s) went, counted once; per-split encoding figures.
@@ -259,7 +314,7 @@ class PreferenceDataModule(LightningDataModule):
         ``skipped`` (does not fit data.max_length, each named in ``skipped_records``). ``stand_in_images``
         counts the usable records whose missing image is drawn as a stand-in. ``limit`` caps the two lists.
         """
-        if self.train_set is None:
+        if "train" not in self.encoded:  # set by setup(), also when it stopped because no record is usable
             raise RuntimeError("PreferenceDataModule.summary() needs setup() first")
         usable = sum(s.encoded for s in self.stats.values())
         skipped_by_reason = sum((s.skipped for s in self.stats.values()), Counter())
@@ -271,7 +326,7 @@ class PreferenceDataModule(LightningDataModule):
                 f"data accounting does not add up: {records_read} records read != {usable} usable + "
                 f"{rejected} rejected + {skipped} skipped"
             )
-        usable_ids = {p.id for d in (self.train_set, self.val_set) if d is not None for p in d.pairs}
+        usable_ids = {p.id for d in self.encoded.values() for p in d.pairs}
         out: dict[str, Any] = {
             "path": str(self.hparams.path),
             "records_in_file": self.records_in_file,
@@ -285,6 +340,7 @@ class PreferenceDataModule(LightningDataModule):
         }
         for name, stats in self.stats.items():
             out[name] = stats.summary()
+        out["problems_by_reason"] = self.problem_groups()
         out["problems"] = (self.problems or [])[:limit]
         out["skipped_records"] = self.skipped_records[:limit]
         return out

@@ -137,7 +137,12 @@ class ImageResolver:
         if self.missing == "render":
             self.rendered.add(record.id)
             return render_stand_in(record.stand_in_text(), self.stand_in_size)
+        # relative paths of many records share one root (the reason they are grouped by); absolute ones their folder
+        relative = self.image_root is not None and not Path(record.image).is_absolute()
+        under = self.image_root if relative else path.parent
+        advice = "Point data.image_root at the image folder, or set data.missing_images=render"
         raise DataError(
-            f"record {record.id}: image file not found: {path} ({self._root_note}). Point data.image_root at the image "
-            "folder, or set data.missing_images=render to draw the entity as a stand-in image."
+            f"record {record.id}: image file not found: {path} ({self._root_note}). {advice} to draw the entity as a "
+            "stand-in image.",
+            reason=f"image file not found under {under} ({self._root_note}). {advice}",
         )

@@ -9,7 +9,15 @@ ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file and the record so the user can fix it."""
+    """Bad input data; the message names the file and the record so the user can fix it.
+
+    ``reason``, when given, is the message without what is particular to the record (its id, its path): many
+    records failing for one cause are then reported as one line with a count.
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
