@@ -64,7 +64,8 @@ def _grouped(title: str, groups: list[dict[str, Any]], show: int) -> list[str]:
     if not groups:
         return []
     records = sum(g["records"] for g in groups)
-    lines = [f"{title}: {records} records, {len(groups)} reasons ({min(show, len(groups))} shown):"]
+    reasons = f"{len(groups)} reason{'s' if len(groups) != 1 else ''}"
+    lines = [f"{title}: {records} records, {reasons} ({min(show, len(groups))} shown):"]
     for g in groups[:show]:
         ids = ", ".join(g["first"]) + (", ..." if g["records"] > len(g["first"]) else "")
         lines.append(f"  - {g['records']} records: {g['reason']} [records {ids}]")
