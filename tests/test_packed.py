@@ -65,6 +65,19 @@ def model_and_processor(request):
     return model, processor
 
 
+def padded_reference(model):
+    """The model that computes the padded figures: the model itself, except flex attention on CPU, where an sdpa
+    twin with the same weights does. torch's CPU flex kernel reads the padded layout's last, partial block past
+    the sequence end and now and then returns NaN for a real answer (measured with torch 2.13: with the model
+    itself as reference the text-only test below failed in 2 of 3 runs, always in the padded figures); the packed
+    layout, which training uses, is the one under test here."""
+    if attn_implementation(model) != "flex_attention" or model.device.type != "cpu":
+        return model
+    twin, _ = build_tiny_llava(seed=0, attn_implementation="sdpa")
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
 @pytest.mark.parametrize("keys", [("chosen", "rejected"), ("chosen", "rejected", "blind")])
 def test_packed_equals_padded_logprobs(model_and_processor, keys):
     model, processor = model_and_processor
@@ -72,7 +85,7 @@ def test_packed_equals_padded_logprobs(model_and_processor, keys):
     pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
         packed = answer_logprobs(model, batch, pad, layout="packed")
-        padded = answer_logprobs(model, batch, pad, layout="padded")
+        padded = answer_logprobs(padded_reference(model), batch, pad, layout="padded")
     assert packed.shape == (2, len(keys))
     assert torch.allclose(packed, padded, atol=1e-4, rtol=0), (packed - padded).abs().max()
 
@@ -89,7 +102,8 @@ def test_packed_equals_padded_across_attention_blocks(model_and_processor):
     pad = processor.tokenizer.pad_token_id
     assert batch["answer_lengths"].sum(0).max() > 256
     with torch.no_grad():
-        diff = answer_logprobs(model, batch, pad, "packed") - answer_logprobs(model, batch, pad, "padded")
+        padded = answer_logprobs(padded_reference(model), batch, pad, "padded")
+        diff = answer_logprobs(model, batch, pad, "packed") - padded
     assert diff.abs().max() < 1e-4
 
 
@@ -98,7 +112,8 @@ def test_packed_equals_padded_on_text_only_records(model_and_processor):
     batch = make_batch(processor, RECORDS[2:], ("chosen", "rejected", "blind"))
     pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
-        diff = answer_logprobs(model, batch, pad, "packed") - answer_logprobs(model, batch, pad, "padded")
+        padded = answer_logprobs(padded_reference(model), batch, pad, "padded")
+        diff = answer_logprobs(model, batch, pad, "packed") - padded
     assert diff.abs().max() < 1e-4
 
 
