@@ -8,33 +8,24 @@ import math
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from src.data.readers import read_records
 from src.reproduce import ReproduceError, Reproduction, markdown, plot, summarize, table
 from src.world.metrics import NAMES
 from src.world.world import World, WorldSettings
+from tests.test_prompt_format import reproduction as compose_reproduction
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SMALL = ["experiment=reproduce_world", "world.seed=3", "world.train_size=24", "world.heldout_size=6"]
 
 
-def reproduction(tmp_path: Path, overrides: list[str], configs: Path = CONFIGS) -> Reproduction:
-    """A Reproduction composed as `python src/reproduce.py ...` would, writing under tmp_path/out; Hydra stays
-    initialised (the stages compose the runs' configs) until the next call."""
-    GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(configs), version_base="1.3")
-    cfg = compose("reproduce", [*overrides, f"paths.log_dir={tmp_path / 'logs'}"], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path / "out")
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
+def reproduction(tmp_path: Path, overrides: list[str]) -> Reproduction:
+    """A Reproduction composed as `python src/reproduce.py ...` would, its output folder made."""
+    rep = compose_reproduction(tmp_path, overrides)
     (tmp_path / "out").mkdir(parents=True, exist_ok=True)
-    return Reproduction(cfg)
+    return rep
 
 
 def test_world_split_writes_the_world_that_every_run_trains_on(tmp_path):
