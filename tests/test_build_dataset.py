@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -375,6 +377,20 @@ def test_stage_caches_cover_entity_types_and_the_files_behind_settings(tmp_path)
     before = zorblax_type()
     gazetteer.write_text("Zorblax Corp\tMISC\n", encoding="utf-8")  # same path, a new entry
     assert before == "ORG" and zorblax_type() == "MISC"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_permissions_of_the_users_umask(tmp_path, umask):
+    pairs = read_text_pairs(write_hh_fixture(tmp_path / "hh.jsonl", bad_lines=False))[:3]
+    out = tmp_path / "built"
+    old = os.umask(umask)
+    try:
+        builder(out).run(pairs)
+    finally:
+        os.umask(old)
+    outputs = [out / "data.json", out / "report.json", *(out / "images").iterdir(), *(out / "work").iterdir()]
+    assert len(outputs) > 4
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in outputs} == {f.name: 0o666 & ~umask for f in outputs}
 
 
 @pytest.mark.slow

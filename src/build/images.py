@@ -15,9 +15,7 @@ import http.client
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 import time
 import unicodedata
@@ -31,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from src.build.base import ENTITY_TYPES, BuildError, Entity, ImageMatch, NoImage, path_fingerprint
+from src.build.base import ENTITY_TYPES, BuildError, Entity, ImageMatch, NoImage, path_fingerprint, write_atomic
 from src.data.images import render_stand_in
 
 log = logging.getLogger(__name__)
@@ -46,19 +44,6 @@ _SUMMARY_FIELDS = ("type", "title", "thumbnail", "originalimage")
 def _with_suffix(dest: Path, suffix: str) -> Path:
     """``dest`` + ``suffix``; not `Path.with_suffix`, which would cut a name that contains a dot."""
     return dest.parent / f"{dest.name}{suffix}"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -86,7 +71,7 @@ def _save_image(data: bytes, image: Image.Image, fmt: str, dest: Path) -> Path:
     """Write a checked image to ``dest`` + suffix: JPEG / PNG bytes unchanged, anything else as PNG."""
     suffix = _KEPT_FORMATS.get(fmt)
     path = _with_suffix(dest, suffix or ".png")
-    _write_atomic(path, data if suffix else _png_bytes(image))
+    write_atomic(path, data if suffix else _png_bytes(image))
     return path
 
 
@@ -102,7 +87,7 @@ class TypographyImages:
 
     def __call__(self, entity: Entity, dest: Path) -> ImageMatch:
         path = _with_suffix(Path(dest), ".png")
-        _write_atomic(path, _png_bytes(render_stand_in(entity.text, self.size)))
+        write_atomic(path, _png_bytes(render_stand_in(entity.text, self.size)))
         return ImageMatch(path=path, source="typography")
 
 
@@ -401,4 +386,4 @@ class WikipediaImages:
     @staticmethod
     def _cache_write(path: Path | None, data: bytes) -> None:
         if path is not None:
-            _write_atomic(path, data)
+            write_atomic(path, data)

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from src.build.base import (
     Rephraser,
     Rewrite,
     TextPair,
+    write_atomic,
 )
 from src.build.rephrase import referring_phrase, rewrite_turn
 from src.data.readers import mmsafe_record
@@ -48,21 +48,6 @@ MAX_PROBLEMS_IN_REPORT = 200
 
 def digest(value: Any, n: int = 12) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:n]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class StageLog:
