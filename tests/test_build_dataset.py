@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
@@ -158,6 +159,29 @@ def test_rerun_continues_and_changed_settings_recompute(tmp_path):
     bigger = Counting(TypographyImages(size=64))
     builder(out, matcher=bigger, stage_settings={"image": {"size": 64, "note": "changed"}}).run(pairs)
     assert bigger.calls == first["entities"]["distinct_looked_up"]
+
+
+def test_a_rerun_says_what_it_reused(tmp_path, caplog, capsys):
+    pairs = read_text_pairs(write_hh_fixture(tmp_path / "hh.jsonl", bad_lines=False))[:6]
+    out = tmp_path / "built"
+    caplog.set_level(logging.INFO, logger="src.build.pipeline")
+    first = builder(out).run(pairs[:4])
+    assert "reused" not in caplog.text  # nothing to take over on a first run
+    caplog.clear()
+    second = builder(out).run(pairs)
+    work = {f.name.split("-")[0]: f for f in (out / "work").iterdir()}
+    new_images = second["entities"]["distinct_looked_up"] - first["entities"]["distinct_looked_up"]
+    new_records = second["records"]["written"] - first["records"]["written"]
+    assert new_images > 0 and new_records > 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reused")]
+    assert lines == [
+        f"reused 4 NER results (one per conversation) from {work['ner']}; 2 new",
+        f"reused {first['entities']['distinct_looked_up']} image lookups from {work['image']}; {new_images} new",
+        f"reused {first['records']['written']} rephrasings from {work['rephrase']}; {new_records} new",
+    ]
+    capsys.readouterr()
+    DatasetBuilder(FallbackNER(), TypographyImages(size=64), RuleRephraser(), out, progress=True).run(pairs)
+    assert "rec/s" not in capsys.readouterr().err  # no progress bar for a stage with nothing left to do
 
 
 def test_torn_stage_log_line_is_dropped(tmp_path):

@@ -3,7 +3,8 @@
 Every stage appends its results to a JSONL file under ``<output_dir>/work/`` named by a hash of the stage's
 component, settings and the component's ``fingerprint()`` (file contents the settings only name), so an
 interrupted run continues where it stopped and a changed setting recomputes only that stage and the ones after
-it. Within a file, a row's key covers the inputs of that item. What is not a result is never stored: an image
+it; a re-run logs, per stage, how many results it reused from which file and how many are new. Within a
+file, a row's key covers the inputs of that item. What is not a result is never stored: an image
 lookup that failed on the way (`RETRIED_REASONS`) and a rephraser's fall-back to the rule-based turn are asked
 again on every run, and counted in the report of every run. ``data.json`` and ``report.json`` are written whole
 (temporary file + rename) at the end.
@@ -218,7 +219,15 @@ class DatasetBuilder:
         self.progress = progress
 
     def _bar(self, desc: str, total: int, initial: int = 0) -> tqdm:
-        return tqdm(total=total, initial=initial, desc=desc, unit="rec", disable=not self.progress, leave=True)
+        """A progress bar, or none when there is nothing left to do (`_reused` says what was taken over)."""
+        quiet = not self.progress or initial >= total
+        return tqdm(total=total, initial=initial, desc=desc, unit="rec", disable=quiet, leave=True)
+
+    @staticmethod
+    def _reused(store: StageLog, count: int, what: str, new: int) -> None:
+        """Say what a re-run took over from an earlier run's stage file, so it is never mistaken for new work."""
+        if count:
+            log.info("reused %d %s from %s; %d new", count, what, store.path, new)
 
     # -- stages ------------------------------------------------------------------------------------
     def recognize(self, pairs: list[TextPair]) -> dict[str, list[Entity]]:
@@ -226,6 +235,7 @@ class DatasetBuilder:
         store = StageLog(self.work_dir / f"ner-{self.keys['ner']}.jsonl")
         key = {p.id: f"{p.id}:{digest(p.last_user)}" for p in pairs}
         todo = [p for p in pairs if key[p.id] not in store]
+        self._reused(store, len(pairs) - len(todo), "NER results (one per conversation)", len(todo))
         try:
             with self._bar("entities", len(pairs), len(pairs) - len(todo)) as bar:
                 for batch in _batches(todo, self.ner_batch_size):
@@ -270,6 +280,7 @@ class DatasetBuilder:
             return row is not None and ("reason" in row or _file_digest(self.images_dir / row["file"]) == row["sha"])
 
         todo = [t for t in texts if not cached(t)]
+        self._reused(store, len(texts) - len(todo), "image lookups", len(todo))
         rows: dict[str, dict[str, Any]] = {}
         try:
             with self._bar("images", len(texts), len(texts) - len(todo)) as bar:
@@ -307,6 +318,7 @@ class DatasetBuilder:
             if key[c.id] in store:
                 c.question_turn, c.rephrased_by = store[key[c.id]], self.rephraser.name
         todo = [c for c in candidates if key[c.id] not in store]
+        self._reused(store, len(candidates) - len(todo), "rephrasings", len(todo))
         try:
             with self._bar("rephrase", len(candidates), len(candidates) - len(todo)) as bar:
                 for batch in _batches(todo, self.rephrase_batch_size):
