@@ -38,9 +38,14 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         raise BuildError(f"on_error must be 'raise' or 'skip', got {cfg.on_error!r}")
     problems: list[str] | None = [] if cfg.on_error == "skip" else None
     pairs = read_text_pairs(cfg.input, cfg.input_format, problems)
-    if cfg.max_records:
+    bad = len(problems or [])
+    log.info(
+        "read %d records from %s: %d conversations, %d bad (skipped)", len(pairs) + bad, cfg.input, len(pairs), bad
+    )
+    beyond = max(0, len(pairs) - cfg.max_records) if cfg.max_records else 0
+    if beyond:
+        log.info("building from the first %d conversations (max_records)", cfg.max_records)
         pairs = pairs[: cfg.max_records]
-    log.info("read %d conversations from %s (%d bad records skipped)", len(pairs), cfg.input, len(problems or []))
     settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("ner", "image", "rephrase")}
     builder = DatasetBuilder(
         recognizer=hydra.utils.instantiate(cfg.ner),
@@ -58,17 +63,18 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         progress=cfg.progress,
     )
     inputs = {"input": str(cfg.input), "max_records": cfg.max_records, "settings": settings}
-    return builder.run(pairs, problems, inputs)
+    return builder.run(pairs, problems, inputs, beyond)
 
 
 def summary(report: dict[str, Any], output_dir: str) -> str:
     p, e, r = report["pairs"], report["entities"], report["records"]
-    drops = json.dumps(e["image_drop_reasons"]) if e["image_drop_reasons"] else ""
+    drops = f" {json.dumps(e['image_drop_reasons'])}" if e["image_drop_reasons"] else ""
     lines = [
-        f"conversations read: {p['read']}  (bad records {p['bad_record']}, no entity {p['no_entity']}, "
-        f"no image {p['no_image']}, used {p['used']})",
+        f"input records read: {p['read']}  (bad {p['bad_record']}, no entity {p['no_entity']}, "
+        f"no image {p['no_image']}, used {p['used']}"
+        + (f", beyond max_records {p['beyond_max_records']})" if p["beyond_max_records"] else ")"),
         f"entities found: {e['found']} {json.dumps(e['found_by_type'])}; images matched {e['images_matched']} "
-        f"of {e['distinct_looked_up']} looked up {drops}",
+        f"of {e['distinct_looked_up']} looked up{drops}",
         f"records written: {r['written']} {json.dumps(r['by_entity_type'])} -> {Path(output_dir) / 'data.json'}",
     ]
     lines.append(f"questions made by: {json.dumps(r['rephrased_by'])}")
@@ -78,7 +84,11 @@ def summary(report: dict[str, Any], output_dir: str) -> str:
             f"{json.dumps(r['rephrase_fallbacks'])} (asked again on the next run)"
         )
     if report["problems"]:
-        lines.append(f"bad input records (first of {p['bad_record']}): {report['problems'][0]}")
+        listed = "all" if not report["problems_not_shown"] else f"the first {len(report['problems'])}"
+        lines.append(
+            f"bad input records: {p['bad_record']} ({listed} in {Path(output_dir) / 'report.json'}), the first: "
+            f"{report['problems'][0]}"
+        )
     if report["components"]["ner"] == "fallback":
         lines.append("entities came from the offline fallback recognizer (weaker): ner=transformers is the paper's")
     return "\n".join(lines)

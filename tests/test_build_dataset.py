@@ -113,7 +113,7 @@ def _check_built(out: Path, report: dict) -> list:
         assert row["entity"] in row["text_prompt"] and row["replacement"].lower() in row["mid_prompt"].lower()
         assert not re.search(r"\b(the|a|an) the\b", last, re.IGNORECASE), last
     p = report["pairs"]
-    assert p["read"] == p["bad_record"] + p["no_entity"] + p["no_image"] + p["used"]
+    assert p["read"] == p["bad_record"] + p["no_entity"] + p["no_image"] + p["used"] + p["beyond_max_records"]
     assert sum(report["records"]["by_entity_type"].values()) == report["records"]["written"]
     return raw
 
@@ -253,6 +253,27 @@ def test_command_line_offline_build(tmp_path):
     )
     assert no_root.returncode == 2 and "image.root is required" in no_root.stdout + no_root.stderr
     assert "Traceback" not in no_root.stderr
+
+
+def test_console_output_of_a_trial_run_adds_up(tmp_path):
+    """What a newcomer reads after ``max_records=10`` on a file with 30 conversations and 2 bad lines."""
+    hh = write_hh_fixture(tmp_path / "hh.jsonl")
+    out = tmp_path / "built"
+    cmd = [sys.executable, "src/build_dataset.py", f"input={hh}", f"output_dir={out}", "max_records=10"]
+    cmd += [f"paths.log_dir={tmp_path / 'logs'}", "progress=false"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)  # without the log's colours
+    report = json.loads((out / "report.json").read_text())
+    p = report["pairs"]
+    assert (p["read"], p["bad_record"], p["beyond_max_records"]) == (32, 2, 20)
+    assert p["no_entity"] + p["no_image"] + p["used"] == 10
+    assert f"read 32 records from {hh}: 30 conversations, 2 bad (skipped)" in text
+    assert "building from the first 10 conversations (max_records)" in text
+    assert "input records read: 32  (bad 2, " in text and ", beyond max_records 20)" in text
+    assert f"bad input records: 2 (all in {out / 'report.json'}), the first: {hh}: line 6: invalid JSON (" in text
+    assert " at at " not in text  # json's "Invalid control character at" + our "at column"
+    assert not [line for line in result.stdout.splitlines() if line != line.rstrip()]
 
 
 # ---------------------------------------------------------------- what the stage caches keep and report

@@ -371,8 +371,13 @@ class DatasetBuilder:
         }
         return row
 
-    def run(self, pairs: list[TextPair], problems: list[str] | None = None, inputs: Any = None) -> dict[str, Any]:
-        """Build the data set; returns the report (also written to ``report.json``)."""
+    def run(
+        self, pairs: list[TextPair], problems: list[str] | None = None, inputs: Any = None, beyond_max_records: int = 0
+    ) -> dict[str, Any]:
+        """Build the data set; returns the report (also written to ``report.json``).
+
+        ``beyond_max_records``: conversations read but left out by a ``max_records`` limit, counted as read.
+        """
         problems = list(problems or [])
         self.output_dir.mkdir(parents=True, exist_ok=True)
         found = self.recognize(pairs)
@@ -419,7 +424,8 @@ class DatasetBuilder:
             "inputs": inputs,
             "components": {"ner": self.recognizer.name, "image": self.matcher.name, "rephrase": self.rephraser.name},
             "pairs": {
-                "read": len(pairs) + len(problems),
+                "read": len(pairs) + len(problems) + beyond_max_records,
+                "beyond_max_records": beyond_max_records,
                 "bad_record": len(problems),
                 "no_entity": dropped_pairs["no_entity"],
                 "no_image": dropped_pairs["no_image"],

@@ -46,7 +46,9 @@ def _lines(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(text)
             except json.JSONDecodeError as e:
-                yield number, DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                # json's messages may end in "at" themselves ("Invalid control character at")
+                msg = e.msg.removesuffix(" at")
+                yield number, DataError(f"{where}: invalid JSON ({msg} at column {e.colno})")
 
 
 def parse_hh_transcript(text: str, where: str) -> list[tuple[str, str]]:
