@@ -13,19 +13,25 @@ Grammar of the replacement (`rewrite_turn`):
 - a preceding determiner is absorbed, since the phrase brings its own "the": the / a / an / these / those
   and the possessives my / your / his / its / our / their ("the FBI", "a Google", "their Facebook");
 - for a person, preceding titles and honorifics are absorbed ("Senator Rand Paul", "former President
-  Obama", "Mr. Smith"; words like "judge" or "miss" only when capitalised), an occupation only together
-  with a determiner ("the actress Lupita Nyong'o"), and a "Jr." suffix; for any type a few premodifiers
-  ("the late", "the infamous");
+  Obama", "Mr. Smith"; words like "judge" or "miss" only when capitalised), an occupation used as a title
+  with what qualifies it ("the actress Lupita Nyong'o", "CNN news anchor Kate Bolduan", "my favorite singer
+  X"), and a "Jr." suffix; for any type a few premodifiers ("the late", "the infamous");
 - a plural MISC entity (a demonym or group: "Americans", "Jews") gets a plural phrase, its head noun made
   "people" ("the people in the image"); adjectives before it move into the phrase ("black Americans" ->
   "the black people in the image"); after a quantifier it becomes "of" + phrase ("many of the people");
+- a MISC name of origin or faith used as an adjective before a listed noun (`_NOUNS_OF_ORIGIN`) hands the
+  phrase that noun as its head ("Polish people" -> "the people shown in the image", "some Chinese guy" ->
+  "the guy in the image");
 - the phrase is capitalised at the start of a sentence (start of the turn, after . ! ? or a line break);
-- a possessive stays after the phrase, the English group genitive ("the person in the image's address"),
-  and a bare apostrophe after an s-final name becomes 's ("Americans' rights" -> "the people in the
-  image's rights").
+- a phrase with words after its head cannot take "'s" ("the person in the image's daughters" reads as the
+  image's daughters), so a possessive gets the phrase's prenominal form "the pictured <head>" ("Obama's
+  daughters" -> "the pictured person's daughters", "Americans' rights" -> "the pictured people's rights");
+  so does a name used as a modifier of a listed noun (`_MODIFIED_NOUNS`: "the FBI headquarters" -> "the
+  pictured organization's headquarters"). A custom phrase not of the form "the <head> ..." keeps the group
+  genitive ("someone in the image's house").
 
-Not handled (left to the model rephraser): an entity used as a noun modifier ("a Google employee" gives
-"the company in the image employee") or as an adjective ("Syrian"), and hyphenated compounds ("pro-Trump").
+Not handled (left to the model rephraser): a name modifying a noun not in those lists ("MMA live fights"),
+a MISC adjective without a listed noun ("Syrian"), and hyphenated compounds ("pro-Trump").
 """
 
 from __future__ import annotations
@@ -161,6 +167,44 @@ _SINGULAR_S = frozenset(
     | {"jesus", "exodus", "lexus", "news", "physics", "politics", "economics", "mathematics", "atlas"}
 )
 _PLURAL_HEADS = frozenset({"people", "group", "crowd", "individuals", "persons"})
+# words that qualify an occupation used as a title ("news anchor X", "baseball player X")
+_OCCUPATION_MODIFIERS = frozenset(
+    {"news", "tv", "radio", "talk", "show", "film", "movie", "pop", "rap", "rock", "country", "reality", "porn"}
+    | {"baseball", "basketball", "football", "soccer", "tennis", "golf", "hockey", "nba", "nfl", "favorite"}
+    | {"favourite"}
+)
+# nouns an entity name modifies ("the FBI headquarters", "a Google account", "Trump supporters"); the name becomes
+# a possessive there. Only nouns that are hardly ever verbs: "Does Google store my data?" must stay a question.
+_MODIFIED_NOUNS = frozenset(
+    {"headquarters", "office", "offices", "employee", "employees", "worker", "workers", "staff", "member", "members"}
+    | {"ceo", "founder", "boss", "owner", "executives", "account", "accounts", "page", "profile", "website", "app"}
+    | {"password", "login", "restaurant", "restaurants", "dealership", "factory", "warehouse", "product", "products"}
+    | {"phone", "laptop", "car", "cars", "delivery", "driver", "drivers", "customers", "news", "anchor", "reporter"}
+    | {"fans", "supporters", "voters", "administration", "government", "army", "military", "soldiers", "citizens"}
+    | {"residents", "church", "cult", "logo", "brand", "card", "servers", "database", "building", "stadium", "team"}
+    | {"players", "movie", "movies", "song", "songs", "album", "concert", "tickets", "family", "wife", "husband"}
+    | {"kids", "children", "daughter", "daughters", "son", "sons", "mansion", "vaccine", "vaccines", "policy"}
+    | {"policies", "platform", "ads", "food"}
+)
+# a MISC name used as an adjective of origin or faith before a noun ("Polish people", "a Chinese tourist")
+_ADJECTIVE_OF_ORIGIN = re.compile(r"(?:an|ese|ish|ch|al|i)$|^(?:muslim|hindu|buddhist|catholic|sikh)$", re.IGNORECASE)
+_NOT_ADJECTIVES = frozenset({"ramadan", "quran", "koran", "taliban", "vatican", "wii"})
+# what stands for one item of a group ("some Chinese guy" -> "the guy in the image")
+_SINGLE_QUANTIFIERS = frozenset({"some", "any", "every", "each", "one", "another"})
+# nouns such an adjective qualifies ("Polish people", "French restaurants"); a list, since what follows a name of
+# origin may as well be a verb ("the Maori sold")
+_NOUNS_OF_ORIGIN = frozenset(
+    {"people", "person", "persons", "men", "man", "women", "woman", "guy", "guys", "girl", "girls", "boy", "boys"}
+    | {"kid", "kids", "child", "children", "family", "families", "friend", "friends", "neighbor", "neighbors"}
+    | {"neighbour", "neighbours", "immigrant", "immigrants", "refugee", "refugees", "citizen", "citizens"}
+    | {"tourist", "tourists", "worker", "workers", "student", "students", "merchant", "merchants", "professor"}
+    | {"teacher", "teachers", "doctor", "doctors", "coworker", "coworkers", "wife", "husband", "girlfriend"}
+    | {"boyfriend", "soldiers", "leaders", "community", "communities", "names", "food", "restaurant", "restaurants"}
+    | {"culture", "language", "music", "accent", "country", "countries", "nation", "nations", "government"}
+    | {"americans", "canadians"}
+)
+# a possessive "'s" ("Kesha's", also the "'s" of "is"/"has": "Trump's going to win" reads right either way)
+_POSSESSIVE_S = re.compile(r"['’]s(?!\w)")
 
 # a whole word (letters, inner hyphens, a closing period for "Mr.") right before ``endpos``, then blanks
 _PREV_WORD = re.compile(r"(?<![\w.'’-])([A-Za-z]+(?:-[A-Za-z]+)*\.?)[^\S\n]+$")
@@ -213,8 +257,9 @@ def pluralize(phrase: str) -> str:
 def rewrite_turn(text: str, entity: Entity, phrase: str) -> tuple[str, str]:
     """(``text`` with ``entity`` replaced by ``phrase``, the phrase used, before any sentence-start capital).
 
-    The phrase used differs from ``phrase`` only for a plural group ("the black people in the image" for
-    "the item in the image"); record that one as the item's ``replacement``.
+    The phrase used differs from ``phrase`` for a plural group ("the black people in the image" for "the item
+    in the image"), a noun of origin ("the tourist in the image") and a possessive ("the pictured person", before
+    its "'s"); record that one as the item's ``replacement``.
 
     See the module docstring for the grammatical rules. Raises `BuildError` when the entity's offsets do not
     match ``text`` or the phrase is empty.
@@ -233,9 +278,15 @@ def rewrite_turn(text: str, entity: Entity, phrase: str) -> tuple[str, str]:
         end = entity.start + possessive.start()  # "Obama's" tagged whole: the possessive stays after the phrase
     start, end = _whole_words(text, start, end, person=entity.type == "PER")
     plural = is_plural(entity.type, text[start:end])
+    noun = _noun_of_adjective(text, entity.type, text[start:end], end) if not plural else None
+    headed = None if noun is None else _with_head(phrase, noun.group(1))
+    if headed is not None:  # "Polish people" -> "the people in the image": the noun goes into the phrase
+        phrase, end = headed, noun.end()
+        word = noun.group(1)
+        plural = word in ("people", "men", "women", "children") or (word.endswith("s") and not word.endswith("ss"))
+    adjectives: list[str] = []
     if plural:
-        phrase = pluralize(phrase)
-        adjectives = []
+        phrase = phrase if headed is not None else pluralize(phrase)
         while phrase.lower().startswith("the ") and (m := _PREV_WORD.search(text, 0, start)) is not None:
             if m.group(1).lower() not in _GROUP_ADJECTIVES:
                 break
@@ -245,14 +296,26 @@ def rewrite_turn(text: str, entity: Entity, phrase: str) -> tuple[str, str]:
             phrase = f"{phrase[:3]} {' '.join(adjectives)}{phrase[3:]}"
 
     start = _absorb_prefix(text, start, person=entity.type == "PER")
+    if headed is not None and not plural and (m := _PREV_WORD.search(text, 0, start)) is not None:
+        if m.group(1).lower() in _SINGLE_QUANTIFIERS:
+            start = m.start()
     before, after = text[:start], text[end:]
+    # a phrase with words after its head cannot take "'s" ("the person in the image's house"): the possessive,
+    # and a name used as a noun modifier ("the FBI headquarters"), get the phrase's prenominal form
+    bare = _bare_possessive(text, entity.start, end)
+    next_word = re.match(r"[^\S\n]+([A-Za-z]+)\b", after)
+    modifier = headed is None and not plural and next_word is not None and next_word.group(1).lower() in _MODIFIED_NOUNS
+    if (bare or modifier or _POSSESSIVE_S.match(after)) and (form := _possessive_form(phrase, adjectives)) is not None:
+        phrase = form
+        if modifier:
+            after = "'s" + after
     shown = phrase
     prev = _PREV_WORD.search(before)
     if plural and prev is not None and (prev.group(1).lower() in _QUANTIFIERS or prev.group(1).isdigit()):
         shown = f"of {phrase}"
     elif _at_sentence_start(before):
         shown = phrase[0].upper() + phrase[1:]
-    if _bare_possessive(text, entity.start, end) and not phrase.endswith("s"):
+    if bare and not phrase.endswith("s"):
         after = after[0] + "s" + after[1:]
     return before + shown + after, phrase
 
@@ -260,6 +323,33 @@ def rewrite_turn(text: str, entity: Entity, phrase: str) -> tuple[str, str]:
 def replace_entity(text: str, entity: Entity, phrase: str) -> str:
     """``text`` with ``entity`` replaced by ``phrase``, grammatically (see `rewrite_turn`)."""
     return rewrite_turn(text, entity, phrase)[0]
+
+
+def _possessive_form(phrase: str, adjectives: Sequence[str] = ()) -> str | None:
+    """``phrase`` in a form that takes "'s": "the person shown in the image" -> "the pictured person" (the
+    ``adjectives`` of a group stay before its head: "the pictured black people"). A phrase that ends with its
+    head ("the person") is kept; None for a phrase not of the form "the <head> ..." (a custom one)."""
+    words = phrase.split()
+    head = 1 + len(adjectives)
+    if len(words) <= head or words[0].lower() != "the":
+        return None
+    if len(words) == head + 1:
+        return phrase
+    return " ".join([words[0], "pictured", *words[1 : head + 1]])
+
+
+def _with_head(phrase: str, noun: str) -> str | None:
+    """``phrase`` with its head noun (the word after "the") replaced by ``noun``; None if it has no such head."""
+    m = re.match(r"(the)\s+\w+(.*)", phrase, re.IGNORECASE | re.DOTALL)
+    return None if m is None else f"{m.group(1)} {noun}{m.group(2)}"
+
+
+def _noun_of_adjective(text: str, entity_type: str, surface: str, end: int) -> re.Match[str] | None:
+    """The noun after a MISC name used as an adjective of origin or faith ("Polish people", "a Chinese tourist")."""
+    if entity_type != "MISC" or not _ADJECTIVE_OF_ORIGIN.search(surface) or surface.lower() in _NOT_ADJECTIVES:
+        return None
+    m = re.compile(r"[^\S\n]+([a-z]+)\b").match(text, end)
+    return m if m is not None and m.group(1) in _NOUNS_OF_ORIGIN else None
 
 
 def _whole_words(text: str, start: int, end: int, person: bool) -> tuple[int, int]:
@@ -292,22 +382,33 @@ def _whole_words(text: str, start: int, end: int, person: bool) -> tuple[int, in
 def _absorb_prefix(text: str, start: int, person: bool) -> int:
     """Where the replaced span starts once titles, premodifiers and a determiner before ``start`` are absorbed."""
     absorbed = pos = start
+    occupation = False
     while (m := _PREV_WORD.search(text, 0, pos)) is not None:
-        word = m.group(1).lower()
+        raw, word = m.group(1), m.group(1).lower()
         if word.endswith("."):
             if not (person and word[:-1] in _ABBREVIATIONS):
                 break
             absorbed = m.start()
-        elif person and (word in _TITLES or (word in _CAPITALISED_TITLES and m.group(1)[0].isupper())):
+        elif person and (word in _TITLES or (word in _CAPITALISED_TITLES and raw[0].isupper())):
             absorbed = m.start()
         elif word in _PREMODIFIERS:
             absorbed = m.start()
         elif word in _DETERMINERS:
             return m.start()
-        elif not (person and word in _OCCUPATIONS):  # an occupation goes only with what precedes it
+        elif person and word in _OCCUPATIONS:  # used as a title: "actress Cameron Diaz"
+            absorbed, occupation = m.start(), True
+        elif person and occupation and (word in _OCCUPATION_MODIFIERS or _is_name_word(text, m)):
+            absorbed = m.start()  # what qualifies the occupation: "Fox news anchor", "baseball player"
+        else:
             break
         pos = m.start()
     return absorbed
+
+
+def _is_name_word(text: str, m: re.Match[str]) -> bool:
+    """Whether the word ``m`` is a capitalised name inside a sentence ("CNN", "Fox"; not "I", not a first word)."""
+    word = m.group(1)
+    return len(word) > 1 and word[0].isupper() and not _at_sentence_start(text[: m.start()])
 
 
 def _at_sentence_start(before: str) -> bool:
