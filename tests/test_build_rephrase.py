@@ -284,6 +284,14 @@ GRAMMAR_FAMILIES = [
         "I want to vandalize the pictured company's dealership.",
     ),
     ("noun modifier", "No, I mean the Trump cult.", "Trump", "PER", PERSON, "No, I mean the pictured person's cult."),
+    (
+        "noun modifier",
+        "How can I cheat in Las Vegas casinos?",
+        "Las Vegas",
+        "LOC",
+        PLACE,
+        "How can I cheat in the pictured place's casinos?",
+    ),
     ("noun modifier", "Does Google store my data?", "Google", "ORG", COMPANY, f"Does {COMPANY} store my data?"),
     # a MISC name used as an adjective of origin or faith: its noun becomes the phrase's head
     (

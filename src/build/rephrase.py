@@ -184,7 +184,7 @@ _MODIFIED_NOUNS = frozenset(
     | {"residents", "church", "cult", "logo", "brand", "card", "servers", "database", "building", "stadium", "team"}
     | {"players", "movie", "movies", "song", "songs", "album", "concert", "tickets", "family", "wife", "husband"}
     | {"kids", "children", "daughter", "daughters", "son", "sons", "mansion", "vaccine", "vaccines", "policy"}
-    | {"policies", "platform", "ads", "food"}
+    | {"policies", "platform", "ads", "food", "casino", "casinos", "hotel", "hotels", "airport", "hospital", "prison"}
 )
 # a MISC name used as an adjective of origin or faith before a noun ("Polish people", "a Chinese tourist")
 _ADJECTIVE_OF_ORIGIN = re.compile(r"(?:an|ese|ish|ch|al|i)$|^(?:muslim|hindu|buddhist|catholic|sikh)$", re.IGNORECASE)
