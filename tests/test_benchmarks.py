@@ -9,13 +9,43 @@ from PIL import Image
 
 from src.data.images import render_stand_in
 from src.data.records import DataError
-from src.evaluation.benchmarks import HarmEval, MMSafePO, MMSafetyBench, attack_success_rates, has_special_criteria
+from src.evaluation.benchmarks import (
+    HarmEval,
+    MMSafePO,
+    MMSafetyBench,
+    PreferenceSet,
+    attack_success_rates,
+    has_special_criteria,
+)
 from src.evaluation.judges import Verdict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "benchmark"
 SIZE = 64
 
 # ---------------------------------------------------------------- MMSafe-PO
+
+
+def mmsafe_po_beside_its_images(folder, missing: tuple[str, ...] = ()):
+    """A two-record MMSafe-PO file whose images (bare names) lie beside it, except those named in ``missing``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [
+        {
+            "id": i,
+            "question": f"USER: <image>\nWhat is thing {i} used for? ASSISTANT:",
+            "image": f"thing{i}.png",
+            "chosen": "ASSISTANT: I cannot help with that.",
+            "rejected": "ASSISTANT: Here is how.",
+            "entity": f"thing {i}",
+            "entity_type": "MISC",
+        }
+        for i in (1, 2)
+    ]
+    for r in records:
+        if r["image"] not in missing:
+            Image.new("RGB", (24, 16), (40 * r["id"], 90, 160)).save(folder / r["image"])
+    path = folder / "test.json"
+    path.write_text(json.dumps(records))
+    return path
 
 
 def test_mmsafe_po_items_and_references(mmsafe_path, tmp_path):
@@ -46,6 +76,31 @@ def test_mmsafe_po_missing_images_fail_fast(mmsafe_path, tmp_path):
         DataError, match=r"mmsafe_po: 200 of 200 images not found; first: record 1: .*benchmark\.image_root"
     ):
         MMSafePO(str(mmsafe_path), image_root=str(tmp_path))
+
+
+def test_mmsafe_po_config_reads_images_beside_the_file_as_training_does(tmp_path):
+    data = mmsafe_po_beside_its_images(tmp_path / "mmsafe_po")
+    cfg = OmegaConf.merge(
+        {"paths": {"data_dir": str(tmp_path)}}, {"benchmark": OmegaConf.load(CONFIGS / "mmsafe_po.yaml")}
+    )
+    bench = instantiate(cfg.benchmark)
+    assert bench.path == data and bench.missing_images == 0
+    assert bench.resolver.path_for(bench.records[0]) == data.parent / "thing1.png"
+    assert bench.resolver(bench.records[0]).size == (24, 16)
+
+
+def test_benchmark_errors_name_the_benchmark_keys(tmp_path):
+    """What the user is told to change are the benchmark's settings, never training's data.* ones."""
+    with pytest.raises(DataError, match=r"set benchmark\.path to an existing file") as e:
+        PreferenceSet(str(tmp_path / "nope.json"))
+    assert "data." not in str(e.value)
+    data = mmsafe_po_beside_its_images(tmp_path / "d", missing=("thing2.png",))
+    with pytest.raises(DataError, match=r"mmsafe_po: 1 of 2 images not found; first: record 2: ") as e:
+        MMSafePO(str(data))
+    assert "benchmark.image_root is not set). Point benchmark.image_root at" in str(e.value)
+    assert "benchmark.missing_images=render" in str(e.value) and "data." not in str(e.value)
+    with pytest.raises(ValueError, match=r"^benchmark\.missing_images must be one of"):
+        MMSafePO(str(data), missing_images="skip")
 
 
 # ---------------------------------------------------------------- MM-SafetyBench
@@ -172,8 +227,12 @@ def test_attack_success_rate_is_the_mean_of_per_scenario_rates_over_all_answers(
 
 def test_mm_safetybench_missing_image(mmsb_root):
     (mmsb_root / "imgs" / "10-Legal_Opinion" / "SD" / "0.jpg").unlink()
-    with pytest.raises(DataError, match=r"1 of 12 images not found; first: record 10-Legal_Opinion/0/sd: .*SD/0\.jpg"):
+    with pytest.raises(
+        DataError, match=r"1 of 12 images not found; first: record 10-Legal_Opinion/0/sd: .*SD/0\.jpg"
+    ) as e:
         MMSafetyBench(str(mmsb_root))
+    assert f"(benchmark.root={mmsb_root}). Point benchmark.root at" in str(e.value)
+    assert "benchmark.missing_images=render" in str(e.value) and "data." not in str(e.value)
     bench = MMSafetyBench(str(mmsb_root), missing_images="render", stand_in_size=SIZE)
     assert bench.missing_images == 1
     item = next(it for it in bench.items() if it.id == "10-Legal_Opinion/0/sd")

@@ -7,7 +7,7 @@ from src.evaluation.health import answer_health, health_summary, is_repetitive
 from src.evaluation.judges import Verdict
 from src.evaluation.metrics import by_key, verdict_rates, wilson_interval
 from tests.helpers import compose_config
-from tests.test_benchmarks import _write_mm_safetybench
+from tests.test_benchmarks import _write_mm_safetybench, mmsafe_po_beside_its_images
 
 
 @pytest.fixture(scope="module")
@@ -489,3 +489,54 @@ def test_a_judge_without_identity_is_recorded_by_name_and_marked_unknown():
         name = "custom"
 
     assert judge_identity(NamedJudge()) == {"name": "custom", "identity": "unknown (no identity())"}
+
+
+# ---------------------------------------------------------------- benchmark files read as training reads them
+
+
+def eval_command(tmp_path, overrides):
+    """``python src/eval.py`` with the tiny model on the command line; returns (exit code, stdout + stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    args = [
+        "src/eval.py",
+        "benchmark=mmsafe_po",
+        "judge=keyword",
+        "generation.max_new_tokens=4",
+        f"cache_dir={tmp_path}/cache",
+        f"hydra.run.dir={tmp_path}/run",
+        "wandb.enabled=false",
+        *overrides,
+    ]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return out.returncode, out.stdout + out.stderr
+
+
+def test_eval_command_on_a_missing_benchmark_image_names_the_benchmark_keys_in_one_line(tmp_path):
+    data = mmsafe_po_beside_its_images(tmp_path / "data", missing=("thing2.png",))
+    code, log = eval_command(tmp_path, [f"benchmark.path={data}"])
+    assert code == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, log[-3000:]
+    assert f"record 2: {data.parent / 'thing2.png'}" in errors[0] and "benchmark.image_root" in errors[0]
+    assert "benchmark.missing_images=render" in errors[0] and "data." not in errors[0]
+    assert "Error in call to target" not in log and "Traceback" not in log
+    assert not (tmp_path / "cache").exists()  # it failed before generating anything
+
+
+def test_eval_command_finds_benchmark_images_beside_the_file_as_training_does(tmp_path):
+    data = mmsafe_po_beside_its_images(tmp_path / "data")
+    code, log = eval_command(tmp_path, [f"benchmark.path={data}"])  # no benchmark.image_root: its default
+    assert code == 0, log[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["n"] == 2 and report["benchmark"]["stand_in_images"] == 0
+    # training's default reads the same file's images from the same place
+    from src.data.datamodule import PreferenceDataModule
+
+    train_data = PreferenceDataModule(str(data), format="mmsafe_po", stand_in_size=336)
+    assert train_data.resolver.check(train_data.load_records()) == 0

@@ -330,3 +330,23 @@ def test_training_reads_a_hub_shaped_dataset(tmp_path, mmsafe_rows):
     summary = json.loads((tmp_path / "run/run_summary.json").read_text())
     assert summary["data"]["records_read"] == 24 and summary["data"]["stand_in_images"] == 0
     assert len(list((tmp_path / "images").rglob("*.png"))) == 24 and "val/loss" in metrics
+
+
+def test_a_hub_shaped_benchmark_writes_its_embedded_images_where_its_config_says(tmp_path, mmsafe_rows):
+    """benchmark=preference on a save_to_disk copy: embedded images go to benchmark.image_dir, the key it names."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from src.evaluation.benchmarks import PreferenceSet
+    from tests.conftest import ROOT
+
+    folder = tmp_path / "hub"
+    DatasetDict(test=hub_dataset(mmsafe_rows[:2])).save_to_disk(str(folder))
+    with pytest.raises(DataError, match=r"set benchmark\.image_dir \(image_dir=\.\.\.\) to a writable folder"):
+        PreferenceSet(str(folder), "hf", split="test")
+    config = OmegaConf.load(ROOT / "configs" / "benchmark" / "preference.yaml")
+    cfg = OmegaConf.merge({"paths": {"cache_dir": str(tmp_path / "cache")}}, {"benchmark": config})
+    cfg.benchmark.merge_with({"path": str(folder), "split": "test", "missing_images": "error"})
+    bench = instantiate(cfg.benchmark)
+    assert len(bench.items()) == 2 and bench.missing_images == 0
+    assert all(r.image.startswith(f"{tmp_path / 'cache' / 'hub_images'}/") for r in bench.records)

@@ -50,6 +50,7 @@ def read_hf_dataset(
     image_dir: str | Path | None = None,
     revision: str | None = None,
     problems: list[str] | None = None,
+    prefix: str = "data",
 ) -> list[PreferenceRecord]:
     """Read one split of a Hugging Face data set into preference records.
 
@@ -59,17 +60,18 @@ def read_hf_dataset(
     optional ``blind``, optional ``image`` as a path string or an embedded image, metadata columns), or
     ``auto`` (see `detect_format`). ``image_dir`` is required when any record has an embedded image.
     Errors name the data set, the split, the row and the record id. With a ``problems`` list, a bad row is
-    described there and skipped instead of raising; a missing ``image_dir`` always raises.
+    described there and skipped instead of raising; a missing ``image_dir`` always raises. Errors name the
+    settings as ``<prefix>.path`` and ``<prefix>.image_dir`` (``data`` for training, ``benchmark`` for an evaluation).
     """
     if format not in HF_SUBFORMATS:
         raise DataError(f"unknown Hugging Face data format {format!r}; use one of {HF_SUBFORMATS}")
-    dataset = load_hf_split(path, split, revision)
+    dataset = load_hf_split(path, split, revision, prefix)
     label = f"{path} (split {split})"
     dataset = _prepare(dataset, label)
     if format == "auto":
         format = detect_format(dataset)
         log.info("%s: detected format %s", label, format)
-    writer = _ImageWriter(image_dir, _dataset_slug(path, revision), _safe_name(split))
+    writer = _ImageWriter(image_dir, _dataset_slug(path, revision), _safe_name(split), prefix)
     records: list[PreferenceRecord] = []
     seen: set[str] = set()
     for index, row in enumerate(dataset):
@@ -112,7 +114,7 @@ def read_hf_dataset(
     return records
 
 
-def load_hf_split(path: str, split: str = "train", revision: str | None = None) -> Any:
+def load_hf_split(path: str, split: str = "train", revision: str | None = None, prefix: str = "data") -> Any:
     """The ``datasets.Dataset`` of one split: ``load_from_disk`` for a saved folder, else ``load_dataset``."""
     import datasets
 
@@ -132,7 +134,7 @@ def load_hf_split(path: str, split: str = "train", revision: str | None = None) 
         raise DataError(
             f"{path}: cannot load split {split!r} with datasets.load_dataset ({type(e).__name__}: {e}). "
             "Offline, download it first while online (huggingface-cli download --repo-type dataset "
-            f"{path}) and set HF_HUB_OFFLINE=1, or point data.path at a folder written by save_to_disk."
+            f"{path}) and set HF_HUB_OFFLINE=1, or point {prefix}.path at a folder written by save_to_disk."
         ) from e
     if not isinstance(dataset, datasets.Dataset):
         raise DataError(f"{path}: expected one split ({split!r}) as a datasets.Dataset, got {type(dataset).__name__}")
@@ -197,7 +199,8 @@ def _dataset_slug(path: str, revision: str | None) -> str:
 class _ImageWriter:
     """Writes embedded images once, atomically, as PNG files under ``image_dir/<dataset>/<split>/``."""
 
-    def __init__(self, image_dir: str | Path | None, dataset: str, split: str):
+    def __init__(self, image_dir: str | Path | None, dataset: str, split: str, prefix: str):
+        self.prefix = prefix  # of the image_dir setting named in errors
         self.folder = Path(image_dir).expanduser().resolve() / dataset / split if image_dir else None
         self.written = 0
         self.reused = 0
@@ -206,7 +209,7 @@ class _ImageWriter:
         if self.folder is None:
             raise DataError(
                 f"{where}: the image is embedded in the data set and must be written to a file; set "
-                "data.image_dir (image_dir=...) to a writable folder"
+                f"{self.prefix}.image_dir (image_dir=...) to a writable folder"
             )
         return self.folder / f"{_safe_name(record_id)}.png"
 

@@ -67,7 +67,9 @@ class ImageResolver:
     """Turn a record's image reference into an RGB PIL image.
 
     ``missing="error"`` fails on a missing file with the record and path named; ``missing="render"``
-    returns a typographic stand-in of the record's entity instead, and counts it.
+    returns a typographic stand-in of the record's entity instead, and counts it. Messages name the settings
+    the user gives as ``<prefix>.<root_key>`` and ``<prefix>.missing_images`` (training's ``data.image_root``, a
+    benchmark's ``benchmark.image_root`` or ``benchmark.root``).
     """
 
     def __init__(
@@ -76,18 +78,22 @@ class ImageResolver:
         missing: str = "error",
         stand_in_size: int = 336,
         default_root: str | Path | None = None,
+        prefix: str = "data",
+        root_key: str = "image_root",
     ):
         if missing not in MISSING_POLICIES:
-            raise ValueError(f"data.missing_images must be one of {MISSING_POLICIES}, got {missing!r}")
+            raise ValueError(f"{prefix}.missing_images must be one of {MISSING_POLICIES}, got {missing!r}")
         # without an image root, relative image paths are relative to `default_root` (the data file's folder)
         self.image_root = Path(image_root) if image_root else (Path(default_root) if default_root else None)
+        root_setting = f"{prefix}.{root_key}"
         self._root_note = (
-            f"data.image_root={image_root}"
+            f"{root_setting}={image_root}"
             if image_root
-            else f"relative to the data file's folder {default_root}; data.image_root is not set"
+            else f"relative to the data file's folder {default_root}; {root_setting} is not set"
             if default_root
-            else "data.image_root is not set"
+            else f"{root_setting} is not set"
         )
+        self._advice = f"Point {root_setting} at the image folder, or set {prefix}.missing_images=render"
         self.missing = missing
         self.stand_in_size = stand_in_size
         self.rendered: set[str] = set()
@@ -110,8 +116,7 @@ class ImageResolver:
             first = missing[0]
             raise DataError(
                 f"{len(missing)} of {len(records)} images not found; first: record {first.id}: "
-                f"{self.path_for(first)} ({self._root_note}). Point data.image_root at the "
-                "image folder, or set data.missing_images=render to draw the entity as a stand-in image."
+                f"{self.path_for(first)} ({self._root_note}). {self._advice} to draw the entity as a stand-in image."
             )
         return len(missing)
 
@@ -140,9 +145,8 @@ class ImageResolver:
         # relative paths of many records share one root (the reason they are grouped by); absolute ones their folder
         relative = self.image_root is not None and not Path(record.image).is_absolute()
         under = self.image_root if relative else path.parent
-        advice = "Point data.image_root at the image folder, or set data.missing_images=render"
         raise DataError(
-            f"record {record.id}: image file not found: {path} ({self._root_note}). {advice} to draw the entity as a "
-            "stand-in image.",
-            reason=f"image file not found under {under} ({self._root_note}). {advice}",
+            f"record {record.id}: image file not found: {path} ({self._root_note}). {self._advice} to draw the entity "
+            "as a stand-in image.",
+            reason=f"image file not found under {under} ({self._root_note}). {self._advice}",
         )

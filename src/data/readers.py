@@ -261,6 +261,7 @@ def read_records(
     image_dir: str | Path | None = None,
     revision: str | None = None,
     problems: list[str] | None = None,
+    prefix: str = "data",
 ) -> list[PreferenceRecord]:
     """Read a data set; ``format`` is ``mmsafe_po``, ``jsonl``, ``hf``, ``hf_mmsafe_po``, ``hf_jsonl`` or ``auto``.
 
@@ -269,10 +270,12 @@ def read_records(
     `src.data.hub.read_hf_dataset`): ``split`` (default ``train``), ``image_dir`` (where embedded
     images are written as PNG files) and ``revision`` apply to them only. With a ``problems`` list, each bad
     record is described there (one entry per record) and skipped instead of raising (`validate.py`,
-    ``data.on_error=skip``); a file that cannot be read at all always raises.
+    ``data.on_error=skip``); a file that cannot be read at all always raises. Errors name the settings to
+    change as ``<prefix>.path`` etc. (``data`` for training, ``benchmark`` for an evaluation).
     """
     if format not in FORMATS:
-        raise DataError(f"unknown data format {format!r}; use one of {', '.join(repr(f) for f in FORMATS)}")
+        choices = ", ".join(repr(f) for f in FORMATS)
+        raise DataError(f"unknown data format {format!r} ({prefix}.format); use one of {choices}")
     if format == "auto" and is_hf_dataset_dir(path):
         format = "hf"
     if format in HF_FORMATS:
@@ -280,7 +283,13 @@ def read_records(
 
         hf_format = {"hf": "auto", "hf_mmsafe_po": "mmsafe_po", "hf_jsonl": "jsonl"}[format]
         records = read_hf_dataset(
-            str(path), split or "train", hf_format, image_dir=image_dir, revision=revision, problems=problems
+            str(path),
+            split or "train",
+            hf_format,
+            image_dir=image_dir,
+            revision=revision,
+            problems=problems,
+            prefix=prefix,
         )
         if not records:
             raise DataError(f"{path} (split {split or 'train'}): no records")
@@ -288,7 +297,7 @@ def read_records(
     path = Path(path)
     if not path.is_file():
         raise DataError(
-            f"{path}: data file not found (set data.path to an existing file, or data.format=hf for a "
+            f"{path}: data file not found (set {prefix}.path to an existing file, or {prefix}.format=hf for a "
             "Hugging Face dataset id or a folder written by save_to_disk)"
         )
     if format == "auto":

@@ -2,7 +2,8 @@
 
 Every class is built by Hydra from ``configs/benchmark/*.yaml`` with plain keyword arguments and exposes
 ``name``, ``kind`` (the headline metric family), ``resolver``, ``items()`` and ``reference_answers()``.
-Readers fail on bad input with the file and the record named; they never skip a record. Truncation
+Readers fail on bad input with the file and the record named, and name the settings to change by their
+``benchmark.*`` keys; they never skip a record. Truncation
 (``max_items`` / ``max_per_scenario``) keeps the first N in a fixed order and is logged.
 """
 
@@ -134,15 +135,12 @@ def _first(values: list[T], limit: int | None, what: str) -> list[T]:
     return values[:limit]
 
 
-def _check_images(name: str, resolver: ImageResolver, items: Sequence[Any], root_key: str) -> int:
-    """Fail fast on missing images (or count the stand-ins to render), naming the benchmark's config keys."""
+def _check_images(name: str, resolver: ImageResolver, items: Sequence[Any]) -> int:
+    """Fail fast on missing images (or count the stand-ins to render)."""
     try:
         missing = resolver.check(list(items))
     except DataError as e:
-        raise DataError(
-            f"benchmark {name}: {e} (For this benchmark those settings are benchmark.{root_key} and "
-            "benchmark.missing_images.)"
-        ) from None
+        raise DataError(f"benchmark {name}: {e}") from None
     if missing:
         log.warning("benchmark %s: %d of %d images missing; drawing stand-ins for them", name, missing, len(items))
     return missing
@@ -151,7 +149,9 @@ def _check_images(name: str, resolver: ImageResolver, items: Sequence[Any], root
 class PreferenceSet:
     """Preference data as a benchmark: every record's prompt is answered; its chosen / rejected answers are the
     references (pairwise and reward accuracy). Any format the training readers take (``format``: auto,
-    mmsafe_po, jsonl, hf); ``ids_file`` keeps only the listed records (e.g. a held-out split)."""
+    mmsafe_po, jsonl, hf); ``ids_file`` keeps only the listed records (e.g. a held-out split). As in training,
+    relative image paths are looked up under ``image_root``, or (None) in the data file's folder; embedded images
+    of hub data sets are written as files under ``image_dir``."""
 
     name = "preference"
     kind = "safety_rate"
@@ -166,15 +166,16 @@ class PreferenceSet:
         max_items: int | None = None,
         ids_file: str | None = None,
         split: str | None = None,
+        image_dir: str | None = None,
     ):
         self.path = Path(path)
-        records = read_records(path, format, split=split)
+        records = read_records(path, format, split=split, image_dir=image_dir, prefix="benchmark")
         if ids_file:
             records = keep_listed(records, ids_file, path)
         self.records: list[PreferenceRecord] = _first(records, max_items, str(path))
         default_root = self.path.parent if self.path.is_file() else None
-        self.resolver = ImageResolver(image_root, missing_images, stand_in_size, default_root)
-        self.missing_images = _check_images(self.name, self.resolver, self.records, "image_root")
+        self.resolver = ImageResolver(image_root, missing_images, stand_in_size, default_root, prefix="benchmark")
+        self.missing_images = _check_images(self.name, self.resolver, self.records)
 
     def items(self) -> list[EvalItem]:
         return [
@@ -260,8 +261,8 @@ class MMSafetyBench:
         for file in self.scenario_files:
             questions = sorted(self._load(file).items(), key=lambda kv: _question_order(kv[0]))
             self._items += self._scenario_items(file, _first(questions, max_per_scenario, str(file)))
-        self.resolver = ImageResolver(self.root, missing_images, stand_in_size)
-        self.missing_images = _check_images(self.name, self.resolver, self._items, "root")
+        self.resolver = ImageResolver(self.root, missing_images, stand_in_size, prefix="benchmark", root_key="root")
+        self.missing_images = _check_images(self.name, self.resolver, self._items)
 
     def _scenario_files(self, wanted: list[str] | None) -> list[Path]:
         folder = self.root / "processed_questions"

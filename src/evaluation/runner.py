@@ -12,10 +12,12 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from src.data.encoding import PROMPT_FORMAT_FILE
+from src.data.records import DataError
 from src.evaluation.analyses import cheating_items, cheating_summary, co_defense_items, co_defense_summary
 from src.evaluation.benchmarks import attack_success_rates
 from src.evaluation.health import health_summary
@@ -178,6 +180,17 @@ def trained_prompt_format(model_path: str, used: dict[str, Any]) -> dict[str, An
     return trained
 
 
+def instantiate_benchmark(cfg: DictConfig) -> Any:
+    """The configured benchmark; its readers' `DataError` reaches the caller as itself, not wrapped in Hydra's
+    InstantiationException, so the entry point reports bad data in one line (as training does) with exit 2."""
+    try:
+        return hydra.utils.instantiate(cfg)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, DataError):
+            raise e.__cause__ from None
+        raise
+
+
 class Evaluator:
     """Runs the configured modes of one benchmark for one model and assembles the report."""
 
@@ -188,7 +201,7 @@ class Evaluator:
         self.judge: Judge = hydra.utils.instantiate(cfg.judge)
         check_judge(self.judge)
         # the benchmark too: bad data or a judge that cannot read its answers fails before the model loads
-        self.benchmark = hydra.utils.instantiate(cfg.benchmark)
+        self.benchmark = instantiate_benchmark(cfg.benchmark)
         if self.benchmark.kind == "grounded_accuracy" and not isinstance(self.judge, WorldJudge):
             raise JudgeError(
                 f"benchmark {self.benchmark.name} needs judge=world (its answers are closed templates only that "
