@@ -198,6 +198,21 @@ def test_notebook_defaults_to_the_newest_run_under_logs(tmp_path, monkeypatch):
     assert ns["metrics_rows"] and ns["report"]
 
 
+def test_notebook_reads_relative_paths_from_the_project_root(tmp_path, monkeypatch):
+    """`make notebook BPO_RUN_DIR=logs/train/runs/<run>` names paths from the project root, where make runs, while
+    the kernel runs in notebooks/."""
+    root = tmp_path / "project"
+    (root / "configs").mkdir(parents=True)
+    (root / "notebooks").mkdir()
+    write_metrics(root / "logs" / "train" / "runs" / "old")
+    write_metrics(root / "logs" / "train" / "runs" / "new", blind=False)
+    write_report(root / "logs" / "eval" / "runs" / "old" / "report.json", full_report())
+    run_dir, report = Path("logs/train/runs/old"), Path("logs/eval/runs/old/report.json")
+    ns = run_notebook(monkeypatch, root / "notebooks", run_dir, report)
+    assert Path(ns["RUN_DIR"]) == root / run_dir and Path(ns["REPORT"]) == root / report
+    assert len(ns["metrics_rows"]) == 9 and ns["has_blind"] and ns["report"]["per_category"]
+
+
 @pytest.mark.slow
 def test_notebook_runs_headless_in_a_kernel(tmp_path):
     """`make notebook`'s executor: nbclient's `jupyter execute` (its console script's entry point) with a python3
