@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup train test test-slow test-all lint clean bench
+.PHONY: setup train test test-slow test-all lint clean bench notebook
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ test-all: setup
 bench: setup
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -e ".[dev,bench]"
 	$(BIN)/python benchmarks/bench_step.py $(ARGS)
+
+# notebooks/analysis.ipynb run headless (installs the `notebook` extra once) on the newest training run and evaluation
+# under logs/, or on BPO_RUN_DIR=<run folder> / BPO_REPORT=<report.json>; the executed copy, plots included, is written
+# to logs/notebooks/ and its printed summary shown here
+notebook: setup
+	$(BIN)/python -c "import nbclient, ipykernel" 2>/dev/null || $(BIN)/pip install -e ".[dev,notebook]"
+	mkdir -p logs/notebooks
+	out="$(CURDIR)/logs/notebooks/analysis-$$(date +%Y-%m-%d_%H-%M-%S).ipynb"; \
+	$(BIN)/jupyter execute notebooks/analysis.ipynb --output="$$out" && \
+	$(BIN)/python -c "import nbformat, sys; [print(o.text, end='') for c in nbformat.read(sys.argv[1], 4).cells \
+	    for o in c.get('outputs', []) if o.get('name') == 'stdout']; print('executed notebook:', sys.argv[1])" "$$out"
 
 lint: setup
 	$(BIN)/ruff check src tests notebooks

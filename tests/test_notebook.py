@@ -1,15 +1,21 @@
 """notebooks/analysis.ipynb runs top to bottom on small fixture files and is kept stripped of outputs.
 
-The cells are executed with plain ``exec`` in one namespace, so neither jupyter nor nbformat is needed.
+The cells are executed with plain ``exec`` in one namespace, so neither jupyter nor nbformat is needed; one slow
+test runs the notebook in a real kernel through nbclient's ``jupyter execute``, as ``make notebook`` does, when the
+``notebook`` extra is installed.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib
+import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
@@ -190,3 +196,43 @@ def test_notebook_defaults_to_the_newest_run_under_logs(tmp_path, monkeypatch):
     assert Path(ns["RUN_DIR"]) == root / "logs" / "train" / "runs" / "2026-01-02_09-00-00"
     assert Path(ns["REPORT"]) == root / "logs" / "eval" / "runs" / "2026-01-02_09-00-00" / "report.json"
     assert ns["metrics_rows"] and ns["report"]
+
+
+def test_notebook_reads_relative_paths_from_the_project_root(tmp_path, monkeypatch):
+    """`make notebook BPO_RUN_DIR=logs/train/runs/<run>` names paths from the project root, where make runs, while
+    the kernel runs in notebooks/."""
+    root = tmp_path / "project"
+    (root / "configs").mkdir(parents=True)
+    (root / "notebooks").mkdir()
+    write_metrics(root / "logs" / "train" / "runs" / "old")
+    write_metrics(root / "logs" / "train" / "runs" / "new", blind=False)
+    write_report(root / "logs" / "eval" / "runs" / "old" / "report.json", full_report())
+    run_dir, report = Path("logs/train/runs/old"), Path("logs/eval/runs/old/report.json")
+    ns = run_notebook(monkeypatch, root / "notebooks", run_dir, report)
+    assert Path(ns["RUN_DIR"]) == root / run_dir and Path(ns["REPORT"]) == root / report
+    assert len(ns["metrics_rows"]) == 9 and ns["has_blind"] and ns["report"]["per_category"]
+
+
+@pytest.mark.slow
+def test_notebook_runs_headless_in_a_kernel(tmp_path):
+    """`make notebook`'s executor: nbclient's `jupyter execute` (its console script's entry point) with a python3
+    kernel, started from the repository root as the Makefile does; the kernel runs in notebooks/."""
+    pytest.importorskip("nbclient", reason="the `notebook` extra is not installed (`make notebook` installs it)")
+    pytest.importorskip("ipykernel", reason="the `notebook` extra is not installed (`make notebook` installs it)")
+    import nbformat
+
+    run_dir = write_metrics(tmp_path / "run")
+    report = write_report(tmp_path / "eval" / "report.json", full_report())
+    out = tmp_path / "executed.ipynb"
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the kernel picks its own (inline) backend
+    env |= {"BPO_RUN_DIR": str(run_dir), "BPO_REPORT": str(report)}
+    cmd = [sys.executable, "-c", "from nbclient.cli import main; main()", "notebooks/analysis.ipynb", f"--output={out}"]
+    done = subprocess.run(cmd, cwd=NOTEBOOK.parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    outputs = [o for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.text for o in outputs if o.get("name") == "stdout")
+    assert f"RUN_DIR = {run_dir}" in text and f"REPORT  = {report}" in text
+    assert "separation 0.100" in text and "co-defense both_safe: 0.400" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # the plots are in the executed copy
