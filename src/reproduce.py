@@ -400,7 +400,11 @@ def summarize(
         row: dict[str, Any] = {m: seed_interval([r.get(m, float("nan")) for r in by_seed.values()]) for m in METRICS}
         row["safety_rate_pooled"] = _pooled(list(by_seed.values()))
         # the safety rate's denominators, all seeds together: judged answers and why the others got no verdict
-        row["answers"] = {k: sum(r.get(k) or 0 for r in by_seed.values()) for k in ("n", *NO_VERDICT)}
+        # None where a seed's report lacks the count (written before it was counted): never a 0 it did not measure
+        row["answers"] = {
+            k: sum(r[k] for r in by_seed.values()) if all(isinstance(r.get(k), int) for r in by_seed.values()) else None
+            for k in ("n", *NO_VERDICT)
+        }
         row["health"] = {
             h: seed_interval([r["generation_health"].get(f"{h}_rate") for r in by_seed.values()]) for h in HEALTH
         }
@@ -459,7 +463,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, row in result["arms"].items():
         steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
-        a = row["answers"]
+        a = {k: "?" if v is None else v for k, v in row["answers"].items()}
         judged = f"{a['judged']} / {a['n']} ({a['failed']} failed, {a['unparsed']} unparsed, {a['empty']} empty)"
         lines.append(
             f"| {name} | {_fmt(row['safety_rate'])} | {judged} | {_fmt(row['reward_accuracy'])} | "

@@ -298,3 +298,12 @@ def test_reproduce_command_ends_with_the_folder_it_wrote(tmp_path, monkeypatch, 
     src.reproduce.main(compose_config("reproduce", [f"paths.log_dir={tmp_path / 'logs'}"], out))
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"comparison: {out} (comparison.json, comparison.md, comparison.png, eval/, runs/)"
+
+
+def test_a_count_a_report_lacks_is_null_in_the_comparison_not_0():
+    old = {"n": 10, "unparsed": 1, "judge": "keyword", "safety_rate": 0.5, "generation_health": {}}  # no `judged`
+    new = old | {"judged": 9, "failed": 0, "empty": 0}
+    result = summarize(OmegaConf.create({"seeds": [0, 1]}), {"base": {None: new}, "dpo": {0: old, 1: new}}, {}, "m")
+    assert result["arms"]["dpo"]["answers"] == {"n": 20, "judged": None, "failed": None, "unparsed": 2, "empty": None}
+    assert result["arms"]["base"]["answers"]["judged"] == 9
+    assert "| ? / 20 (? failed, 2 unparsed, ? empty) |" in markdown(result)
