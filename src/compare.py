@@ -18,15 +18,20 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from src.evaluation.compare import compare_reports, find_reports, mapping  # noqa: E402
+from src.evaluation.compare import CompareError, compare_reports, find_reports, mapping  # noqa: E402
 
 log = logging.getLogger("compare")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="compare")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    paths = find_reports([Path(p) for p in cfg.inputs])
-    table = compare_reports(paths, list(cfg.labels) if cfg.labels else None, Path(cfg.paths.output_dir))
+    out = Path(cfg.paths.output_dir)
+    try:
+        paths = find_reports([Path(p) for p in cfg.inputs])
+        table = compare_reports(paths, list(cfg.labels) if cfg.labels else None, out)
+    except (CompareError, FileNotFoundError) as e:  # a setting to change: one line, no stack trace
+        log.error("compare: %s", e)
+        sys.exit(2)
     log.info("compared %d reports; label -> report:\n%s", len(paths), "\n".join(mapping(table["rows"])))
     if table["differs"]:
         log.warning(
@@ -34,7 +39,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             ", ".join(table["differs"]),
             "; ".join(f"{m}: {s}" for m, s in table["setups"].items()),
         )
-    log.info("table: %s", Path(cfg.paths.output_dir) / "comparison.md")
+    written = ", ".join(f.name for f in sorted(out.glob("comparison.*")))
+    print(f"comparison: {out} ({written})")
     return table
 
 

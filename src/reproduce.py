@@ -400,7 +400,11 @@ def summarize(
         row: dict[str, Any] = {m: seed_interval([r.get(m, float("nan")) for r in by_seed.values()]) for m in METRICS}
         row["safety_rate_pooled"] = _pooled(list(by_seed.values()))
         # the safety rate's denominators, all seeds together: judged answers and why the others got no verdict
-        row["answers"] = {k: sum(r.get(k) or 0 for r in by_seed.values()) for k in ("n", *NO_VERDICT)}
+        # None where a seed's report lacks the count (written before it was counted): never a 0 it did not measure
+        row["answers"] = {
+            k: sum(r[k] for r in by_seed.values()) if all(isinstance(r.get(k), int) for r in by_seed.values()) else None
+            for k in ("n", *NO_VERDICT)
+        }
         row["health"] = {
             h: seed_interval([r["generation_health"].get(f"{h}_rate") for r in by_seed.values()]) for h in HEALTH
         }
@@ -459,7 +463,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, row in result["arms"].items():
         steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
-        a = row["answers"]
+        a = {k: "?" if v is None else v for k, v in row["answers"].items()}
         judged = f"{a['judged']} / {a['n']} ({a['failed']} failed, {a['unparsed']} unparsed, {a['empty']} empty)"
         lines.append(
             f"| {name} | {_fmt(row['safety_rate'])} | {judged} | {_fmt(row['reward_accuracy'])} | "
@@ -483,50 +487,62 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], arms: dict[str, dict[int, Path]], path: Path) -> None:
+def plot(result: dict[str, Any], arms: dict[str, dict[int, Path]], path: Path) -> Any:
+    """comparison.png: the held-out rates per arm (the world: its own) and the training reward margins; returns the
+    (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(result["arms"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = (
-        (axes[0], "safety_rate", "safety rate (held-out)"),
-        (axes[1], "reward_accuracy", "held-out reward accuracy vs base"),
-    )
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     if result.get("benchmark") == "world":
-        _plot_world(result, axes)
-        panels = ()  # its own: grounded accuracy by picture, over- and under-refusal
-    for ax, metric, title in panels:
-        means, errs = [], [[], []]
-        for n in names:
-            s = result["arms"][n][metric]
-            m = s["mean"] if s["mean"] is not None else float("nan")
-            ci = s["ci95"] or [m, m]
-            means.append(m)
-            errs[0].append(m - ci[0] if not math.isnan(m) else 0)
-            errs[1].append(ci[1] - m if not math.isnan(m) else 0)
-        ax.bar(names, means, yerr=errs, capsize=4, color="tab:blue")
-        for n, s in zip(names, (result["arms"][n][metric] for n in names), strict=True):
-            ax.scatter([n] * len(s["values"]), s["values"], color="black", s=10, zorder=3)
-        ax.set_ylim(0, 1)
-        ax.set_title(title)
+        _plot_world(result, axes)  # grounded accuracy by picture, over- and under-refusal
+    else:
+        for ax, metric, title in (
+            (axes[0], "safety_rate", "safety rate (held-out)"),
+            (axes[1], "reward_accuracy", "held-out reward accuracy vs base"),
+        ):
+            _bars(ax, names, [(metric, [result["arms"][n][metric] for n in names])])
+            ax.set_title(title)
     _margin_curves(axes[2], arms)
+    fig.suptitle(
+        f"judge: {result.get('judge')}, {result.get('n_heldout')} held-out items; "
+        "bars: mean over seeds with its 95% interval, dots: seeds"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
+
+
+# one line style and marker per arm: arms with equal curves (dpo and its equal-budget twin, say) stay apart
+LINES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 3)), "x"))
 
 
 def _margin_curves(ax: Any, arms: dict[str, dict[int, Path]]) -> None:
+    from src.evaluation.report import nothing_measured  # matplotlib only where a plot is drawn
+
+    drawn: dict[tuple, str] = {}  # curve -> the first arm that drew it
     for name, runs in arms.items():
         curves = [dict(training_curve(d, "train/rewards/margins")) for d in runs.values()]
         steps = sorted(set().union(*curves)) if curves else []
+        if not steps:
+            continue
         mean = [statistics.fmean([c[s] for c in curves if s in c]) for s in steps]
-        ax.plot(steps, mean, label=name)
+        style, marker = LINES[len(ax.lines) % len(LINES)]
+        curve = (tuple(steps), tuple(mean))
+        label = name + (f" (same curve as {drawn[curve]})" if curve in drawn else "")
+        every = max(1, len(steps) // 10)
+        ax.plot(steps, mean, linestyle=style, marker=marker, markevery=(len(ax.lines) % every, every), label=label)
+        drawn.setdefault(curve, name)
     ax.set_title("train reward margin (mean over seeds)")
     ax.set_xlabel("step")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:  # no run logged a margin
+        nothing_measured(ax)
 
 
 # -- the grounded-safety world ---------------------------------------------------------------------------------
@@ -639,22 +655,24 @@ def markdown_world(result: dict[str, Any]) -> str:
 
 
 def _bars(ax: Any, names: list[str], series: list[tuple[str, list[dict[str, Any]]]]) -> None:
-    """Grouped bars: per arm one bar per series (its stats in arm order), the 95% interval as error bar and each
-    seed as a dot; an arm without a value gets no bar but the word "missing"."""
+    """Grouped bars: per arm one bar per series (its stats in arm order) with its value, the 95% interval as error
+    bar and each seed as a dot; an arm without a value gets no bar but the words "not measured"."""
+    from src.evaluation.report import nothing_measured, rate_bars  # matplotlib only where a plot is drawn
+
     width = 0.8 / len(series)
+    measured = False
     for j, (label, stats) in enumerate(series):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(names))]
-        means = [s["mean"] if s["mean"] is not None else float("nan") for s in stats]
-        low = [m - s["ci95"][0] if s["ci95"] else 0 for m, s in zip(means, stats, strict=True)]
-        high = [s["ci95"][1] - m if s["ci95"] else 0 for m, s in zip(means, stats, strict=True)]
-        ax.bar(xs, means, width, yerr=[low, high], capsize=3, label=label)
+        measured |= rate_bars(ax, xs, [s["mean"] for s in stats], [s["ci95"] for s in stats], width, label=label)
         for x, s in zip(xs, stats, strict=True):
             ax.scatter([x] * len(s["values"]), s["values"], color="black", s=8, zorder=3)
-            if s["mean"] is None:
-                ax.text(x, 0.02, "missing", rotation=90, ha="center", va="bottom", fontsize=7)
+    if not measured:
+        nothing_measured(ax)
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylim(0, 1.12)  # room for a label above a rate of 1
+    if len(series) > 1:
+        ax.legend(fontsize=8)
 
 
 def _plot_world(result: dict[str, Any], axes: Any) -> None:
@@ -734,7 +752,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
     out = Path(cfg.paths.output_dir)
     print(markdown(result))
-    log.info("comparison: %s", out / "comparison.md")
+    written = [f.name for f in sorted(out.glob("comparison.*"))] + sorted(
+        f"{d.name}/" for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
+    print(f"comparison: {out} ({', '.join(written)})")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from src.evaluation.compare import compare_reports, find_reports
+from src.evaluation.metrics import wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_report(folder: Path, **fields: Any) -> Path:
@@ -67,3 +76,90 @@ def test_rows_with_other_judge_settings_or_item_counts_are_marked(tmp_path):
     same = compare_reports(find_reports([tmp_path / "a", tmp_path / "b"]), None, tmp_path / "same")
     assert same["differs"] == [] and [r["marker"] for r in same["rows"]] == ["", ""]
     assert "measured differently" not in (tmp_path / "same" / "comparison.md").read_text()
+
+
+def plotted(monkeypatch: Any) -> dict[str, Any]:
+    """Keeps the figure a plot function closes, to look at its panels."""
+    import matplotlib.pyplot as plt
+
+    captured: dict[str, Any] = {}
+    monkeypatch.setattr(plt, "close", lambda fig: captured.setdefault("fig", fig))
+    return captured
+
+
+def error_bar(ax: Any, x: float) -> tuple[float, float]:
+    """The (low, high) of the error bar drawn at ``x``."""
+    from matplotlib.container import ErrorbarContainer
+
+    for container in ax.containers:
+        if not isinstance(container, ErrorbarContainer):
+            continue
+        for segment in container.lines[2][0].get_segments():
+            if len(segment) and segment[0][0] == pytest.approx(x):
+                return segment[0][1], segment[1][1]
+    raise AssertionError(f"no error bar at x={x}")
+
+
+def test_comparison_plot_draws_intervals_and_marks_a_metric_a_report_lacks(tmp_path, monkeypatch):
+    captured = plotted(monkeypatch)
+    write_report(
+        tmp_path / "a",
+        safety_rate=0.0,
+        safety_rate_ci95=[0.0, 0.3],
+        pairwise_accuracy=0.5,
+        pairwise={"pairwise_accuracy": 0.5, "n": 10},
+    )
+    write_report(tmp_path / "b", safety_rate=0.6, safety_rate_ci95=[0.4, 0.8])  # no pairwise accuracy measured
+    table = compare_reports(find_reports([tmp_path]), ["base", "dpo"], tmp_path / "out")
+    assert table["metrics"] == ["pairwise_accuracy", "safety_rate"]
+    assert "pairwise_accuracy" not in table["rows"][1]  # absent from comparison.json too, never 0
+    (ax,) = captured["fig"].axes
+    assert ax.get_title() == "mmsafe_po - judge: keyword - base vs dpo (95% intervals)"
+    width = 0.4
+    heights = {round(p.get_x() + p.get_width() / 2, 3): p.get_height() for p in ax.patches}
+    # bars: x = metric + row * width; dpo's pairwise accuracy (x=0.4) has no bar, base's safety rate is a real 0
+    assert heights[1.0] == 0.0 and heights[1.4] == pytest.approx(0.6) and heights[0.0] == pytest.approx(0.5)
+    assert math.isnan(heights[0.4])
+    assert [t.get_position()[0] for t in ax.texts if t.get_text() == "not measured"] == [pytest.approx(width)]
+    assert {t.get_text() for t in ax.texts} >= {"0.00", "0.60", "0.50"}
+    assert error_bar(ax, 1.0) == pytest.approx((0.0, 0.3)) and error_bar(ax, 1.4) == pytest.approx((0.4, 0.8))
+    lo, hi = wilson_interval(5, 10)  # pairwise accuracy 0.5 over 10 pairs
+    assert error_bar(ax, 0.0) == pytest.approx((lo, hi))
+
+
+def test_a_label_per_report_missing_exits_2_with_one_line(tmp_path, caplog):
+    from src.compare import main
+    from tests.helpers import compose_config
+
+    a, b = write_report(tmp_path / "a"), write_report(tmp_path / "b")
+    with pytest.raises(SystemExit) as exit:
+        main(compose_config("compare", [f"inputs=[{a},{b}]", "labels=[x,y,z]"], tmp_path / "out"))
+    assert exit.value.code == 2
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith(
+        "compare: 3 labels for 2 reports: labels= needs one label per report.json found from inputs="
+    )
+    assert "\n" not in line and str(a) in line and str(b) in line
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: half a minute on a busy machine
+def test_compare_command_with_a_label_per_report_missing_fails_in_one_line(tmp_path):
+    a, b = write_report(tmp_path / "a"), write_report(tmp_path / "b")
+    command = [sys.executable, str(ROOT / "src" / "compare.py"), f"inputs=[{a},{b}]", "labels=[x,y,z]"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    run = subprocess.run([*command, f"hydra.run.dir={tmp_path}/out"], capture_output=True, text=True, env=env)
+    output = run.stdout + run.stderr
+    assert run.returncode == 2 and "Traceback" not in output
+    (line,) = [x for x in output.splitlines() if "labels" in x]
+    assert "3 labels for 2 reports" in line and "labels=" in line and "inputs=" in line and str(a) in line
+
+
+def test_compare_command_ends_with_the_folder_it_wrote(tmp_path, capsys):
+    from src.compare import main
+    from tests.helpers import compose_config
+
+    a, b = write_report(tmp_path / "a"), write_report(tmp_path / "b")
+    out = tmp_path / "out"
+    main(compose_config("compare", [f"inputs=[{a},{b}]", "labels=[x,y]"], out))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"comparison: {out} (comparison.json, comparison.md, comparison.png)"

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -540,3 +541,60 @@ def test_eval_command_finds_benchmark_images_beside_the_file_as_training_does(tm
 
     train_data = PreferenceDataModule(str(data), format="mmsafe_po", stand_in_size=336)
     assert train_data.resolver.check(train_data.load_records()) == 0
+
+
+def test_report_plot_writes_each_value_its_interval_and_over_refusal(tmp_path):
+    from src.evaluation.report import plot
+    from tests.test_compare import error_bar
+
+    nan = float("nan")
+    report = {
+        "benchmark": {"name": "mmsafe_po", "kind": "safety_rate"},
+        "judge": "keyword",
+        "safety_rate": 0.0,
+        "safety_rate_ci95": [0.0, 0.24],
+        "pairwise_accuracy": 0.0,
+        "pairwise": {"pairwise_accuracy": 0.0, "n": 12},
+        "per_category": {
+            "LOC": {"safe_rate": 0.0, "safe_ci95": [0.0, 0.56]},
+            "PER": {"safe_rate": nan, "safe_ci95": [nan, nan]},  # no answer got a verdict
+        },
+        "cheating": {"over_refusal": {"rate": 0.0, "ci95": [0.0, 0.3], "n": 9}},
+    }
+    fig = plot(report, tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 0
+    assert fig._suptitle.get_text() == "mmsafe_po - judge: keyword - 95% intervals"
+    headline, by_category = (ax for ax in fig.axes if ax.get_visible())
+    assert [t.get_text() for t in headline.get_xticklabels()] == [
+        "safety_rate",
+        "pairwise_accuracy",
+        "cheating/over_refusal",
+    ]
+    assert [t.get_text() for t in headline.texts] == ["0.00", "0.00", "0.00"]  # every rate at 0 says so
+    assert error_bar(headline, 0) == pytest.approx((0.0, 0.24)) and error_bar(headline, 2) == pytest.approx((0, 0.3))
+    assert error_bar(headline, 1) == pytest.approx(wilson_interval(0, 12))
+    assert by_category.get_title() == "safe rate by category"
+    assert [t.get_text() for t in by_category.texts] == ["0.00", "not measured"]
+    assert by_category.patches[0].get_height() == 0.0 and math.isnan(by_category.patches[1].get_height())
+
+
+def test_world_report_plot_shows_pictures_and_says_what_was_not_measured(tmp_path):
+    from src.evaluation.report import plot
+    from src.world.metrics import NAMES
+
+    nan = float("nan")
+    report = {
+        "benchmark": {"name": "world", "kind": "grounded_accuracy"},
+        "judge": "world",
+        **{name: 0.5 for name in NAMES},
+        **{f"{name}_ci95": [0.3, 0.7] for name in NAMES},
+        "ablation": {a: {"grounded_accuracy": {"rate": 0.25, "ci95": [0.1, 0.5]}} for a in ("blank", "shuffled")},
+        "pairwise": {"not_computed": "the pairwise question asks for the safer answer"},
+        "per_category": {"image/harmless": {"safe_rate": nan, "safe_ci95": [nan, nan]}},  # every answer unparsed
+    }
+    headline, by_category, pictures = (ax for ax in plot(report, tmp_path / "report.png").axes if ax.get_visible())
+    assert [t.get_text() for t in headline.get_xticklabels()] == [*NAMES, "pairwise_accuracy"]
+    assert headline.texts[-1].get_text() == "not measured" and math.isnan(headline.patches[-1].get_height())
+    assert [t.get_text() for t in by_category.texts] == ["not measured", "nothing measured"]
+    assert pictures.get_title() == "grounded accuracy by picture"
+    assert [p.get_height() for p in pictures.patches] == [0.5, 0.25, 0.25]

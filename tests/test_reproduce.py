@@ -250,3 +250,60 @@ def test_pooled_rate_leaves_out_failed_judge_requests():
     assert pooled["n"] == 38 and pooled["rate"] == pytest.approx(20 / 38)
     # reports written before `judged` was counted: every answer without a verdict is under `unparsed`
     assert _pooled([{"n": 20, "unparsed": 1, "safety_rate": 10 / 19}])["n"] == 19
+
+
+def test_comparison_plot_keeps_equal_curves_apart_and_marks_an_absent_metric(tmp_path):
+    from src.reproduce import plot
+
+    def report(rate: float) -> dict:  # no reward accuracy: no reference model was given
+        counts = {"n": 10, "judged": 10, "failed": 0, "unparsed": 0, "empty": 0}
+        return counts | {"judge": "keyword", "safety_rate": rate, "generation_health": {}}
+
+    arms = {}
+    for arm in ("dpo", "dpo_equal_budget"):  # the same margins: one curve would hide the other
+        run = tmp_path / arm / "seed0"
+        run.mkdir(parents=True)
+        (run / "metrics.csv").write_text("step,train/rewards/margins\n1,0.1\n2,0.3\n3,0.2\n")
+        (run / "run_summary.json").write_text(json.dumps({"optimizer_steps": 3}))
+        arms[arm] = {0: run}
+    reports = {"base": {None: report(0.5)}, "dpo": {0: report(0.6)}, "dpo_equal_budget": {0: report(0.6)}}
+    result = summarize(OmegaConf.create({"seeds": [0]}), reports, arms, "base-model")
+    fig = plot(result, arms, tmp_path / "comparison.png")
+    safety, reward, margins = fig.axes
+    assert [t.get_text() for t in safety.texts] == ["0.50", "0.60", "0.60"]
+    assert [t.get_text() for t in reward.texts] == ["not measured"] * 3 + ["nothing measured"]
+    assert all(math.isnan(p.get_height()) for p in reward.patches)  # no bar at 0
+    first, second = margins.get_lines()
+    assert first.get_ydata().tolist() == second.get_ydata().tolist()
+    assert first.get_linestyle() != second.get_linestyle() and first.get_marker() != second.get_marker()
+    legend = [t.get_text() for t in margins.get_legend().get_texts()]
+    assert legend == ["dpo", "dpo_equal_budget (same curve as dpo)"]
+    assert fig._suptitle.get_text().startswith("judge: keyword, ")
+
+
+def test_reproduce_command_ends_with_the_folder_it_wrote(tmp_path, monkeypatch, capsys):
+    import src.reproduce
+    from tests.helpers import compose_config
+
+    out = tmp_path / "out"
+
+    def run(self):  # stands in for training and evaluating: the files a finished comparison leaves
+        for name in ("comparison.json", "comparison.md", "comparison.png", "runs/dpo/seed0/x", "eval/dpo/seed0/x"):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text("")
+        reports = {"base": {None: {"n": 1, "judge": "keyword", "safety_rate": 1.0, "generation_health": {}}}}
+        return summarize(OmegaConf.create({"seeds": [0]}), reports, {}, "base-model")
+
+    monkeypatch.setattr(src.reproduce.Reproduction, "run", run)
+    src.reproduce.main(compose_config("reproduce", [f"paths.log_dir={tmp_path / 'logs'}"], out))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"comparison: {out} (comparison.json, comparison.md, comparison.png, eval/, runs/)"
+
+
+def test_a_count_a_report_lacks_is_null_in_the_comparison_not_0():
+    old = {"n": 10, "unparsed": 1, "judge": "keyword", "safety_rate": 0.5, "generation_health": {}}  # no `judged`
+    new = old | {"judged": 9, "failed": 0, "empty": 0}
+    result = summarize(OmegaConf.create({"seeds": [0, 1]}), {"base": {None: new}, "dpo": {0: old, 1: new}}, {}, "m")
+    assert result["arms"]["dpo"]["answers"] == {"n": 20, "judged": None, "failed": None, "unparsed": 2, "empty": None}
+    assert result["arms"]["base"]["answers"]["judged"] == 9
+    assert "| ? / 20 (? failed, 2 unparsed, ? empty) |" in markdown(result)

@@ -10,8 +10,12 @@ from typing import Any
 
 import yaml
 
-from src.evaluation.report import plt, write_json
+from src.evaluation.report import intervals, is_measured, nothing_measured, plt, rate_bars, write_json
 from src.evaluation.runner import headline
+
+
+class CompareError(ValueError):
+    """A setting the user must change; reported in one line without a stack trace."""
 
 
 def natural_key(path: Path) -> list[tuple[int, int | str]]:
@@ -65,7 +69,10 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
     """Write comparison.{md,json,png} to ``out_dir``; returns the table."""
     reports = [json.loads(p.read_text()) for p in paths]
     if labels is not None and len(labels) != len(reports):
-        raise ValueError(f"{len(labels)} labels for {len(reports)} reports")
+        raise CompareError(
+            f"{len(labels)} labels for {len(reports)} reports: labels= needs one label per report.json found from "
+            f"inputs= ({', '.join(str(p) for p in paths)}), in that order, or labels=null"
+        )
     labels = labels or [_label(r, p) for r, p in zip(reports, paths, strict=True)]
     rows = []
     for label, report, path in zip(labels, reports, paths, strict=True):
@@ -119,7 +126,7 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
     (out_dir / "comparison.md").write_text(md)
     table = {"metrics": metrics, "rows": rows, "differs": differs, "setups": setups}
     write_json(out_dir / "comparison.json", table)
-    _plot(rows, metrics, out_dir / "comparison.png")
+    _plot(rows, metrics, [intervals(r) for r in reports], out_dir / "comparison.png")
     return table
 
 
@@ -213,17 +220,33 @@ def _fmt(x: Any) -> str:
     return "" if x is None else str(x)
 
 
-def _plot(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
+def _plot(rows: list[dict[str, Any]], metrics: list[str], cis: list[dict[str, list[float]]], path: Path) -> Any:
+    """Grouped bars, one group per metric and one bar per row, with each report's 95% intervals (``cis``, per row)
+    and values; a metric a row's report lacks is marked "not measured", never drawn as 0. Returns the figure."""
     if not metrics:
-        return
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(metrics) * len(rows) / 2 + 3), 4))
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) * len(rows) / 2 + 3), 4.5))
     width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
-        values = [row.get(m, float("nan")) for m in metrics]
-        ax.bar([j + i * width for j in range(len(metrics))], values, width, label=row["label"])
+    measured = False
+    for i, (row, ci) in enumerate(zip(rows, cis, strict=True)):
+        label = row["label"] + (f" [{row['marker']}]" if row["marker"] else "")
+        xs = [j + i * width for j in range(len(metrics))]
+        measured |= rate_bars(ax, xs, [row.get(m) for m in metrics], [ci.get(m) for m in metrics], width, label=label)
+    if not measured:
+        nothing_measured(ax)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
+    ax.set_xlim(-0.5, len(metrics) - 0.5 + 0.8 - width)  # room for a last value without a bar
+    # image reliance (real - blank grounded accuracy) may fall below 0
+    values = [x for row, ci in zip(rows, cis, strict=True) for m in metrics for x in (row.get(m), *(ci.get(m) or ()))]
+    ax.set_ylim(min([0.0, *filter(is_measured, values)]), 1.12)
+    ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize=8)
+    judges = ", ".join(dict.fromkeys(r["judge"] for r in rows))
+    benchmarks = ", ".join(dict.fromkeys(r["benchmark"] for r in rows))
+    ax.set_title(
+        f"{benchmarks} - judge: {judges} - {' vs '.join(r['label'] for r in rows)} (95% intervals)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig

@@ -15,9 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from src.evaluation.benchmarks import SPECIAL_CRITERIA_SCENARIOS  # noqa: E402
+from src.evaluation.metrics import wilson_interval  # noqa: E402
 from src.world.metrics import NAMES as WORLD_NAMES  # noqa: E402
 
 log = logging.getLogger(__name__)
+CO_DEFENSE = ("text_safe", "image_safe", "both_safe")  # the co-defense rates plotted and compared
 
 
 def _fmt(x: Any) -> str:
@@ -281,46 +283,116 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    """One PNG: per-category (or per-setting) rate with 95% CIs, plus co-defense bars when present."""
-    panels = []
+def is_measured(value: Any) -> bool:
+    """A number, not None (the report lacks it) nor NaN (nothing to measure it on)."""
+    return isinstance(value, int | float) and not math.isnan(value)
+
+
+def rate_bars(
+    ax: Any,
+    xs: list[float],
+    values: list[float | None],
+    cis: list[list[float] | None],
+    width: float = 0.8,
+    **style: Any,
+) -> bool:
+    """Bars at ``xs`` with their 95% intervals (``cis``: [low, high] or None) as error bars and each value written
+    above its bar. A value not measured (None: the report lacks it; NaN: no answer got a verdict) gets no bar but
+    the words "not measured", never a bar at 0. Returns whether any value was measured."""
+    heights = [v if is_measured(v) else float("nan") for v in values]
+    spans = [c if is_measured(v) and c and all(map(is_measured, c)) else None for v, c in zip(values, cis, strict=True)]
+    low = [v - c[0] if c else 0.0 for v, c in zip(heights, spans, strict=True)]
+    high = [c[1] - v if c else 0.0 for v, c in zip(heights, spans, strict=True)]
+    ax.bar(xs, heights, width, yerr=[low, high], capsize=3, **style)
+    for x, v, c in zip(xs, heights, spans, strict=True):
+        if math.isnan(v):
+            ax.text(x, 0.02, "not measured", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgray")
+        else:  # above the interval, so the error bar does not cross the label
+            ax.text(x, max(v, c[1] if c else v) + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    return not all(math.isnan(v) for v in heights)
+
+
+def nothing_measured(ax: Any) -> None:
+    """Say across an empty panel that it is empty because nothing was measured, not because every rate is 0."""
+    ax.text(0.5, 0.6, "nothing measured", transform=ax.transAxes, ha="center", fontsize=10, color="dimgray")
+
+
+def intervals(report: dict[str, Any]) -> dict[str, list[float]]:
+    """The 95% interval of each headline figure (`runner.headline`'s names) that report.json gives one for."""
+    out = {k: report[f"{k}_ci95"] for k in ("safety_rate", "unsafe_rate", *WORLD_NAMES) if report.get(f"{k}_ci95")}
+    if report.get("image_reliance_ci95"):
+        out["image_reliance"] = report["image_reliance_ci95"]
+    for key in ("pairwise", "reward"):  # a share k / n of the pairs scored: its Wilson interval
+        scored = report.get(key) or {}
+        if is_measured(scored.get(f"{key}_accuracy")) and scored.get("n"):
+            n = scored["n"]
+            out[f"{key}_accuracy"] = list(wilson_interval(round(scored[f"{key}_accuracy"] * n), n))
+    if report.get("attack_success_rate_convention") == "pooled":  # only then is the headline the pooled rate
+        out |= {f"asr/{s}": r["unsafe_ci95"] for s, r in (report.get("per_setting") or {}).items()}
+    co_defense = report.get("co_defense") or {}
+    out |= {f"co_defense/{k}": co_defense[k]["ci95"] for k in CO_DEFENSE if k in co_defense}
+    if report.get("cheating"):
+        out["cheating/over_refusal"] = report["cheating"]["over_refusal"]["ci95"]
+    return out
+
+
+def _overall(report: dict[str, Any]) -> dict[str, float | None]:
+    """The headline rates: the benchmark's own, the preference accuracies, the attack success rates and
+    over-refusal where measured; None for a figure the report says it did not compute."""
+    keys = ("safety_rate", "unsafe_rate", *WORLD_NAMES, "pairwise_accuracy", "reward_accuracy")
+    out: dict[str, float | None] = {k: report[k] for k in keys if k in report}
+    if (report.get("pairwise") or {}).get("not_computed"):
+        out["pairwise_accuracy"] = None
+    out |= {f"asr/{s}": v for s, v in (report.get("attack_success_rate") or {}).items()}
+    if report.get("cheating"):
+        out["cheating/over_refusal"] = report["cheating"]["over_refusal"]["rate"]
+    return out
+
+
+def plot(report: dict[str, Any], path: Path) -> Any:
+    """One PNG: the headline rates, then per category (or per setting), co-defense and, in the world, grounded
+    accuracy by picture, each rate with its 95% interval and its value; returns the (closed) figure."""
     kind = report["benchmark"]["kind"]
-    if report.get("per_setting"):
-        panels.append(("attack success rate by setting", report["per_setting"], "unsafe"))
+    cis = intervals(report)
+    overall = _overall(report)
+    panels = [("headline rates", {k: (v, cis.get(k)) for k, v in overall.items()})]
+    if report.get("per_setting") and report.get("attack_success_rate_convention") != "pooled":
+        # the headline is then the mean over scenarios; these are the pooled rates, which carry intervals
+        settings = {s: (r["unsafe_rate"], r["unsafe_ci95"]) for s, r in report["per_setting"].items()}
+        panels.append(("attack success rate by setting, pooled", settings))
     if report.get("per_category"):
         key = "unsafe" if kind in ("attack_success_rate", "unsafe_rate") else "safe"
-        panels.append((f"{key} rate by category", report["per_category"], key))
+        by_category = {c: (r[f"{key}_rate"], r.get(f"{key}_ci95")) for c, r in report["per_category"].items()}
+        panels.append((f"{key} rate by category", by_category))
     if report.get("co_defense"):
         cd = report["co_defense"]
-        panels.append(
-            (
-                "co-defense: safe rate",
-                {
-                    k: {"safe_rate": cd[k]["rate"], "safe_ci95": cd[k]["ci95"]}
-                    for k in ("text_safe", "image_safe", "both_safe")
-                },
-                "safe",
-            )
-        )
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (title, data, key) in zip(axes[0], panels, strict=True):
+        panels.append(("co-defense: safe rate", {k: (cd[k]["rate"], cd[k]["ci95"]) for k in CO_DEFENSE}))
+    if kind == "grounded_accuracy":
+        pictures = {"real": (report["grounded_accuracy"], report["grounded_accuracy_ci95"])}
+        pictures |= {
+            a: (r["grounded_accuracy"]["rate"], r["grounded_accuracy"]["ci95"]) for a, r in report["ablation"].items()
+        }
+        panels.append(("grounded accuracy by picture", pictures))
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.5 * rows), squeeze=False)
+    for ax, (title, data) in zip(axes.flat, panels, strict=False):
         names = list(data)
-        values = [data[n][f"{key}_rate"] for n in names]
-        cis = [data[n].get(f"{key}_ci95") or [v, v] for n, v in zip(names, values, strict=True)]
-        err = [
-            [max(0.0, v - c[0]) for v, c in zip(values, cis, strict=True)],
-            [max(0.0, c[1] - v) for v, c in zip(values, cis, strict=True)],
-        ]
-        ax.bar(range(len(names)), values, yerr=err, capsize=3, color="#4c72b0")
+        if not rate_bars(
+            ax, list(range(len(names))), [v for v, _ in data.values()], [c for _, c in data.values()], color="#4c72b0"
+        ):
+            nothing_measured(ax)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_xlim(-0.6, len(names) - 0.4)  # a last value without a bar would otherwise sit on the frame
+        ax.set_ylim(0, 1.12)  # room for a label above a rate of 1
         ax.set_title(title, fontsize=10)
-    fig.suptitle(f"{report['benchmark']['name']} - judge: {report['judge']}", fontsize=11)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{report['benchmark']['name']} - judge: {report['judge']} - 95% intervals", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def log_to_wandb(
