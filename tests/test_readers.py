@@ -135,6 +135,8 @@ def test_generic_jsonl_both_content_forms(tmp_path):
     "line, message",
     [
         ("{not json", r"d\.jsonl:2: invalid JSON"),
+        # json's own message ends in "at": said once, with our position after it
+        ('{"id": "x", "prompt": "a\tb"}', r"d\.jsonl:2: invalid JSON \(Invalid control character at column 25\)$"),
         (
             '{"id": "x", "messages": [{"role": "user", "content": "q"}], "chosen": "c"}',
             "id=x.*missing field 'rejected'",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from src.build.base import BuildError, TextPair
-from src.data.records import DataError, Turn, validate_turns
+from src.data.records import DataError, Turn, invalid_json, validate_turns
 
 INPUT_FORMATS = ("auto", "hh", "chat")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
@@ -46,9 +46,7 @@ def _lines(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(text)
             except json.JSONDecodeError as e:
-                # json's messages may end in "at" themselves ("Invalid control character at")
-                msg = e.msg.removesuffix(" at")
-                yield number, DataError(f"{where}: invalid JSON ({msg} at column {e.colno})")
+                yield number, invalid_json(where, e, line=False)
 
 
 def parse_hh_transcript(text: str, where: str) -> list[tuple[str, str]]:

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from src.data.records import DataError, PreferenceRecord, Turn, validate_turns
+from src.data.records import DataError, PreferenceRecord, Turn, invalid_json, validate_turns
 
 IMAGE_MARKER = "<image>"
 _ROLE_RE = re.compile(r"(?:^|(?<=\s))(USER|ASSISTANT):")
@@ -234,7 +234,7 @@ def read_jsonl(path: str | Path, problems: list[str] | None = None) -> list[Pref
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                raise invalid_json(where, e, line=False) from None
             records.append(_unique(generic_record(raw, where, fallback_id=f"line-{lineno}"), seen, where))
         except DataError as e:
             collect_problem(problems, e)
@@ -317,7 +317,7 @@ def _load_json(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 ({e})") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        raise invalid_json(str(path), e) from None
 
 
 def _unique(record: PreferenceRecord, seen: set[str], where: str) -> PreferenceRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,6 +19,12 @@ class DataError(ValueError):
     def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
         self.reason = reason
+
+
+def invalid_json(where: str, e: json.JSONDecodeError, line: bool = True) -> DataError:
+    """One line for a JSON syntax error; json's own messages may end in "at" ("Invalid control character at")."""
+    position = f"line {e.lineno}, column {e.colno}" if line else f"column {e.colno}"
+    return DataError(f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at {position})")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from src.data.images import ImageResolver
 from src.data.readers import keep_listed, read_records
-from src.data.records import DataError, PreferenceRecord
+from src.data.records import DataError, PreferenceRecord, invalid_json
 from src.evaluation.items import EvalItem, single_turn
 from src.evaluation.judges import Verdict
 from src.evaluation.metrics import by_key, verdict_rates
@@ -290,7 +290,7 @@ class MMSafetyBench:
         except UnicodeDecodeError as e:
             raise DataError(f"{file}: not valid UTF-8 ({e})") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{file}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+            raise invalid_json(str(file), e) from None
         if not isinstance(data, dict) or not data:
             raise DataError(f"{file}: expected a non-empty JSON object {{question_id: {{...fields}}}}")
         for qid, q in data.items():
@@ -378,7 +378,7 @@ class HarmEval:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{self.path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+            raise invalid_json(str(self.path), e) from None
         if isinstance(data, dict) and "data" in data:
             data = data["data"]
         if not isinstance(data, list):
