@@ -41,7 +41,7 @@ log = logging.getLogger("train")
 # a frozen reference copy is in eval mode on purpose
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 # the CSV logger writes into the Hydra run folder, which already holds config.yaml and the log file; an earlier
-# metrics.csv (a resumed run) is moved aside to metrics.partN.csv before the logger starts
+# metrics.csv (a resume, a rerun into the folder) is moved aside to metrics.partN.csv before the logger starts
 warnings.filterwarnings(
     "ignore", message=r"Experiment logs directory .* exists and is not empty", module=r"lightning\.fabric\.loggers"
 )
@@ -52,7 +52,7 @@ warnings.filterwarnings(
     message=r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
     module=r"lightning\.pytorch\.loops\.training_epoch_loop",
 )
-# Lightning's own use of a torch API deprecated in torch 2.10; nothing this project can change
+# Lightning's own use of a torch API that torch has since deprecated; nothing this project can change
 warnings.filterwarnings(
     "ignore",
     message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -196,8 +196,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if module.reference_strategy == "precomputed":
         report["reference_logps"] = add_reference_logps(cfg, module, datamodule)
 
-    if cfg.get("ckpt_path") and (out_dir / "metrics.csv").exists():
-        # the CSV logger rewrites metrics.csv on resume: keep the interrupted part beside it
+    if (out_dir / "metrics.csv").exists():
+        # the CSV logger rewrites metrics.csv (a resume, a rerun into this folder): keep the earlier part beside it
         parts = sorted(out_dir.glob("metrics.part*.csv"))
         (out_dir / "metrics.csv").rename(out_dir / f"metrics.part{len(parts) + 1}.csv")
     loggers = without_wandb_anonymous(instantiate_all(cfg.get("logger")))

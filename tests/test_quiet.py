@@ -103,3 +103,22 @@ def test_generate_reports_the_stand_ins_it_drew(tmp_path, caplog, monkeypatch, m
     assert int(re.search(r"stand-in images: (\d+)", summary)[1]) == len(drawn) == (5 if mode == "image" else 0)
     # no line says stand-ins are being drawn when none is
     assert drawn or not any("drawing stand-ins" in m for m in messages), messages
+
+
+def test_a_rerun_into_the_same_folder_keeps_the_earlier_metrics(tmp_path):
+    """The CSV logger would delete an earlier metrics.csv of its folder: it is moved aside first, as on a resume."""
+    from tests.test_train import run_train as train_in_process
+
+    quick = [
+        "logger=csv",
+        "data.max_records=16",
+        "trainer.max_steps=1",
+        "blind.generation.max_new_tokens=4",
+        "callbacks.generation_samples=null",
+        f"reference.cache_dir={tmp_path}/ref",
+    ]
+    train_in_process(tmp_path, quick)
+    first = (tmp_path / "run/metrics.csv").read_text()
+    train_in_process(tmp_path, quick)
+    assert (tmp_path / "run/metrics.part1.csv").read_text() == first
+    assert (tmp_path / "run/metrics.csv").exists()
