@@ -52,13 +52,15 @@ def generate(cfg: DictConfig) -> dict[str, str]:
         image_aspect_ratio=hp.image_aspect_ratio,
     )
     answers = generator.run(records, cfg.output, with_image=cfg.mode == "image", desc=f"{cfg.mode} answers")
+    # blind prompts have no image: none is drawn, however many image files are missing
+    drawn = f"{len(datamodule.resolver.rendered)}" if cfg.mode == "image" else "0 (mode=blind: prompts without images)"
     log.info(
-        "%d answers in %s (%d generated now, %d reused); stand-in images: %d",
+        "%d answers in %s (%d generated now, %d reused); stand-in images: %s",
         len(answers),
         cfg.output,
         generator.generated,
         len(answers) - generator.generated,
-        len(datamodule.resolver.rendered),
+        drawn,
     )
     return answers
 

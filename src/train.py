@@ -40,6 +40,30 @@ from src.models.reference import precompute_reference_logps  # noqa: E402
 log = logging.getLogger("train")
 # a frozen reference copy is in eval mode on purpose
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# the CSV logger writes into the Hydra run folder, which already holds config.yaml and the log file; an earlier
+# metrics.csv (a resume, a rerun into the folder) is moved aside to metrics.partN.csv before the logger starts
+warnings.filterwarnings(
+    "ignore", message=r"Experiment logs directory .* exists and is not empty", module=r"lightning\.fabric\.loggers"
+)
+# resume is exact although the loader keeps no state: its order is a function of (seed, epoch) and the data module
+# leaves out the batches the checkpoint's epoch already trained on (PreferenceModule._resume_data_order)
+warnings.filterwarnings(
+    "ignore",
+    message=r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+    module=r"lightning\.pytorch\.loops\.training_epoch_loop",
+)
+# Lightning's own use of a torch API that torch has since deprecated; nothing this project can change
+warnings.filterwarnings(
+    "ignore",
+    message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    category=FutureWarning,
+    module=r"lightning\.pytorch\.utilities\._pytree",
+)
+# Lightning's notices that say nothing about this run: an advertisement, TPUs on a CPU / GPU run, an internal step
+_LIGHTNING_NOTICES = ("💡 Tip: ", "TPU available: False", "Loading `train_dataloader` to estimate number of stepping")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not record.getMessage().startswith(_LIGHTNING_NOTICES)
+)
 
 
 def multirun_dir() -> str:
@@ -58,6 +82,15 @@ def finish_wandb_run(loggers: list[Any], exit_code: int) -> None:
         import wandb
 
         wandb.finish(exit_code=exit_code)
+
+
+def without_wandb_anonymous(loggers: list[Any]) -> list[Any]:
+    """Lightning's WandbLogger passes ``anonymous`` to wandb.init even when unset, and wandb warns about any value
+    ("has no effect"): leave it out; None, what Lightning passes when unset, is wandb's default anyway."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg._wandb_init.pop("anonymous", None)
+    return loggers
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -163,11 +196,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if module.reference_strategy == "precomputed":
         report["reference_logps"] = add_reference_logps(cfg, module, datamodule)
 
-    if cfg.get("ckpt_path") and (out_dir / "metrics.csv").exists():
-        # the CSV logger rewrites metrics.csv on resume: keep the interrupted part beside it
+    if (out_dir / "metrics.csv").exists():
+        # the CSV logger rewrites metrics.csv (a resume, a rerun into this folder): keep the earlier part beside it
         parts = sorted(out_dir.glob("metrics.part*.csv"))
         (out_dir / "metrics.csv").rename(out_dir / f"metrics.part{len(parts) + 1}.csv")
-    loggers = instantiate_all(cfg.get("logger"))
+    loggers = without_wandb_anonymous(instantiate_all(cfg.get("logger")))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False
     )
@@ -201,6 +234,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (out_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
         data = report["data"]
         log.info("saved policy and processor to %s", model_dir)
+        log.info("final metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         log.info(
             "records read: %d = %d usable + %d rejected as bad input + %d skipped %s; stand-in images: %d",
             data["records_read"],

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 _WHERE = re.compile(r"^(record [^:]+|.*?(?:\(id=[^)]*\)|\(#\d+\)|record #\d+|:\d+)): (.*)$", re.S)
 _LABEL = re.compile(r"id=([^)\s]+)|^record (\S+)$|record (#\d+)$|:(\d+)$")
 SHOWN_IDS = 5  # record ids listed per reason
+# the data set shipped with the project: its images are not shipped, every one is drawn as a stand-in by design
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 
 
 def split_problem(problem: str) -> tuple[str, str]:
@@ -182,7 +184,14 @@ class PreferenceDataModule(LightningDataModule):
             # fail fast on missing images; with on_error=skip each one is described when encoding instead
             missing = 0 if self.problems is not None else self.resolver.check(records + (self.val_records_given or []))
             if missing:
-                log.warning("%d images not found: drawing stand-ins (data.missing_images=render)", missing)
+                shipped_without = Path(hp.path).resolve().parent == EMBEDDED_DIR
+                log.log(
+                    logging.INFO if shipped_without else logging.WARNING,
+                    "%d images not found: a stand-in is drawn for each where an image is used "
+                    "(data.missing_images=render)%s",
+                    missing,
+                    "; the embedded data set ships no images" if shipped_without else "",
+                )
         return self.records + (self.val_records_given or [])
 
     def _read(self, path: str, split: str | None) -> list[PreferenceRecord]:

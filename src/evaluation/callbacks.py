@@ -1,4 +1,5 @@
-"""A validation callback that shows what the policy actually says, judged, in the run's logs."""
+"""Callbacks: a validation callback that shows what the policy actually says, judged, in the run's logs; a
+progress bar that shows a few metrics under short names."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from omegaconf import OmegaConf
 
 from src.evaluation.judges import JudgeInput
@@ -103,3 +104,20 @@ class GenerationSamples(Callback):
                         ]
                     )
                 logger.log_table(key="val/samples", columns=columns, data=data, step=trainer.global_step)
+
+
+class ShortMetricsBar(RichProgressBar):
+    """The rich progress bar showing ``names`` (logged name -> short name shown) only.
+
+    Logged names such as ``train/rewards/accuracies`` are cut at the bar's width; the logged names (W&B,
+    metrics.csv) stay as they are. A metric shows only when the module logs it with ``prog_bar=True``.
+    """
+
+    def __init__(self, names: dict[str, str], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.names = dict(names)
+
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        # leaves out the W&B run id (v_num) too: it is in the run folder's wandb/ name
+        metrics = super().get_metrics(trainer, pl_module)
+        return {short: metrics[name] for name, short in self.names.items() if name in metrics}

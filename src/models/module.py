@@ -231,7 +231,7 @@ class PreferenceModule(LightningModule):
                 on_step=True,
                 on_epoch=False,
                 batch_size=size,
-                prog_bar=key in ("loss", "rewards/accuracies"),
+                prog_bar=key in ("loss", "rewards/accuracies", "rewards/margins"),
             )
         return loss
 
