@@ -23,6 +23,7 @@ NOISE = {
     "TPU line on a CPU run": r"TPU available",
     "internal step": r"to estimate number of stepping batches",
     "metric names cut in the bar": r"train/\S*…",
+    "a FLOPs figure nothing measured": r"FLOPs|Total Flops",
 }
 # small and quick: a mid-epoch checkpoint after step 2 (3 batches an epoch), so the resume starts within an epoch
 QUICK = [
@@ -66,6 +67,7 @@ def test_fresh_run_and_resume_print_no_false_alarms(tmp_path):
     lines = [line for line in fresh.splitlines() if "images not found" in line]
     assert len(lines) == 1 and "INFO" in lines[0] and "WARNING" not in lines[0], lines
     assert "saved policy and processor to" in fresh and "final metrics: val/" in fresh
+    assert re.search(r"params: [\d,]+ trainable, [\d,]+ frozen, [\d,]+ total", fresh)  # the one summary
     # the bar shows short names
     assert re.search(r"loss: [\d.]+", fresh) and "acc:" in fresh and "v_num" not in fresh
 
