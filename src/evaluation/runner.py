@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from src.data.encoding import PROMPT_FORMAT_FILE
+from src.errors import SettingError
 from src.evaluation.analyses import cheating_items, cheating_summary, co_defense_items, co_defense_summary
 from src.evaluation.benchmarks import attack_success_rates
 from src.evaluation.health import health_summary
@@ -26,6 +27,7 @@ from src.evaluation.scoring import pairwise_accuracy, reward_accuracy
 from src.models.factory import build_model, fingerprint
 from src.models.generation import AnswerGenerator, GenerationSettings
 from src.models.logprobs import attn_implementation
+from src.models.source import check_model_source
 from src.world.judge import WorldJudge
 from src.world.metrics import world_metrics
 
@@ -45,9 +47,7 @@ def load_model(
     """A run's ``model/`` folder, a Lightning ``.ckpt`` of this project, an HF id, or (None) the tiny model."""
     if path is None:
         return build_model(tiny={})
-    local = Path(str(path))
-    if not local.exists() and (local.is_absolute() or str(path).startswith(".") or str(path).count("/") > 1):
-        raise FileNotFoundError(f"model path {path}: no such folder or checkpoint (hub ids look like org/name)")
+    check_model_path(path)
     if str(path).endswith(".ckpt"):
         from src.models.module import PreferenceModule
 
@@ -61,6 +61,15 @@ def load_model(
     )
 
 
+def check_model_path(path: str | None, key: str = "model.path") -> None:
+    """What `load_model` can load, checked in seconds (`check_model_source`; a ``.ckpt`` must be a file)."""
+    if path is not None and str(path).endswith(".ckpt"):
+        if not Path(str(path)).is_file():
+            raise SettingError(f"model path {path}: no such checkpoint file ({key})")
+        return
+    check_model_source(None if path is None else str(path), key)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,7 +77,8 @@ def _device(name: str) -> torch.device:
 
 
 def check_judge(judge: Judge) -> None:
-    """The judge's preflight request, for judges that ask a service; raises `JudgeError` when it gets no answer."""
+    """The judge's preflight: a request for judges that ask a service (raises `JudgeError` when it gets no answer),
+    the model's source for a local judge model (raises `SettingError` when it is not there)."""
     preflight = getattr(judge, "preflight", None)
     if preflight is not None:
         preflight()
@@ -187,6 +197,9 @@ class Evaluator:
         # the judge first: an unreachable one fails the run before the model loads and anything is generated
         self.judge: Judge = hydra.utils.instantiate(cfg.judge)
         check_judge(self.judge)
+        # the models' sources (a folder with a checkpoint, or a cached / existing hub id) before any loads
+        check_model_path(cfg.model.path)
+        check_model_path(cfg.reference.path, "reference.path")
         # the benchmark too: bad data or a judge that cannot read its answers fails before the model loads
         self.benchmark = hydra.utils.instantiate(cfg.benchmark)
         if self.benchmark.kind == "grounded_accuracy" and not isinstance(self.judge, WorldJudge):
