@@ -54,7 +54,9 @@ def check_model_source(name_or_path: str | None, key: str = "model.name_or_path"
                 f"model path {name}: the folder holds no checkpoint (no config.json or adapter_config.json) ({key})"
             )
         return
-    if local.exists() or looks_like_path(name):
+    if local.is_file():
+        raise SettingError(f"model path {name}: a file, not a folder with a checkpoint ({key})")
+    if looks_like_path(name):
         raise SettingError(f"model path {name}: no such folder or checkpoint ({key})")
     _check_hub_id(name, key, revision)
 
@@ -73,7 +75,7 @@ def _check_hub_id(name: str, key: str, revision: str | None) -> None:
     if hub_offline():
         raise SettingError(
             f"model {name}{at} ({key}) is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE "
-            f"forbids downloading it: download it on a machine with network (huggingface-cli download {name}) into "
+            f"forbids downloading it: download it on a machine with network (hf download {name}) into "
             f"this cache (HF_HOME) or a folder, and point {key} at that folder"
         )
     _ask_hub(name, key, revision, at)
@@ -92,7 +94,7 @@ def _ask_hub(name: str, key: str, revision: str | None, at: str) -> None:
     except RepositoryNotFoundError:
         raise SettingError(
             f"model {name}{at} ({key}): no such folder here and no such model on the Hugging Face hub (or it is "
-            "private: log in with huggingface-cli login)"
+            "private: log in with hf auth login)"
         ) from None
     except Exception as e:  # no network, a proxy, a timeout: whatever it is, nothing can be downloaded
         detail = " ".join(str(e).split())[:200]
