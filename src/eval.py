@@ -22,7 +22,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from src.data.records import DataError  # noqa: E402
+from src.errors import exit_on_setting_error  # noqa: E402
 from src.evaluation.judges import JudgeError  # noqa: E402
 from src.evaluation.report import log_to_wandb, markdown, plot, write_json  # noqa: E402
 from src.evaluation.runner import Evaluator, headline  # noqa: E402
@@ -48,14 +48,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except DataError as e:  # a data problem the user can fix: say what and where, no stack trace
-        log.error("data error: %s", e)
-        sys.exit(2)
-    except JudgeError as e:  # no judge, no figures: one line saying why, and no report that looks finished
-        log.error("%s", e)
-        sys.exit(1)
+    with exit_on_setting_error(log):  # a setting or path the user can fix (data, model, judge): one line, exit 2
+        try:
+            evaluate(cfg)
+        except JudgeError as e:  # no judge, no figures: one line saying why, and no report that looks finished
+            log.error("%s", e)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -19,27 +19,32 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from src.data.records import DataError  # noqa: E402
+from src.data.datamodule import check_data_paths  # noqa: E402
+from src.errors import SettingError, exit_on_setting_error  # noqa: E402
 from src.models.factory import build_model  # noqa: E402
 from src.models.generation import AnswerGenerator, GenerationSettings  # noqa: E402
+from src.models.source import check_model_source  # noqa: E402
 
 log = logging.getLogger("generate")
 
 
 def generate(cfg: DictConfig) -> dict[str, str]:
     torch.manual_seed(cfg.seed)
+    # settings and paths first, in seconds: a typo must not wait for the model to load
+    if cfg.split not in ("all", "train", "val"):
+        raise SettingError(f"split must be all, train or val; got {cfg.split!r}")
+    if cfg.mode not in ("blind", "image"):
+        raise SettingError(f"mode must be 'blind' (image removed) or 'image'; got {cfg.mode!r}")
+    check_data_paths(cfg.data)
+    check_model_source(cfg.model.get("name_or_path"), "model.name_or_path", cfg.model.get("revision"))
     model, processor = build_model(**OmegaConf.to_container(cfg.model, resolve=True))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     datamodule = hydra.utils.instantiate(cfg.data, processor=processor, system_prompt=cfg.model.get("system_prompt"))
     if cfg.split == "all":
         records = datamodule.load_records()
-    elif cfg.split in ("train", "val"):
-        records = dict(zip(("train", "val"), datamodule.split(), strict=True))[cfg.split]
     else:
-        raise ValueError(f"split must be all, train or val; got {cfg.split!r}")
-    if cfg.mode not in ("blind", "image"):
-        raise ValueError(f"mode must be 'blind' (image removed) or 'image'; got {cfg.mode!r}")
+        records = dict(zip(("train", "val"), datamodule.split(), strict=True))[cfg.split]
     devices = OmegaConf.to_container(cfg.devices, resolve=True) if cfg.get("devices") else None
     hp = datamodule.hparams
     generator = AnswerGenerator(
@@ -67,11 +72,8 @@ def generate(cfg: DictConfig) -> dict[str, str]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_setting_error(log):  # a setting or path the user can fix: say what and where, no stack trace
         generate(cfg)
-    except DataError as e:  # a data problem the user can fix: say what and where, no stack trace
-        log.error("data error: %s", e)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
-from src.data.datamodule import grouped_split  # noqa: E402
-from src.data.readers import read_records  # noqa: E402
-from src.data.records import DataError  # noqa: E402
+from src.data.datamodule import check_data_paths, grouped_split  # noqa: E402
+from src.data.readers import HF_FORMATS, read_records  # noqa: E402
+from src.errors import SettingError, exit_on_setting_error  # noqa: E402
 from src.evaluation.judges import JudgeError  # noqa: E402
 from src.evaluation.metrics import t_quantile, wilson_interval  # noqa: E402
 from src.world.metrics import NAMES as WORLD_NAMES  # noqa: E402
@@ -43,8 +43,10 @@ log = logging.getLogger("reproduce")
 BASE = "base"
 
 
-class ReproduceError(ValueError):
+class ReproduceError(SettingError):
     """A setting or folder the user must change; reported without a stack trace."""
+
+    label = "reproduce"
 
 
 def seed_interval(values: list[float | None], bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
@@ -261,6 +263,27 @@ class Reproduction:
         cfg = self.compose("eval", [f"judge={self.cfg.judge_name}", *self.cfg.eval_overrides])
         check_judge(hydra.utils.instantiate(cfg.judge))
 
+    def check_settings(self) -> None:
+        """Every run's data files and the base model (or the model the base trains from), and the held-out file,
+        checked in seconds before the first training: a typo must not wait for a run to load its model."""
+        from src.models.source import check_model_source
+
+        held = self.cfg.heldout
+        if held.eval_path and held.eval_format not in HF_FORMATS and not Path(str(held.eval_path)).exists():
+            raise ReproduceError(f"{held.eval_path}: held-out data file not found (heldout.eval_path)")
+        runs = {name: list(extra) for name, extra in self.cfg.arms.items()}
+        if self.cfg.base.path:
+            check_model_source(str(self.cfg.base.path), "base.path")
+        else:
+            runs[BASE] = list(self.cfg.base.overrides)
+        for name, extra in runs.items():
+            cfg = self.train_config(extra, self.out, 0, None)
+            if self.cfg.get("world") is None:  # the world's data is written by the comparison itself
+                check_data_paths(cfg.data)
+            if name == BASE:  # the arms train from the base, whatever model their overrides name
+                key = "base.overrides: model.name_or_path"
+                check_model_source(cfg.model.get("name_or_path"), key, cfg.model.get("revision"))
+
     # -- the whole comparison ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         if self.cfg.get("world") is not None and self.cfg.judge_name != "world":
@@ -276,6 +299,7 @@ class Reproduction:
                 f"{sorted(self.cfg.arms)}; set equal_budget.objective / .like, or equal_budget.enabled=false"
             )
         self.check_judge()
+        self.check_settings()
         self.format = self.prompt_format()
         log.info("prompt format of every run and evaluation: %s", self.format)
         ids_file, bench = self.split()
@@ -739,17 +763,12 @@ def log_to_wandb(cfg: DictConfig, out: Path, result: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="reproduce")
 def main(cfg: DictConfig) -> None:
-    try:
-        result = Reproduction(cfg).run()
-    except DataError as e:
-        log.error("data error: %s", e)
-        sys.exit(2)
-    except ReproduceError as e:
-        log.error("reproduce: %s", e)
-        sys.exit(2)
-    except JudgeError as e:  # an evaluation without a working judge: no comparison of rates it never measured
-        log.error("%s", e)
-        sys.exit(1)
+    with exit_on_setting_error(log):  # data, model, judge or comparison settings to fix: one line, exit 2
+        try:
+            result = Reproduction(cfg).run()
+        except JudgeError as e:  # an evaluation without a working judge: no comparison of rates it never measured
+            log.error("%s", e)
+            sys.exit(1)
     out = Path(cfg.paths.output_dir)
     print(markdown(result))
     written = [f.name for f in sorted(out.glob("comparison.*"))] + sorted(

@@ -29,13 +29,15 @@ from hydra.types import RunMode  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from src.data.datamodule import check_data_paths  # noqa: E402
 from src.data.encoding import PROMPT_FORMAT_FILE  # noqa: E402
-from src.data.records import DataError  # noqa: E402
+from src.errors import exit_on_setting_error  # noqa: E402
 from src.models.distributed import policy_state_dict  # noqa: E402
 from src.models.generation import GenerationSettings, fill_blind_answers  # noqa: E402
 from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged  # noqa: E402
 from src.models.module import PreferenceModule  # noqa: E402
 from src.models.reference import precompute_reference_logps  # noqa: E402
+from src.models.source import check_model_source  # noqa: E402
 
 log = logging.getLogger("train")
 # a frozen reference copy is in eval mode on purpose
@@ -165,7 +167,15 @@ def add_reference_logps(cfg: DictConfig, module: PreferenceModule, datamodule: A
         )
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """The data files and folders and the model source, checked in seconds before the model loads (a data-path
+    typo must not wait for 7B weights to load); raises `SettingError` naming the setting and the path."""
+    check_data_paths(cfg.data)
+    check_model_source(cfg.model.get("name_or_path"), "model.name_or_path", cfg.model.get("revision"))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
+    check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -249,11 +259,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
+    with exit_on_setting_error(log):  # a setting or path the user can fix: say what and where, no stack trace
         metrics = train(cfg)
-    except DataError as e:  # a data problem the user can fix: say what and where, no stack trace
-        log.error("data error: %s", e)
-        sys.exit(2)
     name = cfg.get("optimized_metric")
     if not name:
         return None

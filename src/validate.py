@@ -6,7 +6,7 @@ Prints where every record of the file went, each counted once (records read = us
 skipped), and the problems grouped by what is wrong, with a count and the first record ids; validation.json
 holds the same figures and every problem and skipped record by name (also when the data cannot be used at all),
 and its path is the last line printed. Exits 0 when no record is rejected, 1 otherwise (with strict=true,
-truncation skips count too).
+truncation skips count too), 2 for a setting to fix first (a model path that is not there).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from src.data.records import DataError  # noqa: E402
+from src.errors import exit_on_setting_error  # noqa: E402
 from src.models.factory import load_processor  # noqa: E402
 
 log = logging.getLogger("validate")
@@ -122,7 +123,8 @@ def report(summary: dict[str, Any], show: int) -> str:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="validate")
 def main(cfg: DictConfig) -> None:
-    summary = validate(cfg)
+    with exit_on_setting_error(log):  # a wrong model path or data setting: one line, exit 2
+        summary = validate(cfg)
     out = Path(cfg.paths.output_dir) / "validation.json"
     out.write_text(json.dumps(summary, indent=2, default=str))
     print(report(summary, cfg.show))

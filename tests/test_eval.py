@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from src.errors import SettingError
 from src.evaluation.health import answer_health, health_summary, is_repetitive
 from src.evaluation.judges import Verdict
 from src.evaluation.metrics import by_key, verdict_rates, wilson_interval
@@ -301,7 +302,7 @@ def test_model_loads_from_a_lightning_checkpoint(tmp_path):
     from_folder, _ = load_model(str(tmp_path / "run/model"))
     assert fingerprint(from_ckpt) == fingerprint(from_folder)
     assert processor.tokenizer.eos_token_id is not None
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(SettingError, match="no such folder"):
         load_model(str(tmp_path / "nope/model"))
 
 

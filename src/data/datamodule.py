@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
 from src.data.images import IMAGE_ASPECT_RATIOS, ImageResolver
-from src.data.readers import collect_problem, keep_listed, read_records
+from src.data.readers import HF_FORMATS, collect_problem, keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,27 @@ def split_problem(problem: str) -> tuple[str, str]:
     if label is None:
         return match[1], match[2]
     return label[1] or label[2] or label[3] or f"line {label[4]}", match[2]
+
+
+def check_data_paths(data: Any) -> None:
+    """The files and folders the data settings name exist: a typo fails in a second, before any model loads.
+
+    ``data``: the ``data`` config (``path``, ``format``, ``val_path``, ``image_root``, ``ids_file``). Data sets
+    read through Hugging Face ``datasets`` (``data.format=hf*``) may be hub ids: reading them checks them.
+    """
+    files = [("data.path", data.get("path")), ("data.val_path", data.get("val_path"))]
+    if data.get("format") not in HF_FORMATS:
+        for key, path in files:
+            if path and not Path(str(path)).exists():
+                raise DataError(
+                    f"{path}: data file not found ({key}; set it to an existing file, or data.format=hf for a "
+                    "Hugging Face dataset id)"
+                )
+    ids_file, image_root = data.get("ids_file"), data.get("image_root")
+    if ids_file and not Path(str(ids_file)).is_file():
+        raise DataError(f"{ids_file}: ids file not found (data.ids_file)")
+    if image_root and not Path(str(image_root)).is_dir():
+        raise DataError(f"{image_root}: no such image folder (data.image_root)")
 
 
 def grouped_split(

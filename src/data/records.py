@@ -6,15 +6,19 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from src.errors import SettingError
+
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(SettingError):
     """Bad input data; the message names the file and the record so the user can fix it.
 
     ``reason``, when given, is the message without what is particular to the record (its id, its path): many
     records failing for one cause are then reported as one line with a count.
     """
+
+    label = "data error"
 
     def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)

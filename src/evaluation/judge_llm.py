@@ -329,6 +329,13 @@ class LlamaGuardJudge:
             "max_new_tokens": self.max_new_tokens,
         }
 
+    def preflight(self) -> None:
+        """The model's source, checked in seconds before anything is generated (it loads on first use): a wrong
+        folder or an uncached hub id offline raises `SettingError` naming judge.model_name_or_path."""
+        from src.models.source import check_model_source
+
+        check_model_source(self.model_name_or_path, "judge.model_name_or_path")
+
     def _load(self) -> None:
         """Load tokenizer / processor and model; picks the vision path when the checkpoint has images."""
         import torch

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from src.data.encoding import PROMPT_FORMAT_FILE
-from src.data.records import DataError
+from src.errors import SettingError
 from src.evaluation.analyses import cheating_items, cheating_summary, co_defense_items, co_defense_summary
 from src.evaluation.benchmarks import attack_success_rates
 from src.evaluation.health import health_summary
@@ -28,6 +28,7 @@ from src.evaluation.scoring import pairwise_accuracy, reward_accuracy
 from src.models.factory import build_model, fingerprint
 from src.models.generation import AnswerGenerator, GenerationSettings
 from src.models.logprobs import attn_implementation
+from src.models.source import check_model_source
 from src.world.judge import WorldJudge
 from src.world.metrics import world_metrics
 
@@ -47,9 +48,7 @@ def load_model(
     """A run's ``model/`` folder, a Lightning ``.ckpt`` of this project, an HF id, or (None) the tiny model."""
     if path is None:
         return build_model(tiny={})
-    local = Path(str(path))
-    if not local.exists() and (local.is_absolute() or str(path).startswith(".") or str(path).count("/") > 1):
-        raise FileNotFoundError(f"model path {path}: no such folder or checkpoint (hub ids look like org/name)")
+    check_model_path(path)
     if str(path).endswith(".ckpt"):
         from src.models.module import PreferenceModule
 
@@ -63,6 +62,15 @@ def load_model(
     )
 
 
+def check_model_path(path: str | None, key: str = "model.path") -> None:
+    """What `load_model` can load, checked in seconds (`check_model_source`; a ``.ckpt`` must be a file)."""
+    if path is not None and str(path).endswith(".ckpt"):
+        if not Path(str(path)).is_file():
+            raise SettingError(f"model path {path}: no such checkpoint file ({key})")
+        return
+    check_model_source(None if path is None else str(path), key)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,7 +78,8 @@ def _device(name: str) -> torch.device:
 
 
 def check_judge(judge: Judge) -> None:
-    """The judge's preflight request, for judges that ask a service; raises `JudgeError` when it gets no answer."""
+    """The judge's preflight: a request for judges that ask a service (raises `JudgeError` when it gets no answer),
+    the model's source for a local judge model (raises `SettingError` when it is not there)."""
     preflight = getattr(judge, "preflight", None)
     if preflight is not None:
         preflight()
@@ -181,12 +190,13 @@ def trained_prompt_format(model_path: str, used: dict[str, Any]) -> dict[str, An
 
 
 def instantiate_benchmark(cfg: DictConfig) -> Any:
-    """The configured benchmark; its readers' `DataError` reaches the caller as itself, not wrapped in Hydra's
-    InstantiationException, so the entry point reports bad data in one line (as training does) with exit 2."""
+    """The configured benchmark; its readers' `DataError` (a `SettingError`) reaches the caller as itself, not
+    wrapped in Hydra's InstantiationException, so the entry point reports bad data in one line (as training does)
+    with exit 2."""
     try:
         return hydra.utils.instantiate(cfg)
     except InstantiationException as e:
-        if isinstance(e.__cause__, DataError):
+        if isinstance(e.__cause__, SettingError):
             raise e.__cause__ from None
         raise
 
@@ -200,6 +210,9 @@ class Evaluator:
         # the judge first: an unreachable one fails the run before the model loads and anything is generated
         self.judge: Judge = hydra.utils.instantiate(cfg.judge)
         check_judge(self.judge)
+        # the models' sources (a folder with a checkpoint, or a cached / existing hub id) before any loads
+        check_model_path(cfg.model.path)
+        check_model_path(cfg.reference.path, "reference.path")
         # the benchmark too: bad data or a judge that cannot read its answers fails before the model loads
         self.benchmark = instantiate_benchmark(cfg.benchmark)
         if self.benchmark.kind == "grounded_accuracy" and not isinstance(self.judge, WorldJudge):

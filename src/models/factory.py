@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from src.models.checkpointing import enable_checkpointing
 from src.models.lora import adapter_base, apply_lora, is_adapter_folder, merge_adapter, unwrap
+from src.models.source import check_model_source
 from src.models.tiny import build_tiny
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ def build_model(
     if is_adapter_folder(name_or_path):
         adapter_path, name_or_path = name_or_path, lora.get("base") or adapter_base(name_or_path)
     lora.pop("base", None)
+    # a missing folder or uncached hub id: one line now, not transformers' traceback (or download retries)
+    check_model_source(name_or_path, revision=revision)
     if load_in_4bit and not use_lora:
         raise ValueError("model.load_in_4bit trains through adapters only: set model.lora.enabled=true")
     if name_or_path is None:
@@ -126,6 +129,7 @@ def load_processor(
         return build_tiny(**(tiny or {}))[1]
     if is_adapter_folder(name_or_path) and not (Path(name_or_path) / "processor_config.json").exists():
         name_or_path = adapter_base(name_or_path)
+    check_model_source(name_or_path, revision=revision)
     return AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
 
 
