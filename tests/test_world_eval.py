@@ -249,7 +249,7 @@ def test_world_with_another_judge_fails_in_one_line_before_the_model_loads(tmp_p
     caplog.set_level(logging.INFO)
     with pytest.raises(SystemExit) as exit_:
         main(compose_config("eval", overrides, tmp_path / "run"))
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2  # a setting to change
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0] and "judge=world" in errors[0] and "keyword" in errors[0]
     assert not (tmp_path / "run" / "report.json").exists()

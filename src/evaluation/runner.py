@@ -216,7 +216,7 @@ class Evaluator:
         # the benchmark too: bad data or a judge that cannot read its answers fails before the model loads
         self.benchmark = instantiate_benchmark(cfg.benchmark)
         if self.benchmark.kind == "grounded_accuracy" and not isinstance(self.judge, WorldJudge):
-            raise JudgeError(
+            raise SettingError(
                 f"benchmark {self.benchmark.name} needs judge=world (its answers are closed templates only that "
                 f"judge reads exactly), not judge {self.judge.name}"
             )
