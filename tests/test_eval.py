@@ -531,6 +531,7 @@ def test_eval_command_on_a_missing_benchmark_image_names_the_benchmark_keys_in_o
     assert not (tmp_path / "cache").exists()  # it failed before generating anything
 
 
+@pytest.mark.slow  # a subprocess; the in-process twin is in test_benchmarks
 def test_eval_command_finds_benchmark_images_beside_the_file_as_training_does(tmp_path):
     data = mmsafe_po_beside_its_images(tmp_path / "data")
     code, log = eval_command(tmp_path, [f"benchmark.path={data}"])  # no benchmark.image_root: its default

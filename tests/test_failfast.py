@@ -70,9 +70,10 @@ def one_error_line(out: subprocess.CompletedProcess, seconds: tuple[float, float
     ("script", "key"),
     [
         ("train.py", "model.name_or_path"),
-        ("eval.py", "model.path"),
-        ("generate.py", "model.name_or_path"),
-        ("reproduce.py", "base.path"),
+        # each subprocess costs ~12 s of imports: one entry point in the fast suite, the others in the slow one
+        pytest.param("eval.py", "model.path", marks=pytest.mark.slow),
+        pytest.param("generate.py", "model.name_or_path", marks=pytest.mark.slow),
+        pytest.param("reproduce.py", "base.path", marks=pytest.mark.slow),
     ],
 )
 def test_a_missing_local_model_is_one_line(tmp_path, script, key):
@@ -83,7 +84,7 @@ def test_a_missing_local_model_is_one_line(tmp_path, script, key):
     assert "no such folder or checkpoint" in line
 
 
-@pytest.mark.parametrize("offline", [True, False])
+@pytest.mark.parametrize("offline", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_a_hub_id_that_is_not_cached_is_one_line(tmp_path, offline):
     out, seconds = run(tmp_path, "train.py", f"model.name_or_path={NO_HUB_ID}", offline=offline)
     line = one_error_line(
@@ -92,6 +93,7 @@ def test_a_hub_id_that_is_not_cached_is_one_line(tmp_path, offline):
     assert ("HF_HUB_OFFLINE forbids downloading" in line) == offline
 
 
+@pytest.mark.slow
 def test_a_folder_without_a_checkpoint_is_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -99,6 +101,7 @@ def test_a_folder_without_a_checkpoint_is_one_line(tmp_path):
     one_error_line(out, seconds, "model.name_or_path", str(empty), "no config.json")
 
 
+@pytest.mark.slow
 def test_train_checks_the_data_file_before_the_model(tmp_path):
     """Both wrong: the data file is named, so it was checked before the model (and before anything loaded)."""
     data = tmp_path / "no.jsonl"
@@ -107,6 +110,7 @@ def test_train_checks_the_data_file_before_the_model(tmp_path):
     assert NO_HUB_ID not in line
 
 
+@pytest.mark.slow
 def test_eval_checks_the_llama_guard_model_before_any_generation(tmp_path):
     guard = tmp_path / "no" / "guard"
     args = ["benchmark=preference", "judge=llama_guard", f"judge.model_name_or_path={guard}"]

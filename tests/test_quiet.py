@@ -58,6 +58,7 @@ def noise(output):
     return {what: m.group(0) for what, pattern in NOISE.items() if (m := re.search(pattern, output))}
 
 
+@pytest.mark.slow  # two training runs as subprocesses, ~45 s
 def test_fresh_run_and_resume_print_no_false_alarms(tmp_path):
     fresh = run_train(tmp_path)
     resumed = run_train(tmp_path, f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt", "trainer.max_steps=4")
