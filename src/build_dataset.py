@@ -25,10 +25,10 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import MissingMandatoryValue  # noqa: E402
 
-from src.build.base import BuildError  # noqa: E402
-from src.build.pipeline import DatasetBuilder  # noqa: E402
-from src.build.readers import read_text_pairs  # noqa: E402
 from src.data.records import DataError  # noqa: E402
+from src.databuilder.base import BuildError  # noqa: E402
+from src.databuilder.pipeline import DatasetBuilder  # noqa: E402
+from src.databuilder.readers import read_text_pairs  # noqa: E402
 
 log = logging.getLogger("build_dataset")
 

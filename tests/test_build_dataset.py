@@ -16,15 +16,15 @@ from build_fixture import CONVERSATIONS, write_hh_fixture
 from chat_server import FakeChatServer, closed_port
 from PIL import Image
 
-from src.build.base import BuildError, Entity, NoImage, Rewrite, TextPair
-from src.build.images import LocalImages, TypographyImages
-from src.build.ner import FallbackNER
-from src.build.pipeline import DatasetBuilder, StageLog, conversation
-from src.build.readers import parse_hh_transcript, read_text_pairs
-from src.build.rephrase import ModelRephraser, RuleRephraser
 from src.build_dataset import summary
 from src.data.readers import read_mmsafe_po
 from src.data.records import DataError
+from src.databuilder.base import BuildError, Entity, NoImage, Rewrite, TextPair
+from src.databuilder.images import LocalImages, TypographyImages
+from src.databuilder.ner import FallbackNER
+from src.databuilder.pipeline import DatasetBuilder, StageLog, conversation
+from src.databuilder.readers import parse_hh_transcript, read_text_pairs
+from src.databuilder.rephrase import ModelRephraser, RuleRephraser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_rerun_continues_and_changed_settings_recompute(tmp_path):
 def test_a_rerun_says_what_it_reused(tmp_path, caplog, capsys):
     pairs = read_text_pairs(write_hh_fixture(tmp_path / "hh.jsonl", bad_lines=False))[:6]
     out = tmp_path / "built"
-    caplog.set_level(logging.INFO, logger="src.build.pipeline")
+    caplog.set_level(logging.INFO, logger="src.databuilder.pipeline")
     first = builder(out).run(pairs[:4])
     assert "reused" not in caplog.text  # nothing to take over on a first run
     caplog.clear()

@@ -17,8 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from src.build.base import BuildError, Entity, NoImage
-from src.build.images import LocalImages, TypographyImages, WikipediaImages, normalize_name
+from src.databuilder.base import BuildError, Entity, NoImage
+from src.databuilder.images import LocalImages, TypographyImages, WikipediaImages, normalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_CONFIGS = ROOT / "configs" / "image"
@@ -47,7 +47,7 @@ def test_configs_target_the_matchers(tmp_path):
     assert isinstance(typography, TypographyImages) and typography.size == 336
 
     local = OmegaConf.load(IMAGE_CONFIGS / "local.yaml")
-    assert local._target_ == "src.build.images.LocalImages" and OmegaConf.is_missing(local, "root")
+    assert local._target_ == "src.databuilder.images.LocalImages" and OmegaConf.is_missing(local, "root")
     local.root = str(tmp_path)
     assert isinstance(instantiate(local), LocalImages)
 

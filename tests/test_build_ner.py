@@ -11,8 +11,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.build.base import BuildError, Entity
-from src.build.ner import FallbackNER, TransformersNER, entity_type
+from src.databuilder.base import BuildError, Entity
+from src.databuilder.ner import FallbackNER, TransformersNER, entity_type
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ner"
 

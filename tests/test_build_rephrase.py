@@ -12,8 +12,8 @@ import pytest
 from chat_server import FakeChatServer
 from omegaconf import OmegaConf
 
-from src.build.base import ENTITY_TYPES, BuildError, Entity, RephraseItem, Rewrite
-from src.build.rephrase import (
+from src.databuilder.base import ENTITY_TYPES, BuildError, Entity, RephraseItem, Rewrite
+from src.databuilder.rephrase import (
     DEFAULT_PHRASES,
     ModelRephraser,
     RuleRephraser,
@@ -382,7 +382,7 @@ def test_no_group_genitive_on_the_shared_records(mmsafe_path):
     """The paper's records, their entity replaced again by the rules: never "the person in the image's ..."."""
     import json
 
-    from src.build.pipeline import remove_entity
+    from src.databuilder.pipeline import remove_entity
 
     seen, bad = 0, []
     for r in json.loads(mmsafe_path.read_text(encoding="utf-8")):
@@ -473,7 +473,7 @@ def test_referring_phrase_fixed_choice():
     import subprocess
     import sys
 
-    code = "from src.build.rephrase import referring_phrase as r; print(r('ORG', 'rec-7:FBI'))"
+    code = "from src.databuilder.rephrase import referring_phrase as r; print(r('ORG', 'rec-7:FBI'))"
     other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert other.stdout.strip() == referring_phrase("ORG", "rec-7:FBI")
 

@@ -1,7 +1,7 @@
 """A small client for OpenAI-compatible chat-completions endpoints (OpenAI, vLLM, llama.cpp server, ...).
 
 Standard library only, so a plain evaluation or build box needs no client package. Used by the LLM judge
-(``src.evaluation.judge_llm``) and the model rephraser of the data builder (``src.build.rephrase``).
+(``src.evaluation.judge_llm``) and the model rephraser of the data builder (``src.databuilder.rephrase``).
 """
 
 from __future__ import annotations

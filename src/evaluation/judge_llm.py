@@ -313,7 +313,7 @@ class LlamaGuardJudge:
     def identity(self) -> dict[str, Any]:
         """The model path or hub id, a fingerprint of the local folder (None for a hub id) and, once loaded,
         of the weights themselves (None when nothing needed judging)."""
-        from src.build.base import path_fingerprint
+        from src.databuilder.base import path_fingerprint
 
         weights = None
         if self._model is not None:

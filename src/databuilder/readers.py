@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from src.build.base import BuildError, TextPair
 from src.data.records import DataError, Turn, invalid_json, validate_turns
+from src.databuilder.base import BuildError, TextPair
 
 INPUT_FORMATS = ("auto", "hh", "chat")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")

@@ -29,8 +29,8 @@ from typing import Any
 
 from PIL import Image
 
-from src.build.base import ENTITY_TYPES, BuildError, Entity, ImageMatch, NoImage, path_fingerprint, write_atomic
 from src.data.images import render_stand_in
+from src.databuilder.base import ENTITY_TYPES, BuildError, Entity, ImageMatch, NoImage, path_fingerprint, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ an image matcher writes one image file for an entity or raises `NoImage` with a 
 replaced in the turn by a referring phrase (``mid_prompt``), which a rephraser may rewrite fluently
 (``question``).
 
-Stage results are cached (`src.build.pipeline`) under a key of the component's name and settings. A component
+Stage results are cached (`src.databuilder.pipeline`) under a key of the component's name and settings. A component
 whose results depend on more than its settings (the contents of a file or folder its settings only name) has a
 ``fingerprint() -> str`` that changes with that content; it becomes part of the key.
 """

@@ -25,7 +25,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from src.build.base import (
+from src.data.readers import mmsafe_record
+from src.data.records import DataError
+from src.databuilder.base import (
     ENTITY_TYPES,
     RETRIED_REASONS,
     BuildError,
@@ -39,9 +41,7 @@ from src.build.base import (
     TextPair,
     write_atomic,
 )
-from src.build.rephrase import referring_phrase, rewrite_turn
-from src.data.readers import mmsafe_record
-from src.data.records import DataError
+from src.databuilder.rephrase import referring_phrase, rewrite_turn
 
 log = logging.getLogger(__name__)
 MAX_PROBLEMS_IN_REPORT = 200
@@ -103,7 +103,7 @@ def _one_per_item(component: Any, items: list[Any]) -> list[Any]:
 
 
 def _fingerprint(component: Any) -> str | None:
-    """What a component's results depend on beyond its settings (see `src.build.base`); None if nothing."""
+    """What a component's results depend on beyond its settings (see `src.databuilder.base`); None if nothing."""
     fingerprint = getattr(component, "fingerprint", None)
     return fingerprint() if callable(fingerprint) else None
 

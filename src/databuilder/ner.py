@@ -1,6 +1,6 @@
 """Entity recognition for the data builder: find PER / ORG / LOC / MISC spans in the last user turn.
 
-Two recognizers implement `src.build.base.EntityRecognizer`:
+Two recognizers implement `src.databuilder.base.EntityRecognizer`:
 
 * `TransformersNER`: a token-classification model (default ``dslim/bert-base-NER``, the BERT CoNLL-03
   tagger used for modality interpretation in the BPO paper), loaded on first call. The recommended option.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src.build.base import ENTITY_TYPES, BuildError, Entity, path_fingerprint
+from src.databuilder.base import ENTITY_TYPES, BuildError, Entity, path_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from src.build.base import BuildError, Entity, RephraseItem, Rewrite, path_fingerprint
+from src.databuilder.base import BuildError, Entity, RephraseItem, Rewrite, path_fingerprint
 from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template, load_template
 
 log = logging.getLogger(__name__)
