@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from src.data.datamodule import check_data_paths  # noqa: E402
 from src.errors import SettingError, exit_on_setting_error  # noqa: E402
+from src.models.device import choose_device  # noqa: E402
 from src.models.factory import build_model  # noqa: E402
 from src.models.generation import AnswerGenerator, GenerationSettings  # noqa: E402
 from src.models.source import check_model_source  # noqa: E402
@@ -38,8 +39,7 @@ def generate(cfg: DictConfig) -> dict[str, str]:
     check_data_paths(cfg.data)
     check_model_source(cfg.model.get("name_or_path"), "model.name_or_path", cfg.model.get("revision"))
     model, processor = build_model(**OmegaConf.to_container(cfg.model, resolve=True))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    model.to(choose_device(cfg.device)[0]).eval()
     datamodule = hydra.utils.instantiate(cfg.data, processor=processor, system_prompt=cfg.model.get("system_prompt"))
     if cfg.split == "all":
         records = datamodule.load_records()

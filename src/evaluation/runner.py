@@ -25,6 +25,7 @@ from src.evaluation.items import EvalItem
 from src.evaluation.judges import Judge, JudgeError, JudgeInput, Verdict
 from src.evaluation.metrics import by_key, verdict_rates
 from src.evaluation.scoring import pairwise_accuracy, reward_accuracy
+from src.models.device import choose_device
 from src.models.factory import build_model, fingerprint
 from src.models.generation import AnswerGenerator, GenerationSettings
 from src.models.logprobs import attn_implementation
@@ -69,12 +70,6 @@ def check_model_path(path: str | None, key: str = "model.path") -> None:
             raise SettingError(f"model path {path}: no such checkpoint file ({key})")
         return
     check_model_source(None if path is None else str(path), key)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def check_judge(judge: Judge) -> None:
@@ -223,7 +218,7 @@ class Evaluator:
         self.model, self.processor = load_model(
             cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code
         )
-        self.model.to(_device(cfg.device)).eval()
+        self.model.to(choose_device(cfg.device)[0]).eval()
         self.fingerprint = fingerprint(self.model)
         if self.benchmark.kind == "grounded_accuracy":  # world.image_size=null: pictures at the model's input size
             self.benchmark.fit_image_size(self.processor)
@@ -336,7 +331,7 @@ class Evaluator:
             out["pairwise_accuracy"] = out["pairwise"]["pairwise_accuracy"]
         if self.cfg.reference.path:
             reference, _ = load_model(self.cfg.reference.path, self.cfg.model.dtype, self.cfg.model.attn_implementation)
-            reference.to(_device(self.cfg.device)).eval()
+            reference.to(choose_device(self.cfg.device)[0]).eval()
             out["reward"] = reward_accuracy(
                 self.model, reference, self.processor, have, chosen, rejected, self.benchmark.resolver, **kwargs
             )

@@ -12,13 +12,13 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from src.models.checkpointing import enable_checkpointing
+from src.models.device import DTYPE_NAMES, torch_dtype
 from src.models.lora import adapter_base, apply_lora, is_adapter_folder, merge_adapter, unwrap
 from src.models.source import check_model_source
 from src.models.tiny import build_tiny
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # parameter-name fragments of each part, across LLaVA / LLaVA-NeXT / Qwen2-VL layouts
 PROJECTOR_KEYS = ("multi_modal_projector", "visual.merger")
 VISION_KEYS = ("vision_tower", "visual.", "vision_model")
@@ -71,8 +71,8 @@ def build_model(
     pass (`src.models.checkpointing`). ``system_prompt`` is not used here: it belongs to the model's prompt
     format (``model.system_prompt``) and is passed to `PromptEncoder` by the entry points.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
     lora = dict(lora or {})
     use_lora = bool(lora.pop("enabled", False))
     adapter_path = None
@@ -85,9 +85,9 @@ def build_model(
         raise ValueError("model.load_in_4bit trains through adapters only: set model.lora.enabled=true")
     if name_or_path is None:
         model, processor = build_tiny(**(tiny or {}), attn_implementation=attn_implementation or "sdpa")
-        model = model.to(DTYPES[dtype])
+        model = model.to(torch_dtype(dtype))
     else:
-        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
         if revision:
             kwargs["revision"] = revision
         if attn_implementation:

@@ -13,7 +13,8 @@ from lightning import LightningModule
 from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from src.models.factory import DTYPES, build_model
+from src.models.device import torch_dtype
+from src.models.factory import build_model
 from src.models.logprobs import answer_logprobs
 from src.models.lora import adapters_disabled, is_peft
 from src.models.objectives import BLIND, CHOSEN, OBJECTIVES, REJECTED, resolve_answers, takes
@@ -147,7 +148,7 @@ class PreferenceModule(LightningModule):
             self.reference_strategy = "adapters_disabled"
         if self.reference_strategy == "adapters_disabled" and not is_peft(self.policy):
             raise ValueError("reference.strategy=adapters_disabled needs model.lora.enabled=true")
-        self.reference_dtype = DTYPES[reference["dtype"]] if reference.get("dtype") else None
+        self.reference_dtype = torch_dtype(reference["dtype"]) if reference.get("dtype") else None
         if self.reference_strategy == "frozen_copy":
             self.reference = copy.deepcopy(self.policy)
             if self.reference_dtype is not None:
