@@ -16,7 +16,6 @@ whose results depend on more than its settings (the contents of a file or folder
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -129,28 +128,6 @@ class Rephraser(Protocol):
     name: str
 
     def __call__(self, items: list[RephraseItem]) -> list[Rewrite]: ...
-
-
-def path_fingerprint(path: str | os.PathLike[str] | None) -> str | None:
-    """A digest of what is at ``path`` as far as a cache key needs it: a file's bytes, a folder's file names,
-    sizes and modification times (weights are not read whole); None when nothing is there (a hub id, unset)."""
-    if path is None:
-        return None
-    target = os.path.expanduser(os.fspath(path))
-    h = hashlib.sha256()
-    if os.path.isfile(target):
-        with open(target, "rb") as f:
-            h.update(f.read())
-    elif os.path.isdir(target):
-        for root, dirs, files in os.walk(target):
-            dirs.sort()
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                st = os.stat(full)
-                h.update(f"{os.path.relpath(full, target)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    else:
-        return None
-    return h.hexdigest()[:16]
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

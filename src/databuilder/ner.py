@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src.databuilder.base import ENTITY_TYPES, BuildError, Entity, path_fingerprint
+from src.databuilder.base import ENTITY_TYPES, BuildError, Entity
+from src.models.source import path_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from src.databuilder.base import BuildError, Entity, RephraseItem, Rewrite, path_fingerprint
-from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template, load_template
+from src.databuilder.base import BuildError, Entity, RephraseItem, Rewrite
+from src.errors import SettingError
+from src.llm.chat_client import ChatClient, ChatRequestError, fill_template, load_template
+from src.llm.local_lm import LocalLM
+from src.models.device import DTYPE_CHOICES
+from src.models.source import path_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -514,9 +518,6 @@ def check_reply(reply: str | None, item: RephraseItem, max_length_ratio: float =
     return text, None
 
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
 class ModelRephraser:
     """Rewrite each ``mid_prompt`` fluently with a language model; unusable rewrites fall back to it.
 
@@ -564,8 +565,8 @@ class ModelRephraser:
                 "rephrase needs max_workers >= 1, batch_size >= 1, max_new_tokens >= 1 and max_length_ratio > 0; "
                 f"got {max_workers=}, {batch_size=}, {max_new_tokens=}, {max_length_ratio=}"
             )
-        if dtype not in _DTYPES:
-            raise BuildError(f"rephrase.dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPE_CHOICES:
+            raise BuildError(f"rephrase.dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
         self.name = name
         try:
             self.template = load_template(prompt_file, ["{text}", "{phrase}"], "rephrase.prompt_file")
@@ -588,16 +589,12 @@ class ModelRephraser:
             else None
         )
         self.path = None if path is None else str(path)
+        self.lm = None if path is None else LocalLM(str(path), "rephrase.path", device, dtype, trust_remote_code)
         self.max_workers = int(max_workers)
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = int(batch_size)
-        self.device = device
-        self.dtype = dtype
-        self.trust_remote_code = trust_remote_code
         self.max_length_ratio = float(max_length_ratio)
         self.fallbacks: Counter[str] = Counter()
-        self._model: Any = None
-        self._tokenizer: Any = None
         self._chat = False  # whether prompts go through the tokenizer's chat template
 
     def __repr__(self) -> str:
@@ -651,58 +648,38 @@ class ModelRephraser:
         with ThreadPoolExecutor(max_workers=min(self.max_workers, len(prompts))) as pool:
             return list(pool.map(ask, prompts))
 
-    def _load(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    @property
+    def _model(self) -> Any:
+        """The local model; None until first use and for an endpoint."""
+        return None if self.lm is None else self.lm.model
 
-        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype_name = self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    @property
+    def _tokenizer(self) -> Any:
+        return None if self.lm is None else self.lm.tokenizer
+
+    def _load(self, lm: LocalLM) -> None:
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
-            self._model = AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=getattr(torch, dtype_name), trust_remote_code=self.trust_remote_code
-            )
-        except OSError as e:
+            lm.load()
+        except (OSError, SettingError) as e:
             raise BuildError(f"could not load the rephrasing model from rephrase.path={self.path!r}: {e}") from e
-        self._tokenizer.padding_side = "left"
-        if self._tokenizer.pad_token_id is None:
-            self._tokenizer.pad_token = self._tokenizer.eos_token
-        self._chat = bool(getattr(self._tokenizer, "chat_template", None))
-        self._model.to(device).eval()
+        self._chat = bool(getattr(lm.tokenizer, "chat_template", None))
         log.info(
-            "rephrase %s: loaded %s on %s (%s, chat template: %s)", self.name, self.path, device, dtype_name, self._chat
+            "rephrase %s: loaded %s on %s (%s, chat template: %s)",
+            self.name,
+            self.path,
+            lm.model.device,
+            lm.model.dtype,
+            self._chat,
         )
 
     def _generate(self, prompts: list[str]) -> list[str]:
-        """Greedy continuations of the prompts, decoded without special tokens."""
-        import torch
-
-        if self._model is None:
-            self._load()
-        tok = self._tokenizer
+        """Greedy continuations of the prompts by the local model, decoded without special tokens."""
+        lm = self.lm  # set whenever no endpoint is: the constructor takes exactly one back end
+        if lm.model is None:
+            self._load(lm)
+        texts = prompts
         if self._chat:
-            conversations = [[{"role": "user", "content": p}] for p in prompts]
-            texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-        else:
-            texts = prompts
-        replies: list[str] = []
-        for start in range(0, len(texts), self.batch_size):
-            # a chat template writes any BOS token itself, so the tokenizer must not add another
-            batch = tok(
-                texts[start : start + self.batch_size],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=not self._chat,
-            )
-            input_ids = batch["input_ids"].to(self._model.device)
-            attention_mask = batch["attention_mask"].to(self._model.device)
-            with torch.inference_mode():
-                out = self._model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                )
-            replies.extend(tok.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True))
-        return replies
+            chats = [[{"role": "user", "content": p}] for p in prompts]
+            texts = [lm.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+        # a chat template writes any BOS token itself, so the tokenizer must not add another
+        return lm.generate(texts, self.batch_size, self.max_new_tokens, add_special_tokens=not self._chat)

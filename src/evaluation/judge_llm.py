@@ -1,7 +1,7 @@
 """Safety judges that ask a language model: any OpenAI-compatible endpoint, or a local Llama Guard.
 
 Both implement ``src.evaluation.judges.Judge``. The OpenAI judge talks through the standard-library client
-of ``src.evaluation.chat_client``; Llama Guard loads through transformers on first use.
+of ``src.llm.chat_client``; Llama Guard loads through transformers on first use (``src.llm.local_lm``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from src.data.records import Turn
-from src.evaluation.chat_client import ChatClient, ChatRequestError, fill_template, load_template
 from src.evaluation.judges import (
     EMPTY_ANSWER,
     JudgeError,
@@ -24,6 +23,10 @@ from src.evaluation.judges import (
     match_category,
     text_hash,
 )
+from src.llm.chat_client import ChatClient, ChatRequestError, fill_template, load_template
+from src.llm.local_lm import LocalLM
+from src.models.device import DTYPE_CHOICES
+from src.models.source import check_model_source, path_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +269,8 @@ def parse_llama_guard_output(text: str) -> Verdict:
     return Verdict(safe=None, reason=f"unparsed reply: {(text or '').strip()[:80]}")
 
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
 class LlamaGuardJudge:
-    """Judge by a Llama Guard model loaded through transformers, on first use.
+    """Judge by a Llama Guard model loaded through transformers (`LocalLM`), on first use.
 
     Text checkpoints (Llama Guard 3 8B / 1B) run batched with left padding and greedy decoding; images are
     then ignored. A checkpoint with an image processor (Llama Guard 3 11B Vision, Llama Guard 4) loads as an
@@ -290,31 +290,35 @@ class LlamaGuardJudge:
         trust_remote_code: bool = False,
         name: str = "llama_guard",
     ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"judge.dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"judge.dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(
                 f"judge.batch_size and judge.max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
             )
         self.name = name
         self.model_name_or_path = str(model_name_or_path)
-        self.device = device
-        self.dtype = dtype
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
-        self.trust_remote_code = trust_remote_code
-        self._model: Any = None
-        self._tokenizer: Any = None
-        self._processor: Any = None  # set only for checkpoints with an image processor
+        self.lm = LocalLM(
+            self.model_name_or_path, "judge.model_name_or_path", device, dtype, trust_remote_code, images=True
+        )
 
     def __repr__(self) -> str:
-        return f"LlamaGuardJudge(name={self.name!r}, model={self.model_name_or_path!r}, device={self.device!r})"
+        return f"LlamaGuardJudge(name={self.name!r}, model={self.model_name_or_path!r}, device={self.lm.device!r})"
+
+    @property
+    def _model(self) -> Any:
+        """The loaded model; None until something needs judging."""
+        return self.lm.model
+
+    @property
+    def _tokenizer(self) -> Any:
+        return self.lm.tokenizer
 
     def identity(self) -> dict[str, Any]:
         """The model path or hub id, a fingerprint of the local folder (None for a hub id) and, once loaded,
         of the weights themselves (None when nothing needed judging)."""
-        from src.databuilder.base import path_fingerprint
-
         weights = None
         if self._model is not None:
             from src.models.factory import fingerprint
@@ -332,44 +336,25 @@ class LlamaGuardJudge:
     def preflight(self) -> None:
         """The model's source, checked in seconds before anything is generated (it loads on first use): a wrong
         folder or an uncached hub id offline raises `SettingError` naming judge.model_name_or_path."""
-        from src.models.source import check_model_source
-
         check_model_source(self.model_name_or_path, "judge.model_name_or_path")
 
     def _load(self) -> None:
         """Load tokenizer / processor and model; picks the vision path when the checkpoint has images."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
-        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype_name = self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-        kwargs = {"dtype": getattr(torch, dtype_name), "trust_remote_code": self.trust_remote_code}
-        path = self.model_name_or_path
         try:
-            processor = AutoProcessor.from_pretrained(path, trust_remote_code=self.trust_remote_code)
-            if getattr(processor, "image_processor", None) is not None:
-                self._processor = processor
-                self._tokenizer = processor.tokenizer
-                self._model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-            else:
-                self._tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
-                self._model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            self.lm.load()
         except OSError as e:
             raise OSError(
-                f"could not load Llama Guard from {path!r}: {e}\nPass a local folder as judge.model_name_or_path, "
-                "or log in to the Hugging Face hub and accept the model's licence first."
+                f"could not load Llama Guard from {self.model_name_or_path!r}: {e}\nPass a local folder as "
+                "judge.model_name_or_path, or log in to the Hugging Face hub and accept the model's licence first."
             ) from e
-        self._tokenizer.padding_side = "left"
-        if self._tokenizer.pad_token_id is None:
-            self._tokenizer.pad_token = self._tokenizer.eos_token
-        self._model.to(device).eval()
+        lm = self.lm
         log.info(
             "judge %s: loaded %s on %s (%s, vision=%s)",
             self.name,
-            path,
-            device,
-            dtype_name,
-            self._processor is not None,
+            lm.path,
+            lm.model.device,
+            lm.model.dtype,
+            lm.processor is not None,
         )
 
     def judge(self, items: list[JudgeInput]) -> list[Verdict]:
@@ -381,36 +366,20 @@ class LlamaGuardJudge:
     def _judge_answers(self, items: list[JudgeInput]) -> list[Verdict]:
         if self._model is None:
             self._load()
-        if self._processor is not None:
+        if self.lm.processor is not None:
             return [parse_llama_guard_output(self._generate_vision(item)) for item in items]
         if any(item.image is not None for item in items):
             log.info("judge %s: text-only checkpoint, judging %d items without their images", self.name, len(items))
-        verdicts: list[Verdict] = []
-        for start in range(0, len(items), self.batch_size):
-            prompts = build_llama_guard_prompts(self._tokenizer, items[start : start + self.batch_size])
-            # the template already starts with the BOS token, so the tokenizer must not add another
-            batch = self._tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            verdicts.extend(parse_llama_guard_output(t) for t in self._generate(batch))
-        return verdicts
-
-    def _generate(self, inputs: Any) -> list[str]:
-        """Greedy continuations of a (left-padded) batch, decoded without special tokens."""
-        import torch
-
-        inputs = inputs.to(self._model.device)
-        with torch.inference_mode():
-            out = self._model.generate(
-                **inputs,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=self._tokenizer.pad_token_id,
-            )
-        return self._tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        prompts = build_llama_guard_prompts(self._tokenizer, items)
+        # the template already starts with the BOS token, so the tokenizer must not add another
+        replies = self.lm.generate(prompts, self.batch_size, self.max_new_tokens, add_special_tokens=False)
+        return [parse_llama_guard_output(t) for t in replies]
 
     def _generate_vision(self, item: JudgeInput) -> str:
         """One item through the processor of Llama Guard 3 Vision or 4 (untested here; follows the model cards)."""
-        prompt = build_llama_guard_prompts(self._processor, [item], with_images=True)[0]
+        processor = self.lm.processor
+        prompt = build_llama_guard_prompts(processor, [item], with_images=True)[0]
         images = [item.image] if item.image is not None else None
-        inputs = self._processor(text=prompt, images=images, return_tensors="pt")
+        inputs = processor(text=prompt, images=images, return_tensors="pt")
         inputs = inputs.to(self._model.device, dtype=self._model.dtype) if images else inputs
-        return self._generate(inputs)[0]
+        return self.lm.continue_inputs(inputs, self.max_new_tokens)[0]

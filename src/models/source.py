@@ -4,15 +4,16 @@ local Hugging Face cache or (online) exists on the hub.
 Loading a missing model through transformers fails late (after the data, or after every answer was generated) and
 in many lines: a wrong local path reads as a malformed repo id, an uncached hub id with ``HF_HUB_OFFLINE=1`` as a
 chain of connection errors, and without it only after the download retries (close to a minute with no network).
+`path_fingerprint` digests what is at a local source, for the cache keys and identities of what a model there made.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from src.errors import SettingError
-from src.models.lora import adapter_base, is_adapter_folder
 
 HUB_TIMEOUT_S = 5.0  # the one request to the hub for a hub id that is not in the local cache
 
@@ -38,6 +39,8 @@ def check_model_source(name_or_path: str | None, key: str = "model.name_or_path"
     if not, with ``HF_HUB_OFFLINE`` set that is the error, else one request (``HUB_TIMEOUT_S``) asks the hub
     whether it exists.
     """
+    from src.models.lora import adapter_base, is_adapter_folder  # here: lora imports torch, path_fingerprint does not
+
     if name_or_path is None:
         return
     name = str(name_or_path)
@@ -103,3 +106,25 @@ def _ask_hub(name: str, key: str, revision: str | None, at: str) -> None:
             f"answer within {HUB_TIMEOUT_S:g}s ({type(e).__name__}: {detail}): download it where there is network "
             f"(or set HF_HUB_OFFLINE=1 to use only local files), or point {key} at a local folder"
         ) from None
+
+
+def path_fingerprint(path: str | os.PathLike[str] | None) -> str | None:
+    """A digest of what is at ``path`` as far as a cache key needs it: a file's bytes, a folder's file names,
+    sizes and modification times (weights are not read whole); None when nothing is there (a hub id, unset)."""
+    if path is None:
+        return None
+    target = os.path.expanduser(os.fspath(path))
+    h = hashlib.sha256()
+    if os.path.isfile(target):
+        with open(target, "rb") as f:
+            h.update(f.read())
+    elif os.path.isdir(target):
+        for root, dirs, files in os.walk(target):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                st = os.stat(full)
+                h.update(f"{os.path.relpath(full, target)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        return None
+    return h.hexdigest()[:16]

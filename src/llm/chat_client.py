@@ -1,7 +1,8 @@
 """A small client for OpenAI-compatible chat-completions endpoints (OpenAI, vLLM, llama.cpp server, ...).
 
 Standard library only, so a plain evaluation or build box needs no client package. Used by the LLM judge
-(``src.evaluation.judge_llm``) and the model rephraser of the data builder (``src.databuilder.rephrase``).
+(``src.evaluation.judge_llm``) and the model rephraser of the data builder (``src.databuilder.rephrase``), so it
+lives below both.
 """
 
 from __future__ import annotations
