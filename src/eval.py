@@ -35,7 +35,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     report = evaluator.run()
     evaluator.write_generations()
     write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(markdown(report))
+    # the scenarios this judge judges by its own criteria (keyword: category_phrases, openai: category_criteria)
+    special = [*(cfg.judge.get("category_phrases") or {}), *(cfg.judge.get("category_criteria") or {})]
+    (out_dir / "report.md").write_text(markdown(report, special_criteria=special))
     plot(report, out_dir / "report.png")
     scalars = headline(report)
     wandb_dir = log_to_wandb(report, evaluator.lines, out_dir, OmegaConf.to_container(cfg.wandb, resolve=True), scalars)
