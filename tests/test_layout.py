@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 
+import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT
@@ -58,3 +59,12 @@ def test_model_configs_hold_only_what_differs_from_the_base():
         cfg = OmegaConf.load(path)
         assert list(cfg.pop("defaults")) == ["_base", "_self_"], path.name
         assert [k for k, v in cfg.items() if k in base and v == base[k]] == [], path.name
+
+
+@pytest.mark.slow  # a fresh interpreter: ~20 s of imports on a busy machine
+def test_an_entry_point_run_as_a_script_from_another_folder_finds_the_repository(tmp_path):
+    from tests.helpers import run_entry
+
+    out = run_entry("compare.py", "--cfg", "job", "--resolve", cwd=tmp_path, env={"PROJECT_ROOT": None}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert OmegaConf.create(out.stdout).paths.root_dir == str(ROOT)
