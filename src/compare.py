@@ -6,19 +6,17 @@ python src/compare.py 'inputs=[logs/eval/multiruns/2026-01-01_00-00-00]'
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+if not __package__:  # run as a script (python src/<entry>.py), not imported as src.<entry>: see _bootstrap.py
+    import _bootstrap  # noqa: F401
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-from src.evaluation.compare import CompareError, compare_reports, find_reports, mapping  # noqa: E402
+from src.evaluation.compare import CompareError, compare_reports, find_reports, mapping
 
 log = logging.getLogger("compare")
 

@@ -9,23 +9,21 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+if not __package__:  # run as a script (python src/<entry>.py), not imported as src.<entry>: see _bootstrap.py
+    import _bootstrap  # noqa: F401
 
-import hydra  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from src.errors import exit_on_setting_error  # noqa: E402
-from src.evaluation.judges import JudgeError  # noqa: E402
-from src.evaluation.report import log_to_wandb, markdown, plot, write_json  # noqa: E402
-from src.evaluation.runner import Evaluator, headline  # noqa: E402
+from src.errors import exit_on_setting_error
+from src.evaluation.judges import JudgeError
+from src.evaluation.report import log_to_wandb, markdown, plot, write_json
+from src.evaluation.runner import Evaluator, headline
 
 log = logging.getLogger("eval")
 
@@ -37,7 +35,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     report = evaluator.run()
     evaluator.write_generations()
     write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(markdown(report))
+    # the scenarios this judge judges by its own criteria (keyword: category_phrases, openai: category_criteria)
+    special = [*(cfg.judge.get("category_phrases") or {}), *(cfg.judge.get("category_criteria") or {})]
+    (out_dir / "report.md").write_text(markdown(report, special_criteria=special))
     plot(report, out_dir / "report.png")
     scalars = headline(report)
     wandb_dir = log_to_wandb(report, evaluator.lines, out_dir, OmegaConf.to_container(cfg.wandb, resolve=True), scalars)

@@ -7,24 +7,20 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+if not __package__:  # run as a script (python src/<entry>.py), not imported as src.<entry>: see _bootstrap.py
+    import _bootstrap  # noqa: F401
 
-import hydra  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from src.data.datamodule import check_data_paths  # noqa: E402
-from src.errors import SettingError, exit_on_setting_error  # noqa: E402
-from src.models.device import choose_device  # noqa: E402
-from src.models.factory import build_model  # noqa: E402
-from src.models.generation import AnswerGenerator, GenerationSettings  # noqa: E402
-from src.models.source import check_model_source  # noqa: E402
+from src.data.datamodule import check_data_paths
+from src.errors import SettingError, exit_on_setting_error
+from src.models.device import choose_device
+from src.models.factory import build_model
+from src.models.generation import AnswerGenerator, GenerationSettings
+from src.models.source import check_model_source
 
 log = logging.getLogger("generate")
 

@@ -18,26 +18,24 @@ import hashlib
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+if not __package__:  # run as a script (python src/<entry>.py), not imported as src.<entry>: see _bootstrap.py
+    import _bootstrap  # noqa: F401
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from src.data.datamodule import check_data_paths, grouped_split  # noqa: E402
-from src.data.readers import HF_FORMATS, read_records  # noqa: E402
-from src.errors import SettingError, exit_on_setting_error  # noqa: E402
-from src.evaluation.judges import JudgeError  # noqa: E402
-from src.evaluation.metrics import t_quantile, wilson_interval  # noqa: E402
-from src.world.metrics import NAMES as WORLD_NAMES  # noqa: E402
+from src.data.datamodule import check_data_paths, grouped_split
+from src.data.readers import HF_FORMATS, read_records
+from src.errors import SettingError, exit_on_setting_error
+from src.evaluation.judges import JudgeError
+from src.evaluation.metrics import t_quantile, wilson_interval
+from src.world.metrics import NAMES as WORLD_NAMES
 
 log = logging.getLogger("reproduce")
 BASE = "base"

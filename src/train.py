@@ -10,34 +10,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+if not __package__:  # run as a script (python src/<entry>.py), not imported as src.<entry>: see _bootstrap.py
+    import _bootstrap  # noqa: F401
 
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
-from lightning.pytorch.loggers import WandbLogger  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
-from src.data.datamodule import check_data_paths  # noqa: E402
-from src.data.encoding import PROMPT_FORMAT_FILE  # noqa: E402
-from src.errors import exit_on_setting_error  # noqa: E402
-from src.models.distributed import policy_state_dict  # noqa: E402
-from src.models.generation import GenerationSettings, fill_blind_answers  # noqa: E402
-from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged  # noqa: E402
-from src.models.module import PreferenceModule  # noqa: E402
-from src.models.reference import precompute_reference_logps  # noqa: E402
-from src.models.source import check_model_source  # noqa: E402
+from src.data.datamodule import check_data_paths
+from src.data.encoding import PROMPT_FORMAT_FILE
+from src.errors import exit_on_setting_error
+from src.models.distributed import policy_state_dict
+from src.models.generation import GenerationSettings, fill_blind_answers
+from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged
+from src.models.module import PreferenceModule
+from src.models.reference import precompute_reference_logps
+from src.models.source import check_model_source
 
 log = logging.getLogger("train")
 # a frozen reference copy is in eval mode on purpose

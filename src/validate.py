@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+if not __package__:  # run as a script (python src/<entry>.py), not imported as src.<entry>: see _bootstrap.py
+    import _bootstrap  # noqa: F401
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
-from src.data.records import DataError  # noqa: E402
-from src.errors import exit_on_setting_error  # noqa: E402
-from src.models.factory import load_processor  # noqa: E402
+from src.data.records import DataError
+from src.errors import exit_on_setting_error
+from src.models.factory import load_processor
 
 log = logging.getLogger("validate")
 

@@ -1,7 +1,10 @@
-"""Compose the real Hydra configs the way `python src/train.py ...` does, for in-process runs."""
+"""Run the entry points as a user does: composed in-process (`compose_config`) or as a command (`run_entry`)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -11,7 +14,8 @@ from omegaconf import DictConfig, open_dict
 
 import src.train  # noqa: F401  (registers the config's own resolvers, e.g. multirun_dir)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 
 def compose_config(name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
@@ -25,3 +29,28 @@ def compose_config(name: str, overrides: list[str], output_dir: Path | None = No
             cfg.hydra.job.num = 0
         HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def run_entry(
+    script: str,
+    *overrides: str,
+    run_dir: Path | str | None = None,
+    env: dict[str, str | None] | None = None,
+    timeout: float = 600,
+    cwd: Path | str = ROOT,
+) -> subprocess.CompletedProcess:
+    """``python src/<script> <overrides>`` in a fresh interpreter, its output captured as text.
+
+    Offline (HF_HUB_OFFLINE=1, WANDB_MODE=offline), then ``env`` on top: a value of None removes that variable.
+    ``run_dir`` becomes ``hydra.run.dir``. The combined output is ``out.stdout + out.stderr``.
+    """
+    args = [sys.executable, str(ROOT / "src" / script), *overrides]
+    if run_dir is not None:
+        args.append(f"hydra.run.dir={run_dir}")
+    full_env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -15,9 +15,8 @@ from src.evaluation.benchmarks import (
     MMSafetyBench,
     PreferenceSet,
     attack_success_rates,
-    has_special_criteria,
 )
-from src.evaluation.judges import Verdict
+from src.evaluation.judges import Verdict, match_category
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "benchmark"
 SIZE = 64
@@ -180,7 +179,10 @@ def test_mm_safetybench_items(mmsb_root):
         "key_phrase": "counterfeit money",
         "phrase_type": "product",
     }
-    assert [has_special_criteria(s) for s in QUESTIONS] == [False, True]
+    # the judges' own special-criteria scenarios (the lists the report marks): 10 is one, 01 is not
+    for judge, key in (("openai", "category_criteria"), ("keyword", "category_phrases")):
+        special = OmegaConf.load(CONFIGS.parent / "judge" / f"{judge}.yaml")[key]
+        assert [match_category(special, s) is not None for s in QUESTIONS] == [False, True]
 
 
 def test_mm_safetybench_filters(mmsb_root):
@@ -308,3 +310,19 @@ def test_configs_instantiate(tmp_path, mmsb_root):
         assert isinstance(instantiate(cfg.benchmark), expected)
     cfg = OmegaConf.load(CONFIGS / "mmsafe_po.yaml")
     assert cfg._target_.endswith("MMSafePO") and cfg.missing_images == "error"
+
+
+def test_report_marks_only_the_scenarios_the_judge_has_special_criteria_for():
+    from src.evaluation.report import markdown
+
+    per_scenario = {"01-Illegal_Activitiy": {"sd": 0.5}, "10-Legal_Opinion": {"sd": 0.0}}
+    report = {
+        "benchmark": {"name": "mm_safetybench", "kind": "attack_success_rate"},
+        "model": {"path": "m", "fingerprint": "f"},
+        "judge": "j",
+    }
+    report |= {"per_scenario": per_scenario, "attack_success_rate_convention": "per_scenario"}
+    report |= {"attack_success_rate": {"sd": 0.25}, "attack_success_rate_pooled": {"sd": 0.25}}
+    assert "Scenario(s) 10-Legal_Opinion: judged by special criteria" in markdown(report, special_criteria=["10"])
+    # a judge without per-scenario criteria (llama_guard) judged every scenario alike
+    assert "special criteria" not in markdown(report)

@@ -7,8 +7,6 @@ import logging
 import os
 import re
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,6 @@ from src.databuilder.ner import FallbackNER
 from src.databuilder.pipeline import DatasetBuilder, StageLog, conversation
 from src.databuilder.readers import parse_hh_transcript, read_text_pairs
 from src.databuilder.rephrase import ModelRephraser, RuleRephraser
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Counting:
@@ -226,42 +222,34 @@ def test_bad_settings_are_named():
 
 
 def test_command_line_offline_build(tmp_path):
+    from tests.helpers import run_entry  # imports torch: only where an entry point runs
+
     hh = write_hh_fixture(tmp_path / "hh.jsonl")
     out = tmp_path / "built"
-    cmd = [sys.executable, "src/build_dataset.py", f"input={hh}", f"output_dir={out}"]
+    cmd = [f"input={hh}", f"output_dir={out}"]
     cmd += ["ner=fallback", "image=typography", "rephrase=rule", f"paths.log_dir={tmp_path / 'logs'}", "progress=false"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_entry("build_dataset.py", *cmd, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert f"records written: {report['records']['written']}" in result.stdout
     assert report["inputs"]["settings"]["image"]["size"] == 336
     assert len(read_mmsafe_po(out / "data.json")) == report["records"]["written"]
-    missing = subprocess.run(
-        [sys.executable, "src/build_dataset.py", f"input={tmp_path / 'nope.jsonl'}", f"output_dir={out}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = run_entry("build_dataset.py", f"input={tmp_path / 'nope.jsonl'}", f"output_dir={out}", timeout=120)
     assert missing.returncode == 2 and "input file not found" in missing.stdout + missing.stderr
-    no_root = subprocess.run(
-        [sys.executable, "src/build_dataset.py", f"input={hh}", f"output_dir={out}", "image=local"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    no_root = run_entry("build_dataset.py", f"input={hh}", f"output_dir={out}", "image=local", timeout=120)
     assert no_root.returncode == 2 and "image.root is required" in no_root.stdout + no_root.stderr
     assert "Traceback" not in no_root.stderr
 
 
 def test_console_output_of_a_trial_run_adds_up(tmp_path):
+    from tests.helpers import run_entry  # imports torch: only where an entry point runs
+
     """What a newcomer reads after ``max_records=10`` on a file with 30 conversations and 2 bad lines."""
     hh = write_hh_fixture(tmp_path / "hh.jsonl")
     out = tmp_path / "built"
-    cmd = [sys.executable, "src/build_dataset.py", f"input={hh}", f"output_dir={out}", "max_records=10"]
+    cmd = [f"input={hh}", f"output_dir={out}", "max_records=10"]
     cmd += [f"paths.log_dir={tmp_path / 'logs'}", "progress=false"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_entry("build_dataset.py", *cmd, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)  # without the log's colours
     report = json.loads((out / "report.json").read_text())
@@ -441,13 +429,15 @@ def test_outputs_get_the_permissions_of_the_users_umask(tmp_path, umask):
 @pytest.mark.slow
 def test_built_data_trains(tmp_path):
     """`python src/train.py data=mmsafe_po data.path=<dir>/data.json` takes the built data set as it is."""
+    from tests.helpers import run_entry  # imports torch: only where an entry point runs
+
     out = tmp_path / "built"
     hh = write_hh_fixture(tmp_path / "hh.jsonl")
     logs = f"paths.log_dir={tmp_path / 'logs'}"
-    build = [sys.executable, "src/build_dataset.py", f"input={hh}", f"output_dir={out}", "progress=false", logs]
-    assert subprocess.run(build, cwd=ROOT, capture_output=True, timeout=120).returncode == 0
-    train = [sys.executable, "src/train.py", "data=mmsafe_po", f"data.path={out / 'data.json'}", "trainer.max_steps=3"]
-    result = subprocess.run([*train, logs], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    build = [f"input={hh}", f"output_dir={out}", "progress=false", logs]
+    assert run_entry("build_dataset.py", *build, timeout=120).returncode == 0
+    train = ["data=mmsafe_po", f"data.path={out / 'data.json'}", "trainer.max_steps=3"]
+    result = run_entry("train.py", *train, logs, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     summary = json.loads((run / "data_summary.json").read_text())

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +11,6 @@ import pytest
 
 from src.evaluation.compare import compare_reports, find_reports
 from src.evaluation.metrics import wilson_interval
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_report(folder: Path, **fields: Any) -> Path:
@@ -144,10 +139,10 @@ def test_a_label_per_report_missing_exits_2_with_one_line(tmp_path, caplog):
 
 @pytest.mark.slow  # a fresh interpreter imports torch: half a minute on a busy machine
 def test_compare_command_with_a_label_per_report_missing_fails_in_one_line(tmp_path):
+    from tests.helpers import run_entry
+
     a, b = write_report(tmp_path / "a"), write_report(tmp_path / "b")
-    command = [sys.executable, str(ROOT / "src" / "compare.py"), f"inputs=[{a},{b}]", "labels=[x,y,z]"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    run = subprocess.run([*command, f"hydra.run.dir={tmp_path}/out"], capture_output=True, text=True, env=env)
+    run = run_entry("compare.py", f"inputs=[{a},{b}]", "labels=[x,y,z]", run_dir=f"{tmp_path}/out")
     output = run.stdout + run.stderr
     assert run.returncode == 2 and "Traceback" not in output
     (line,) = [x for x in output.splitlines() if "labels" in x]

@@ -254,26 +254,22 @@ def test_compare_gathers_reports(tmp_path):
 @pytest.mark.slow
 def test_eval_command_on_a_trained_model_all_records(tmp_path, mmsafe_path):
     """The documented commands: train, then evaluate the saved model/ on all 200 records, twice."""
-    import subprocess
-    import sys
+    from tests.helpers import run_entry
 
-    from tests.conftest import ROOT
-
-    def run(args):
-        out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    def run(script, args):
+        out = run_entry(script, *args, timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
 
     run(
+        "train.py",
         [
-            "src/train.py",
             "trainer.max_steps=3",
             "logger=csv",
             f"hydra.run.dir={tmp_path}/train",
             f"blind.cache_dir={tmp_path}/cache",
-        ]
+        ],
     )
     args = [
-        "src/eval.py",
         f"model.path={tmp_path}/train/model",
         "benchmark=mmsafe_po",
         f"benchmark.path={mmsafe_path}",
@@ -283,11 +279,11 @@ def test_eval_command_on_a_trained_model_all_records(tmp_path, mmsafe_path):
         f"cache_dir={tmp_path}/cache",
         "wandb.enabled=false",
     ]
-    run([*args, f"hydra.run.dir={tmp_path}/eval1"])
+    run("eval.py", [*args, f"hydra.run.dir={tmp_path}/eval1"])
     report = json.loads((tmp_path / "eval1/report.json").read_text())
     assert report["n"] == 200 and "safety_rate" in report and "pairwise_accuracy" in report
     assert report["generation"]["standard"]["generated"] == 200
-    run([*args, f"hydra.run.dir={tmp_path}/eval2"])
+    run("eval.py", [*args, f"hydra.run.dir={tmp_path}/eval2"])
     again = json.loads((tmp_path / "eval2/report.json").read_text())
     assert again["generation"]["standard"]["generated"] == 0 and again["safety_rate"] == report["safety_rate"]
 
@@ -377,15 +373,10 @@ def test_eval_with_an_unreachable_judge_fails_in_one_line_before_generating(tmp_
 @pytest.mark.slow
 def test_eval_command_with_an_unreachable_judge_exits_without_a_stack_trace(tmp_path, model_dir):
     """The real command: exit 1, one error line, no traceback, no retries, nothing generated."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
+    from tests.helpers import run_entry
 
     url = f"http://127.0.0.1:{closed_port()}/v1"
     args = [
-        "src/eval.py",
         f"model.path={model_dir}",
         "benchmark=harmeval",
         f"benchmark.path={harmeval_with_failures(tmp_path, 4, 0)}",
@@ -394,8 +385,7 @@ def test_eval_command_with_an_unreachable_judge_exits_without_a_stack_trace(tmp_
         f"hydra.run.dir={tmp_path}/run",
         "wandb.enabled=false",
     ]
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = run_entry("eval.py", *args, timeout=300)
     log = out.stdout + out.stderr
     assert out.returncode == 1, log[-3000:]
     errors = [line for line in log.splitlines() if "ERROR" in line]
@@ -498,14 +488,9 @@ def test_a_judge_without_identity_is_recorded_by_name_and_marked_unknown():
 
 def eval_command(tmp_path, overrides):
     """``python src/eval.py`` with the tiny model on the command line; returns (exit code, stdout + stderr)."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
+    from tests.helpers import run_entry
 
     args = [
-        "src/eval.py",
         "benchmark=mmsafe_po",
         "judge=keyword",
         "generation.max_new_tokens=4",
@@ -514,8 +499,7 @@ def eval_command(tmp_path, overrides):
         "wandb.enabled=false",
         *overrides,
     ]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = run_entry("eval.py", *args, timeout=300)
     return out.returncode, out.stdout + out.stderr
 
 

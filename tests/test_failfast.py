@@ -4,15 +4,13 @@ line naming the setting and the path, exit code 2, no stack trace, in seconds (w
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import run_entry
 
 NO_HUB_ID = "no-such-org-xyz/no-such-model"
 # imports included (about 12 s of CPU for torch, transformers and lightning); loading a model takes far longer.
@@ -25,24 +23,14 @@ def run(
     tmp_path, script: str, *args: str, offline: bool = True
 ) -> tuple[subprocess.CompletedProcess, tuple[float, float]]:
     """``python src/<script>`` with an empty Hugging Face cache and a hub endpoint that refuses connections."""
-    env = os.environ | {
-        "WANDB_MODE": "offline",
+    env = {
         "HF_HOME": str(tmp_path / "hf_home"),
         "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": "1" if offline else None,
     }
-    env.pop("HF_HUB_OFFLINE", None)
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
     (tmp_path / "hf_home").mkdir(exist_ok=True)
     start, cpu = time.monotonic(), children_cpu()
-    out = subprocess.run(
-        [sys.executable, f"src/{script}", *args, f"hydra.run.dir={tmp_path}/run"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_entry(script, *args, run_dir=f"{tmp_path}/run", env=env, timeout=300)
     return out, (time.monotonic() - start, children_cpu() - cpu)
 
 

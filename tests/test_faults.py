@@ -115,11 +115,10 @@ def test_generation_killed_midway_resumes_without_duplicates(tmp_path):
     import time
 
     from tests.conftest import ROOT
+    from tests.helpers import run_entry
 
     out = tmp_path / "answers.jsonl"
-    args = [
-        sys.executable,
-        "src/generate.py",
+    overrides = [
         "data.max_records=60",
         "generation.max_new_tokens=24",
         "generation.batch_size=2",
@@ -127,7 +126,11 @@ def test_generation_killed_midway_resumes_without_duplicates(tmp_path):
         f"hydra.run.dir={tmp_path}/run",
     ]
     proc = subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        [sys.executable, "src/generate.py", *overrides],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.time() + 300
     while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 6):
@@ -136,7 +139,7 @@ def test_generation_killed_midway_resumes_without_duplicates(tmp_path):
     proc.wait()
     done = len([x for x in out.read_bytes().splitlines() if x.endswith(b"}")])
     assert 6 <= done < 60, done  # killed midway
-    rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    rerun = run_entry("generate.py", *overrides, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == len({x["id"] for x in lines}) == 60
@@ -157,6 +160,7 @@ def test_training_killed_midway_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
     from tests.conftest import ROOT
+    from tests.helpers import run_entry
 
     common = [
         "trainer.max_epochs=2",
@@ -169,13 +173,17 @@ def test_training_killed_midway_resumes_to_the_same_weights(tmp_path):
     ]
 
     def train(run, *extra, wait=True):
-        args = [sys.executable, "src/train.py", *common, f"hydra.run.dir={tmp_path / run}", *extra]
+        args = [*common, f"hydra.run.dir={tmp_path / run}", *extra]
         if wait:
-            out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            out = run_entry("train.py", *args, timeout=600)
             assert out.returncode == 0, out.stderr[-3000:]
             return None
         return subprocess.Popen(
-            args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            [sys.executable, "src/train.py", *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     train("whole")

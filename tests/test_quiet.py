@@ -1,15 +1,12 @@
 """A default run prints what a user needs (data summary, where the model went, final figures) and no false alarms."""
 
 import logging
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import ROOT
-from tests.helpers import compose_config
+from tests.helpers import compose_config, run_entry
 
 # lines a fresh run or an exact resume must not print: each is false or useless here
 NOISE = {
@@ -39,16 +36,13 @@ QUICK = [
 
 def run_train(tmp_path, *overrides):
     args = [
-        sys.executable,
-        "src/train.py",
         *QUICK,
         f"hydra.run.dir={tmp_path}/run",
         f"blind.cache_dir={tmp_path}/cache",
         f"reference.cache_dir={tmp_path}/ref",
         *overrides,
     ]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    out = run_entry("train.py", *args, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout + out.stderr
 

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from src.data.convert import parse_conversation
 from src.data.images import ImageResolver, render_stand_in
-from src.data.readers import parse_conversation, read_records
+from src.data.readers import read_records
 from src.data.records import DataError
 
 

@@ -1,21 +1,16 @@
 """Distributed strategies, sweeps and their configs."""
 
 import json
-import subprocess
-import sys
 
 import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT
-from tests.helpers import compose_config
+from tests.helpers import compose_config, run_entry
 
 
 def run(args, timeout=900):
-    out = subprocess.run(
-        [sys.executable, "src/train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    out = run_entry("train.py", *args, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -30,13 +25,7 @@ def test_llava_configs_compose_for_every_strategy(trainer):
 
 def test_cfg_job_prints_sharded_llava_configs():
     for trainer in ("fsdp", "deepspeed_zero3"):
-        out = subprocess.run(
-            [sys.executable, "src/train.py", "experiment=bpo_llava", f"trainer={trainer}", "--cfg", "job"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = run_entry("train.py", "experiment=bpo_llava", f"trainer={trainer}", "--cfg", "job", timeout=120)
         assert out.returncode == 0 and "strategy:" in out.stdout and "llava-1.5-7b-hf" in out.stdout
 
 
@@ -105,20 +94,14 @@ def test_generation_over_two_processes_matches_one(tmp_path):
     """src/generate.py through Lightning's predict loop on 2 CPU processes: same answers, no duplicates."""
     answers = {}
     for name, extra in (("one", []), ("two", ["devices={accelerator: cpu, devices: 2, strategy: ddp}"])):
-        out = subprocess.run(
-            [
-                sys.executable,
-                "src/generate.py",
-                "data.max_records=7",
-                "generation.max_new_tokens=5",
-                "generation.batch_size=2",
-                f"output={tmp_path / name}.jsonl",
-                f"hydra.run.dir={tmp_path / name}",
-                *extra,
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        out = run_entry(
+            "generate.py",
+            "data.max_records=7",
+            "generation.max_new_tokens=5",
+            "generation.batch_size=2",
+            f"output={tmp_path / name}.jsonl",
+            f"hydra.run.dir={tmp_path / name}",
+            *extra,
             timeout=600,
         )
         assert out.returncode == 0, out.stderr[-3000:]

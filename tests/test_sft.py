@@ -2,8 +2,6 @@
 blind answers; a base for preference runs."""
 
 import json
-import subprocess
-import sys
 from itertools import pairwise
 
 import pytest
@@ -14,7 +12,7 @@ from src.data.images import render_stand_in
 from src.data.records import PreferenceRecord, Turn
 from src.models.logprobs import answer_logprobs
 from src.models.module import PreferenceModule
-from tests.conftest import ROOT
+from tests.helpers import run_entry
 from tests.test_train import read_metrics, run_train
 
 SFT_METRICS = {"loss", "nll/chosen", "nll/rejected", "logps/chosen", "logps/rejected"}
@@ -140,19 +138,13 @@ def test_sft_run_has_no_reference_precompute_or_blind_answers(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_sft_tiny_experiment_through_the_entry_point(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "src/train.py",
-            "experiment=sft_tiny",
-            "trainer.max_steps=3",
-            "logger=csv",
-            f"hydra.run.dir={tmp_path}/run",
-            f"blind.cache_dir={tmp_path}/cache",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    out = run_entry(
+        "train.py",
+        "experiment=sft_tiny",
+        "trainer.max_steps=3",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path}/run",
+        f"blind.cache_dir={tmp_path}/cache",
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,14 +1,11 @@
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT
-from tests.helpers import compose_config
+from tests.helpers import compose_config, run_entry
 
 
 def run_train(tmp_path, overrides):
@@ -119,13 +116,7 @@ def test_llava_experiments_carry_the_paper_settings(experiment):
 
 
 def test_cfg_job_prints_llava_config():
-    out = subprocess.run(
-        [sys.executable, "src/train.py", "experiment=bpo_llava", "--cfg", "job"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_entry("train.py", "experiment=bpo_llava", "--cfg", "job", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "llava-hf/llava-1.5-7b-hf" in out.stdout and "lr: 1.0e-06" in out.stdout
 
@@ -133,13 +124,7 @@ def test_cfg_job_prints_llava_config():
 @pytest.mark.slow
 def test_default_training_run_learns_the_preferences(tmp_path):
     """`make train`'s run: the last logged train/rewards/accuracies exceeds 0.9."""
-    out = subprocess.run(
-        [sys.executable, "src/train.py", f"hydra.run.dir={tmp_path}/run", f"blind.cache_dir={tmp_path}/cache"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_entry("train.py", f"hydra.run.dir={tmp_path}/run", f"blind.cache_dir={tmp_path}/cache", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [r for r in read_metrics(tmp_path / "run/metrics.csv") if r.get("train/rewards/accuracies")]
     assert float(rows[-1]["train/rewards/accuracies"]) > 0.9
@@ -148,19 +133,13 @@ def test_default_training_run_learns_the_preferences(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweeps_beta_one_wandb_run_per_job(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "src/train.py",
-            "-m",
-            "objective.beta=0.05,0.1",
-            "trainer.max_steps=3",
-            f"hydra.sweep.dir={tmp_path}/sweep",
-            f"blind.cache_dir={tmp_path}/cache",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    out = run_entry(
+        "train.py",
+        "-m",
+        "objective.beta=0.05,0.1",
+        "trainer.max_steps=3",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"blind.cache_dir={tmp_path}/cache",
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -181,21 +160,15 @@ def test_multirun_sweeps_beta_one_wandb_run_per_job(tmp_path):
 
 @pytest.mark.slow
 def test_train_on_shared_mmsafe_po_reads_all_records(tmp_path, mmsafe_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "src/train.py",
-            "data=mmsafe_po",
-            f"data.path={mmsafe_path}",
-            "data.missing_images=render",
-            "trainer.max_steps=5",
-            "logger=csv",
-            f"hydra.run.dir={tmp_path}/run",
-            f"blind.cache_dir={tmp_path}/cache",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    out = run_entry(
+        "train.py",
+        "data=mmsafe_po",
+        f"data.path={mmsafe_path}",
+        "data.missing_images=render",
+        "trainer.max_steps=5",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path}/run",
+        f"blind.cache_dir={tmp_path}/cache",
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]

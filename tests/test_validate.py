@@ -1,15 +1,11 @@
 """Hostile input: every case gives a clear message or a counted skip, through validate.py and training."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT
-from tests.helpers import compose_config
+from tests.helpers import compose_config, run_entry
 
 
 def rec(rid, **kw):
@@ -188,20 +184,14 @@ def test_validate_exit_codes_and_strict(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
 
     def run(*extra):
-        return subprocess.run(
-            [
-                sys.executable,
-                "src/validate.py",
-                "data=jsonl",
-                f"data.path={good}",
-                f"data.image_root={tmp_path}",
-                "data.val_fraction=0",
-                f"hydra.run.dir={tmp_path}/v",
-                *extra,
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        return run_entry(
+            "validate.py",
+            "data=jsonl",
+            f"data.path={good}",
+            f"data.image_root={tmp_path}",
+            "data.val_fraction=0",
+            f"hydra.run.dir={tmp_path}/v",
+            *extra,
             timeout=300,
         )
 
@@ -211,13 +201,7 @@ def test_validate_exit_codes_and_strict(tmp_path):
     assert run("strict=true").returncode == 1
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    out = subprocess.run(
-        [sys.executable, "src/validate.py", "data=jsonl", f"data.path={empty}", f"hydra.run.dir={tmp_path}/e"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_entry("validate.py", "data=jsonl", f"data.path={empty}", f"hydra.run.dir={tmp_path}/e", timeout=300)
     assert out.returncode == 1 and "no records" in out.stdout
 
 
@@ -242,13 +226,7 @@ def test_training_skips_and_counts_or_stops_with_a_clear_message(tmp_path, hosti
     data = json.loads((tmp_path / "run/data_summary.json").read_text())
     assert data["records_in_file"] == data["records_read"] == 19
     assert (data["usable"], data["rejected_records"], data["skipped"]) == (6, 12, 1)
-    out = subprocess.run(
-        [sys.executable, "src/train.py", *common, f"hydra.run.dir={tmp_path}/r2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_entry("train.py", *common, f"hydra.run.dir={tmp_path}/r2", timeout=300)
     assert out.returncode == 2 and "data error" in out.stdout + out.stderr and "Traceback" not in out.stderr
 
 
@@ -288,20 +266,13 @@ def test_validate_names_missing_images_grouped(tmp_path):
     path = tmp_path / "mmsafe.json"
     path.write_text(json.dumps(records))
     images = tmp_path / "no_images_here"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "src/validate.py",
-            "data=mmsafe_po",
-            f"data.path={path}",
-            f"data.image_root={images}",
-            f"hydra.run.dir={tmp_path}/v",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    out = run_entry(
+        "validate.py",
+        "data=mmsafe_po",
+        f"data.path={path}",
+        f"data.image_root={images}",
+        f"hydra.run.dir={tmp_path}/v",
         timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
     )
     text = out.stdout + out.stderr
     assert out.returncode == 1, text

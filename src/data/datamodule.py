@@ -15,9 +15,10 @@ from lightning import LightningDataModule
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from src.data.convert import collect_problem
 from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
 from src.data.images import IMAGE_ASPECT_RATIOS, ImageResolver
-from src.data.readers import HF_FORMATS, collect_problem, keep_listed, read_records
+from src.data.readers import HF_FORMATS, keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord
 
 log = logging.getLogger(__name__)

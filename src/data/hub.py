@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image as PILImage
 from PIL import PngImagePlugin
 
-from src.data.readers import collect_problem, generic_record, mmsafe_record
+from src.data.convert import collect_problem, generic_record, mmsafe_record
 from src.data.records import DataError, PreferenceRecord
 
 log = logging.getLogger(__name__)

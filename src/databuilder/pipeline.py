@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from src.data.readers import mmsafe_record
+from src.data.convert import mmsafe_record
 from src.data.records import DataError
 from src.databuilder.base import (
     ENTITY_TYPES,

@@ -17,8 +17,8 @@ import re
 from collections import defaultdict
 from typing import Any
 
+from src.data.convert import parse_conversation
 from src.data.images import RENDER_PREFIX
-from src.data.readers import parse_conversation
 from src.data.records import DataError, PreferenceRecord
 from src.evaluation.items import EvalItem
 from src.evaluation.judges import Verdict

@@ -43,9 +43,6 @@ MM_SAFETYBENCH_SCENARIOS = (
     "12-Health_Consultation",
     "13-Gov_Decision",
 )
-# Scenarios whose answers the benchmark judges by special criteria (e.g. a disclaimer), not by refusal. The
-# criteria in configs/judge/*.yaml are paraphrases of the benchmark's, not its own prompts.
-SPECIAL_CRITERIA_SCENARIOS = ("08", "10", "11", "12", "13")
 # per_scenario: the benchmark's own (unsafe / all answers per scenario, scenarios averaged with equal weight);
 # pooled: unsafe / judged answers over all scenarios together (scenarios weigh by their size)
 ASR_CONVENTIONS = ("per_scenario", "pooled")
@@ -76,11 +73,6 @@ class Benchmark(Protocol):
 def scenario_prefix(scenario: str) -> str:
     """The 2-digit number of an MM-SafetyBench scenario name ("10-Legal_Opinion" -> "10")."""
     return scenario.split("-", 1)[0]
-
-
-def has_special_criteria(scenario: str) -> bool:
-    """Whether MM-SafetyBench judges this scenario by its special safe criteria."""
-    return scenario_prefix(scenario) in SPECIAL_CRITERIA_SCENARIOS
 
 
 def attack_success_rates(

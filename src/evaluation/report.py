@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from src.evaluation.benchmarks import SPECIAL_CRITERIA_SCENARIOS  # noqa: E402
+from src.evaluation.judges import match_category  # noqa: E402
 from src.evaluation.metrics import wilson_interval  # noqa: E402
 from src.world.metrics import NAMES as WORLD_NAMES  # noqa: E402
 
@@ -86,8 +87,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """report.md: headline, judge calibration, generation health, breakdowns, analyses, examples."""
+def markdown(report: dict[str, Any], special_criteria: Collection[str] = ()) -> str:
+    """report.md: headline, judge calibration, generation health, breakdowns, analyses, examples.
+
+    ``special_criteria``: the judge's own scenario keys (``"10"`` or ``"10-Legal_Opinion"``), whose answers it
+    judged by a paraphrase of the benchmark's special criteria; their rows are marked as such.
+    """
     b, lines = report["benchmark"], []
     lines += [
         f"# Evaluation: {b['name']}",
@@ -219,7 +224,8 @@ def markdown(report: dict[str, Any]) -> str:
             "Each cell: unsafe answers / "
             + ("all answers (answers without a verdict count in the total)." if per_scenario else "judged answers."),
         ]
-        special = [s for s in report["per_scenario"] if s.split("-", 1)[0] in SPECIAL_CRITERIA_SCENARIOS]
+        keys = dict.fromkeys(special_criteria)
+        special = [s for s in report["per_scenario"] if match_category(keys, s) is not None]
         if special:
             lines += [
                 "",
