@@ -13,18 +13,15 @@ from chat_server import FakeChatServer
 from omegaconf import OmegaConf
 
 from src.databuilder.base import ENTITY_TYPES, BuildError, Entity, RephraseItem, Rewrite
-from src.databuilder.rephrase import (
+from src.databuilder.phrases import (
     DEFAULT_PHRASES,
-    ModelRephraser,
-    RuleRephraser,
-    check_reply,
-    clean_reply,
     is_plural,
     pluralize,
     referring_phrase,
     replace_entity,
     rewrite_turn,
 )
+from src.databuilder.rephrase import ModelRephraser, RuleRephraser, check_reply, clean_reply
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "rephrase"
@@ -473,7 +470,7 @@ def test_referring_phrase_fixed_choice():
     import subprocess
     import sys
 
-    code = "from src.databuilder.rephrase import referring_phrase as r; print(r('ORG', 'rec-7:FBI'))"
+    code = "from src.databuilder.phrases import referring_phrase as r; print(r('ORG', 'rec-7:FBI'))"
     other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert other.stdout.strip() == referring_phrase("ORG", "rec-7:FBI")
 

@@ -41,7 +41,7 @@ from src.databuilder.base import (
     TextPair,
     write_atomic,
 )
-from src.databuilder.rephrase import referring_phrase, rewrite_turn
+from src.databuilder.phrases import referring_phrase, rewrite_turn
 
 log = logging.getLogger(__name__)
 MAX_PROBLEMS_IN_REPORT = 200
