@@ -1,19 +1,21 @@
 """The reference model: cache keys that cover every input of a log-prob, streamed precompute, step-0 rewards."""
 
+import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from src.data.datamodule import PreferenceDataModule
-from src.data.encoding import PromptEncoder
+from src.data.encoding import EncodedPair, PromptEncoder
 from src.data.images import render_stand_in
 from src.data.records import PreferenceRecord, Turn
 from src.models import reference as reference_mod
 from src.models.generation import GenerationSettings, fill_blind_answers
 from src.models.logprobs import answer_logprobs
-from src.models.reference import precompute_reference_logps
+from src.models.reference import entry_key, precompute_reference_logps
 from tests.helpers import compose_config
 
 
@@ -97,6 +99,80 @@ def test_precompute_streams_images_a_batch_at_a_time(tiny, tmp_path, monkeypatch
     assert summary["computed"] == 20 and len(seen) == 5
     # images are read as batches are scored, never all before the first forward pass
     assert seen[0] <= 8 and seen == sorted(seen) and seen[-1] == 20
+
+
+def test_cache_file_changes_with_the_model_layout_dtype_and_attention(tiny):
+    model, _ = tiny
+    base = reference_mod.cache_path("c", model, "packed").name
+    assert base == reference_mod.cache_path("c", model, "packed").name  # the same run finds the same file
+    other_weights = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other_weights.parameters()).view(-1)[0] += 1.0  # the first value is one the fingerprint reads
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"  # another kernel, same weights and config values
+    variants = {
+        "weights": reference_mod.cache_path("c", other_weights, "packed").name,
+        "layout": reference_mod.cache_path("c", model, "padded").name,
+        "compute dtype": reference_mod.cache_path("c", model, "packed", torch.bfloat16).name,
+        "attention": reference_mod.cache_path("c", eager, "packed").name,
+    }
+    for what, name in variants.items():
+        assert name != base, what
+    assert len(set(variants.values())) == len(variants)
+    # the layout actually used: a kernel that cannot take the packed mask runs (and caches) the padded layout
+    flash = copy.deepcopy(model)
+    flash.config._attn_implementation = "flash_attention_2"
+    assert reference_mod.cache_path("c", flash, "packed") == reference_mod.cache_path("c", flash, "padded")
+
+
+def test_entry_key_changes_with_every_input_of_the_value():
+    pair = EncodedPair("r0", [1, 2, 3], [[4, 5], [6]])
+    base = entry_key(pair, 0, "img")
+    assert base == entry_key(EncodedPair("r0", [1, 2, 3], [[4, 5], [6]]), 0, "img")
+    variants = {
+        "answer": entry_key(pair, 1, "img"),
+        "record id": entry_key(EncodedPair("r1", [1, 2, 3], [[4, 5], [6]]), 0, "img"),
+        "prompt tokens": entry_key(EncodedPair("r0", [1, 2, 9], [[4, 5], [6]]), 0, "img"),
+        "answer tokens": entry_key(EncodedPair("r0", [1, 2, 3], [[4, 9], [6]]), 0, "img"),
+        # the same tokens split otherwise between prompt and answer score another answer
+        "prompt/answer split": entry_key(EncodedPair("r0", [1, 2], [[3, 4, 5], [6]]), 0, "img"),
+        "image inputs": entry_key(pair, 0, "other img"),
+        "no image": entry_key(pair, 0, None),
+    }
+    for what, key in variants.items():
+        assert key != base, what
+    assert len(set(variants.values())) == len(variants)
+
+
+# cut short, not text, valid JSON of another shape
+@pytest.mark.parametrize("damage", [b"{half a cach", b"\xff\xfe\x00garbage", b"[]", b"null"])
+def test_a_damaged_cache_is_recomputed_and_an_intact_one_reused(tiny, tmp_path, damage):
+    model, processor = tiny
+    path = write_data(tmp_path)
+    pad = processor.tokenizer.pad_token_id
+
+    def run():
+        dm = datamodule(path, processor, missing_images="render")
+        summary = precompute_reference_logps(model, [dm.train_set], pad, tmp_path / "ref")
+        return summary, [p.reference_logps for p in dm.train_set.pairs]
+
+    summary, first = run()
+    assert (summary["computed"], summary["reused"]) == (6, 0)
+    cache = Path(summary["cache"])
+    # reused values are the stored ones, exactly: change one stored value and it comes back
+    stored = json.loads(cache.read_text())
+    key = next(iter(stored))
+    cache.write_text(json.dumps(stored | {key: -123.5}))
+    summary, again = run()
+    assert (summary["computed"], summary["reused"]) == (0, 6)
+    assert sum(v == -123.5 for row in again for v in row) == 1
+    assert sum(a != b for x, y in zip(first, again, strict=True) for a, b in zip(x, y, strict=True)) == 1
+
+    cache.write_bytes(damage)  # a damaged file: every value computed again, and the file written whole
+    summary, recomputed = run()
+    assert (summary["computed"], summary["reused"]) == (6, 0)
+    assert recomputed == first
+    assert len(json.loads(cache.read_text())) == len(stored)
 
 
 def module_and_batch(tmp_path, strategy, dtype=None, lora=False):

@@ -59,10 +59,13 @@ def _load(path: Path) -> dict[str, float]:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        values = json.loads(path.read_text())
+    except ValueError:  # not JSON, or not even text (UnicodeDecodeError is a ValueError too)
+        values = None
+    if not isinstance(values, dict):  # damaged: recomputed and rewritten, not a crash
         log.warning("%s: unreadable reference cache; recomputing", path)
         return {}
+    return values
 
 
 def _save(path: Path, values: dict[str, float]) -> None:
