@@ -2,7 +2,13 @@ import json
 
 from src.data.images import ImageResolver
 from src.data.records import PreferenceRecord, Turn
-from src.models.generation import AnswerGenerator, GenerationSettings, blind_cache_path, fill_blind_answers
+from src.models.generation import (
+    AnswerGenerator,
+    GenerationSettings,
+    blind_cache_path,
+    fill_blind_answers,
+    read_generations,
+)
 
 SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=2, max_length=256)
 
@@ -110,3 +116,16 @@ def test_a_shared_output_file_is_not_reused_across_models_or_settings(tiny, tmp_
         other = AnswerGenerator(other_model.eval(), processor, SETTINGS, resolver)
         other.run(recs, out, with_image=False)
     assert (first.generated, same.generated, longer.generated, other.generated) == (2, 0, 2, 2)
+
+
+def test_read_generations_ignores_lines_a_killed_write_can_leave(tmp_path, caplog):
+    """Bad JSON, a cut multi-byte character, a line that is not an object or has no id: each is skipped with a
+    warning naming its line (and regenerated later); the good lines are read."""
+    path = tmp_path / "gen.jsonl"
+    good = [json.dumps({"id": i, "answer": "défense"}, ensure_ascii=False).encode() for i in ("a", "b")]
+    torn = json.dumps({"id": "c", "answer": "é"}, ensure_ascii=False).encode()[:-3]  # ends inside the two-byte é
+    path.write_bytes(b"\n".join([good[0], b"{not json", torn, b"[1, 2]", b'{"answer": "no id"}', good[1]]) + b"\n")
+    read = read_generations(path)
+    assert set(read) == {"a", "b"} and read["a"]["answer"] == "défense"
+    warned = [int(r.getMessage().split(":")[1]) for r in caplog.records if "unreadable line" in r.getMessage()]
+    assert warned == [2, 3, 4, 5]

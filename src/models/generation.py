@@ -60,13 +60,15 @@ def read_generations(path: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     if not path.exists():
         return out
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
+    # line by line as bytes: a write killed inside a multi-byte character leaves a line that is not UTF-8
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
+            item = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            item = None
+        if not isinstance(item, dict) or "id" not in item:
             log.warning("%s:%d: unreadable line ignored (interrupted write?); it will be regenerated", path, n)
             continue
         out[str(item["id"])] = item
