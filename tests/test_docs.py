@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,9 @@ def test_readme_command_composes(line, command):
 def test_readme_has_commands_of_every_entry_point():
     entries = {overrides_of(c)[0] for _, c in entry_commands()}
     assert {"train", "eval", "generate", "reproduce", "compare", "validate", "build_dataset"} <= entries
+
+
+def test_ci_script_is_valid_shell():
+    """`.ci/run` is what CI executes: a quoting slip there fails every CI run before a single test."""
+    out = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
