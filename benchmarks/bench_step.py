@@ -41,6 +41,9 @@ The numbers are only as quiet as the machine: the table shows each worker's CPU 
 (CPU / wall; ~2 when nothing else runs) and the 1-minute load average. ``--repeat N`` runs all configurations N
 times round-robin and keeps each one's fastest run. The last line printed is one JSON object with the headline
 numbers.
+
+The pieces are in benchmarks/step/: common (settings, timers), data, ours, trl_side (TRL and the parity check),
+runner (the worker subprocesses) and report (what is printed).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def model_fingerprint(model: Any) -> str:
     return fingerprint(model)
 
 
-# -- workers ---------------------------------------------------------------------------------------------------
+# -- step timing shared by the workers ------------------------------------------------------------------------
 def step_stats(stamps: list[tuple[float, float]], warmup: int) -> dict[str, Any]:
     """``stamps[0]``: (wall, process CPU) just before the first step; ``stamps[k]``: at the end of step k.
 
