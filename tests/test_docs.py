@@ -1,6 +1,7 @@
-"""README.md against the code, where that is cheap: the fields it documents exist in what the code writes, the
-`make` targets it names exist, and every `python src/<entry>.py ...` example in its fenced code blocks composes
-with Hydra (so a renamed config key or group the README still uses fails here, naming the README line)."""
+"""README.md and docs/*.md against the code, where that is cheap: the fields they document exist in what the code
+writes, the `make` targets they name exist, every `python src/<entry>.py ...` example in their fenced code blocks
+composes with Hydra (a renamed config key or group the docs still use fails here, naming the file and line), every
+page is linked from the README and every link resolves."""
 
 from __future__ import annotations
 
@@ -17,19 +18,33 @@ from tests.helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# the README and the pages it links under docs/: every check below reads them all
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 PLACEHOLDER = re.compile(r"<[^<>\n]+>")  # <run>, <time>, <served model>, ...
 ENTRY = re.compile(r"^src/(\w+)\.py$")
 
 
+def name(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def docs_text() -> str:
+    return "\n".join(path.read_text(encoding="utf-8") for path in DOCS)
+
+
 def readme_lines() -> list[str]:
-    return README.read_text(encoding="utf-8").splitlines()
+    return docs_text().splitlines()
 
 
-def fenced_commands() -> list[tuple[int, str]]:
-    """(line number, command) of every line in a fenced code block, backslash continuations joined."""
+def fenced_commands() -> list[tuple[str, str]]:
+    """("file:line", command) of every line in a fenced code block, backslash continuations joined."""
+    return [(f"{name(path)}:{n}", command) for path in DOCS for n, command in fenced_in(path)]
+
+
+def fenced_in(path: Path) -> list[tuple[int, str]]:
     out: list[tuple[int, str]] = []
     in_fence, pending, start = False, "", 0
-    for number, line in enumerate(readme_lines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.startswith("```"):
             in_fence, pending = not in_fence, ""
             continue
@@ -45,14 +60,14 @@ def fenced_commands() -> list[tuple[int, str]]:
     return out
 
 
-def entry_commands() -> list[tuple[int, str]]:
+def entry_commands() -> list[tuple[str, str]]:
     return [(n, c) for n, c in fenced_commands() if re.search(r"(^|\s)python src/\w+\.py", c)]
 
 
 def table_row(first_cell: str) -> str:
     """The README table row whose first cell is `first_cell`, that cell left out."""
     rows = [line for line in readme_lines() if line.startswith(f"| `{first_cell}` |")]
-    assert len(rows) == 1, f"README.md: expected one table row for `{first_cell}`, found {len(rows)}"
+    assert len(rows) == 1, f"README.md + docs/: expected one table row for `{first_cell}`, found {len(rows)}"
     return rows[0].split("|", 2)[2]
 
 
@@ -131,7 +146,7 @@ def test_report_json_has_the_documented_mmsafe_po_figures(eval_run):
 
 def test_generate_output_lines_have_the_documented_fields(eval_run):
     """src/generate.py and evaluation write answers through the same AnswerGenerator; its file is the cache here."""
-    spans = re.findall(r"Lines are `(\{[^`]+\})`", README.read_text(encoding="utf-8"))
+    spans = re.findall(r"Lines are `(\{[^`]+\})`", docs_text())
     documented = set(re.findall(r'"(\w+)"', " ".join(spans)))
     assert {"id", "answer", "num_tokens", "finished"} <= documented, "README.md: generate.py's line fields not found"
     cache = sorted((eval_run / "cache").glob("*.jsonl"))
@@ -144,7 +159,7 @@ def test_generate_output_lines_have_the_documented_fields(eval_run):
 
 
 def test_make_targets_named_in_the_readme_exist():
-    text = README.read_text(encoding="utf-8")
+    text = docs_text()
     code = re.findall(r"`([^`\n]+)`", text) + [c for _, c in fenced_commands()]
     named = {m for c in code for m in re.findall(r"(?:^|\s)make ([a-z][\w-]*)", c)}
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
@@ -189,13 +204,13 @@ def overrides_of(command: str) -> tuple[str, list[str]]:
     return entry, overrides
 
 
-@pytest.mark.parametrize(("line", "command"), entry_commands(), ids=[f"README.md:{n}" for n, _ in entry_commands()])
+@pytest.mark.parametrize(("line", "command"), entry_commands(), ids=[n for n, _ in entry_commands()])
 def test_readme_command_composes(line, command):
     try:
         entry, overrides = overrides_of(command)
         compose_config(config_name(entry), overrides)
     except Exception as e:  # noqa: BLE001  (any failure is reported with the README line)
-        pytest.fail(f"README.md:{line}: {command.strip()}\n  {type(e).__name__}: {e}", pytrace=False)
+        pytest.fail(f"{line}: {command.strip()}\n  {type(e).__name__}: {e}", pytrace=False)
 
 
 def test_readme_has_commands_of_every_entry_point():
@@ -207,3 +222,30 @@ def test_ci_script_is_valid_shell():
     """`.ci/run` is what CI executes: a quoting slip there fails every CI run before a single test."""
     out = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_doc_page_is_linked_and_every_link_resolves():
+    anchors = {
+        path: {slug(h) for h in re.findall(r"^#{1,6} (.+)$", path.read_text(encoding="utf-8"), re.M)} for path in DOCS
+    }
+    broken = []
+    for path in DOCS:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", path.read_text(encoding="utf-8")):
+            if target.startswith(("http://", "https://")):
+                continue
+            linked = (path.parent / target).resolve() if target else path
+            if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors.get(linked, set())):
+                broken.append(f"{name(path)}: ({target}#{anchor})" if anchor else f"{name(path)}: ({target})")
+    assert not broken, broken
+    readme = README.read_text(encoding="utf-8")
+    assert [name(p) for p in DOCS[1:] if f"]({name(p)})" not in readme] == [], "docs pages the README does not link"
+
+
+def test_readme_stays_short():
+    """The README is the front page (what it is, set-up, tests, the commands used most); the rest is in docs/."""
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 150
