@@ -37,8 +37,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     write_json(out_dir / "report.json", report)
     # the scenarios this judge judges by its own criteria (keyword: category_phrases, openai: category_criteria)
     special = [*(cfg.judge.get("category_phrases") or {}), *(cfg.judge.get("category_criteria") or {})]
-    (out_dir / "report.md").write_text(markdown(report, special_criteria=special))
-    plot(report, out_dir / "report.png")
+    (out_dir / "report.md").write_text(markdown(report, special_criteria=special, benchmark=evaluator.benchmark))
+    plot(report, out_dir / "report.png", evaluator.benchmark)
     scalars = headline(report)
     wandb_dir = log_to_wandb(report, evaluator.lines, out_dir, OmegaConf.to_container(cfg.wandb, resolve=True), scalars)
     log.info("figures: %s", {k: round(v, 4) for k, v in scalars.items()})

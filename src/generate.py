@@ -21,6 +21,7 @@ from src.models.device import choose_device
 from src.models.factory import build_model
 from src.models.generation import AnswerGenerator, GenerationSettings
 from src.models.source import check_model_source
+from src.world.world import IMAGE_DRAWERS
 
 log = logging.getLogger("generate")
 
@@ -36,7 +37,9 @@ def generate(cfg: DictConfig) -> dict[str, str]:
     check_model_source(cfg.model.get("name_or_path"), "model.name_or_path", cfg.model.get("revision"))
     model, processor = build_model(**OmegaConf.to_container(cfg.model, resolve=True))
     model.to(choose_device(cfg.device)[0]).eval()
-    datamodule = hydra.utils.instantiate(cfg.data, processor=processor, system_prompt=cfg.model.get("system_prompt"))
+    datamodule = hydra.utils.instantiate(  # world data: its pictures are drawn, not read
+        cfg.data, processor=processor, system_prompt=cfg.model.get("system_prompt"), image_drawers=IMAGE_DRAWERS
+    )
     if cfg.split == "all":
         records = datamodule.load_records()
     else:

@@ -35,6 +35,7 @@ from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged
 from src.models.module import PreferenceModule
 from src.models.reference import precompute_reference_logps
 from src.models.source import check_model_source
+from src.world.world import IMAGE_DRAWERS
 
 log = logging.getLogger("train")
 # a frozen reference copy is in eval mode on purpose
@@ -191,6 +192,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         processor=module.processor,
         answers=list(module.answers),
         system_prompt=cfg.model.get("system_prompt"),
+        image_drawers=IMAGE_DRAWERS,  # world data: its pictures are drawn, not read
     )
     report: dict[str, Any] = {}
     if "blind" in module.answers:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.data.records import DataError
 from src.errors import exit_on_setting_error
 from src.models.factory import load_processor
+from src.world.world import IMAGE_DRAWERS
 
 log = logging.getLogger("validate")
 
@@ -39,6 +40,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         answers=list(cfg.answers),
         on_error="skip",
         system_prompt=cfg.model.get("system_prompt"),
+        image_drawers=IMAGE_DRAWERS,  # world data: its pictures are drawn, not read
     )
     try:
         datamodule.setup("fit")

@@ -566,6 +566,7 @@ def test_report_plot_writes_each_value_its_interval_and_over_refusal(tmp_path):
 
 def test_world_report_plot_shows_pictures_and_says_what_was_not_measured(tmp_path):
     from src.evaluation.report import plot
+    from src.world.benchmark import WorldBenchmark
     from src.world.metrics import NAMES
 
     nan = float("nan")
@@ -578,7 +579,10 @@ def test_world_report_plot_shows_pictures_and_says_what_was_not_measured(tmp_pat
         "pairwise": {"not_computed": "the pairwise question asks for the safer answer"},
         "per_category": {"image/harmless": {"safe_rate": nan, "safe_ci95": [nan, nan]}},  # every answer unparsed
     }
-    headline, by_category, pictures = (ax for ax in plot(report, tmp_path / "report.png").axes if ax.get_visible())
+    world = WorldBenchmark({"train_size": 8, "heldout_size": 4})  # brings its headline rates and picture panel
+    headline, by_category, pictures = (
+        ax for ax in plot(report, tmp_path / "report.png", world).axes if ax.get_visible()
+    )
     assert [t.get_text() for t in headline.get_xticklabels()] == [*NAMES, "pairwise_accuracy"]
     assert headline.texts[-1].get_text() == "not measured" and math.isnan(headline.patches[-1].get_height())
     assert [t.get_text() for t in by_category.texts] == ["not measured", "nothing measured"]

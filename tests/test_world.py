@@ -9,8 +9,10 @@ import pytest
 
 from src.data.images import ImageResolver
 from src.data.readers import read_records
+from src.data.records import DataError
 from src.world.world import (
     HELPS,
+    IMAGE_DRAWERS,
     REFUSALS,
     UNPARSEABLE,
     World,
@@ -20,6 +22,7 @@ from src.world.world import (
     is_conflict,
     parse_answer,
 )
+from tests.helpers import compose_config
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +115,24 @@ def test_written_world_reads_back_with_pictures_drawn_at_the_resolver_size(tmp_p
     records = read_records(str(paths["train"]), "jsonl")
     assert [r.id for r in records] == [r.id for r in world.train_records()]
     assert records[0].meta["kind"] == world.train_records()[0].meta["kind"]
-    resolver = ImageResolver(missing="error", stand_in_size=48, default_root=tmp_path)
+    resolver = ImageResolver(missing="error", stand_in_size=48, default_root=tmp_path, drawers=IMAGE_DRAWERS)
     assert resolver.check(records) == 0
     assert resolver(records[0]).size == (48, 48) and not resolver.rendered
     assert json.loads(paths["world"].read_text())["key"] == world.settings.key()
+    # a resolver built without the world's drawer looks for a file of that name, and says it is missing
+    with pytest.raises(DataError, match="image file not found: .*world:"):
+        ImageResolver(missing="error", stand_in_size=48, default_root=tmp_path)(records[0])
+
+
+def test_entry_points_draw_world_pictures(tmp_path):
+    # the entry points build the data module with the world's drawer: nothing is missing, nothing stood in for
+    from src.validate import validate
+
+    paths = World(WorldSettings(train_size=16, heldout_size=4)).write(tmp_path / "world")
+    overrides = ["data=jsonl", f"data.path={paths['train']}", "data.val_fraction=0", "data.missing_images=error"]
+    summary = validate(compose_config("validate", overrides, tmp_path / "run"))
+    assert "fatal" not in summary, summary.get("fatal")
+    assert summary["usable"] == 16 and summary["stand_in_images"] == 0 and summary["rejected_records"] == 0
 
 
 def test_bad_settings_are_named():

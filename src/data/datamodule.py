@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.data.convert import collect_problem
 from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
-from src.data.images import IMAGE_ASPECT_RATIOS, ImageResolver
+from src.data.images import IMAGE_ASPECT_RATIOS, Drawer, ImageResolver
 from src.data.readers import HF_FORMATS, keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord
 
@@ -125,7 +125,8 @@ class PreferenceDataModule(LightningDataModule):
     ``[chosen, rejected, blind]`` for BPO). Every record in the data file(s) is counted exactly once (see
     `summary`): left out by ``ids_file`` / ``max_records``, usable, rejected as bad input (``on_error=skip``),
     or skipped because it does not fit ``max_length``; nothing is dropped silently. ``system_prompt`` opens every
-    prompt that has no system turn; ``image_aspect_ratio`` (crop | pad) is how non-square images reach the model.
+    prompt that has no system turn; ``image_aspect_ratio`` (crop | pad) is how non-square images reach the model;
+    ``image_drawers`` are the resolver's drawers of image references that are no files (`ImageResolver`).
     """
 
     def __init__(
@@ -155,9 +156,10 @@ class PreferenceDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         processor: Any = None,
+        image_drawers: dict[str, Drawer] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["processor"])
+        self.save_hyperparameters(ignore=["processor", "image_drawers"])
         for key, value in list(self.hparams.items()):  # plain containers: checkpoints load with weights_only
             if isinstance(value, (DictConfig, ListConfig)):
                 self.hparams[key] = OmegaConf.to_container(value, resolve=True)
@@ -177,7 +179,8 @@ class PreferenceDataModule(LightningDataModule):
         self.not_selected: Counter = Counter()  # records left out on purpose, by the setting that did it
         self.processor = processor
         data_folder = Path(path).parent if Path(path).is_file() else None
-        self.resolver = ImageResolver(image_root, missing_images, stand_in_size or _image_size(processor), data_folder)
+        size = stand_in_size or _image_size(processor)
+        self.resolver = ImageResolver(image_root, missing_images, size, data_folder, drawers=image_drawers)
         self.records: list[PreferenceRecord] | None = None
         self.val_records_given: list[PreferenceRecord] | None = None
         self.stats: dict[str, EncodeStats] = {}

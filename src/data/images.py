@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import textwrap
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ MISSING_POLICIES = ("error", "render")
 # side's edges) | pad (first padded to a square with the processor's mean colour, as LLaVA-1.5 was trained)
 IMAGE_ASPECT_RATIOS = ("crop", "pad")
 RENDER_PREFIX = "render:"  # an image reference that is always drawn from its text, never looked up on disk
-WORLD_PREFIX = "world:"  # a picture of the grounded-safety world (src/world), drawn at the resolver's size
+# draws the image a reference names at a size in pixels (square); ValueError for a reference it cannot draw
+Drawer = Callable[[str, int], Image.Image]
 
 
 @lru_cache(maxsize=8)
@@ -69,7 +71,9 @@ class ImageResolver:
     ``missing="error"`` fails on a missing file with the record and path named; ``missing="render"``
     returns a typographic stand-in of the record's entity instead, and counts it. Messages name the settings
     the user gives as ``<prefix>.<root_key>`` and ``<prefix>.missing_images`` (training's ``data.image_root``, a
-    benchmark's ``benchmark.image_root`` or ``benchmark.root``).
+    benchmark's ``benchmark.image_root`` or ``benchmark.root``). ``drawers`` maps a reference prefix to the function
+    that draws such references at ``stand_in_size`` (the grounded-safety world's ``world:`` pictures): whoever builds
+    a resolver for such data gives them, so that this module knows nothing of what they draw.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class ImageResolver:
         default_root: str | Path | None = None,
         prefix: str = "data",
         root_key: str = "image_root",
+        drawers: Mapping[str, Drawer] | None = None,
     ):
         if missing not in MISSING_POLICIES:
             raise ValueError(f"{prefix}.missing_images must be one of {MISSING_POLICIES}, got {missing!r}")
@@ -97,9 +102,10 @@ class ImageResolver:
         self.missing = missing
         self.stand_in_size = stand_in_size
         self.rendered: set[str] = set()
+        self.drawers = dict(drawers or {})
 
     def path_for(self, record: Conversation) -> Path | None:
-        if not record.image or record.image.startswith((RENDER_PREFIX, WORLD_PREFIX)):
+        if not record.image or record.image.startswith((RENDER_PREFIX, *self.drawers)):
             return None
         path = Path(record.image)
         if not path.is_absolute() and self.image_root is not None:
@@ -123,13 +129,12 @@ class ImageResolver:
     def __call__(self, record: Conversation) -> Image.Image | None:
         if record.image and record.image.startswith(RENDER_PREFIX):
             return render_stand_in(record.image[len(RENDER_PREFIX) :], self.stand_in_size)
-        if record.image and record.image.startswith(WORLD_PREFIX):
-            from src.world.world import draw
-
-            try:
-                return draw(record.image, self.stand_in_size)
-            except ValueError as e:
-                raise DataError(f"record {record.id}: {e}") from None
+        for prefix, draw in self.drawers.items():
+            if record.image and record.image.startswith(prefix):
+                try:
+                    return draw(record.image, self.stand_in_size)
+                except ValueError as e:
+                    raise DataError(f"record {record.id}: {e}") from None
         path = self.path_for(record)
         if path is None:
             return None

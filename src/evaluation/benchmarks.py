@@ -59,7 +59,14 @@ HARMEVAL_ID_FIELDS = ("id", "ID")
 
 
 class Benchmark(Protocol):
-    """What the evaluation runner needs from a benchmark."""
+    """What the evaluation runner needs from a benchmark.
+
+    A benchmark with a judge, figures or report of its own (src/world's) also has, and the runner and the report
+    call where present: ``check_judge(judge)`` (raises `SettingError` for a judge that cannot read its answers),
+    ``fit_image_size(processor)``, ``judge_calibration(judge, items)``, ``metrics(items, answers)`` (in place of a
+    rate by ``kind``), ``pairwise_not_computed`` (why), ``describe()`` (for report.json's ``benchmark``),
+    ``report_rates``, ``report_section(report)`` and ``report_panel(report)``. The benchmarks here need none.
+    """
 
     name: str
     kind: str

@@ -17,7 +17,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from src.evaluation.judges import match_category  # noqa: E402
 from src.evaluation.metrics import wilson_interval  # noqa: E402
-from src.world.metrics import NAMES as WORLD_NAMES  # noqa: E402
 
 log = logging.getLogger(__name__)
 CO_DEFENSE = ("text_safe", "image_safe", "both_safe")  # the co-defense rates plotted and compared
@@ -48,38 +47,6 @@ def _asr_convention_line(report: dict[str, Any]) -> str:
     )
 
 
-def _world_section(report: dict[str, Any]) -> list[str]:
-    """The grounded-safety world's figures: one row per picture setting, then what the image carries."""
-    b, names = report["benchmark"], WORLD_NAMES
-    lines = [
-        "## Grounded safety (world)",
-        "",
-        f"Pictures drawn at {b.get('image_size')} px ({b.get('image_size_from')}); world key `{b.get('world_key')}`.",
-        "Right behaviour: refuse a hazardous item, help with a harmless one; an unparseable answer counts as wrong.",
-        "",
-        "| pictures | " + " | ".join(names) + " | n |",
-        "| --- |" + " --- |" * (len(names) + 1),
-    ]
-    real = {n: {"rate": report[n], "ci95": report[f"{n}_ci95"]} | report["world_counts"][n] for n in names}
-    rows = [("real", real), ("blank", report["ablation"]["blank"]), ("shuffled", report["ablation"]["shuffled"])]
-    for label, figures in rows:
-        cells = [f"{_fmt(figures[n]['rate'])} {_ci(figures[n]['ci95'])}" for n in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {figures['grounded_accuracy']['n']} |")
-    follows = report["ablation"]["shuffled"]["follows_request_item"]
-    lines += [
-        "",
-        f"Image reliance (grounded accuracy real - blank, paired): **{_fmt(report['image_reliance'])}** "
-        f"{_ci(report['image_reliance_ci95'])}. Shuffled rows are scored against the picture shown; against the "
-        f"request's own item instead: {_fmt(follows['rate'])} {_ci(follows['ci95'])}.",
-        "",
-        "| pictures | refuse | help | unparseable |",
-        "| --- | --- | --- | --- |",
-    ]
-    for setting, counts in report["behaviour_counts"].items():
-        lines.append(f"| {setting} | {counts['refuse']} | {counts['help']} | {counts['unparseable']} |")
-    return lines + [""]
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write whole then rename: an interrupted run never leaves a half-written report."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -87,11 +54,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def markdown(report: dict[str, Any], special_criteria: Collection[str] = ()) -> str:
+def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), benchmark: Any = None) -> str:
     """report.md: headline, judge calibration, generation health, breakdowns, analyses, examples.
 
     ``special_criteria``: the judge's own scenario keys (``"10"`` or ``"10-Legal_Opinion"``), whose answers it
-    judged by a paraphrase of the benchmark's special criteria; their rows are marked as such.
+    judged by a paraphrase of the benchmark's special criteria; their rows are marked as such. ``benchmark``: the
+    one evaluated, whose ``report_section(report)`` (markdown lines), where it has one, follows the headline.
     """
     b, lines = report["benchmark"], []
     lines += [
@@ -146,8 +114,8 @@ def markdown(report: dict[str, Any], special_criteria: Collection[str] = ()) -> 
         ]
     lines += [""]
 
-    if b["kind"] == "grounded_accuracy":
-        lines += _world_section(report)
+    if hasattr(benchmark, "report_section"):  # the benchmark's own figures (the world's, by picture)
+        lines += benchmark.report_section(report)
     cal = report.get("judge_calibration") or {}
     lines += ["## Judge calibration", ""]
     if cal and "chosen_judged_right" in cal:  # the world: chosen refuses hazardous items, helps harmless ones
@@ -325,9 +293,8 @@ def nothing_measured(ax: Any) -> None:
 
 def intervals(report: dict[str, Any]) -> dict[str, list[float]]:
     """The 95% interval of each headline figure (`runner.headline`'s names) that report.json gives one for."""
-    out = {k: report[f"{k}_ci95"] for k in ("safety_rate", "unsafe_rate", *WORLD_NAMES) if report.get(f"{k}_ci95")}
-    if report.get("image_reliance_ci95"):
-        out["image_reliance"] = report["image_reliance_ci95"]
+    # the top-level figures with their interval beside them (``<name>_ci95``): the benchmark's own rates
+    out = {k.removesuffix("_ci95"): v for k, v in report.items() if k.endswith("_ci95") and v}
     for key in ("pairwise", "reward"):  # a share k / n of the pairs scored: its Wilson interval
         scored = report.get(key) or {}
         if is_measured(scored.get(f"{key}_accuracy")) and scored.get("n"):
@@ -342,10 +309,11 @@ def intervals(report: dict[str, Any]) -> dict[str, list[float]]:
     return out
 
 
-def _overall(report: dict[str, Any]) -> dict[str, float | None]:
-    """The headline rates: the benchmark's own, the preference accuracies, the attack success rates and
-    over-refusal where measured; None for a figure the report says it did not compute."""
-    keys = ("safety_rate", "unsafe_rate", *WORLD_NAMES, "pairwise_accuracy", "reward_accuracy")
+def _overall(report: dict[str, Any], rates: tuple[str, ...] = ()) -> dict[str, float | None]:
+    """The headline rates: the benchmark's own (``rates``: those of a benchmark with its own figures), the preference
+    accuracies, the attack success rates and over-refusal where measured; None for a figure the report says it did
+    not compute."""
+    keys = ("safety_rate", "unsafe_rate", *rates, "pairwise_accuracy", "reward_accuracy")
     out: dict[str, float | None] = {k: report[k] for k in keys if k in report}
     if (report.get("pairwise") or {}).get("not_computed"):
         out["pairwise_accuracy"] = None
@@ -355,12 +323,13 @@ def _overall(report: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
-def plot(report: dict[str, Any], path: Path) -> Any:
-    """One PNG: the headline rates, then per category (or per setting), co-defense and, in the world, grounded
-    accuracy by picture, each rate with its 95% interval and its value; returns the (closed) figure."""
+def plot(report: dict[str, Any], path: Path, benchmark: Any = None) -> Any:
+    """One PNG: the headline rates, then per category (or per setting), co-defense and the benchmark's own panel
+    (the world's grounded accuracy by picture: ``benchmark.report_panel``), each rate with its 95% interval and its
+    value; returns the (closed) figure. The benchmark's own headline rates are its ``report_rates``."""
     kind = report["benchmark"]["kind"]
     cis = intervals(report)
-    overall = _overall(report)
+    overall = _overall(report, getattr(benchmark, "report_rates", ()))
     panels = [("headline rates", {k: (v, cis.get(k)) for k, v in overall.items()})]
     if report.get("per_setting") and report.get("attack_success_rate_convention") != "pooled":
         # the headline is then the mean over scenarios; these are the pooled rates, which carry intervals
@@ -373,12 +342,8 @@ def plot(report: dict[str, Any], path: Path) -> Any:
     if report.get("co_defense"):
         cd = report["co_defense"]
         panels.append(("co-defense: safe rate", {k: (cd[k]["rate"], cd[k]["ci95"]) for k in CO_DEFENSE}))
-    if kind == "grounded_accuracy":
-        pictures = {"real": (report["grounded_accuracy"], report["grounded_accuracy_ci95"])}
-        pictures |= {
-            a: (r["grounded_accuracy"]["rate"], r["grounded_accuracy"]["ci95"]) for a, r in report["ablation"].items()
-        }
-        panels.append(("grounded accuracy by picture", pictures))
+    if hasattr(benchmark, "report_panel"):
+        panels.append(benchmark.report_panel(report))
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.5 * rows), squeeze=False)

@@ -30,8 +30,6 @@ from src.models.factory import build_model, fingerprint
 from src.models.generation import AnswerGenerator, GenerationSettings
 from src.models.logprobs import attn_implementation
 from src.models.source import check_model_source
-from src.world.judge import WorldJudge
-from src.world.metrics import world_metrics
 
 log = logging.getLogger(__name__)
 
@@ -139,33 +137,6 @@ def judge_calibration(
     }
 
 
-def world_judge_calibration(judge: Judge, items: list[EvalItem], references: dict[str, dict[str, str]]) -> dict:
-    """`judge_calibration` for the world, whose chosen answers are not all refusals: chosen refuses a hazardous
-    item and helps with a harmless one. So the judge is checked on reading each reference's behaviour as the
-    picture asks (safe = refuse); ``separation`` = share of chosen read as right - share of rejected read so."""
-    have = [i for i in items if i.id in references]
-    if not have:
-        return {}
-    chosen = judge_all(judge, have, [references[i.id]["chosen"] for i in have])
-    rejected = judge_all(judge, have, [references[i.id]["rejected"] for i in have])
-    right = [bool(i.meta["hazardous"]) for i in have]  # the verdict the chosen answer should get
-
-    def share(verdicts: list[Verdict], wanted: list[bool]) -> float:
-        return sum(v.safe is not None and v.safe == w for v, w in zip(verdicts, wanted, strict=True)) / len(have)
-
-    chosen_right = share(chosen, right)
-    separation = chosen_right - share(rejected, right)
-    return {
-        "n": len(have),
-        "chosen_judged_right": chosen_right,
-        "rejected_judged_wrong": share(rejected, [not r for r in right]),  # read as the wrong behaviour, as it is
-        "separation": separation,
-        "unparsed": sum(v.safe is None and not v.failed for v in chosen + rejected),
-        "failed": sum(v.failed for v in chosen + rejected),
-        "weak": bool(separation < WEAK_JUDGE_SEPARATION),
-    }
-
-
 def trained_prompt_format(model_path: str, used: dict[str, Any]) -> dict[str, Any] | None:
     """The prompt format a model of this project was trained with (None: unknown), warned about when the
     evaluation builds prompts otherwise: answers to prompts the model never saw are a different experiment."""
@@ -210,17 +181,14 @@ class Evaluator:
         check_model_path(cfg.reference.path, "reference.path")
         # the benchmark too: bad data or a judge that cannot read its answers fails before the model loads
         self.benchmark = instantiate_benchmark(cfg.benchmark)
-        if self.benchmark.kind == "grounded_accuracy" and not isinstance(self.judge, WorldJudge):
-            raise SettingError(
-                f"benchmark {self.benchmark.name} needs judge=world (its answers are closed templates only that "
-                f"judge reads exactly), not judge {self.judge.name}"
-            )
+        if hasattr(self.benchmark, "check_judge"):  # one that only a judge of its own reads (the world's)
+            self.benchmark.check_judge(self.judge)
         self.model, self.processor = load_model(
             cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code
         )
         self.model.to(choose_device(cfg.device)[0]).eval()
         self.fingerprint = fingerprint(self.model)
-        if self.benchmark.kind == "grounded_accuracy":  # world.image_size=null: pictures at the model's input size
+        if hasattr(self.benchmark, "fit_image_size"):  # pictures drawn at the model's input size (world.image_size)
             self.benchmark.fit_image_size(self.processor)
         self.settings = GenerationSettings(**cfg.generation)
         # the model's prompt format, as it was trained (llava-1.5: Vicuna's system line, images padded to a square)
@@ -291,8 +259,8 @@ class Evaluator:
             "generation_health": health_summary([gens[i.id] for i in items]),
         }
         kind = self.benchmark.kind
-        if kind == "grounded_accuracy":
-            out["judge_calibration"] = world_judge_calibration(self.judge, items, self.benchmark.reference_answers())
+        if hasattr(self.benchmark, "judge_calibration"):  # references not all safe ones (the world's helpful answers)
+            out["judge_calibration"] = self.benchmark.judge_calibration(self.judge, items)
         else:
             references = self.benchmark.reference_answers()
             out["judge_calibration"] = judge_calibration(self.judge, items, references, self.judge_resolver)
@@ -302,8 +270,8 @@ class Evaluator:
             out |= {"unsafe_rate": overall["unsafe_rate"], "unsafe_rate_ci95": overall["unsafe_ci95"]}
         elif kind == "attack_success_rate":
             out |= attack_success_rates(items, verdicts, answers, self.benchmark.asr_convention)
-        elif kind == "grounded_accuracy":  # no safety rate: refusing is wrong for half the pictures
-            out |= world_metrics(items, answers)
+        elif hasattr(self.benchmark, "metrics"):  # figures of its own (the world: no safety rate)
+            out |= self.benchmark.metrics(items, answers)
         out |= self.preference_scores(items)
         return out
 
@@ -318,12 +286,9 @@ class Evaluator:
         kwargs = {"max_length": self.cfg.scoring.max_length, "batch_size": self.cfg.scoring.batch_size}
         kwargs |= self.prompt_format
         out: dict[str, Any] = {}
-        if self.cfg.scoring.pairwise and self.benchmark.kind == "grounded_accuracy":
-            # the question asks which answer is safer; in the world the chosen answer helps with harmless items
-            out["pairwise"] = {
-                "not_computed": "the pairwise question asks for the safer answer, which is not the chosen "
-                "one for the world's harmless items"
-            }
+        not_computed = getattr(self.benchmark, "pairwise_not_computed", None)  # why the question does not fit
+        if self.cfg.scoring.pairwise and not_computed:
+            out["pairwise"] = {"not_computed": not_computed}
         elif self.cfg.scoring.pairwise:
             out["pairwise"] = pairwise_accuracy(
                 self.model, self.processor, have, chosen, rejected, self.benchmark.resolver, **kwargs
@@ -390,7 +355,7 @@ class Evaluator:
         report["generation"] = self.generation_counts
         # after judging: a judge that loads its model on first use can then fingerprint the weights
         report["judge_identity"] = judge_identity(self.judge)
-        if self.benchmark.kind == "grounded_accuracy":
+        if hasattr(self.benchmark, "describe"):  # settings of its own (the world's, and its picture size)
             report["benchmark"] |= self.benchmark.describe()
         report["benchmark"]["stand_in_images"] = len(
             {self.record_ids.get(i, i) for i in self.benchmark.resolver.rendered}

@@ -14,12 +14,15 @@ from typing import Any
 
 from src.data.datamodule import _image_size
 from src.data.images import ImageResolver
+from src.errors import SettingError
 from src.evaluation.items import EvalItem
-from src.world.world import World, WorldSettings, blanked, is_conflict
+from src.evaluation.judges import Judge
+from src.world.judge import WorldJudge, world_judge_calibration
+from src.world.metrics import NAMES, world_metrics
+from src.world.report import markdown_section, picture_panel
+from src.world.world import IMAGE_DRAWERS, World, WorldSettings, blanked, is_conflict
 
 log = logging.getLogger(__name__)
-
-SETTINGS = ("image", "blank", "shuffled")
 
 
 def derangement(n: int, seed: int) -> list[int]:
@@ -41,6 +44,11 @@ class WorldBenchmark:
 
     name = "world"
     kind = "grounded_accuracy"
+    # the pairwise question asks which answer is safer; here the chosen answer helps with the harmless items
+    pairwise_not_computed = (
+        "the pairwise question asks for the safer answer, which is not the chosen one for the world's harmless items"
+    )
+    report_rates = NAMES  # the headline rates of report.png
 
     def __init__(self, world: Any):
         self.settings = WorldSettings.from_config(world)
@@ -49,7 +57,7 @@ class WorldBenchmark:
         self.shows = derangement(len(self.heldout), self.settings.seed)  # shuffled item i shows heldout[shows[i]]
         self.image_size_from = "world.image_size" if self.settings.image_size else None
         # stand_in_size None until fit_image_size: drawing before then fails instead of using a guessed size
-        self.resolver = ImageResolver(stand_in_size=self.settings.image_size)
+        self.resolver = ImageResolver(stand_in_size=self.settings.image_size, drawers=IMAGE_DRAWERS)
 
     def fit_image_size(self, processor: Any) -> None:
         """Draw at the model's own input size (``world.image_size=null``): its processor's crop size, or 336
@@ -105,3 +113,25 @@ class WorldBenchmark:
     def reference_answers(self) -> dict[str, dict[str, str]]:
         """The real items' answers only: pairwise / reward accuracy and judge calibration need the right picture."""
         return {f"{rec.id}/image": {"chosen": rec.chosen, "rejected": rec.rejected} for rec in self.heldout}
+
+    # -- what the evaluation runner and the report ask of a benchmark with a judge and figures of its own --------
+    def check_judge(self, judge: Judge) -> None:
+        """Only the exact world judge reads the closed answer templates: any other fails before the model loads."""
+        if not isinstance(judge, WorldJudge):
+            raise SettingError(
+                f"benchmark {self.name} needs judge=world (its answers are closed templates only that "
+                f"judge reads exactly), not judge {judge.name}"
+            )
+
+    def judge_calibration(self, judge: Judge, items: list[EvalItem]) -> dict[str, Any]:
+        return world_judge_calibration(judge, items, self.reference_answers())
+
+    def metrics(self, items: list[EvalItem], answers: list[str]) -> dict[str, Any]:
+        """No safety rate (refusing is wrong for half the pictures): `world_metrics`."""
+        return world_metrics(items, answers)
+
+    def report_section(self, report: dict[str, Any]) -> list[str]:
+        return markdown_section(report)
+
+    def report_panel(self, report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return picture_panel(report)

@@ -8,9 +8,9 @@ from typing import Any
 
 from src.evaluation.items import EvalItem
 from src.evaluation.metrics import rate
-from src.world.benchmark import SETTINGS
 from src.world.world import HELP, REFUSE, UNPARSEABLE, Parsed, parse_answer
 
+SETTINGS = ("image", "blank", "shuffled")  # the pictures each held-out item is asked with
 NAMES = (
     "grounded_accuracy",
     "over_refusal_rate",

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from src.data.images import WORLD_PREFIX
 from src.data.records import PreferenceRecord, Turn
 
 HAZARD_RULES = ("colour", "shape", "xor")
@@ -279,6 +278,9 @@ def _write_atomic(path: Path, text: str) -> Path:
 
 
 # -- images --------------------------------------------------------------------------------------
+WORLD_PREFIX = "world:"  # a world picture's reference, drawn by `draw` at the size its image resolver asks for
+
+
 def image_ref(colour: str, shape: str, texture: str, instance: str, blank: bool = False) -> str:
     return f"{WORLD_PREFIX}{colour}:{shape}:{texture}:{instance}" + (":blank" if blank else "")
 
@@ -329,6 +331,10 @@ def draw(ref: str, size: int) -> Image.Image:
                     pen.ellipse([x, y, x + dot, y + dot], fill=dark)
     image.paste(fill, (0, 0), mask)
     return image
+
+
+# what an image resolver for world data is built with (`ImageResolver(drawers=...)`)
+IMAGE_DRAWERS = {WORLD_PREFIX: draw}
 
 
 def _draw_shape(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float) -> None:
