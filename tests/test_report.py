@@ -146,3 +146,14 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     assert json.loads(path.read_text()) == {"model": "runs/x", "name": "Sécurité", "rate": 0.5}
     assert "Sécurité" in path.read_text()  # written as text, not \u escapes
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left behind
+
+
+def test_rate_bars_take_a_value_a_rounding_error_outside_its_interval():
+    """A rate of 1.0 whose interval ends at 1 - 1e-16 (or 0.0 starting at 1e-17) draws, with no negative error bar."""
+    import matplotlib.pyplot as plt
+
+    from src.evaluation.report import rate_bars
+
+    fig, ax = plt.subplots()
+    assert rate_bars(ax, [0, 1], [1.0, 0.0], [[0.9, 1.0 - 1e-16], [1e-17, 0.1]])
+    plt.close(fig)

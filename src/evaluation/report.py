@@ -275,8 +275,9 @@ def rate_bars(
     the words "not measured", never a bar at 0. Returns whether any value was measured."""
     heights = [v if is_measured(v) else float("nan") for v in values]
     spans = [c if is_measured(v) and c and all(map(is_measured, c)) else None for v, c in zip(values, cis, strict=True)]
-    low = [v - c[0] if c else 0.0 for v, c in zip(heights, spans, strict=True)]
-    high = [c[1] - v if c else 0.0 for v, c in zip(heights, spans, strict=True)]
+    # clipped at 0: a rate of 1.0 can sit a rounding error above its interval's upper end (1 - 1e-16)
+    low = [max(0.0, v - c[0]) if c else 0.0 for v, c in zip(heights, spans, strict=True)]
+    high = [max(0.0, c[1] - v) if c else 0.0 for v, c in zip(heights, spans, strict=True)]
     ax.bar(xs, heights, width, yerr=[low, high], capsize=3, **style)
     for x, v, c in zip(xs, heights, spans, strict=True):
         if math.isnan(v):
