@@ -29,10 +29,9 @@ KNOWN: set[tuple[str, ...]] = {
     # the image resolver draws the grounded-safety world's pictures (``world:`` image names) with world.draw
     ("up", "src.data.images", "src.world.world"),
     ("cycle", "src.data.images", "src.world.world"),
-    # the runner picks the world's exact judge and metrics by benchmark kind, and the report its metric table
+    # the runner picks the world's exact judge and metrics by benchmark kind
     ("up", "src.evaluation.runner", "src.world.judge"),
     ("up", "src.evaluation.runner", "src.world.metrics"),
-    ("up", "src.evaluation.report", "src.world.metrics"),
 }
 
 
