@@ -146,3 +146,24 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     assert json.loads(path.read_text()) == {"model": "runs/x", "name": "Sécurité", "rate": 0.5}
     assert "Sécurité" in path.read_text()  # written as text, not \u escapes
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left behind
+
+
+def test_the_matplotlib_backend_is_set_in_one_place_that_every_plotting_module_imports():
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    setters, drawers = set(), set()
+    for path in sorted(src.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        name = str(path.relative_to(src.parent))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "matplotlib.use":
+                setters.add(name)
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module == "matplotlib.pyplot"
+                or (isinstance(node, ast.Import) and any(a.name == "matplotlib.pyplot" for a in node.names))
+            ):
+                drawers.add(name)
+    # pyplot imported anywhere else could pick a display backend, depending on which module was imported first
+    assert setters == drawers == {"src/evaluation/plots.py"}
