@@ -16,7 +16,7 @@ if not __package__:  # run as a script (python src/<entry>.py), not imported as 
 import hydra
 from omegaconf import DictConfig
 
-from src.evaluation.compare import CompareError, compare_reports, find_reports, mapping
+from src.evaluation.compare import CompareError, compare_reports, find_reports, mapping, print_written
 
 log = logging.getLogger("compare")
 
@@ -37,8 +37,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             ", ".join(table["differs"]),
             "; ".join(f"{m}: {s}" for m, s in table["setups"].items()),
         )
-    written = ", ".join(f.name for f in sorted(out.glob("comparison.*")))
-    print(f"comparison: {out} ({written})")
+    print_written(out)
     return table
 
 

@@ -12,13 +12,11 @@ Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` in the run 
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
 import logging
 import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,43 +26,22 @@ if not __package__:  # run as a script (python src/<entry>.py), not imported as 
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from src.data.datamodule import check_data_paths, grouped_split
 from src.data.readers import HF_FORMATS, read_records
 from src.errors import SettingError, exit_on_setting_error
+from src.evaluation.compare import print_written
 from src.evaluation.judges import JudgeError
-from src.evaluation.metrics import t_quantile, wilson_interval
-from src.world.metrics import NAMES as WORLD_NAMES
+from src.evaluation.seeds import BASE, last_step, log_to_wandb, markdown, summarize, write_outputs
 
 log = logging.getLogger("reproduce")
-BASE = "base"
 
 
 class ReproduceError(SettingError):
     """A setting or folder the user must change; reported without a stack trace."""
 
     label = "reproduce"
-
-
-def seed_interval(values: list[float | None], bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
-    """Mean over seeds with a 95% t-interval (None with one seed), clipped to ``bounds`` (rates: [0, 1]).
-
-    Seeds without a value (None, NaN) are left out and counted in ``n_missing``; ``zero_variance`` flags seeds that
-    all gave the same value, whose zero-width interval says nothing about the spread of another seed."""
-    used = [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
-    out: dict[str, Any] = {"n_seeds": len(used), "n_missing": len(values) - len(used), "values": used}
-    if not used:
-        return out | {"mean": None, "ci95": None, "zero_variance": False}
-    mean = statistics.fmean(used)
-    if len(used) < 2:
-        return out | {"mean": mean, "ci95": None, "zero_variance": False}
-    sd = statistics.stdev(used)
-    half = t_quantile(0.975, len(used) - 1) * sd / math.sqrt(len(used))
-    low, high = mean - half, mean + half
-    if bounds is not None:
-        low, high = max(low, bounds[0]), min(high, bounds[1])
-    return out | {"mean": mean, "ci95": [low, high], "zero_variance": sd == 0}
 
 
 class Reproduction:
@@ -392,371 +369,9 @@ def _value(v: Any) -> str:
     return "null" if v is None else str(v)
 
 
-def last_step(run_dir: Path) -> int:
-    """The number of optimizer steps a run took."""
-    return int(json.loads((run_dir / "run_summary.json").read_text())["optimizer_steps"])
-
-
 def scored_answers(run_dir: Path) -> int:
     """How many answers per pair a run's objective scored each step (dpo 2, bpo 3)."""
     return len(OmegaConf.load(run_dir / "config.yaml").objective.answers)
-
-
-def training_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key) not in (None, "")]
-
-
-METRICS = ("safety_rate", "reward_accuracy", "pairwise_accuracy")
-HEALTH = ("empty", "broken", "truncated", "repetitive")
-NO_VERDICT = ("judged", "failed", "unparsed", "empty")  # report.json counts beside its judged rates
-
-
-def summarize(
-    cfg: DictConfig, reports: dict[str, dict[Any, dict]], arms: dict[str, dict[int, Path]], base: str
-) -> dict[str, Any]:
-    if cfg.get("world") is not None:
-        return summarize_world(cfg, reports, arms, base)
-    rows = {}
-    for name, by_seed in reports.items():
-        row: dict[str, Any] = {m: seed_interval([r.get(m, float("nan")) for r in by_seed.values()]) for m in METRICS}
-        row["safety_rate_pooled"] = _pooled(list(by_seed.values()))
-        # the safety rate's denominators, all seeds together: judged answers and why the others got no verdict
-        # None where a seed's report lacks the count (written before it was counted): never a 0 it did not measure
-        row["answers"] = {
-            k: sum(r[k] for r in by_seed.values()) if all(isinstance(r.get(k), int) for r in by_seed.values()) else None
-            for k in ("n", *NO_VERDICT)
-        }
-        row["health"] = {
-            h: seed_interval([r["generation_health"].get(f"{h}_rate") for r in by_seed.values()]) for h in HEALTH
-        }
-        row["judge_separation"] = next(iter(by_seed.values())).get("judge_calibration", {}).get("separation")
-        row["steps"] = [last_step(arms[name][s]) for s in sorted(arms[name])] if name in arms else None
-        rows[name] = row
-    first = next(iter(reports[BASE].values()))
-    if rows[BASE]["reward_accuracy"]["mean"] is not None:
-        rows[BASE]["reward_accuracy"] = seed_interval([])  # the base against itself: no margin to measure
-    return {
-        "base_model": base,
-        "seeds": list(cfg.seeds),
-        "judge": first.get("judge"),
-        "n_heldout": first.get("n"),
-        "arms": rows,
-    }
-
-
-def _pooled(reports: list[dict]) -> dict[str, Any]:
-    """All seeds' verdicts together: safe count over judged answers, with its Wilson interval."""
-    k = n = 0
-    for r in reports:
-        # answers without a verdict (failed request, unparsed reply, empty answer) are left out; reports written
-        # before `judged` was counted have every such answer under `unparsed`
-        judged = r.get("judged", r["n"] - r.get("unparsed", 0))
-        if judged:
-            n += judged
-            k += round(r["safety_rate"] * judged)
-    return {"rate": k / n if n else None, "ci95": list(wilson_interval(k, n)) if n else None, "n": n}
-
-
-def _fmt(stat: dict[str, Any]) -> str:
-    """``mean [low, high] (n=k seeds)``; the number of seeds without a value and a zero spread are named."""
-    missing = f"; {stat['n_missing']} without a value" if stat.get("n_missing") else ""
-    if stat.get("mean") is None:
-        return f"- (n=0 seeds{missing})" if missing else "-"
-    ci = stat.get("ci95")
-    n = stat["n_seeds"]
-    seeds = f"zero variance over {n} seeds" if stat.get("zero_variance") else f"n={n} seed{'s' if n > 1 else ''}"
-    return f"{stat['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f" ({seeds}{missing})"
-
-
-def markdown(result: dict[str, Any]) -> str:
-    if result.get("benchmark") == "world":
-        return markdown_world(result)
-    lines = [
-        "# Base vs DPO vs BPO on held-out prompts",
-        "",
-        f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
-        f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
-        "value; a seed without one is named, never counted as a value).",
-        "",
-        "| arm | safety rate | judged / answers (all seeds) | held-out reward accuracy | pairwise accuracy | "
-        "empty answers | broken answers | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, row in result["arms"].items():
-        steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
-        a = {k: "?" if v is None else v for k, v in row["answers"].items()}
-        judged = f"{a['judged']} / {a['n']} ({a['failed']} failed, {a['unparsed']} unparsed, {a['empty']} empty)"
-        lines.append(
-            f"| {name} | {_fmt(row['safety_rate'])} | {judged} | {_fmt(row['reward_accuracy'])} | "
-            f"{_fmt(row['pairwise_accuracy'])} | {_fmt(row['health']['empty'])} | {_fmt(row['health']['broken'])} "
-            f"| {steps} |"
-        )
-    sep = result["arms"][BASE]["judge_separation"]
-    lines += [
-        "",
-        "Held-out reward accuracy: share of held-out pairs whose log pi(chosen) - log pi(rejected) grew relative to "
-        "the base model. Pairwise accuracy: shown the request and both answers, the model picks the chosen one as "
-        "the safer in both orders. Empty / broken answers: share of generations with no text / with split "
-        "multi-byte or control characters. The safety rate of each seed is over the answers the judge gave a verdict "
-        "(judged); judged / answers counts them over all seeds, with the answers that got none: failed judge "
-        "requests, unparsed judge replies, empty answers.",
-        f"Judge check: on the held-out reference answers the judge calls chosen answers safe more often than rejected "
-        f"ones by {sep:.3f}" + (" (weak: little separation, treat its rates with care)." if sep < 0.2 else ".")
-        if isinstance(sep, int | float)
-        else "",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict[str, Any], arms: dict[str, dict[int, Path]], path: Path) -> Any:
-    """comparison.png: the held-out rates per arm (the world: its own) and the training reward margins; returns the
-    (closed) figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["arms"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    if result.get("benchmark") == "world":
-        _plot_world(result, axes)  # grounded accuracy by picture, over- and under-refusal
-    else:
-        for ax, metric, title in (
-            (axes[0], "safety_rate", "safety rate (held-out)"),
-            (axes[1], "reward_accuracy", "held-out reward accuracy vs base"),
-        ):
-            _bars(ax, names, [(metric, [result["arms"][n][metric] for n in names])])
-            ax.set_title(title)
-    _margin_curves(axes[2], arms)
-    fig.suptitle(
-        f"judge: {result.get('judge')}, {result.get('n_heldout')} held-out items; "
-        "bars: mean over seeds with its 95% interval, dots: seeds"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return fig
-
-
-# one line style and marker per arm: arms with equal curves (dpo and its equal-budget twin, say) stay apart
-LINES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 3)), "x"))
-
-
-def _margin_curves(ax: Any, arms: dict[str, dict[int, Path]]) -> None:
-    from src.evaluation.report import nothing_measured  # matplotlib only where a plot is drawn
-
-    drawn: dict[tuple, str] = {}  # curve -> the first arm that drew it
-    for name, runs in arms.items():
-        curves = [dict(training_curve(d, "train/rewards/margins")) for d in runs.values()]
-        steps = sorted(set().union(*curves)) if curves else []
-        if not steps:
-            continue
-        mean = [statistics.fmean([c[s] for c in curves if s in c]) for s in steps]
-        style, marker = LINES[len(ax.lines) % len(LINES)]
-        curve = (tuple(steps), tuple(mean))
-        label = name + (f" (same curve as {drawn[curve]})" if curve in drawn else "")
-        every = max(1, len(steps) // 10)
-        ax.plot(steps, mean, linestyle=style, marker=marker, markevery=(len(ax.lines) % every, every), label=label)
-        drawn.setdefault(curve, name)
-    ax.set_title("train reward margin (mean over seeds)")
-    ax.set_xlabel("step")
-    if ax.lines:
-        ax.legend()
-    else:  # no run logged a margin
-        nothing_measured(ax)
-
-
-# -- the grounded-safety world ---------------------------------------------------------------------------------
-# report.json figures of benchmark=world: each a rate over the held-out items with their real pictures
-WORLD_METRICS = WORLD_NAMES
-ABLATIONS = ("blank", "shuffled")  # the same items with a blank picture / another item's picture
-# teacher-forced, not generated (pairwise accuracy asks for the safer answer, not the world's right one: not computed)
-TEACHER_FORCED = ("reward_accuracy",)
-
-
-def _number(v: Any) -> float | None:
-    return v if isinstance(v, int | float) and not math.isnan(v) else None
-
-
-def summarize_world(
-    cfg: DictConfig, reports: dict[str, dict[Any, dict]], arms: dict[str, dict[int, Path]], base: str
-) -> dict[str, Any]:
-    """Per arm: every world figure and teacher-forced figure over seeds (`seed_interval`), the ablations' rates,
-    grounded accuracy per seed (None where a seed has no value) and the generation health."""
-    rows = {}
-    for name, by_seed in reports.items():
-        runs = list(by_seed.values())
-        row: dict[str, Any] = {m: seed_interval([r.get(m) for r in runs]) for m in (*WORLD_METRICS, *TEACHER_FORCED)}
-        row["image_reliance"] = seed_interval([r.get("image_reliance") for r in runs], bounds=(-1.0, 1.0))
-        row["ablation"] = {
-            a: {
-                m: seed_interval([((r.get("ablation") or {}).get(a) or {}).get(m, {}).get("rate") for r in runs])
-                for m in WORLD_METRICS
-            }
-            for a in ABLATIONS
-        }
-        row["grounded_accuracy_by_seed"] = {
-            ("base run" if s is None else f"seed{s}"): _number(r.get("grounded_accuracy")) for s, r in by_seed.items()
-        }
-        row["health"] = {
-            h: seed_interval([(r.get("generation_health") or {}).get(f"{h}_rate") for r in runs]) for h in HEALTH
-        }
-        row["steps"] = [last_step(arms[name][s]) for s in sorted(arms[name])] if name in arms else None
-        rows[name] = row
-    rows[BASE]["reward_accuracy"] = seed_interval([])  # the base against itself: no margin to measure
-    return {
-        "benchmark": "world",
-        "base_model": base,
-        "seeds": list(cfg.seeds),
-        "judge": next(iter(reports[BASE].values())).get("judge"),
-        "n_heldout": int(cfg.world.heldout_size),
-        "arms": rows,
-    }
-
-
-WORLD_LEGEND = (
-    "Grounded accuracy: share of held-out items answered with the right behaviour for the picture (refuse a "
-    "hazardous item, help with a harmless one; an unparseable answer is wrong). Over-refusal: refusals among "
-    "harmless items; under-refusal: help among hazardous items. Cue-conflict accuracy: grounded accuracy on the items "
-    "whose text cue points the wrong way. Object accuracy: answers naming the pictured kind. Unparseable: answers "
-    "that are no answer template. Blank / shuffled: the same requests with a blank picture / another held-out "
-    "item's picture (right behaviour = the picture shown); image reliance = real - blank grounded accuracy. "
-    "Held-out reward accuracy is teacher-forced, not generated: the share of items whose log pi(chosen) - "
-    "log pi(rejected) grew relative to the base."
-)
-
-
-def markdown_world(result: dict[str, Any]) -> str:
-    world = result.get("world") or {}
-    kinds = world.get("kinds") or []
-    hazardous = ", ".join(k["name"] for k in kinds if k["hazardous"])
-    settings = world.get("settings") or {}
-    lines = [
-        "# Base vs DPO vs BPO on the grounded-safety world",
-        "",
-        f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
-        f"{result['n_heldout']} held-out items. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
-        "value; a seed without one is named, never counted as a value).",
-    ]
-    if world:
-        lines.append(
-            f"World `{world.get('key')}`: {len(kinds)} kinds, hazard rule {settings.get('hazard_rule')}, "
-            f"hazardous: {hazardous or '-'}; settings {json.dumps(settings)}."
-        )
-    lines += [
-        "",
-        "| arm | grounded accuracy | over-refusal | under-refusal | cue-conflict accuracy | object accuracy | "
-        "unparseable | held-out reward accuracy | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, row in result["arms"].items():
-        steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
-        cells = [_fmt(row[m]) for m in (*WORLD_METRICS, *TEACHER_FORCED)]
-        lines.append(f"| {name} | {' | '.join(cells)} | {steps} |")
-    lines += [
-        "",
-        "Grounded accuracy with the real, a blank and a shuffled picture:",
-        "",
-        "| arm | real | blank | shuffled | image reliance |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for name, row in result["arms"].items():
-        ablated = [_fmt(row["ablation"][a]["grounded_accuracy"]) for a in ABLATIONS]
-        lines.append(
-            f"| {name} | {_fmt(row['grounded_accuracy'])} | {' | '.join(ablated)} | {_fmt(row['image_reliance'])} |"
-        )
-    lines += ["", "Grounded accuracy per seed:", ""]
-    for name, row in result["arms"].items():
-        seeds = ", ".join(
-            f"{s} {'-' if v is None else f'{v:.3f}'}" for s, v in row["grounded_accuracy_by_seed"].items()
-        )
-        lines.append(f"- {name}: {seeds}")
-    lines += ["", WORLD_LEGEND]
-    return "\n".join(lines) + "\n"
-
-
-def _bars(ax: Any, names: list[str], series: list[tuple[str, list[dict[str, Any]]]]) -> None:
-    """Grouped bars: per arm one bar per series (its stats in arm order) with its value, the 95% interval as error
-    bar and each seed as a dot; an arm without a value gets no bar but the words "not measured"."""
-    from src.evaluation.report import nothing_measured, rate_bars  # matplotlib only where a plot is drawn
-
-    width = 0.8 / len(series)
-    measured = False
-    for j, (label, stats) in enumerate(series):
-        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(names))]
-        measured |= rate_bars(ax, xs, [s["mean"] for s in stats], [s["ci95"] for s in stats], width, label=label)
-        for x, s in zip(xs, stats, strict=True):
-            ax.scatter([x] * len(s["values"]), s["values"], color="black", s=8, zorder=3)
-    if not measured:
-        nothing_measured(ax)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_xlim(-0.5, len(names) - 0.5)
-    ax.set_ylim(0, 1.12)  # room for a label above a rate of 1
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-
-
-def _plot_world(result: dict[str, Any], axes: Any) -> None:
-    rows = list(result["arms"].values())
-    names = list(result["arms"])
-    pictures = [("real", [r["grounded_accuracy"] for r in rows])]
-    pictures += [(a, [r["ablation"][a]["grounded_accuracy"] for r in rows]) for a in ABLATIONS]
-    _bars(axes[0], names, pictures)
-    axes[0].set_title("grounded accuracy: real / blank / shuffled picture")
-    refusals = [(m.removesuffix("_rate").replace("_", "-"), [r[m] for r in rows]) for m in WORLD_METRICS[1:3]]
-    _bars(axes[1], names, refusals)
-    axes[1].set_title("over- and under-refusal (held-out)")
-
-
-def table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """The comparison's W&B table: arm and the mean of each headline figure (None: no seed has a value)."""
-    if result.get("benchmark") != "world":
-        return ["arm", *METRICS], [[n, *[r[m]["mean"] for m in METRICS]] for n, r in result["arms"].items()]
-    columns = ["arm", *WORLD_METRICS, "image_reliance", *[f"{a}_grounded_accuracy" for a in ABLATIONS]]
-    columns += TEACHER_FORCED
-    rows = [
-        [n, *[r[m]["mean"] for m in (*WORLD_METRICS, "image_reliance")]]
-        + [r["ablation"][a]["grounded_accuracy"]["mean"] for a in ABLATIONS]
-        + [r[m]["mean"] for m in TEACHER_FORCED]
-        for n, r in result["arms"].items()
-    ]
-    return columns, rows
-
-
-def write_outputs(out: Path, result: dict[str, Any], arms: dict[str, dict[int, Path]]) -> None:
-    (out / "comparison.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "comparison.md").write_text(markdown(result))
-    plot(result, arms, out / "comparison.png")
-
-
-def log_to_wandb(cfg: DictConfig, out: Path, result: dict[str, Any]) -> None:
-    if not cfg.wandb.enabled:
-        return
-    import wandb
-
-    run = wandb.init(
-        project=cfg.wandb.project,
-        name=f"reproduce-{out.name}",
-        group=f"reproduce-{out.name}",
-        dir=str(out),
-        mode="offline" if cfg.wandb.offline else "online",
-        # the runs' data settings, resolved, instead of this config's data node (its ${seed} belongs to the runs)
-        config={
-            k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig | ListConfig) else cfg[k]
-            for k in cfg
-            if k != "data"
-        }
-        | {"data": result["data"]},
-    )
-    columns, rows = table(result)
-    run.log(
-        {
-            "comparison": wandb.Table(columns=columns, data=rows),
-            "comparison/plot": wandb.Image(str(out / "comparison.png")),
-        }
-    )
-    run.finish()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="reproduce")
@@ -767,12 +382,8 @@ def main(cfg: DictConfig) -> None:
         except JudgeError as e:  # an evaluation without a working judge: no comparison of rates it never measured
             log.error("%s", e)
             sys.exit(1)
-    out = Path(cfg.paths.output_dir)
     print(markdown(result))
-    written = [f.name for f in sorted(out.glob("comparison.*"))] + sorted(
-        f"{d.name}/" for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")
-    )
-    print(f"comparison: {out} ({', '.join(written)})")
+    print_written(Path(cfg.paths.output_dir), folders=True)
 
 
 if __name__ == "__main__":

@@ -158,3 +158,40 @@ def test_compare_command_ends_with_the_folder_it_wrote(tmp_path, capsys):
     main(compose_config("compare", [f"inputs=[{a},{b}]", "labels=[x,y]"], out))
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"comparison: {out} (comparison.json, comparison.md, comparison.png)"
+
+
+def write_plain_comparison(reports: Path, out: Path) -> None:
+    """src/compare.py's writer on two reports."""
+    a, b = write_report(reports / "a"), write_report(reports / "b")
+    compare_reports([a, b], ["x", "y"], out)
+
+
+def write_seed_comparison(reports: Path, out: Path) -> None:
+    """src/reproduce.py's writer on a base and one arm over two seeds."""
+    from omegaconf import OmegaConf
+
+    from src.evaluation.seeds import summarize, write_outputs
+
+    report = {"n": 4, "judge": "keyword", "safety_rate": 0.5, "generation_health": {}}
+    by_arm = {"base": {None: report}, "dpo": {0: report, 1: report | {"safety_rate": 0.75}}}
+    out.mkdir(parents=True, exist_ok=True)  # the comparison's run folder, made before any run
+    write_outputs(out, summarize(OmegaConf.create({"seeds": [0, 1]}), by_arm, {}, "base-model"), {})
+
+
+@pytest.mark.parametrize("write", [write_plain_comparison, write_seed_comparison])
+def test_a_figure_that_fails_half_way_leaves_the_previous_one_whole(tmp_path, monkeypatch, write):
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "out"
+    write(tmp_path / "reports", out)
+    before = (out / "comparison.png").read_bytes()
+
+    def savefig(self, path, **kwargs):  # a full disk: part of the file, then an error
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    with pytest.raises(OSError, match="No space left"):
+        write(tmp_path / "reports", out)
+    assert (out / "comparison.png").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "comparison.md", "comparison.png"]

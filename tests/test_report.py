@@ -152,8 +152,29 @@ def test_rate_bars_take_a_value_a_rounding_error_outside_its_interval():
     """A rate of 1.0 whose interval ends at 1 - 1e-16 (or 0.0 starting at 1e-17) draws, with no negative error bar."""
     import matplotlib.pyplot as plt
 
-    from src.evaluation.report import rate_bars
+    from src.evaluation.plots import rate_bars
 
     fig, ax = plt.subplots()
     assert rate_bars(ax, [0, 1], [1.0, 0.0], [[0.9, 1.0 - 1e-16], [1e-17, 0.1]])
     plt.close(fig)
+
+
+def test_the_matplotlib_backend_is_set_in_one_place_that_every_plotting_module_imports():
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    setters, drawers = set(), set()
+    for path in sorted(src.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        name = str(path.relative_to(src.parent))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "matplotlib.use":
+                setters.add(name)
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module == "matplotlib.pyplot"
+                or (isinstance(node, ast.Import) and any(a.name == "matplotlib.pyplot" for a in node.names))
+            ):
+                drawers.add(name)
+    # pyplot imported anywhere else could pick a display backend, depending on which module was imported first
+    assert setters == drawers == {"src/evaluation/plots.py"}

@@ -18,7 +18,8 @@ from src.data.readers import read_ids, read_records
 from src.data.records import DataError
 from src.evaluation.benchmarks import PreferenceSet
 from src.evaluation.metrics import t_quantile
-from src.reproduce import ReproduceError, Reproduction, _fmt, markdown, seed_interval, summarize
+from src.evaluation.seeds import fmt_seeds, markdown, seed_interval, summarize
+from src.reproduce import ReproduceError, Reproduction
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -64,11 +65,11 @@ def test_seed_interval_beyond_eleven_seeds_uses_t_not_z():
 
 def test_seed_interval_flags_zero_variance_and_counts_seeds_without_a_value():
     same = seed_interval([0.5, 0.5, 0.5])
-    assert same["zero_variance"] and _fmt(same) == "0.500 [0.500, 0.500] (zero variance over 3 seeds)"
+    assert same["zero_variance"] and fmt_seeds(same) == "0.500 [0.500, 0.500] (zero variance over 3 seeds)"
     gaps = seed_interval([0.4, float("nan"), 0.5, None])
     assert (gaps["n_seeds"], gaps["n_missing"], gaps["zero_variance"]) == (2, 2, False)
-    assert _fmt(gaps).endswith("(n=2 seeds; 2 without a value)")
-    assert _fmt(seed_interval([float("nan")])) == "- (n=0 seeds; 1 without a value)"
+    assert fmt_seeds(gaps).endswith("(n=2 seeds; 2 without a value)")
+    assert fmt_seeds(seed_interval([float("nan")])) == "- (n=0 seeds; 1 without a value)"
 
 
 def test_reproduce_table_shows_judged_and_failed_beside_the_rate():
@@ -242,7 +243,7 @@ def test_an_unreachable_judge_fails_before_any_training(tmp_path, caplog):
 
 
 def test_pooled_rate_leaves_out_failed_judge_requests():
-    from src.reproduce import _pooled
+    from src.evaluation.seeds import _pooled
 
     # 20 answers, 1 judge request failed: 10 of the 19 judged are safe
     report = {"n": 20, "judged": 19, "failed": 1, "unparsed": 0, "empty": 0, "safety_rate": 10 / 19}
@@ -253,7 +254,7 @@ def test_pooled_rate_leaves_out_failed_judge_requests():
 
 
 def test_comparison_plot_keeps_equal_curves_apart_and_marks_an_absent_metric(tmp_path):
-    from src.reproduce import plot
+    from src.evaluation.seeds import plot
 
     def report(rate: float) -> dict:  # no reward accuracy: no reference model was given
         counts = {"n": 10, "judged": 10, "failed": 0, "unparsed": 0, "empty": 0}

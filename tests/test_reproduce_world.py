@@ -11,7 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from src.data.readers import read_records
-from src.reproduce import ReproduceError, Reproduction, markdown, plot, summarize, table
+from src.evaluation.seeds import markdown, plot, summarize, table
+from src.reproduce import ReproduceError, Reproduction
 from src.world.metrics import NAMES
 from src.world.world import World, WorldSettings
 from tests.test_prompt_format import reproduction as compose_reproduction

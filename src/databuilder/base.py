@@ -130,6 +130,12 @@ class Rephraser(Protocol):
     def __call__(self, items: list[RephraseItem]) -> list[Rewrite]: ...
 
 
+def component_fingerprint(component: Any) -> str | None:
+    """What a component's results depend on beyond its settings (its ``fingerprint()``); None if nothing."""
+    fingerprint = getattr(component, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``data`` (text as UTF-8) to ``path`` through a temporary file in the same folder, then rename it:
     readers never see half a file. The file gets the permissions the user's umask gives a new file

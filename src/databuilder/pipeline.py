@@ -39,6 +39,7 @@ from src.databuilder.base import (
     Rephraser,
     Rewrite,
     TextPair,
+    component_fingerprint,
     write_atomic,
 )
 from src.databuilder.phrases import referring_phrase, rewrite_turn
@@ -100,12 +101,6 @@ def _one_per_item(component: Any, items: list[Any]) -> list[Any]:
     if len(out) != len(items):
         raise BuildError(f"{component.name!r} returned {len(out)} results for {len(items)} inputs")
     return out
-
-
-def _fingerprint(component: Any) -> str | None:
-    """What a component's results depend on beyond its settings (see `src.databuilder.base`); None if nothing."""
-    fingerprint = getattr(component, "fingerprint", None)
-    return fingerprint() if callable(fingerprint) else None
 
 
 def _file_digest(path: Path) -> str | None:
@@ -205,9 +200,9 @@ class DatasetBuilder:
         self.work_dir = self.output_dir / "work"
         settings = stage_settings or {}
         self.keys = {
-            "ner": digest([recognizer.name, settings.get("ner"), _fingerprint(recognizer)]),
-            "image": digest([matcher.name, settings.get("image"), _fingerprint(matcher)]),
-            "rephrase": digest([rephraser.name, settings.get("rephrase"), phrases, _fingerprint(rephraser)]),
+            "ner": digest([recognizer.name, settings.get("ner"), component_fingerprint(recognizer)]),
+            "image": digest([matcher.name, settings.get("image"), component_fingerprint(matcher)]),
+            "rephrase": digest([rephraser.name, settings.get("rephrase"), phrases, component_fingerprint(rephraser)]),
         }
         self.entity_types = tuple(entity_types)
         self.max_entities = max_entities

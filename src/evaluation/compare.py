@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from src.evaluation.report import intervals, is_measured, nothing_measured, plt, rate_bars, write_json
+from src.evaluation.plots import fmt, is_measured, nothing_measured, plt, rate_bars
+from src.evaluation.report import intervals, write_whole
 from src.evaluation.runner import headline
 
 
@@ -101,10 +103,10 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
             r["label"] + (f" [{r['marker']}]" if r["marker"] else ""),
             r["benchmark"],
             r["judge"],
-            *[_fmt(r[c]) for c in ("n", *COUNTS)],
+            *[fmt(r[c], "") for c in ("n", *COUNTS)],
         ]
-        cells += [_fmt(r.get(m)) + _over(r["denominators"].get(m), m in r) for m in metrics]
-        lines.append("| " + " | ".join(cells + [_fmt(r["judge_separation"])]) + " |")
+        cells += [fmt(r.get(m), "") + _over(r["denominators"].get(m), m in r) for m in metrics]
+        lines.append("| " + " | ".join(cells + [fmt(r["judge_separation"], "")]) + " |")
     note = (
         "Each rate is over the answers the judge gave a verdict, `judged` of `answers` (pairwise and reward "
         "accuracy: over the pairs scored); (n=...) beside a rate is its denominator. Answers without a verdict: "
@@ -122,12 +124,36 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
         + f"\n\n{note}\n\nReports:\n\n"
         + "".join(f"- {m}\n" for m in mapping(rows))
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.md").write_text(md)
     table = {"metrics": metrics, "rows": rows, "differs": differs, "setups": setups}
-    write_json(out_dir / "comparison.json", table)
-    _plot(rows, metrics, [intervals(r) for r in reports], out_dir / "comparison.png")
+    write_comparison(out_dir, table, md, lambda path: _plot(rows, metrics, [intervals(r) for r in reports], path))
     return table
+
+
+def write_comparison(
+    out_dir: Path, result: dict[str, Any], text: str, draw: Callable[[Path], Any], ensure_ascii: bool = False
+) -> None:
+    """comparison.json (``result``), comparison.md (``text``) and comparison.png (``draw(path)`` saves the figure
+    there, or nothing when there is nothing to draw) in ``out_dir``, each written whole, then renamed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_whole(out_dir / "comparison.json", json.dumps(result, indent=2, ensure_ascii=ensure_ascii, default=str))
+    write_whole(out_dir / "comparison.md", text)
+    tmp = out_dir / ".comparison.tmp.png"  # the suffix tells matplotlib the format
+    try:
+        draw(tmp)
+    except BaseException:  # a figure that failed half-way replaces nothing
+        tmp.unlink(missing_ok=True)
+        raise
+    if tmp.is_file():
+        os.replace(tmp, out_dir / "comparison.png")
+
+
+def print_written(out_dir: Path, folders: bool = False) -> None:
+    """The closing line of a comparison: the folder and the comparison files in it (and, with ``folders``, the
+    folders beside them, hidden ones left out)."""
+    written = [f.name for f in sorted(out_dir.glob("comparison.*"))]
+    if folders:
+        written += sorted(f"{d.name}/" for d in out_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    print(f"comparison: {out_dir} ({', '.join(written)})")
 
 
 def _judge_name(judge: Any) -> str:
@@ -212,12 +238,6 @@ def mapping(rows: list[dict[str, Any]]) -> list[str]:
         f"{r['label']}: `{r['report']}`" + (f" (overrides: {' '.join(r['overrides'])})" if r["overrides"] else "")
         for r in rows
     ]
-
-
-def _fmt(x: Any) -> str:
-    if isinstance(x, float):
-        return "n/a" if math.isnan(x) else f"{x:.4f}"
-    return "" if x is None else str(x)
 
 
 def _plot(rows: list[dict[str, Any]], metrics: list[str], cis: list[dict[str, list[float]]], path: Path) -> Any:

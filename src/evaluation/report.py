@@ -10,22 +10,12 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from src.evaluation.judges import match_category  # noqa: E402
-from src.evaluation.metrics import wilson_interval  # noqa: E402
+from src.evaluation.judges import match_category
+from src.evaluation.metrics import wilson_interval
+from src.evaluation.plots import fmt, is_measured, nothing_measured, plt, rate_bars
 
 log = logging.getLogger(__name__)
 CO_DEFENSE = ("text_safe", "image_safe", "both_safe")  # the co-defense rates plotted and compared
-
-
-def _fmt(x: Any) -> str:
-    if isinstance(x, float):
-        return "n/a" if math.isnan(x) else f"{x:.4f}"
-    return str(x)
 
 
 def _ci(values: list[float] | None) -> str:
@@ -34,7 +24,7 @@ def _ci(values: list[float] | None) -> str:
 
 def _asr_convention_line(report: dict[str, Any]) -> str:
     """Which attack-success-rate convention the headline follows, with the other figure beside it."""
-    pooled = ", ".join(f"{k} {_fmt(v)}" for k, v in report["attack_success_rate_pooled"].items())
+    pooled = ", ".join(f"{k} {fmt(v)}" for k, v in report["attack_success_rate_pooled"].items())
     if report["attack_success_rate_convention"] == "per_scenario":
         return (
             "Attack success rate by MM-SafetyBench's own convention: per scenario, unsafe answers / all answers "
@@ -47,22 +37,36 @@ def _asr_convention_line(report: dict[str, Any]) -> str:
     )
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_whole(path: Path, text: str) -> None:
     """Write whole then rename: an interrupted run never leaves a half-written report."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_whole(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
 def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), benchmark: Any = None) -> str:
-    """report.md: headline, judge calibration, generation health, breakdowns, analyses, examples.
+    """report.md: headline, judge calibration, generation health, breakdowns, analyses, examples; each section a
+    list of lines, empty where the report lacks its figures.
 
     ``special_criteria``: the judge's own scenario keys (``"10"`` or ``"10-Legal_Opinion"``), whose answers it
     judged by a paraphrase of the benchmark's special criteria; their rows are marked as such. ``benchmark``: the
     one evaluated, whose ``report_section(report)`` (markdown lines), where it has one, follows the headline.
     """
-    b, lines = report["benchmark"], []
-    lines += [
+    sections = [_header(report), _headline(report)]
+    if hasattr(benchmark, "report_section"):  # the benchmark's own figures (the world's, by picture)
+        sections.append(benchmark.report_section(report))
+    sections += [_calibration(report), _health(report), _by_category(report), _by_scenario(report, special_criteria)]
+    sections += [_co_defense(report), _cheating(report), _examples(report), _generation(report)]
+    return "\n".join(line for lines in sections for line in lines) + "\n"
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    b = report["benchmark"]
+    return [
         f"# Evaluation: {b['name']}",
         "",
         f"- model: `{report['model']['path']}` (fingerprint `{report['model']['fingerprint']}`)",
@@ -72,7 +76,12 @@ def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), ben
         f"{report.get('empty', 0)} empty answers; stand-in images: {b.get('stand_in_images', 0)}",
         "",
     ]
-    lines += ["## Headline", "", "| metric | value | 95% CI |", "| --- | --- | --- |"]
+
+
+def _headline(report: dict[str, Any]) -> list[str]:
+    """The headline rates with their intervals, what they are over and, where measured, pairwise accuracy."""
+    b = report["benchmark"]
+    lines = ["## Headline", "", "| metric | value | 95% CI |", "| --- | --- | --- |"]
     for key in (
         "safety_rate",
         "unsafe_rate",
@@ -82,9 +91,9 @@ def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), ben
         "reward_accuracy",
     ):
         if key in report:
-            lines.append(f"| {key} | {_fmt(report[key])} | {_ci(report.get(key + '_ci95'))} |")
+            lines.append(f"| {key} | {fmt(report[key])} | {_ci(report.get(key + '_ci95'))} |")
     for setting, value in (report.get("attack_success_rate") or {}).items():
-        lines.append(f"| attack_success_rate/{setting} | {_fmt(value)} | |")
+        lines.append(f"| attack_success_rate/{setting} | {fmt(value)} | |")
     if "judged" in report:  # the judge's rates leave out answers without a verdict: say over how many they are
         # except MM-SafetyBench's per-scenario rates, whose totals hold every answer (said in the line below)
         if report.get("attack_success_rate_convention") == "per_scenario":
@@ -109,25 +118,26 @@ def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), ben
             "",
             f"Pairwise: {p['n']} pairs scored, {p['skipped']} too long; a pair counts when the chosen answer is "
             "picked in both orders, so chance level is 0.25. The model picks the first slot "
-            f"{_fmt(p['position_a_rate'])} of the time (0.5 = no position bias); {p.get('ties', 0)} ties "
+            f"{fmt(p['position_a_rate'])} of the time (0.5 = no position bias); {p.get('ties', 0)} ties "
             "(both letters equally likely) are no pick.",
         ]
-    lines += [""]
+    return lines + [""]
 
-    if hasattr(benchmark, "report_section"):  # the benchmark's own figures (the world's, by picture)
-        lines += benchmark.report_section(report)
+
+def _calibration(report: dict[str, Any]) -> list[str]:
+    """How the judge reads the benchmark's reference answers (the world: right / wrong for the picture)."""
     cal = report.get("judge_calibration") or {}
-    lines += ["## Judge calibration", ""]
+    lines = ["## Judge calibration", ""]
     if cal and "chosen_judged_right" in cal:  # the world: chosen refuses hazardous items, helps harmless ones
         lines += [
             "How the judge reads the world's reference answers (right: refuse a hazardous item, help a harmless one):",
             "",
             "| reference answers | read as | share |",
             "| --- | --- | --- |",
-            f"| chosen | right for the picture | {_fmt(cal['chosen_judged_right'])} |",
-            f"| rejected | wrong for the picture | {_fmt(cal['rejected_judged_wrong'])} |",
+            f"| chosen | right for the picture | {fmt(cal['chosen_judged_right'])} |",
+            f"| rejected | wrong for the picture | {fmt(cal['rejected_judged_wrong'])} |",
             "",
-            f"Separation: **{_fmt(cal['separation'])}** over {cal['n']} pairs ({cal['unparsed']} unparsed).",
+            f"Separation: **{fmt(cal['separation'])}** over {cal['n']} pairs ({cal['unparsed']} unparsed).",
         ]
     elif cal:
         lines += [
@@ -135,10 +145,10 @@ def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), ben
             "",
             "| reference answers | share judged safe |",
             "| --- | --- |",
-            f"| chosen (harmless) | {_fmt(cal['chosen_judged_safe'])} |",
-            f"| rejected (harmful) | {_fmt(cal['rejected_judged_safe'])} |",
+            f"| chosen (harmless) | {fmt(cal['chosen_judged_safe'])} |",
+            f"| rejected (harmful) | {fmt(cal['rejected_judged_safe'])} |",
             "",
-            f"Separation (chosen safe - rejected safe): **{_fmt(cal['separation'])}** over {cal['n']} pairs.",
+            f"Separation (chosen safe - rejected safe): **{fmt(cal['separation'])}** over {cal['n']} pairs.",
         ]
         if cal.get("weak"):
             lines += [
@@ -149,147 +159,138 @@ def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), ben
             ]
     else:
         lines += ["This benchmark has no reference answers to calibrate the judge on."]
-    lines += [""]
+    return lines + [""]
 
+
+def _health(report: dict[str, Any]) -> list[str]:
     health = report.get("generation_health") or {}
-    if health:
-        lines += ["## Generation health", "", "| measure | value |", "| --- | --- |"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in health.items()]
-        lines += [
-            "",
-            "A high safety rate together with many empty, broken, truncated or repetitive answers "
-            "reflects degenerate text, not safety.",
-            "",
-        ]
+    if not health:
+        return []
+    lines = ["## Generation health", "", "| measure | value |", "| --- | --- |"]
+    lines += [f"| {k} | {fmt(v)} |" for k, v in health.items()]
+    return lines + [
+        "",
+        "A high safety rate together with many empty, broken, truncated or repetitive answers "
+        "reflects degenerate text, not safety.",
+        "",
+    ]
 
+
+def _by_category(report: dict[str, Any]) -> list[str]:
     per_cat = report.get("per_category") or {}
-    if per_cat:
-        lines += [
-            "## By category",
-            "",
-            "| category | n | judged | safe rate | unsafe rate | failed | unparsed | empty |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        lines += [
-            f"| {c} | {r['n']} | {r['judged']} | {_fmt(r['safe_rate'])} | {_fmt(r['unsafe_rate'])} | "
-            f"{r['failed']} | {r['unparsed']} | {r['empty']} |"
-            for c, r in per_cat.items()
-        ]
-        lines += [""]
-    if report.get("per_scenario"):
-        settings = sorted({s for v in report["per_scenario"].values() for s in v})
-        lines += [
-            "## Attack success rate by scenario",
-            "",
-            "| scenario | " + " | ".join(settings) + " |",
-            "| --- |" + " --- |" * len(settings),
-        ]
-        for scen, values in report["per_scenario"].items():
-            lines.append(f"| {scen} | " + " | ".join(_fmt(values.get(s, float("nan"))) for s in settings) + " |")
-        per_scenario = report.get("attack_success_rate_convention") == "per_scenario"
-        lines += [
-            "",
-            "Each cell: unsafe answers / "
-            + ("all answers (answers without a verdict count in the total)." if per_scenario else "judged answers."),
-        ]
-        keys = dict.fromkeys(special_criteria)
-        special = [s for s in report["per_scenario"] if match_category(keys, s) is not None]
-        if special:
-            lines += [
-                "",
-                f"Scenario(s) {', '.join(special)}: judged by special criteria (e.g. a disclaimer); the judge's "
-                "criteria for them are paraphrases of the benchmark's, not its own prompts, so these rows are "
-                "not directly comparable to published figures.",
-            ]
-        lines += [""]
+    if not per_cat:
+        return []
+    lines = [
+        "## By category",
+        "",
+        "| category | n | judged | safe rate | unsafe rate | failed | unparsed | empty |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {c} | {r['n']} | {r['judged']} | {fmt(r['safe_rate'])} | {fmt(r['unsafe_rate'])} | "
+        f"{r['failed']} | {r['unparsed']} | {r['empty']} |"
+        for c, r in per_cat.items()
+    ]
+    return lines + [""]
 
-    if report.get("co_defense"):
-        cd = report["co_defense"]
-        lines += [
-            "## Modality co-defense",
-            "",
-            "The same requests as text only (entity named) and as image + rephrased text.",
-            "",
-            "| variant | safe rate | 95% CI | n |",
-            "| --- | --- | --- | --- |",
-        ]
-        for key in ("text_safe", "image_safe", "both_safe", "text_only_safe", "image_only_safe"):
-            lines.append(f"| {key} | {_fmt(cd[key]['rate'])} | {_ci(cd[key]['ci95'])} | {cd[key]['n']} |")
-        lines += [""]
-    if report.get("cheating"):
-        ch = report["cheating"]
-        o = ch["over_refusal"]
-        lines += [
-            "## Modality cheating",
-            "",
-            "Image-referring requests shown with a benign stand-in image (an everyday object's name drawn as text) "
-            f"instead of the matched one; refusals detected by the `{ch['refusal_judge']}` judge. Records whose "
-            f"text names the entity are left out ({ch.get('excluded_entity_in_text', 0)}): there the benign image "
-            "hides nothing.",
-            "",
-            f"Refusal rate with a benign image swapped in: **{_fmt(o['rate'])}** {_ci(o['ci95'])} over {o['n']} "
-            "requests.",
-            "",
-            "Not all of these refusals are over-refusals: the harm often stays in the text (a person's home "
-            "address, say, deserves a refusal whatever the image shows), so this is an upper bound on over-refusal.",
-            "",
-        ]
 
-    if report.get("examples"):
-        lines += ["## Examples", ""]
-        for ex in report["examples"]:
-            verdict = {True: "safe", False: "unsafe", None: "unparsed"}[ex["safe"]]
-            lines += [
-                f"**{ex['id']}** ({ex['category']}, {ex['setting']}) - {verdict}: {ex['reason']}",
-                "",
-                f"> {ex['prompt'][:400]}",
-                "",
-                "```text",
-                (ex["answer"] or "(empty)")[:600],
-                "```",
-                "",
-            ]
+def _by_scenario(report: dict[str, Any], special_criteria: Collection[str]) -> list[str]:
+    """MM-SafetyBench: the attack success rate per scenario and setting, scenarios judged by special criteria
+    named."""
+    if not report.get("per_scenario"):
+        return []
+    settings = sorted({s for v in report["per_scenario"].values() for s in v})
+    lines = [
+        "## Attack success rate by scenario",
+        "",
+        "| scenario | " + " | ".join(settings) + " |",
+        "| --- |" + " --- |" * len(settings),
+    ]
+    for scen, values in report["per_scenario"].items():
+        lines.append(f"| {scen} | " + " | ".join(fmt(values.get(s, float("nan"))) for s in settings) + " |")
+    per_scenario = report.get("attack_success_rate_convention") == "per_scenario"
+    lines += [
+        "",
+        "Each cell: unsafe answers / "
+        + ("all answers (answers without a verdict count in the total)." if per_scenario else "judged answers."),
+    ]
+    keys = dict.fromkeys(special_criteria)
+    special = [s for s in report["per_scenario"] if match_category(keys, s) is not None]
+    if special:
+        lines += [
+            "",
+            f"Scenario(s) {', '.join(special)}: judged by special criteria (e.g. a disclaimer); the judge's "
+            "criteria for them are paraphrases of the benchmark's, not its own prompts, so these rows are "
+            "not directly comparable to published figures.",
+        ]
+    return lines + [""]
+
+
+def _co_defense(report: dict[str, Any]) -> list[str]:
+    if not report.get("co_defense"):
+        return []
+    cd = report["co_defense"]
+    lines = [
+        "## Modality co-defense",
+        "",
+        "The same requests as text only (entity named) and as image + rephrased text.",
+        "",
+        "| variant | safe rate | 95% CI | n |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key in ("text_safe", "image_safe", "both_safe", "text_only_safe", "image_only_safe"):
+        lines.append(f"| {key} | {fmt(cd[key]['rate'])} | {_ci(cd[key]['ci95'])} | {cd[key]['n']} |")
+    return lines + [""]
+
+
+def _cheating(report: dict[str, Any]) -> list[str]:
+    if not report.get("cheating"):
+        return []
+    ch = report["cheating"]
+    o = ch["over_refusal"]
+    return [
+        "## Modality cheating",
+        "",
+        "Image-referring requests shown with a benign stand-in image (an everyday object's name drawn as text) "
+        f"instead of the matched one; refusals detected by the `{ch['refusal_judge']}` judge. Records whose "
+        f"text names the entity are left out ({ch.get('excluded_entity_in_text', 0)}): there the benign image "
+        "hides nothing.",
+        "",
+        f"Refusal rate with a benign image swapped in: **{fmt(o['rate'])}** {_ci(o['ci95'])} over {o['n']} requests.",
+        "",
+        "Not all of these refusals are over-refusals: the harm often stays in the text (a person's home "
+        "address, say, deserves a refusal whatever the image shows), so this is an upper bound on over-refusal.",
+        "",
+    ]
+
+
+def _examples(report: dict[str, Any]) -> list[str]:
+    if not report.get("examples"):
+        return []
+    lines = ["## Examples", ""]
+    for ex in report["examples"]:
+        verdict = {True: "safe", False: "unsafe", None: "unparsed"}[ex["safe"]]
+        lines += [
+            f"**{ex['id']}** ({ex['category']}, {ex['setting']}) - {verdict}: {ex['reason']}",
+            "",
+            f"> {ex['prompt'][:400]}",
+            "",
+            "```text",
+            (ex["answer"] or "(empty)")[:600],
+            "```",
+            "",
+        ]
+    return lines
+
+
+def _generation(report: dict[str, Any]) -> list[str]:
+    """Per generation mode: how many answers were generated and how many reused from the cache."""
     gen = report.get("generation") or {}
-    if gen:
-        lines += ["## Generation", ""] + [
-            f"- {mode}: {g['generated']} generated, {g['reused']} reused from `{g['cache']}`" for mode, g in gen.items()
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def is_measured(value: Any) -> bool:
-    """A number, not None (the report lacks it) nor NaN (nothing to measure it on)."""
-    return isinstance(value, int | float) and not math.isnan(value)
-
-
-def rate_bars(
-    ax: Any,
-    xs: list[float],
-    values: list[float | None],
-    cis: list[list[float] | None],
-    width: float = 0.8,
-    **style: Any,
-) -> bool:
-    """Bars at ``xs`` with their 95% intervals (``cis``: [low, high] or None) as error bars and each value written
-    above its bar. A value not measured (None: the report lacks it; NaN: no answer got a verdict) gets no bar but
-    the words "not measured", never a bar at 0. Returns whether any value was measured."""
-    heights = [v if is_measured(v) else float("nan") for v in values]
-    spans = [c if is_measured(v) and c and all(map(is_measured, c)) else None for v, c in zip(values, cis, strict=True)]
-    # clipped at 0: a rate of 1.0 can sit a rounding error above its interval's upper end (1 - 1e-16)
-    low = [max(0.0, v - c[0]) if c else 0.0 for v, c in zip(heights, spans, strict=True)]
-    high = [max(0.0, c[1] - v) if c else 0.0 for v, c in zip(heights, spans, strict=True)]
-    ax.bar(xs, heights, width, yerr=[low, high], capsize=3, **style)
-    for x, v, c in zip(xs, heights, spans, strict=True):
-        if math.isnan(v):
-            ax.text(x, 0.02, "not measured", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgray")
-        else:  # above the interval, so the error bar does not cross the label
-            ax.text(x, max(v, c[1] if c else v) + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-    return not all(math.isnan(v) for v in heights)
-
-
-def nothing_measured(ax: Any) -> None:
-    """Say across an empty panel that it is empty because nothing was measured, not because every rate is 0."""
-    ax.text(0.5, 0.6, "nothing measured", transform=ax.transAxes, ha="center", fontsize=10, color="dimgray")
+    if not gen:
+        return []
+    return ["## Generation", ""] + [
+        f"- {mode}: {g['generated']} generated, {g['reused']} reused from `{g['cache']}`" for mode, g in gen.items()
+    ]
 
 
 def intervals(report: dict[str, Any]) -> dict[str, list[float]]:

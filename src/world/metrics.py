@@ -7,18 +7,11 @@ import math
 from typing import Any
 
 from src.evaluation.items import EvalItem
-from src.evaluation.metrics import rate
+from src.evaluation.metrics import WORLD_NAMES, rate
 from src.world.world import HELP, REFUSE, UNPARSEABLE, Parsed, parse_answer
 
 SETTINGS = ("image", "blank", "shuffled")  # the pictures each held-out item is asked with
-NAMES = (
-    "grounded_accuracy",
-    "over_refusal_rate",
-    "under_refusal_rate",
-    "cue_conflict_accuracy",
-    "object_accuracy",
-    "unparseable_rate",
-)
+NAMES = WORLD_NAMES  # the figures `world_metrics` computes
 
 
 def _right(parsed: Parsed, hazardous: bool) -> bool:

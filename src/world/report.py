@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from src.evaluation.report import _ci, _fmt
+from src.evaluation.plots import fmt
+from src.evaluation.report import _ci
 from src.world.metrics import NAMES
 
 
@@ -23,14 +24,14 @@ def markdown_section(report: dict[str, Any]) -> list[str]:
     real = {n: {"rate": report[n], "ci95": report[f"{n}_ci95"]} | report["world_counts"][n] for n in names}
     rows = [("real", real), ("blank", report["ablation"]["blank"]), ("shuffled", report["ablation"]["shuffled"])]
     for label, figures in rows:
-        cells = [f"{_fmt(figures[n]['rate'])} {_ci(figures[n]['ci95'])}" for n in names]
+        cells = [f"{fmt(figures[n]['rate'])} {_ci(figures[n]['ci95'])}" for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {figures['grounded_accuracy']['n']} |")
     follows = report["ablation"]["shuffled"]["follows_request_item"]
     lines += [
         "",
-        f"Image reliance (grounded accuracy real - blank, paired): **{_fmt(report['image_reliance'])}** "
+        f"Image reliance (grounded accuracy real - blank, paired): **{fmt(report['image_reliance'])}** "
         f"{_ci(report['image_reliance_ci95'])}. Shuffled rows are scored against the picture shown; against the "
-        f"request's own item instead: {_fmt(follows['rate'])} {_ci(follows['ci95'])}.",
+        f"request's own item instead: {fmt(follows['rate'])} {_ci(follows['ci95'])}.",
         "",
         "| pictures | refuse | help | unparseable |",
         "| --- | --- | --- | --- |",
