@@ -1,4 +1,5 @@
-"""Run the entry points as a user does: composed in-process (`compose_config`) or as a command (`run_entry`)."""
+"""Run the entry points as a user does: composed in-process (`compose_config`) or as a command (`run_entry`); and
+the tiny causal LM that local judges and rephrasers load in tests (`save_tiny_causal_lm`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -54,3 +56,29 @@ def run_entry(
         else:
             full_env[key] = value
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def save_tiny_causal_lm(folder: Path, tokenizer: Any, seed: int = 0, **config: Any) -> Path:
+    """A tiny random Llama causal LM (one layer, width 32) for ``tokenizer``, saved with it in ``folder``, as
+    ``from_pretrained`` loads a real one. Its BOS, EOS and pad ids are the tokenizer's (a tokenizer without a pad
+    token gives a model without one); ``config`` overrides any `LlamaConfig` field. Returns ``folder``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    } | config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**settings))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

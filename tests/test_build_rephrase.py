@@ -709,34 +709,13 @@ def test_endpoint_rephraser(chat_server, monkeypatch, caplog):
 @pytest.fixture(scope="module")
 def tiny_lm_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny random Llama causal LM saved twice: with a chat template and without one."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from src.models.tiny import build_tokenizer
+    from tests.helpers import save_tiny_causal_lm
 
     tok = build_tokenizer(vocab_size=512)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    plain = tmp_path_factory.mktemp("tiny_lm_plain")
-    chat = tmp_path_factory.mktemp("tiny_lm_chat")
-    model.save_pretrained(plain)
-    tok.save_pretrained(plain)
-    model.save_pretrained(chat)
+    plain = save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm_plain"), tok)
     tok.chat_template = "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    tok.save_pretrained(chat)
-    return plain, chat
+    return plain, save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm_chat"), tok)
 
 
 @pytest.mark.parametrize("template", [True, False], ids=["chat_template", "plain"])

@@ -195,3 +195,13 @@ def test_a_figure_that_fails_half_way_leaves_the_previous_one_whole(tmp_path, mo
         write(tmp_path / "reports", out)
     assert (out / "comparison.png").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "comparison.md", "comparison.png"]
+
+
+def test_a_comparison_with_nothing_to_draw_removes_the_earlier_figure(tmp_path):
+    from src.evaluation.compare import write_comparison
+
+    out = tmp_path / "out"
+    write_plain_comparison(tmp_path / "reports", out)
+    assert (out / "comparison.png").is_file()
+    write_comparison(out, {"metrics": []}, "# Comparison\n", lambda path: None)  # no metric: no figure
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "comparison.md"]

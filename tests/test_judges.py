@@ -405,9 +405,10 @@ GUARD_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tiny_guard_dir(tmp_path_factory) -> Path:
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.helpers import save_tiny_causal_lm
 
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -426,24 +427,10 @@ def tiny_guard_dir(tmp_path_factory) -> Path:
         unk_token="<unk>",
         chat_template=GUARD_TEMPLATE,
     )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.2,  # large enough that continuations differ from item to item
+    # large enough an initializer_range that continuations differ from item to item
+    return save_tiny_causal_lm(
+        tmp_path_factory.mktemp("tiny_guard"), tok, max_position_embeddings=1024, initializer_range=0.2
     )
-    folder = tmp_path_factory.mktemp("tiny_guard")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 # the typed-part form of the templates of Llama Guard 3 1B / 3 Vision / 4: a string content has no text part,

@@ -21,27 +21,12 @@ PROMPTS = ["Where is the place in the image?", "Who runs the company shown in th
 @pytest.fixture(scope="module")
 def tiny_lm_dir(tmp_path_factory) -> Path:
     """A tiny random Llama causal LM whose tokenizer has no pad token (as many causal LMs ship)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from src.models.tiny import build_tokenizer
+    from tests.helpers import save_tiny_causal_lm
 
     tok = build_tokenizer(vocab_size=512)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    LlamaForCausalLM(config).save_pretrained(folder)
     tok.pad_token = None
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm"), tok)
 
 
 def test_choose_device():

@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from PIL import PngImagePlugin
 
 from src.data.convert import collect_problem, generic_record, mmsafe_record
 from src.data.records import DataError, PreferenceRecord
+from src.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +231,7 @@ class _ImageWriter:
             if target.is_file() and target.stat().st_size == len(data):
                 self.reused += 1
                 return target
-        _write_atomic(target, data)
+        write_atomic(target, data)
         self.written += 1
         return target
 
@@ -286,16 +285,3 @@ def _png_tag(path: Path) -> str | None:
             return image.info.get(_SOURCE_TAG)
     except (OSError, SyntaxError, ValueError):
         return None
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

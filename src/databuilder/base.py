@@ -16,8 +16,6 @@ whose results depend on more than its settings (the contents of a file or folder
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -134,21 +132,3 @@ def component_fingerprint(component: Any) -> str | None:
     """What a component's results depend on beyond its settings (its ``fingerprint()``); None if nothing."""
     fingerprint = getattr(component, "fingerprint", None)
     return fingerprint() if callable(fingerprint) else None
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` (text as UTF-8) to ``path`` through a temporary file in the same folder, then rename it:
-    readers never see half a file. The file gets the permissions the user's umask gives a new file
-    (``tempfile.mkstemp`` would make it 0600, readable by its owner only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -30,7 +30,8 @@ from typing import Any
 from PIL import Image
 
 from src.data.images import render_stand_in
-from src.databuilder.base import ENTITY_TYPES, BuildError, Entity, ImageMatch, NoImage, write_atomic
+from src.databuilder.base import ENTITY_TYPES, BuildError, Entity, ImageMatch, NoImage
+from src.files import write_atomic
 from src.models.source import path_fingerprint
 
 log = logging.getLogger(__name__)

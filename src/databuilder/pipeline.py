@@ -40,9 +40,9 @@ from src.databuilder.base import (
     Rewrite,
     TextPair,
     component_fingerprint,
-    write_atomic,
 )
 from src.databuilder.phrases import referring_phrase, rewrite_turn
+from src.files import write_atomic
 
 log = logging.getLogger(__name__)
 MAX_PROBLEMS_IN_REPORT = 200

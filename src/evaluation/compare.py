@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +11,9 @@ from typing import Any
 import yaml
 
 from src.evaluation.plots import fmt, is_measured, nothing_measured, plt, rate_bars
-from src.evaluation.report import intervals, write_whole
+from src.evaluation.report import intervals
 from src.evaluation.runner import headline
+from src.files import replacing, write_atomic
 
 
 class CompareError(ValueError):
@@ -133,18 +133,12 @@ def write_comparison(
     out_dir: Path, result: dict[str, Any], text: str, draw: Callable[[Path], Any], ensure_ascii: bool = False
 ) -> None:
     """comparison.json (``result``), comparison.md (``text``) and comparison.png (``draw(path)`` saves the figure
-    there, or nothing when there is nothing to draw) in ``out_dir``, each written whole, then renamed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_whole(out_dir / "comparison.json", json.dumps(result, indent=2, ensure_ascii=ensure_ascii, default=str))
-    write_whole(out_dir / "comparison.md", text)
-    tmp = out_dir / ".comparison.tmp.png"  # the suffix tells matplotlib the format
-    try:
+    there, or nothing when there is nothing to draw: then an earlier comparison.png is removed, not left beside
+    the new table) in ``out_dir``, each written whole, then renamed; a figure that fails half-way replaces nothing."""
+    write_atomic(out_dir / "comparison.json", json.dumps(result, indent=2, ensure_ascii=ensure_ascii, default=str))
+    write_atomic(out_dir / "comparison.md", text)
+    with replacing(out_dir / "comparison.png", suffix=".png") as tmp:
         draw(tmp)
-    except BaseException:  # a figure that failed half-way replaces nothing
-        tmp.unlink(missing_ok=True)
-        raise
-    if tmp.is_file():
-        os.replace(tmp, out_dir / "comparison.png")
 
 
 def print_written(out_dir: Path, folders: bool = False) -> None:

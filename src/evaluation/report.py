@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from src.evaluation.judges import match_category
 from src.evaluation.metrics import wilson_interval
 from src.evaluation.plots import fmt, is_measured, nothing_measured, plt, rate_bars
+from src.files import write_atomic
 
 log = logging.getLogger(__name__)
 CO_DEFENSE = ("text_safe", "image_safe", "both_safe")  # the co-defense rates plotted and compared
@@ -37,15 +37,9 @@ def _asr_convention_line(report: dict[str, Any]) -> str:
     )
 
 
-def write_whole(path: Path, text: str) -> None:
-    """Write whole then rename: an interrupted run never leaves a half-written report."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    write_whole(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    """Written whole then renamed: an interrupted run never leaves a half-written report."""
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), benchmark: Any = None) -> str:

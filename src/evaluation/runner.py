@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from src.evaluation.items import EvalItem
 from src.evaluation.judges import Judge, JudgeError, JudgeInput, Verdict
 from src.evaluation.metrics import by_key, verdict_rates
 from src.evaluation.scoring import pairwise_accuracy, reward_accuracy
+from src.files import replacing
 from src.models.device import choose_device
 from src.models.factory import build_model, fingerprint
 from src.models.generation import AnswerGenerator, GenerationSettings
@@ -366,11 +366,9 @@ class Evaluator:
     def write_generations(self) -> Path:
         """The run's generations with verdicts, written whole then renamed so no torn file is left."""
         path = self.out_dir / "generations.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for line in self.lines:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
         return path
 
 

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from src.data.encoding import EncodedPair, collate_pairs, inputs_digest
+from src.files import write_atomic
 from src.models.factory import fingerprint
 from src.models.logprobs import answer_logprobs, attn_implementation, resolve_layout
 
@@ -69,10 +69,7 @@ def _load(path: Path) -> dict[str, float]:
 
 
 def _save(path: Path, values: dict[str, float]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(values))
-    os.replace(tmp, path)  # atomic: a reader never sees a half-written cache
+    write_atomic(path, json.dumps(values))  # a reader never sees a half-written cache
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from src.data.records import PreferenceRecord, Turn
+from src.files import write_atomic
 
 HAZARD_RULES = ("colour", "shape", "xor")
 
@@ -249,8 +250,8 @@ class World:
         folder.mkdir(parents=True, exist_ok=True)
         paths = {}
         for split, records in (("train", self.train_records()), ("heldout", self.heldout_records())):
-            paths[split] = _write_atomic(folder / f"{split}.jsonl", "".join(_jsonl_line(r) for r in records))
-        paths["world"] = _write_atomic(folder / "world.json", json.dumps(self.summary(), indent=2) + "\n")
+            paths[split] = write_atomic(folder / f"{split}.jsonl", "".join(_jsonl_line(r) for r in records))
+        paths["world"] = write_atomic(folder / "world.json", json.dumps(self.summary(), indent=2) + "\n")
         return paths
 
 
@@ -268,13 +269,6 @@ def _jsonl_line(r: PreferenceRecord) -> str:
         "rejected": r.rejected,
     } | r.meta
     return json.dumps(row) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 # -- images --------------------------------------------------------------------------------------

@@ -1,0 +1,43 @@
+"""Files written whole: every report, cache, data set and image the project writes goes through here.
+
+A file is written to a temporary name beside it and renamed over the target when complete, so a reader (or the
+next run, after a crash or Ctrl-C) sees the old file or the new one, never half of one, and no temporary file is
+left behind. New files get the permissions the user's umask gives (``tempfile.mkstemp`` would make them 0600).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def replacing(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A fresh temporary path beside ``path`` (ending in ``suffix``: ".png" lets matplotlib tell the format) to
+    write to; when the block ends normally it replaces ``path``, or, if nothing was written there, ``path`` is
+    removed (no stale file from an earlier run stays beside the new ones). When the block raises, ``path`` is
+    left as it was and the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}{suffix}"
+    try:
+        yield tmp
+        if tmp.exists():
+            os.replace(tmp, path)
+        else:
+            path.unlink(missing_ok=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` whole, flushed to disk before the rename; returns ``path``."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
