@@ -16,8 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.data.convert import collect_problem
-from src.data.encoding import ANSWER_KEYS, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
-from src.data.images import IMAGE_ASPECT_RATIOS, Drawer, ImageResolver
+from src.data.encoding import ANSWER_KEYS, CORRUPTED, EncodedPair, EncodeStats, PromptEncoder, collate_pairs
+from src.data.images import IMAGE_ASPECT_RATIOS, Drawer, ImageResolver, check_corruption, corrupt_image, mean_colour
 from src.data.readers import HF_FORMATS, keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord
 
@@ -99,15 +99,30 @@ class EpochShuffle(Sampler[int]):
 
 
 class PreferenceDataset(Dataset):
-    """Encoded pairs; images are loaded and processed per item, by the encoder that encoded the pairs."""
+    """Encoded pairs; images are loaded and processed per item, by the encoder that encoded the pairs.
+
+    With ``answers`` holding ``chosen_corrupted``, an item also carries ``answer_image`` (0: the real image,
+    1: the corrupted one, per answer) and ``corrupted_image_inputs``: the image corrupted by ``corruption``
+    (`corrupt_image`, seeded by the record id), processed by the same encoder; None for a record without an image.
+    """
 
     def __init__(
-        self, records: list[PreferenceRecord], pairs: list[EncodedPair], resolver: ImageResolver, encoder: PromptEncoder
+        self,
+        records: list[PreferenceRecord],
+        pairs: list[EncodedPair],
+        resolver: ImageResolver,
+        encoder: PromptEncoder,
+        answers: tuple[str, ...] = (),
+        corruption: dict[str, Any] | None = None,
     ):
         self.records = {r.id: r for r in records}
         self.pairs = pairs
         self.resolver = resolver
         self.encoder = encoder
+        self.answer_image = [int(key == CORRUPTED) for key in answers] if CORRUPTED in answers else None
+        if self.answer_image and corruption is None:
+            raise ValueError(f"data.answers holds {CORRUPTED} but data.corruption is not set")
+        self.corruption = corruption
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -115,18 +130,28 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         pair = self.pairs[i]
         image = self.resolver(self.records[pair.id])
-        return {"pair": pair, "image_inputs": self.encoder.image_inputs(image)}
+        item = {"pair": pair, "image_inputs": self.encoder.image_inputs(image)}
+        if self.answer_image:
+            fill = mean_colour(self.encoder.processor.image_processor)
+            corrupted = None if image is None else corrupt_image(image, self.corruption, pair.id, fill)
+            item |= {"answer_image": self.answer_image, "corrupted_image_inputs": self.encoder.image_inputs(corrupted)}
+            sizes = [x.get("image_sizes") for x in (item["image_inputs"], item["corrupted_image_inputs"]) if x]
+            # the prompt's image tokens are counted for the real image's size: the corrupted one must keep it
+            assert all(torch.equal(torch.as_tensor(s), torch.as_tensor(sizes[0])) for s in sizes), (pair.id, sizes)
+        return item
 
 
 class PreferenceDataModule(LightningDataModule):
     """Reads a preference data set, splits it by source conversation, encodes it with the processor.
 
     ``answers`` lists the answers each example carries, in order (``[chosen, rejected]`` for DPO,
-    ``[chosen, rejected, blind]`` for BPO). Every record in the data file(s) is counted exactly once (see
-    `summary`): left out by ``ids_file`` / ``max_records``, usable, rejected as bad input (``on_error=skip``),
-    or skipped because it does not fit ``max_length``; nothing is dropped silently. ``system_prompt`` opens every
-    prompt that has no system turn; ``image_aspect_ratio`` (crop | pad) is how non-square images reach the model;
-    ``image_drawers`` are the resolver's drawers of image references that are no files (`ImageResolver`).
+    ``[chosen, rejected, blind]`` for BPO; ``chosen_corrupted``, the chosen text under the image corrupted by
+    ``corruption`` (`check_corruption`), for mDPO's conditional term). Every record in the data file(s) is
+    counted exactly once (see `summary`): left out by ``ids_file`` / ``max_records``, usable, rejected as bad
+    input (``on_error=skip``), or skipped because it does not fit ``max_length``; nothing is dropped silently.
+    ``system_prompt`` opens every prompt that has no system turn; ``image_aspect_ratio`` (crop | pad) is how
+    non-square images reach the model; ``image_drawers`` are the resolver's drawers of image references that are
+    no files (`ImageResolver`).
     """
 
     def __init__(
@@ -141,6 +166,7 @@ class PreferenceDataModule(LightningDataModule):
         missing_images: str = "error",
         stand_in_size: int | None = None,
         answers: tuple[str, ...] = ANSWER_KEYS[:2],
+        corruption: dict[str, Any] | None = None,
         max_length: int = 512,
         min_answer_tokens: int = 4,
         system_prompt: str | None = None,
@@ -167,6 +193,10 @@ class PreferenceDataModule(LightningDataModule):
         if unknown:
             raise ValueError(f"data.answers may hold {ANSWER_KEYS}; got unknown {sorted(unknown)}")
         self.answers = tuple(answers)
+        # the corrupted image of chosen_corrupted (mDPO's conditional term); checked even when no answer needs it
+        self.corruption = None if corruption is None else check_corruption(self.hparams.corruption)
+        if CORRUPTED in self.answers and self.corruption is None:
+            raise ValueError(f"data.answers holds {CORRUPTED}: set data.corruption (e.g. {{kind: crop}})")
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"data.image_aspect_ratio must be crop or pad, got {image_aspect_ratio!r}")
         if on_error not in ("raise", "skip"):
@@ -301,7 +331,9 @@ class PreferenceDataModule(LightningDataModule):
             stats.truncated_extra += result.truncated_extra
             pairs.append(result)
         self.stats[name] = stats
-        self.encoded[name] = dataset = PreferenceDataset(records, pairs, self.resolver, encoder)
+        self.encoded[name] = dataset = PreferenceDataset(
+            records, pairs, self.resolver, encoder, self.answers, self.corruption
+        )
         if stats.skipped:  # one line per split; each record is named in skipped_records
             log.warning(
                 "%s: %d records skipped %s (data.max_length=%d)",

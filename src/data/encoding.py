@@ -25,8 +25,13 @@ from src.data.images import IMAGE_ASPECT_RATIOS, mean_colour, pad_to_square
 from src.data.records import Conversation, DataError, PreferenceRecord
 
 IGNORE_INDEX = -100
-ANSWER_KEYS = ("chosen", "rejected", "blind")
+# chosen_corrupted: the chosen text scored under the record's corrupted image (mDPO's conditional term)
+ANSWER_KEYS = ("chosen", "rejected", "blind", "chosen_corrupted")
 PAIR_KEYS = ANSWER_KEYS[:2]  # the answers a prompt is fitted to; others fit the budget left
+CORRUPTED = "chosen_corrupted"
+CORRUPTED_PREFIX = "corrupted_"  # batch keys of the corrupted image's inputs: corrupted_pixel_values, ...
+# the answer whose text each column scores; the rest score their own
+ANSWER_TEXT = {CORRUPTED: "chosen"}
 # written beside a trained model: the PromptEncoder settings (system_prompt, image_aspect_ratio) it was trained with
 PROMPT_FORMAT_FILE = "prompt_format.json"
 
@@ -170,17 +175,17 @@ class PromptEncoder:
     ) -> EncodedPair | str:
         """Tokenize a record for scoring; returns the skip reason (a string) when it cannot fit.
 
-        The prompt is fitted to the answers of ``answer_keys`` that are in `PAIR_KEYS`; the others
-        (blind) are shortened to the budget those leave.
+        The prompt is fitted to the answers of ``answer_keys`` that are in `PAIR_KEYS` (and ``chosen_corrupted``,
+        the chosen text again); the others (blind) are shortened to the budget those leave.
         """
         texts = []
         for key in answer_keys:
-            text = getattr(record, key)
+            text = getattr(record, ANSWER_TEXT.get(key, key))
             if text is None:
                 raise DataError(f"record {record.id}: no {key!r} answer (the objective needs {list(answer_keys)})")
             texts.append(text)
         finished = [record.blind_finished if key == "blind" else True for key in answer_keys]
-        fit = [key in PAIR_KEYS for key in answer_keys]
+        fit = [ANSWER_TEXT.get(key, key) in PAIR_KEYS for key in answer_keys]
         return self.encode_answers(record, image, texts, finished=finished, fit=fit if any(fit) else None)
 
     def encode_answers(
@@ -238,7 +243,10 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
     right-padded, ``answer_lengths`` (K, B), ``ids`` (B,), ``has_image`` (B,), ``reference_logps`` (B, K)
     when every pair has precomputed ones, and the image
     processor's outputs (``pixel_values`` (N_img, ...) and any extras) for the records with images,
-    in batch order. How prompt and answers are laid out for the forward pass is the scorer's concern.
+    in batch order. Items with ``answer_image`` (K,) (0: the real image, 1: the corrupted one, per column) add it
+    as ``answer_image`` (K,) long, and their ``corrupted_image_inputs`` as ``corrupted_pixel_values`` (N_img, ...)
+    and so on, in the same order as the real ones. How prompt and answers are laid out for the forward pass is the
+    scorer's concern.
     """
     pairs: list[EncodedPair] = [it["pair"] for it in items]
     k = len(pairs[0].answer_ids)
@@ -253,6 +261,12 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
     if all(p.reference_logps is not None for p in pairs):
         batch["reference_logps"] = torch.tensor([p.reference_logps for p in pairs], dtype=torch.float32)
     batch |= cat_image_inputs([it["image_inputs"] for it in items if it["image_inputs"] is not None])
+    if "answer_image" in items[0]:
+        if any(list(it["answer_image"]) != list(items[0]["answer_image"]) for it in items):
+            raise ValueError("items of one batch score their answers under different images")
+        batch["answer_image"] = torch.tensor(items[0]["answer_image"], dtype=torch.long)
+        corrupted = [it["corrupted_image_inputs"] for it in items if it["image_inputs"] is not None]
+        batch |= {f"{CORRUPTED_PREFIX}{k}": v for k, v in cat_image_inputs(corrupted).items()}
     return batch
 
 

@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from src.data.records import Conversation, DataError
@@ -155,3 +156,77 @@ class ImageResolver:
             "as a stand-in image.",
             reason=f"image file not found under {under} ({self._root_note}). {self._advice}",
         )
+
+
+# the second image of mDPO's conditional term: the record's image made uninformative, at the same size
+CORRUPTIONS = ("crop", "blank", "noise")
+_DEFAULTS = {"crop": {"keep": [0.0, 0.2], "seed": 0}, "blank": {}, "noise": {"std": 0.5, "seed": 0}}
+
+
+def check_corruption(corruption: Mapping[str, Any]) -> dict[str, Any]:
+    """``data.corruption`` checked, its defaults filled in; a ValueError names the setting that is wrong.
+
+    ``crop``: ``keep`` [lo, hi], the range of the kept area's fraction (mDPO: [0, 0.2]); ``blank``: no setting;
+    ``noise``: ``std``, the standard deviation of the Gaussian noise as a fraction of the 0-255 range.
+    """
+    if not isinstance(corruption, Mapping):
+        raise ValueError(f"data.corruption must be a mapping with a kind, got {corruption!r}")
+    kind = corruption.get("kind")
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"data.corruption.kind must be one of {CORRUPTIONS}, got {kind!r}")
+    unknown = set(corruption) - {"kind", *_DEFAULTS[kind]}
+    if unknown:
+        raise ValueError(f"data.corruption.{sorted(unknown)[0]} is not a setting of kind {kind!r}")
+    out = {"kind": kind} | _DEFAULTS[kind] | dict(corruption)
+    keep = out.get("keep", [0.0, 1.0])
+    if not (isinstance(keep, (list, tuple)) and len(keep) == 2 and all(isinstance(x, (int, float)) for x in keep)):
+        raise ValueError(f"data.corruption.keep must be [lo, hi], got {keep!r}")
+    if not 0 <= keep[0] <= keep[1] <= 1 or keep[1] == 0:
+        raise ValueError(f"data.corruption.keep must have 0 <= lo <= hi <= 1 and hi > 0, got {list(keep)}")
+    if "keep" in out:
+        out["keep"] = [float(x) for x in keep]
+    if not isinstance(out.get("std", 1), (int, float)) or out.get("std", 1) <= 0:
+        raise ValueError(f"data.corruption.std must be a positive number, got {out['std']!r}")
+    if not isinstance(out.get("seed", 0), int):
+        raise ValueError(f"data.corruption.seed must be an integer, got {out['seed']!r}")
+    return out
+
+
+def _rng(seed: int, record_id: str) -> np.random.Generator:
+    """A generator seeded from (corruption seed, record id) alone: the same record, the same image, every time."""
+    digest = hashlib.sha256(f"{seed}\0{record_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def crop_box(size: tuple[int, int], keep: list[float], rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a random box of the image's aspect ratio whose area is a uniform fraction in
+    ``keep`` of the image's (at least one pixel), at a uniform place."""
+    width, height = size
+    side = float(np.sqrt(rng.uniform(keep[0], keep[1])))
+    w, h = max(1, min(width, round(width * side))), max(1, min(height, round(height * side)))
+    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+    return left, top, left + w, top + h
+
+
+def corrupt_image(
+    image: Image.Image, corruption: Mapping[str, Any], record_id: str, fill: tuple[int, int, int]
+) -> Image.Image:
+    """The record's image made uninformative by ``corruption`` (checked by `check_corruption`), same size and mode.
+
+    crop: a random part, resized back to the whole (mDPO's corrupted image); blank: a flat image of ``fill`` (the
+    processor's mean colour); noise: Gaussian noise added to every pixel, clipped to 0-255. The same size keeps the
+    prompt's image tokens, so the prompt ids of the real image hold for the corrupted one.
+    """
+    image = image.convert("RGB")
+    kind = corruption["kind"]
+    if kind == "blank":
+        out = Image.new("RGB", image.size, fill)
+    elif kind == "crop":
+        box = crop_box(image.size, corruption["keep"], _rng(corruption["seed"], record_id))
+        out = image.crop(box).resize(image.size, Image.Resampling.BICUBIC)
+    else:
+        pixels = np.asarray(image, dtype=np.float32)
+        noise = _rng(corruption["seed"], record_id).normal(0.0, corruption["std"] * 255, pixels.shape)
+        out = Image.fromarray(np.clip(np.rint(pixels + noise), 0, 255).astype(np.uint8), "RGB")
+    assert out.size == image.size, (out.size, image.size)
+    return out

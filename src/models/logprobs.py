@@ -10,6 +10,12 @@ Two layouts of the same computation, which give the same numbers:
 - ``padded``: one row per (record, answer), ``[prompt | answer | pad]``, answer-major (row ``j * B + b``),
   the record's image inputs repeated per answer. Works with every attention backend.
 
+Answers scored under the record's corrupted image (``answer_image`` (K,) = 1, from `collate_pairs`) get, in the
+packed layout, a second prefix in the same row: ``[prompt | answers on the real image | prompt | answers on the
+corrupted image | pad]``, the second block's positions restarting at 0 and its tokens seeing their own block only;
+in the padded layout their rows carry the corrupted image. A record without an image scores them with its one
+text-only prompt.
+
 In both, the vocabulary projection and log-softmax are applied only at the positions that predict answer
 tokens (in the packed layout the last prompt position predicts the first token of every answer), never
 at prompt or image positions.
@@ -23,6 +29,7 @@ from typing import Any
 
 import torch
 
+from src.data.encoding import CORRUPTED_PREFIX, cat_image_inputs
 from src.models.lora import unwrap
 
 log = logging.getLogger(__name__)
@@ -54,11 +61,30 @@ def _image_inputs(batch: dict[str, Any], repeat: int = 1) -> dict[str, torch.Ten
     return {k: torch.cat([batch[k]] * repeat, dim=0) for k in IMAGE_INPUT_KEYS if k in batch}
 
 
+def _answer_image(batch: dict[str, Any]) -> list[int]:
+    """Per answer column: 0 scored under the real image, 1 under the corrupted one (all 0 without corrupted inputs).
+
+    Corrupted columns of a batch without any image (text-only records) are scored like the others."""
+    k = len(batch["answer_lengths"])
+    if "answer_image" not in batch or f"{CORRUPTED_PREFIX}pixel_values" not in batch:
+        return [0] * k
+    return [int(x) for x in batch["answer_image"].tolist()]
+
+
+def _per_image(batch: dict[str, Any], prefix: str = "") -> list[dict[str, torch.Tensor]]:
+    """The image inputs of ``batch`` (``prefix``: the corrupted ones) split into one (1, ...) dict per image."""
+    keys = [k for k in IMAGE_INPUT_KEYS if prefix + k in batch]
+    n = len(batch[prefix + keys[0]])
+    return [{k: batch[prefix + k][i : i + 1] for k in keys} for i in range(n)]
+
+
 def padded_rows(batch: dict[str, Any], pad_token_id: int) -> Rows:
-    """K*B right-padded rows ``[prompt | answer]``, answer-major, image inputs repeated K times."""
+    """K*B right-padded rows ``[prompt | answer]``, answer-major, image inputs repeated K times (each column's
+    rows with the image it is scored under, `_answer_image`)."""
     prompts, p_len = batch["prompt_ids"], batch["prompt_lengths"].tolist()
     answers, a_len = batch["answer_ids"], batch["answer_lengths"].tolist()
     k, b = len(a_len), len(p_len)
+    answer_image = _answer_image(batch)
     width = max(p_len[i] + a_len[j][i] for j in range(k) for i in range(b))
     device = prompts.device
     input_ids = torch.full((k * b, width), pad_token_id, dtype=torch.long, device=device)
@@ -74,7 +100,12 @@ def padded_rows(batch: dict[str, Any], pad_token_id: int) -> Rows:
             pred_col += range(p - 1, p + a - 1)
             slot += [i * k + j] * a
             target.append(answers[j, i, :a])
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask} | _image_inputs(batch, k)
+    if any(answer_image):  # column by column, the real or the corrupted image of every record that has one
+        images = [x for j in range(k) for x in _per_image(batch, CORRUPTED_PREFIX if answer_image[j] else "")]
+        image_inputs = cat_image_inputs(images)
+    else:
+        image_inputs = _image_inputs(batch, k)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask} | image_inputs
     return _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
 
 
@@ -82,6 +113,10 @@ def packed_rows(
     batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dtype | None = None, block_mask: bool = False
 ) -> Rows:
     """B rows ``[prompt | answer 1 | ... | answer K]`` with a block attention mask and restarted positions.
+
+    Records with an image and answers scored under the corrupted one (`_answer_image`) get a second block, ``[...
+    | prompt | corrupted answers]``, whose positions restart at 0 and whose tokens see only their own block; the
+    image inputs are then ordered as their image tokens appear (per record: real, corrupted).
 
     ``mask_dtype=None`` gives a boolean mask (B, 1, T, T), True = attend; a float dtype gives an additive
     mask (0 or the dtype's minimum: eager attention adds the mask to the scores). ``block_mask=True`` gives a flex
@@ -91,55 +126,82 @@ def packed_rows(
     prompts, p_len = batch["prompt_ids"], batch["prompt_lengths"].tolist()
     answers, a_len = batch["answer_ids"], batch["answer_lengths"].tolist()
     k, b = len(a_len), len(p_len)
-    width = max(p_len[i] + sum(a_len[j][i] for j in range(k)) for i in range(b))
+    answer_image = _answer_image(batch)
+    has_image = batch["has_image"].tolist() if any(answer_image) else [False] * b
+    # per record, the blocks of its row: (answers scored after one copy of the prompt), in row order
+    blocks = [
+        [[j for j in range(k) if not answer_image[j]], [j for j in range(k) if answer_image[j]]]
+        if has_image[i]
+        else [list(range(k))]
+        for i in range(b)
+    ]
+    width = max(p_len[i] * len(blocks[i]) + sum(a_len[j][i] for j in range(k)) for i in range(b))
     device = prompts.device
     input_ids = torch.full((b, width), pad_token_id, dtype=torch.long, device=device)
     position_ids = torch.zeros((b, width), dtype=torch.long, device=device)
     segment = torch.full((b, width), -1, dtype=torch.long, device=device)  # 0 prompt, j+1 answer j, -1 pad
+    block = torch.zeros((b, width), dtype=torch.long, device=device)  # which prefix a token belongs to
     pred_row, pred_col, target, slot = [], [], [], []
     for i in range(b):
-        p = p_len[i]
-        input_ids[i, :p] = prompts[i, :p]
-        position_ids[i, :p] = torch.arange(p, device=device)
-        segment[i, :p] = 0
-        start = p
-        for j in range(k):
-            a = a_len[j][i]
-            input_ids[i, start : start + a] = answers[j, i, :a]
-            position_ids[i, start : start + a] = torch.arange(p, p + a, device=device)
-            segment[i, start : start + a] = j + 1
-            pred_row += [i] * a
-            # the last prompt position predicts every answer's first token
-            pred_col += [p - 1, *range(start, start + a - 1)][:a]
-            slot += [i * k + j] * a
-            target.append(answers[j, i, :a])
-            start += a
+        p, start = p_len[i], 0
+        for n, columns in enumerate(blocks[i]):
+            input_ids[i, start : start + p] = prompts[i, :p]
+            position_ids[i, start : start + p] = torch.arange(p, device=device)
+            segment[i, start : start + p] = 0
+            block[i, start : start + p] = n
+            last = start + p - 1  # the last prompt position predicts every answer's first token
+            start += p
+            for j in columns:
+                a = a_len[j][i]
+                input_ids[i, start : start + a] = answers[j, i, :a]
+                position_ids[i, start : start + a] = torch.arange(p, p + a, device=device)
+                segment[i, start : start + a] = j + 1
+                block[i, start : start + a] = n
+                pred_row += [i] * a
+                pred_col += [last, *range(start, start + a - 1)][:a]
+                slot += [i * k + j] * a
+                target.append(answers[j, i, :a])
+                start += a
     if block_mask:
-        mask = _block_mask(segment)
+        mask = _block_mask(segment, block)
     else:
         pos = torch.arange(width, device=device)
-        mask = _attends(segment.unsqueeze(2), segment.unsqueeze(1), pos.unsqueeze(1), pos).unsqueeze(1)
+        seg_q, seg_kv = segment.unsqueeze(2), segment.unsqueeze(1)
+        mask = _attends(seg_q, seg_kv, block.unsqueeze(2), block.unsqueeze(1), pos.unsqueeze(1), pos).unsqueeze(1)
         if mask_dtype is not None:
             mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill(
                 ~mask, torch.finfo(mask_dtype).min
             )
-    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids} | _image_inputs(batch)
+    if any(has_image):  # LLaVA scatters image features into the image tokens in order: per record real, corrupted
+        real, corrupted = _per_image(batch), iter(_per_image(batch, CORRUPTED_PREFIX))
+        image_inputs = cat_image_inputs([x for image in real for x in (image, next(corrupted))])
+    else:
+        image_inputs = _image_inputs(batch)
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids} | image_inputs
     return _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
 
 
-def _attends(seg_q: torch.Tensor, seg_kv: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-    """The packed rule, elementwise over broadcast segment ids (0 prompt, j+1 answer j, -1 pad) and positions:
-    a token sees earlier tokens of the prompt and of its own answer; padding sees only itself (no empty row)."""
-    same = (seg_q >= 0) & (seg_kv >= 0) & ((seg_kv == 0) | (seg_kv == seg_q))
+def _attends(
+    seg_q: torch.Tensor,
+    seg_kv: torch.Tensor,
+    blk_q: torch.Tensor,
+    blk_kv: torch.Tensor,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+) -> torch.Tensor:
+    """The packed rule, elementwise over broadcast segment ids (0 prompt, j+1 answer j, -1 pad), block ids (which
+    prefix) and positions: a token sees earlier tokens of its block's prompt and of its own answer; padding sees
+    only itself (no empty row)."""
+    same = (seg_q >= 0) & (seg_kv >= 0) & (blk_q == blk_kv) & ((seg_kv == 0) | (seg_kv == seg_q))
     return (same & (kv <= q)) | (kv == q)
 
 
-def _block_mask(segment: torch.Tensor) -> Any:
-    """Flex attention ``BlockMask`` (B, 1, T, T) of :func:`_attends` over the segment ids ``segment`` (B, T)."""
+def _block_mask(segment: torch.Tensor, block: torch.Tensor) -> Any:
+    """Flex attention ``BlockMask`` (B, 1, T, T) of :func:`_attends` over the segment and block ids (B, T)."""
     from torch.nn.attention.flex_attention import create_block_mask  # torch >= 2.5, as flex attention itself
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return _attends(segment[b, q_idx], segment[b, kv_idx], q_idx, kv_idx)
+        return _attends(segment[b, q_idx], segment[b, kv_idx], block[b, q_idx], block[b, kv_idx], q_idx, kv_idx)
 
     b, width = segment.shape
     return create_block_mask(mask_mod, B=b, H=None, Q_LEN=width, KV_LEN=width, device=segment.device)

@@ -8,7 +8,8 @@ A cached value is reused only when everything that changes it is the same. The f
 fingerprint (weights, config, parameter dtypes), layout actually used, compute dtype (the autocast dtype
 of the run's precision, else the weights') and attention kernel; an entry is keyed by record id, the exact
 prompt and answer token ids (so template, system prompt, truncation and tokenizer count) and a hash of the
-exact pixel inputs (so another image file, a stand-in, its size or other processor settings count).
+exact pixel inputs the answer is scored under (so another image file, a stand-in, its size, other processor
+settings or, for ``chosen_corrupted``, other corruption settings count).
 
 Records are streamed: images are loaded and processed a batch at a time, so memory is bounded by the
 batch, not by the data set (pixel tensors of a 336 px image take ~1.35 MB).
@@ -114,8 +115,11 @@ def precompute_reference_logps(
         for dataset in datasets:
             for items in DataLoader(dataset, batch_size=batch_size, collate_fn=list):
                 for item in items:
-                    pair, image = item["pair"], inputs_digest(item["image_inputs"])
-                    keys = [entry_key(pair, k, image) for k in range(len(pair.answer_ids))]
+                    pair = item["pair"]
+                    # each answer is keyed by the image it is scored under: the corrupted one for chosen_corrupted
+                    digests = [inputs_digest(item["image_inputs"]), inputs_digest(item.get("corrupted_image_inputs"))]
+                    answer_image = item.get("answer_image") or [0] * len(pair.answer_ids)
+                    keys = [entry_key(pair, k, digests[answer_image[k]]) for k in range(len(pair.answer_ids))]
                     if all(key in cached for key in keys):
                         pair.reference_logps = [cached[key] for key in keys]
                         counts["reused"] += 1
