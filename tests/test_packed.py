@@ -8,7 +8,7 @@ import torch
 from src.data.encoding import PromptEncoder, collate_pairs
 from src.data.images import render_stand_in
 from src.data.records import PreferenceRecord, Turn
-from src.models.logprobs import answer_logprobs, attn_implementation, resolve_layout
+from src.models.logprobs import answer_logprobs, attn_implementation, packed_rows, padded_rows, resolve_layout
 from src.models.objectives import bpo, dpo
 from src.models.tiny import build_tiny_llava
 
@@ -150,3 +150,66 @@ def test_flash_attention_falls_back_to_padded(caplog):
         assert resolve_layout(model, "packed") == "padded"
         assert resolve_layout(model, "packed") == "padded"
     assert sum("padded layout" in r.message for r in caplog.records) == 1  # warned once
+
+
+def two_image_batch(processor, records, keys, corrupted_image):
+    """``make_batch`` plus each record's second image, ``corrupted_image(record_id)``, for chosen_corrupted."""
+    enc = PromptEncoder(processor, max_length=512)
+    items = []
+    for r in records:
+        image = render_stand_in(r.id, 32) if r.image else None
+        items.append(
+            {
+                "pair": enc.encode(r, image, keys),
+                "image_inputs": enc.image_inputs(image),
+                "answer_image": [int(k == "chosen_corrupted") for k in keys],
+                "corrupted_image_inputs": enc.image_inputs(corrupted_image(r.id) if r.image else None),
+            }
+        )
+    return collate_pairs(items, processor.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("keys", [("chosen", "rejected", "chosen_corrupted"), ("chosen_corrupted", "blind", "chosen")])
+def test_two_image_packed_equals_padded(model_and_processor, keys):
+    """Records with and without an image; the corrupted column first or last."""
+    model, processor = model_and_processor
+    batch = two_image_batch(processor, RECORDS, keys, lambda rid: render_stand_in(f"other {rid}", 32))
+    assert batch["corrupted_pixel_values"].shape == batch["pixel_values"].shape == (2, 3, 32, 32)
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        packed = answer_logprobs(model, batch, pad, layout="packed")
+        padded = answer_logprobs(padded_reference(model), batch, pad, layout="padded")
+    assert torch.allclose(packed, padded, atol=1e-4, rtol=0), (packed - padded).abs().max()
+    chosen, corrupted = keys.index("chosen"), keys.index("chosen_corrupted")
+    # another image, another score; the text-only record scores the same text-only prompt twice
+    assert (packed[:2, chosen] - packed[:2, corrupted]).abs().min() > 1e-4
+    assert abs(packed[2, chosen] - packed[2, corrupted]) < 1e-5
+
+
+def test_corrupted_column_under_the_real_image_is_the_chosen_one(model_and_processor):
+    """The second prefix sees only itself: with the real image again it scores exactly like the first."""
+    model, processor = model_and_processor
+    keys = ("chosen", "rejected", "blind", "chosen_corrupted")
+    batch = two_image_batch(processor, RECORDS[:2], keys, lambda rid: render_stand_in(rid, 32))
+    pad = processor.tokenizer.pad_token_id
+    rows = packed_rows(batch, pad)
+    # per record: prompt twice, every answer once
+    lengths = batch["prompt_lengths"] * 2 + batch["answer_lengths"].sum(0)
+    assert rows.inputs["input_ids"].shape[1] == lengths.max()
+    with torch.no_grad():
+        packed = answer_logprobs(model, batch, pad, layout="packed")
+    assert torch.allclose(packed[:, 0], packed[:, 3], atol=1e-5, rtol=0), packed
+
+
+def test_all_real_answer_images_lay_out_as_before(model_and_processor):
+    _, processor = model_and_processor
+    keys = ("chosen", "rejected", "blind")
+    plain = make_batch(processor, RECORDS, keys)
+    marked = two_image_batch(processor, RECORDS, keys, lambda rid: render_stand_in(f"other {rid}", 32))
+    assert marked["answer_image"].tolist() == [0, 0, 0] and "corrupted_pixel_values" in marked
+    pad = processor.tokenizer.pad_token_id
+    for build in (packed_rows, padded_rows):
+        a, b = build(plain, pad), build(marked, pad)
+        assert a.inputs.keys() == b.inputs.keys()
+        assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+        assert torch.equal(a.pred_col, b.pred_col) and torch.equal(a.slot, b.slot)

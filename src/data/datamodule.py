@@ -135,9 +135,11 @@ class PreferenceDataset(Dataset):
             fill = mean_colour(self.encoder.processor.image_processor)
             corrupted = None if image is None else corrupt_image(image, self.corruption, pair.id, fill)
             item |= {"answer_image": self.answer_image, "corrupted_image_inputs": self.encoder.image_inputs(corrupted)}
-            sizes = [x.get("image_sizes") for x in (item["image_inputs"], item["corrupted_image_inputs"]) if x]
-            # the prompt's image tokens are counted for the real image's size: the corrupted one must keep it
-            assert all(torch.equal(torch.as_tensor(s), torch.as_tensor(sizes[0])) for s in sizes), (pair.id, sizes)
+            # the prompt's image tokens are counted for the real image's size (LLaVA-NeXT): the corrupted one keeps it
+            if image is not None and "image_sizes" in item["image_inputs"]:
+                inputs = (item["image_inputs"], item["corrupted_image_inputs"])
+                sizes = [torch.as_tensor(x["image_sizes"]) for x in inputs]
+                assert torch.equal(*sizes), (pair.id, sizes)
         return item
 
 

@@ -71,11 +71,16 @@ def _answer_image(batch: dict[str, Any]) -> list[int]:
     return [int(x) for x in batch["answer_image"].tolist()]
 
 
+def _prefixed(batch: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    """The image inputs of ``batch`` under their plain names; ``prefix``: the corrupted image's."""
+    return {k: batch[prefix + k] for k in IMAGE_INPUT_KEYS if prefix + k in batch}
+
+
 def _per_image(batch: dict[str, Any], prefix: str = "") -> list[dict[str, torch.Tensor]]:
-    """The image inputs of ``batch`` (``prefix``: the corrupted ones) split into one (1, ...) dict per image."""
-    keys = [k for k in IMAGE_INPUT_KEYS if prefix + k in batch]
-    n = len(batch[prefix + keys[0]])
-    return [{k: batch[prefix + k][i : i + 1] for k in keys} for i in range(n)]
+    """`_prefixed` split into one (1, ...) dict per image (LLaVA's inputs: one entry per image along dim 0)."""
+    inputs = _prefixed(batch, prefix)
+    n = len(inputs["pixel_values"])
+    return [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(n)]
 
 
 def padded_rows(batch: dict[str, Any], pad_token_id: int) -> Rows:
@@ -100,9 +105,9 @@ def padded_rows(batch: dict[str, Any], pad_token_id: int) -> Rows:
             pred_col += range(p - 1, p + a - 1)
             slot += [i * k + j] * a
             target.append(answers[j, i, :a])
-    if any(answer_image):  # column by column, the real or the corrupted image of every record that has one
-        images = [x for j in range(k) for x in _per_image(batch, CORRUPTED_PREFIX if answer_image[j] else "")]
-        image_inputs = cat_image_inputs(images)
+    if any(answer_image):  # column by column, the real or the corrupted images of the records that have one
+        columns = [_prefixed(batch, CORRUPTED_PREFIX if answer_image[j] else "") for j in range(k)]
+        image_inputs = cat_image_inputs(columns)
     else:
         image_inputs = _image_inputs(batch, k)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask} | image_inputs
@@ -139,35 +144,33 @@ def packed_rows(
     device = prompts.device
     input_ids = torch.full((b, width), pad_token_id, dtype=torch.long, device=device)
     position_ids = torch.zeros((b, width), dtype=torch.long, device=device)
-    segment = torch.full((b, width), -1, dtype=torch.long, device=device)  # 0 prompt, j+1 answer j, -1 pad
-    block = torch.zeros((b, width), dtype=torch.long, device=device)  # which prefix a token belongs to
+    # n * (k + 1): the prompt of block n; n * (k + 1) + j + 1: answer j in it; -1: pad. One tensor, not two: torch's
+    # CPU flex kernel (2.13) failed to compile a mask reading a second one
+    segment = torch.full((b, width), -1, dtype=torch.long, device=device)
     pred_row, pred_col, target, slot = [], [], [], []
     for i in range(b):
         p, start = p_len[i], 0
         for n, columns in enumerate(blocks[i]):
             input_ids[i, start : start + p] = prompts[i, :p]
             position_ids[i, start : start + p] = torch.arange(p, device=device)
-            segment[i, start : start + p] = 0
-            block[i, start : start + p] = n
+            segment[i, start : start + p] = n * (k + 1)
             last = start + p - 1  # the last prompt position predicts every answer's first token
             start += p
             for j in columns:
                 a = a_len[j][i]
                 input_ids[i, start : start + a] = answers[j, i, :a]
                 position_ids[i, start : start + a] = torch.arange(p, p + a, device=device)
-                segment[i, start : start + a] = j + 1
-                block[i, start : start + a] = n
+                segment[i, start : start + a] = n * (k + 1) + j + 1
                 pred_row += [i] * a
                 pred_col += [last, *range(start, start + a - 1)][:a]
                 slot += [i * k + j] * a
                 target.append(answers[j, i, :a])
                 start += a
     if block_mask:
-        mask = _block_mask(segment, block)
+        mask = _block_mask(segment, k + 1)
     else:
         pos = torch.arange(width, device=device)
-        seg_q, seg_kv = segment.unsqueeze(2), segment.unsqueeze(1)
-        mask = _attends(seg_q, seg_kv, block.unsqueeze(2), block.unsqueeze(1), pos.unsqueeze(1), pos).unsqueeze(1)
+        mask = _attends(segment.unsqueeze(2), segment.unsqueeze(1), pos.unsqueeze(1), pos, k + 1).unsqueeze(1)
         if mask_dtype is not None:
             mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill(
                 ~mask, torch.finfo(mask_dtype).min
@@ -181,27 +184,21 @@ def packed_rows(
     return _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
 
 
-def _attends(
-    seg_q: torch.Tensor,
-    seg_kv: torch.Tensor,
-    blk_q: torch.Tensor,
-    blk_kv: torch.Tensor,
-    q: torch.Tensor,
-    kv: torch.Tensor,
-) -> torch.Tensor:
-    """The packed rule, elementwise over broadcast segment ids (0 prompt, j+1 answer j, -1 pad), block ids (which
-    prefix) and positions: a token sees earlier tokens of its block's prompt and of its own answer; padding sees
-    only itself (no empty row)."""
-    same = (seg_q >= 0) & (seg_kv >= 0) & (blk_q == blk_kv) & ((seg_kv == 0) | (seg_kv == seg_q))
+def _attends(seg_q: torch.Tensor, seg_kv: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, span: int) -> torch.Tensor:
+    """The packed rule, elementwise over broadcast segment ids (``n * span``: the prompt of block n, ``n * span + j +
+    1``: answer j in it, -1: pad) and positions: a token sees earlier tokens of its block's prompt and of its own
+    answer; padding sees only itself (no empty row)."""
+    same_block = (seg_q >= 0) & (seg_kv >= 0) & (seg_q // span == seg_kv // span)
+    same = same_block & ((seg_kv % span == 0) | (seg_kv == seg_q))
     return (same & (kv <= q)) | (kv == q)
 
 
-def _block_mask(segment: torch.Tensor, block: torch.Tensor) -> Any:
-    """Flex attention ``BlockMask`` (B, 1, T, T) of :func:`_attends` over the segment and block ids (B, T)."""
+def _block_mask(segment: torch.Tensor, span: int) -> Any:
+    """Flex attention ``BlockMask`` (B, 1, T, T) of :func:`_attends` over the segment ids ``segment`` (B, T)."""
     from torch.nn.attention.flex_attention import create_block_mask  # torch >= 2.5, as flex attention itself
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return _attends(segment[b, q_idx], segment[b, kv_idx], block[b, q_idx], block[b, kv_idx], q_idx, kv_idx)
+        return _attends(segment[b, q_idx], segment[b, kv_idx], q_idx, kv_idx, span)
 
     b, width = segment.shape
     return create_block_mask(mask_mod, B=b, H=None, Q_LEN=width, KV_LEN=width, device=segment.device)
