@@ -99,3 +99,32 @@ def test_families_train_through_the_entry_point(tmp_path, model_config):
         tmp_path, [f"model={model_config}", "trainer.max_steps=2", "logger=csv", "data.max_records=24"]
     )
     assert "val/rewards/accuracies" in metrics and (tmp_path / "run/model/config.json").exists()
+
+
+def test_two_image_packed_equals_padded(family):
+    """chosen_corrupted under a second image of the same size: LLaVA-NeXT's tiles and image_sizes follow the image
+    tokens (per record: real, corrupted); Qwen2-VL's patches go the padded way."""
+    _, model, processor = family
+    enc = PromptEncoder(processor, max_length=1024)
+    keys = ("chosen", "rejected", "chosen_corrupted")
+    items = []
+    for r in RECORDS:
+        image = image_for(r.id)
+        other = render_stand_in(f"other {r.id}", 48).resize(image.size)
+        assert enc.prompt_ids(r, other) == enc.prompt_ids(r, image)
+        items.append(
+            {
+                "pair": enc.encode(r, image, keys),
+                "image_inputs": enc.image_inputs(image),
+                "answer_image": [0, 0, 1],
+                "corrupted_image_inputs": enc.image_inputs(other if r.id == "a" else image),
+            }
+        )
+    batch = collate_pairs(items, processor.tokenizer.pad_token_id)
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        packed = answer_logprobs(model, batch, pad, "packed")
+        padded = answer_logprobs(model, batch, pad, "padded")
+    assert torch.allclose(packed, padded, atol=1e-4, rtol=0), (packed - padded).abs().max()
+    assert abs(packed[0, 0] - packed[0, 2]) > 1e-4  # record a: another image, another score
+    assert abs(packed[1, 0] - packed[1, 2]) < 1e-5  # record b: its real image again
