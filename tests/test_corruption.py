@@ -12,6 +12,7 @@ from src.data.datamodule import PreferenceDataModule
 from src.data.encoding import PromptEncoder, collate_pairs, inputs_digest
 from src.data.images import check_corruption, corrupt_image, crop_box, render_stand_in
 from src.data.records import PreferenceRecord, Turn
+from src.errors import SettingError
 from src.models.reference import precompute_reference_logps
 from tests.helpers import compose_config
 
@@ -69,7 +70,7 @@ def test_crop_keeps_an_area_in_range():
     ],
 )
 def test_bad_settings_name_the_key(settings, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+    with pytest.raises(SettingError, match=key.replace(".", r"\.")):  # entry points: one line, exit 2
         check_corruption(settings)
 
 
@@ -147,9 +148,9 @@ def test_corrupted_image_keeps_the_prompt_tokens():
 
 def test_chosen_corrupted_needs_corruption_settings(tiny, tmp_path):
     _, processor = tiny
-    with pytest.raises(ValueError, match="data.corruption"):
+    with pytest.raises(SettingError, match="data.corruption"):
         PreferenceDataModule(str(write_data(tmp_path)), processor=processor, answers=ANSWERS)
-    with pytest.raises(ValueError, match=r"data\.corruption\.kind"):
+    with pytest.raises(SettingError, match=r"data\.corruption\.kind"):
         PreferenceDataModule(str(write_data(tmp_path)), processor=processor, corruption={"kind": "x"})
 
 

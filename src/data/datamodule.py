@@ -20,6 +20,7 @@ from src.data.encoding import ANSWER_KEYS, CORRUPTED, EncodedPair, EncodeStats, 
 from src.data.images import IMAGE_ASPECT_RATIOS, Drawer, ImageResolver, check_corruption, corrupt_image, mean_colour
 from src.data.readers import HF_FORMATS, keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord
+from src.errors import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class PreferenceDataModule(LightningDataModule):
         # the corrupted image of chosen_corrupted (mDPO's conditional term); checked even when no answer needs it
         self.corruption = None if corruption is None else check_corruption(self.hparams.corruption)
         if CORRUPTED in self.answers and self.corruption is None:
-            raise ValueError(f"data.answers holds {CORRUPTED}: set data.corruption (e.g. {{kind: crop}})")
+            raise SettingError(f"data.answers holds {CORRUPTED}: set data.corruption (e.g. {{kind: crop}})")
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"data.image_aspect_ratio must be crop or pad, got {image_aspect_ratio!r}")
         if on_error not in ("raise", "skip"):

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from src.data.records import Conversation, DataError
+from src.errors import SettingError
 
 MISSING_POLICIES = ("error", "render")
 # how a non-square image reaches the model: crop (the processor's resize and centre crop, which cuts the long
@@ -164,31 +165,31 @@ _DEFAULTS = {"crop": {"keep": [0.0, 0.2], "seed": 0}, "blank": {}, "noise": {"st
 
 
 def check_corruption(corruption: Mapping[str, Any]) -> dict[str, Any]:
-    """``data.corruption`` checked, its defaults filled in; a ValueError names the setting that is wrong.
+    """``data.corruption`` checked, its defaults filled in; a `SettingError` names the setting that is wrong.
 
     ``crop``: ``keep`` [lo, hi], the range of the kept area's fraction (mDPO: [0, 0.2]); ``blank``: no setting;
     ``noise``: ``std``, the standard deviation of the Gaussian noise as a fraction of the 0-255 range.
     """
     if not isinstance(corruption, Mapping):
-        raise ValueError(f"data.corruption must be a mapping with a kind, got {corruption!r}")
+        raise SettingError(f"data.corruption must be a mapping with a kind, got {corruption!r}")
     kind = corruption.get("kind")
     if kind not in CORRUPTIONS:
-        raise ValueError(f"data.corruption.kind must be one of {CORRUPTIONS}, got {kind!r}")
+        raise SettingError(f"data.corruption.kind must be one of {CORRUPTIONS}, got {kind!r}")
     unknown = set(corruption) - {"kind", *_DEFAULTS[kind]}
     if unknown:
-        raise ValueError(f"data.corruption.{sorted(unknown)[0]} is not a setting of kind {kind!r}")
+        raise SettingError(f"data.corruption.{sorted(unknown)[0]} is not a setting of kind {kind!r}")
     out = {"kind": kind} | _DEFAULTS[kind] | dict(corruption)
     keep = out.get("keep", [0.0, 1.0])
     if not (isinstance(keep, (list, tuple)) and len(keep) == 2 and all(isinstance(x, (int, float)) for x in keep)):
-        raise ValueError(f"data.corruption.keep must be [lo, hi], got {keep!r}")
+        raise SettingError(f"data.corruption.keep must be [lo, hi], got {keep!r}")
     if not 0 <= keep[0] <= keep[1] <= 1 or keep[1] == 0:
-        raise ValueError(f"data.corruption.keep must have 0 <= lo <= hi <= 1 and hi > 0, got {list(keep)}")
+        raise SettingError(f"data.corruption.keep must have 0 <= lo <= hi <= 1 and hi > 0, got {list(keep)}")
     if "keep" in out:
         out["keep"] = [float(x) for x in keep]
     if not isinstance(out.get("std", 1), (int, float)) or out.get("std", 1) <= 0:
-        raise ValueError(f"data.corruption.std must be a positive number, got {out['std']!r}")
+        raise SettingError(f"data.corruption.std must be a positive number, got {out['std']!r}")
     if not isinstance(out.get("seed", 0), int):
-        raise ValueError(f"data.corruption.seed must be an integer, got {out['seed']!r}")
+        raise SettingError(f"data.corruption.seed must be an integer, got {out['seed']!r}")
     return out
 
 
