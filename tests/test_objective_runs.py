@@ -117,3 +117,20 @@ def test_every_objective_config_trains_from_the_command_line(name, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_composite_config_derives_data_answers_from_its_terms():
+    from tests.helpers import compose_config
+
+    assert list(compose_config("train", ["objective=composite"]).data.answers) == ["chosen", "rejected", "blind"]
+    cfg = compose_config("train", ["objective=composite", "objective.terms={dpo: 0, nll: 0.1, anchor: 1.0}"])
+    assert list(cfg.data.answers) == ["chosen", "blind"]  # blind: 1.0 from composite.yaml is kept
+
+
+def test_composite_terms_without_a_reward_are_a_setting_error_not_a_resolver_trace(tmp_path):
+    from src.train import train
+    from tests.helpers import compose_config
+
+    overrides = ["objective=composite", "objective.terms={dpo: 0, blind: 0, nll: 1.0}", "logger=csv"]
+    with pytest.raises(SettingError, match=r"has no reward term"):
+        train(compose_config("train", overrides, tmp_path / "run"))

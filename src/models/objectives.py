@@ -224,9 +224,18 @@ def active_terms(terms: Mapping[str, float] | None) -> dict[str, float]:
 
 
 def composite_answers(terms: Mapping[str, float] | None) -> list[str]:
-    """The columns the composite's nonzero terms need, in `COLUMNS` order (also the config's resolver)."""
+    """The columns the composite's nonzero terms need, in `COLUMNS` order."""
     needed = {column for name in active_terms(terms) for column in TERMS[name][1]}
     return [column for column in COLUMNS if column in needed]
+
+
+def composite_answers_resolver(terms: Mapping[str, float] | None) -> list[str] | None:
+    """`composite_answers` for the config's resolver, or None for terms it refuses: the module then stops the run
+    naming the fault as a setting error (raised inside a resolver, it would reach the user as a stack trace)."""
+    try:
+        return composite_answers(terms)
+    except ValueError:
+        return None
 
 
 def composite(
