@@ -34,8 +34,11 @@ from src.errors import SettingError, exit_on_setting_error
 from src.evaluation.compare import print_written
 from src.evaluation.judges import JudgeError
 from src.evaluation.seeds import BASE, last_step, log_to_wandb, markdown, summarize, write_outputs
+from src.models.objectives import composite_answers_resolver
 
 log = logging.getLogger("reproduce")
+# the train configs composed here, before src.train is imported, resolve data.answers of objective=composite
+OmegaConf.register_new_resolver("composite_answers", composite_answers_resolver, replace=True)
 
 
 class ReproduceError(SettingError):

@@ -33,6 +33,7 @@ from src.models.distributed import policy_state_dict
 from src.models.generation import GenerationSettings, fill_blind_answers
 from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged
 from src.models.module import PreferenceModule
+from src.models.objectives import composite_answers_resolver
 from src.models.reference import precompute_reference_logps
 from src.models.source import check_model_source
 from src.world.world import IMAGE_DRAWERS
@@ -74,6 +75,8 @@ def multirun_dir() -> str:
 
 
 OmegaConf.register_new_resolver("multirun_dir", multirun_dir, replace=True)
+# configs/objective/composite.yaml: the answer columns its terms need, which data.answers reads
+OmegaConf.register_new_resolver("composite_answers", composite_answers_resolver, replace=True)
 
 
 def finish_wandb_run(loggers: list[Any], exit_code: int) -> None:

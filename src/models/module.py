@@ -13,11 +13,12 @@ from lightning import LightningModule
 from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from src.errors import SettingError
 from src.models.device import torch_dtype
 from src.models.factory import build_model
 from src.models.logprobs import answer_logprobs
 from src.models.lora import adapters_disabled, is_peft
-from src.models.objectives import BLIND, CHOSEN, OBJECTIVES, REJECTED, resolve_answers, takes
+from src.models.objectives import LIKELIHOOD, OBJECTIVES, resolve_answers, takes
 from src.models.reference import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -25,25 +26,25 @@ log = logging.getLogger(__name__)
 SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
 
 
-def preference_metrics(policy_logps: torch.Tensor, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Batch means under the names dashboards use: rewards/*, logps/* (blind ones when K == 3)."""
+def preference_metrics(
+    policy_logps: torch.Tensor, rewards: torch.Tensor, answers: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Batch means under the names dashboards use, from (B, K) log-probs and rewards of ``answers``.
+
+    rewards/<answer> and logps/<answer> for every answer; the chosen answer's margin over each other answer and
+    how often it wins: rewards/margins and rewards/accuracies over rejected, rewards/<answer>_margins and
+    rewards/<answer>_accuracies over any other (blind, chosen_corrupted).
+    """
     policy_logps = policy_logps.detach()
-    out = {
-        "rewards/chosen": rewards[:, CHOSEN].mean(),
-        "rewards/rejected": rewards[:, REJECTED].mean(),
-        "rewards/margins": (rewards[:, CHOSEN] - rewards[:, REJECTED]).mean(),
-        "rewards/accuracies": (rewards[:, CHOSEN] > rewards[:, REJECTED]).float().mean(),
-        "logps/chosen": policy_logps[:, CHOSEN].mean(),
-        "logps/rejected": policy_logps[:, REJECTED].mean(),
-    }
-    if rewards.shape[1] > BLIND:
-        out |= {
-            "rewards/blind": rewards[:, BLIND].mean(),
-            "rewards/blind_margins": (rewards[:, CHOSEN] - rewards[:, BLIND]).mean(),
-            "rewards/blind_accuracies": (rewards[:, CHOSEN] > rewards[:, BLIND]).float().mean(),
-            "logps/blind": policy_logps[:, BLIND].mean(),
-        }
-    return out
+    out = {f"rewards/{answer}": rewards[:, k].mean() for k, answer in enumerate(answers)}
+    if "chosen" in answers:
+        chosen = rewards[:, list(answers).index("chosen")]
+        for k, answer in enumerate(answers):
+            if answer != "chosen":
+                prefix = "" if answer == "rejected" else f"{answer}_"
+                out[f"rewards/{prefix}margins"] = (chosen - rewards[:, k]).mean()
+                out[f"rewards/{prefix}accuracies"] = (chosen > rewards[:, k]).float().mean()
+    return out | {f"logps/{answer}": policy_logps[:, k].mean() for k, answer in enumerate(answers)}
 
 
 def likelihood_metrics(
@@ -58,11 +59,12 @@ def likelihood_metrics(
     return out
 
 
-def metric_names(answers: Sequence[str], reference_free: bool = False) -> list[str]:
-    """Names the module logs (plus the loss) for these answers, with or without a reference."""
+def metric_names(answers: Sequence[str], likelihood: bool = False, terms: Sequence[str] = ()) -> list[str]:
+    """Names the module logs for these answers: the loss, likelihood (nll/*) or preference (rewards/*) metrics,
+    and the value of each of a composite's ``terms`` (terms/*)."""
     fake = torch.zeros(1, len(answers))
-    metrics = likelihood_metrics(fake, fake, answers) if reference_free else preference_metrics(fake, fake)
-    return ["loss", *metrics]
+    metrics = likelihood_metrics(fake, fake, answers) if likelihood else preference_metrics(fake, fake, answers)
+    return ["loss", *metrics, *(f"terms/{name}" for name in terms)]
 
 
 _warned: set[str] = set()
@@ -99,8 +101,9 @@ class PreferenceModule(LightningModule):
     ``frozen_copy`` (a frozen copy of the initial weights scores every batch), with LoRA,
     ``adapters_disabled`` (the policy with its adapters off scores every batch; chosen automatically
     instead of a frozen copy), or ``none``: no reference, which an objective that takes no
-    ``reference_logps`` (sft) always gets. Reference-free objectives log ``nll/*`` and ``logps/*`` per
-    answer instead of ``rewards/*``.
+    ``reference_logps`` (sft, simpo) always gets. Likelihood objectives (`LIKELIHOOD`: sft) log ``nll/*`` and
+    ``logps/*`` per answer; every other objective, simpo included, logs ``rewards/*`` and ``logps/*``, and a
+    composite also ``terms/<name>``.
     """
 
     def __init__(
@@ -120,7 +123,8 @@ class PreferenceModule(LightningModule):
             raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
         self.objective_name = name
         self.objective_fn = OBJECTIVES[name]
-        self.answers = resolve_answers(name, objective.pop("answers", None))
+        self.likelihood = name in LIKELIHOOD
+        self.answers, self.term_names = self._check_objective(name, objective)
         self.objective_kwargs = objective
         self.policy, self.processor = build_model(**model)
         tok = getattr(self.processor, "tokenizer", self.processor)
@@ -141,7 +145,9 @@ class PreferenceModule(LightningModule):
                 log.info("%s has no reference model: reference.strategy=%s ignored", name, self.reference_strategy)
             self.reference_strategy = "none"
         elif self.reference_strategy == "none":
-            raise ValueError(f"objective {name} needs a reference model; reference.strategy=none is for sft")
+            raise ValueError(
+                f"objective {name} needs a reference model; reference.strategy=none is for objectives without one"
+            )
         self.reference: torch.nn.Module | None = None
         if is_peft(self.policy) and self.reference_strategy == "frozen_copy":
             log.info("LoRA: the reference is the policy with adapters disabled (no second copy in memory)")
@@ -157,11 +163,26 @@ class PreferenceModule(LightningModule):
             self.reference.eval()
         # ModuleDict keys cannot hold "/", so val metric names are stored with "/" -> "__"
         self.val_metrics = torch.nn.ModuleDict(
-            {
-                k.replace("/", "__"): MeanMetric()
-                for k in metric_names(self.answers, reference_free=self.reference_strategy == "none")
-            }
+            {k.replace("/", "__"): MeanMetric() for k in metric_names(self.answers, self.likelihood, self.term_names)}
         )
+
+    def _check_objective(self, name: str, objective: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The answers the objective scores and the terms it reports, from one call on a one-row batch: a wrong
+        setting (objective.answers, an unknown key, a value out of range) stops the run here, before any data or
+        reference work, rather than at the first training step."""
+        try:
+            answers = resolve_answers(name, objective.pop("answers", None), objective.get("terms"))
+        except ValueError as e:
+            raise SettingError(str(e)) from e
+        try:
+            k = len(answers)
+            probe = {"num_tokens": torch.ones(1, k), "has_image": torch.ones(1, dtype=torch.bool)}
+            inputs = {key: value for key, value in probe.items() if takes(self.objective_fn, key)}
+            reference = (torch.zeros(1, k),) if takes(self.objective_fn, "reference_logps") else ()
+            out = self.objective_fn(torch.zeros(1, k), *reference, **inputs, **objective)
+        except (TypeError, ValueError) as e:
+            raise SettingError(f"objective {name}: {e}") from e
+        return answers, tuple(out.terms)
 
     # The reference never trains: keep it in eval mode whatever Lightning does to the module.
     def train(self, mode: bool = True) -> PreferenceModule:
@@ -176,13 +197,18 @@ class PreferenceModule(LightningModule):
         inputs: dict[str, torch.Tensor] = {}
         if takes(self.objective_fn, "num_tokens"):
             inputs["num_tokens"] = batch["answer_lengths"].T.to(policy_logps.device)  # (K, B) -> (B, K)
+        if takes(self.objective_fn, "has_image"):
+            inputs["has_image"] = batch["has_image"].to(policy_logps.device)  # (B,)
         if self.reference_strategy == "none":
             out = self.objective_fn(policy_logps, **inputs, **self.objective_kwargs)
-            metrics = likelihood_metrics(policy_logps, out.rewards, self.answers)
         else:
             reference_logps = self.reference_logps(batch, policy_logps.device)
             out = self.objective_fn(policy_logps, reference_logps, **inputs, **self.objective_kwargs)
-            metrics = preference_metrics(policy_logps, out.rewards)
+        if self.likelihood:
+            metrics = likelihood_metrics(policy_logps, out.rewards, self.answers)
+        else:
+            metrics = preference_metrics(policy_logps, out.rewards, self.answers)
+        metrics |= {f"terms/{name}": value.mean() for name, value in out.terms.items()}
         loss = out.loss.mean()
         return loss, {"loss": loss.detach()} | metrics
 

@@ -1,31 +1,36 @@
 """Training objectives as pure functions of per-answer summed log-probs.
 
 Notation: for answer y to multimodal prompt x, the implicit reward is
-``r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))``.
+``r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))``, and the DPO variants below are written with
+``h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``, so r(x, y_w) - r(x, y_l) = beta h.
 
 Every objective takes policy log-probs of shape (B, K) — one column per answer, in the order of
 ``ANSWERS[name]`` — and returns an `ObjectiveOutput` with the per-example loss (B,) and detached
 per-answer scores (B, K) for logging. What else it needs it names as parameters: ``reference_logps``
-(B, K) for the reference model's log-probs (preference objectives), ``num_tokens`` (B, K) for answer
-lengths (`sft`). Adding a variant is one function here and one config file.
+(B, K) for the reference model's log-probs (an objective without it runs with no reference model),
+``num_tokens`` (B, K) for answer lengths, ``has_image`` (B,) for whether a record has an image.
+Adding a variant is one function here and one config file.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 CHOSEN, REJECTED, BLIND = 0, 1, 2
+# every answer column an objective may score, in the order they are scored
+COLUMNS = ("chosen", "rejected", "blind", "chosen_corrupted")
 
 
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor  # (B,) per-example loss
     rewards: torch.Tensor  # (B, K) detached implicit rewards (sft: token-mean log-probs), K answers
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # composite: name -> (B,) detached term values
 
 
 def implicit_rewards(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -63,6 +68,92 @@ def bpo(
     return ObjectiveOutput(loss=dpo_term + blind_weight * blind_term, rewards=rewards.detach())
 
 
+def ipo(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float = 0.1) -> ObjectiveOutput:
+    """IPO (Azar et al. 2023, arXiv 2310.12036): regress the log-ratio gap onto a fixed target.
+
+    L = (h - 1 / (2 beta))^2 on summed log-probs, as in the paper (TRL's ``ipo`` averages them per token
+    instead, so its numbers differ). Inputs (B, 2): chosen, rejected.
+    """
+    log_ratios = policy_logps - reference_logps
+    h = log_ratios[:, CHOSEN] - log_ratios[:, REJECTED]
+    loss = (h - 1 / (2 * beta)) ** 2
+    return ObjectiveOutput(loss=loss, rewards=implicit_rewards(policy_logps, reference_logps, beta).detach())
+
+
+def cdpo(
+    policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.1
+) -> ObjectiveOutput:
+    """Conservative DPO (label smoothing; Mitchell 2023, "A note on DPO with noisy preferences"): each label is
+    taken to be flipped with probability eps = ``label_smoothing``.
+
+    L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h); eps = 0 is DPO. Inputs (B, 2).
+    """
+    rewards = implicit_rewards(policy_logps, reference_logps, beta)
+    margin = rewards[:, CHOSEN] - rewards[:, REJECTED]
+    loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return ObjectiveOutput(loss=loss, rewards=rewards.detach())
+
+
+def hinge(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float = 0.1) -> ObjectiveOutput:
+    """SLiC hinge loss (Zhao et al. 2023, arXiv 2305.10425) on the DPO log-ratio gap.
+
+    L = max(0, 1 - beta h): no gradient once the reward margin exceeds 1. Inputs (B, 2).
+    """
+    rewards = implicit_rewards(policy_logps, reference_logps, beta)
+    loss = torch.relu(1 - (rewards[:, CHOSEN] - rewards[:, REJECTED]))
+    return ObjectiveOutput(loss=loss, rewards=rewards.detach())
+
+
+def robust(
+    policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.1
+) -> ObjectiveOutput:
+    """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409): unbiased under labels flipped with probability
+    eps = ``label_smoothing`` in [0, 0.5).
+
+    L = [(1 - eps)(-log sigmoid(beta h)) - eps(-log sigmoid(-beta h))] / (1 - 2 eps); eps = 0 is DPO. It can be
+    negative (the flipped-label term is subtracted). Inputs (B, 2).
+    """
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust needs objective.label_smoothing in [0, 0.5), got {label_smoothing}")
+    rewards = implicit_rewards(policy_logps, reference_logps, beta)
+    margin = rewards[:, CHOSEN] - rewards[:, REJECTED]
+    loss = (-(1 - label_smoothing) * F.logsigmoid(margin) + label_smoothing * F.logsigmoid(-margin)) / (
+        1 - 2 * label_smoothing
+    )
+    return ObjectiveOutput(loss=loss, rewards=rewards.detach())
+
+
+def rpo(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    num_tokens: torch.Tensor,
+    beta: float = 0.1,
+    nll_weight: float = 1.0,
+) -> ObjectiveOutput:
+    """RPO (Pang et al. 2024, arXiv 2404.19733): DPO plus the chosen answer's negative log-likelihood.
+
+    L = -log sigmoid(beta h) + nll_weight * (-log pi(y_w|x) / |y_w|), the NLL a token mean. Inputs (B, 2) and
+    answer token counts ``num_tokens`` (B, 2).
+    """
+    out = dpo(policy_logps, reference_logps, beta)
+    nll = -policy_logps[:, CHOSEN] / num_tokens[:, CHOSEN].to(policy_logps.dtype)
+    return ObjectiveOutput(loss=out.loss + nll_weight * nll, rewards=out.rewards)
+
+
+def simpo(
+    policy_logps: torch.Tensor, num_tokens: torch.Tensor, beta: float = 2.0, gamma: float = 1.0
+) -> ObjectiveOutput:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734): a preference objective with no reference model.
+
+    The reward is the length-normalised log-likelihood r(x, y) = beta / |y| * log pi(y|x), and the chosen one
+    must beat the rejected one by a margin gamma: L = -log sigmoid(r(x, y_w) - r(x, y_l) - gamma).
+    Inputs (B, 2) and answer token counts ``num_tokens`` (B, 2); the returned rewards are these r (B, 2).
+    """
+    rewards = beta * policy_logps / num_tokens.to(policy_logps.dtype)
+    loss = -F.logsigmoid(rewards[:, CHOSEN] - rewards[:, REJECTED] - gamma)
+    return ObjectiveOutput(loss=loss, rewards=rewards.detach())
+
+
 def sft(policy_logps: torch.Tensor, num_tokens: torch.Tensor) -> ObjectiveOutput:
     """Supervised fine-tuning: token-mean negative log-likelihood, averaged over the answers.
 
@@ -74,15 +165,134 @@ def sft(policy_logps: torch.Tensor, num_tokens: torch.Tensor) -> ObjectiveOutput
     return ObjectiveOutput(loss=-token_mean.mean(dim=-1), rewards=token_mean.detach())
 
 
-OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {"dpo": dpo, "bpo": bpo, "sft": sft}
-# the answers each objective scores by default, in column order
+# Composable terms on the implicit rewards r (dict: column -> (B,)) of named answer columns; each returns (B,).
+def dpo_term(r: dict[str, torch.Tensor], **_: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r(x, chosen) - r(x, rejected)): DPO's term."""
+    return -F.logsigmoid(r["chosen"] - r["rejected"])
+
+
+def blind_term(r: dict[str, torch.Tensor], **_: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r(x, chosen) - r(x, blind)): BPO's term (the blind answer as the rejected one)."""
+    return -F.logsigmoid(r["chosen"] - r["blind"])
+
+
+def conditional_term(r: dict[str, torch.Tensor], has_image: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r(x, chosen) - r(x', chosen)), x' the prompt with a corrupted image (mDPO, Wang et al. 2024,
+    arXiv 2406.11839): the chosen answer must be likelier given the real image. A record without an image
+    (``has_image`` (B,) false) has no corrupted variant: its term is 0, with no gradient."""
+    margin = torch.where(has_image, r["chosen"] - r["chosen_corrupted"], 0.0)  # masked before: no NaN leaks back
+    return torch.where(has_image, -F.logsigmoid(margin), 0.0)
+
+
+def anchor_term(r: dict[str, torch.Tensor], **_: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r(x, chosen) - 0): mDPO's anchored preference, the chosen reward kept above zero."""
+    return -F.logsigmoid(r["chosen"])
+
+
+def nll_term(logps: dict[str, torch.Tensor], num_tokens: dict[str, torch.Tensor], **_: torch.Tensor) -> torch.Tensor:
+    """-log pi(chosen|x) / |chosen|: the chosen answer's token-mean negative log-likelihood (no reference)."""
+    return -logps["chosen"] / num_tokens["chosen"].to(logps["chosen"].dtype)
+
+
+# name -> (term, the columns it needs, whether it needs a reference model)
+TERMS: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...], bool]] = {
+    "dpo": (dpo_term, ("chosen", "rejected"), True),
+    "blind": (blind_term, ("chosen", "blind"), True),
+    "conditional": (conditional_term, ("chosen", "chosen_corrupted"), True),
+    "anchor": (anchor_term, ("chosen",), True),
+    "nll": (nll_term, ("chosen",), False),
+}
+
+
+def active_terms(terms: Mapping[str, float] | None) -> dict[str, float]:
+    """The terms a composite computes: those with a nonzero weight, checked (known names, weights >= 0, at least
+    one term that needs a reference: the composite always runs with one)."""
+    terms = dict(terms or {})
+    unknown = sorted(set(terms) - set(TERMS))
+    if unknown:
+        raise ValueError(f"objective.terms: unknown terms {unknown}; available: {list(TERMS)}")
+    negative = {name: w for name, w in terms.items() if w < 0}
+    if negative:
+        raise ValueError(f"objective.terms: weights must be >= 0, got {negative}")
+    active = {name: float(w) for name, w in terms.items() if w != 0}
+    if not any(TERMS[name][2] for name in active):
+        raise ValueError(
+            f"objective.terms={terms} has no reward term (one of {[n for n, t in TERMS.items() if t[2]]}); "
+            "the likelihood alone is objective=sft with objective.answers=[chosen]"
+        )
+    return active
+
+
+def composite_answers(terms: Mapping[str, float] | None) -> list[str]:
+    """The columns the composite's nonzero terms need, in `COLUMNS` order."""
+    needed = {column for name in active_terms(terms) for column in TERMS[name][1]}
+    return [column for column in COLUMNS if column in needed]
+
+
+def composite_answers_resolver(terms: Mapping[str, float] | None) -> list[str] | None:
+    """`composite_answers` for the config's resolver, or None for terms it refuses: the module then stops the run
+    naming the fault as a setting error (raised inside a resolver, it would reach the user as a stack trace)."""
+    try:
+        return composite_answers(terms)
+    except ValueError:
+        return None
+
+
+def composite(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    num_tokens: torch.Tensor,
+    has_image: torch.Tensor,
+    terms: Mapping[str, float],
+    beta: float = 0.1,
+) -> ObjectiveOutput:
+    """A weighted sum of named terms: L = sum_t terms[t] * term_t; a term left out or weighted 0 is not computed.
+
+    Inputs (B, K): the columns of `composite_answers(terms)`, in that order; ``num_tokens`` (B, K), ``has_image``
+    (B,). The rewards are r = beta (log pi - log pi_ref) of every column (B, K); ``terms`` holds each computed
+    term's per-example value (B,), unweighted. {dpo: 1, blind: 1} is `bpo`.
+    """
+    active = active_terms(terms)
+    columns = composite_answers(terms)
+    if policy_logps.shape[-1] != len(columns):
+        raise ValueError(f"composite with terms {active} scores {columns}; got {policy_logps.shape[-1]} answers")
+    rewards = implicit_rewards(policy_logps, reference_logps, beta)
+    inputs = {
+        "r": {c: rewards[:, k] for k, c in enumerate(columns)},
+        "logps": {c: policy_logps[:, k] for k, c in enumerate(columns)},
+        "num_tokens": {c: num_tokens[:, k] for k, c in enumerate(columns)},
+        "has_image": has_image.to(device=policy_logps.device, dtype=torch.bool),
+    }
+    values = {name: TERMS[name][0](**inputs) for name in active}
+    loss = sum(weight * values[name] for name, weight in active.items())
+    return ObjectiveOutput(
+        loss=loss, rewards=rewards.detach(), terms={name: value.detach() for name, value in values.items()}
+    )
+
+
+OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {
+    "dpo": dpo,
+    "bpo": bpo,
+    "sft": sft,
+    "ipo": ipo,
+    "cdpo": cdpo,
+    "hinge": hinge,
+    "robust": robust,
+    "rpo": rpo,
+    "simpo": simpo,
+    "composite": composite,
+}
+# the answers each objective scores by default, in column order (composite: `composite_answers` of its terms)
 ANSWERS: dict[str, tuple[str, ...]] = {
-    "dpo": ("chosen", "rejected"),
     "bpo": ("chosen", "rejected", "blind"),
     "sft": ("chosen", "rejected"),
-}
+} | {name: ("chosen", "rejected") for name in ("dpo", "ipo", "cdpo", "hinge", "robust", "rpo", "simpo")}
 # objectives whose answers `objective.answers` may choose, and the answers allowed
 ANSWER_CHOICES: dict[str, tuple[str, ...]] = {"sft": ("chosen", "rejected")}
+# Objectives that fit the likelihood of their answers: their scores are token-mean log-probs, logged as nll/*.
+# Every other objective prefers some answers to others and logs its scores as rewards/*, whether or not it has
+# a reference model (simpo has none).
+LIKELIHOOD = frozenset({"sft"})
 
 
 def takes(objective: Callable[..., ObjectiveOutput], name: str) -> bool:
@@ -90,16 +300,20 @@ def takes(objective: Callable[..., ObjectiveOutput], name: str) -> bool:
     return name in inspect.signature(objective).parameters
 
 
-def resolve_answers(name: str, answers: Sequence[str] | None) -> tuple[str, ...]:
-    """The answers objective ``name`` scores: ``answers`` (from its config) checked, or its default."""
-    default = ANSWERS[name]
+def resolve_answers(
+    name: str, answers: Sequence[str] | None, terms: Mapping[str, float] | None = None
+) -> tuple[str, ...]:
+    """The answers objective ``name`` scores: ``answers`` (from its config) checked, or its default (composite:
+    the columns its ``terms`` need)."""
+    default = tuple(composite_answers(terms)) if name == "composite" else ANSWERS[name]
     if answers is None:
         return default
     answers = (answers,) if isinstance(answers, str) else tuple(answers)
     if name not in ANSWER_CHOICES:
         if answers != default:
+            given = f" with terms {active_terms(terms)}" if name == "composite" else ""
             raise ValueError(
-                f"objective {name} scores {list(default)} in that order; got objective.answers={list(answers)}"
+                f"objective {name}{given} scores {list(default)} in that order; got objective.answers={list(answers)}"
             )
         return default
     allowed = ANSWER_CHOICES[name]

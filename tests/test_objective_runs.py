@@ -1,0 +1,136 @@
+"""Every objective in the module and in short trainings: which reference it gets, what it logs, and that each
+configs/objective/*.yaml trains."""
+
+import pytest
+import torch
+
+from src.errors import SettingError
+from src.models.logprobs import answer_logprobs
+from src.models.module import PreferenceModule
+from tests.helpers import CONFIGS, run_entry
+from tests.test_sft import batch
+from tests.test_train import read_metrics
+
+OBJECTIVE_CONFIGS = sorted(p.stem for p in (CONFIGS / "objective").glob("*.yaml"))
+PAIR_METRICS = {
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+}
+
+
+def module(objective, **reference):
+    return PreferenceModule(
+        model={"tiny": {"seed": 0}}, objective=objective, optim={"lr": 1e-2}, reference=reference or None
+    )
+
+
+def test_simpo_has_no_reference_and_logs_rewards():
+    m = module({"name": "simpo", "beta": 2.0, "gamma": 1.0}, strategy="precomputed")
+    assert m.reference_strategy == "none" and m.reference is None
+    assert {k.replace("__", "/") for k in m.val_metrics} == PAIR_METRICS
+    b = batch(m.processor, m.answers)
+    loss, metrics = m.forward_batch(b)
+    assert set(metrics) == PAIR_METRICS
+    rewards = 2.0 * answer_logprobs(m.policy, b, m.pad_token_id) / b["answer_lengths"].T  # beta * token mean
+    assert metrics["rewards/chosen"] == pytest.approx(rewards[:, 0].mean().item(), rel=1e-5)
+    expected = -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1] - 1.0).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_composite_logs_each_term_and_rewards_of_its_columns():
+    terms = {"dpo": 1.0, "anchor": 1.0, "nll": 0.1, "blind": 0.0}
+    m = module({"name": "composite", "beta": 0.1, "terms": terms}, strategy="frozen_copy")
+    assert m.answers == ("chosen", "rejected") and m.term_names == ("dpo", "anchor", "nll")
+    names = PAIR_METRICS | {"terms/dpo", "terms/anchor", "terms/nll"}
+    assert {k.replace("__", "/") for k in m.val_metrics} == names
+    with torch.no_grad():
+        m.policy.lm_head.weight.mul_(1.5)  # policy and reference differ: rewards are not all 0
+        loss, metrics = m.forward_batch(batch(m.processor, m.answers))
+    assert set(metrics) == names
+    assert metrics["rewards/chosen"] != 0
+    weighted = metrics["terms/dpo"] + metrics["terms/anchor"] + 0.1 * metrics["terms/nll"]
+    assert loss.item() == pytest.approx(weighted.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("objective", "message"),
+    [
+        ({"name": "robust", "label_smoothing": 0.5}, r"objective robust: robust needs objective.label_smoothing in"),
+        ({"name": "dpo", "gamma": 1.0}, r"objective dpo: .*unexpected keyword argument 'gamma'"),
+        (
+            {"name": "composite", "terms": {"dpo": 1.0}, "answers": ["chosen", "rejected", "blind"]},
+            r"objective composite with terms \{'dpo': 1.0\} scores \['chosen', 'rejected'\]",
+        ),
+        ({"name": "composite", "terms": {"nll": 1.0}}, r"has no reward term"),
+    ],
+)
+def test_a_wrong_objective_setting_is_a_setting_error_before_the_model_loads(objective, message, monkeypatch):
+    monkeypatch.setattr("src.models.module.build_model", lambda **_: pytest.fail("the model was built"))
+    with pytest.raises(SettingError, match=message):
+        module(objective)
+
+
+@pytest.fixture(scope="module")
+def blind_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("blind")  # one generation of blind answers for every objective that needs them
+
+
+@pytest.mark.parametrize("name", OBJECTIVE_CONFIGS)
+def test_every_objective_config_trains(name, tmp_path, blind_cache):
+    """Each configs/objective/*.yaml, three steps in-process; with reference.strategy=precomputed (train.yaml's
+    default) an objective that takes no reference log-probs builds no reference and writes no cache."""
+    from src.train import train
+    from tests.helpers import compose_config
+
+    overrides = [f"objective={name}", "trainer.max_steps=3", "logger=csv", f"blind.cache_dir={blind_cache}"]
+    # a few seconds per objective, blind answers included: 16 records, no generated validation samples
+    overrides += ["data.max_records=16", "data.batch_size=4", "~callbacks.generation_samples"]
+    overrides.append(f"reference.cache_dir={tmp_path}/ref")
+    cfg = compose_config("train", overrides, tmp_path / "run")
+    metrics = train(cfg)
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r.get("train/loss")]
+    assert len(steps) == 3
+    reference_free = name in ("sft", "simpo")
+    assert (tmp_path / "ref").exists() != reference_free
+    family = "val/nll/chosen" if name == "sft" else "val/rewards/margins"
+    assert family in metrics and all(map(torch.isfinite, map(torch.tensor, metrics.values())))
+    if name == "composite":
+        assert {"val/terms/dpo", "val/terms/blind", "val/rewards/blind_margins"} <= set(metrics)
+        assert steps[-1]["train/terms/dpo"] != "" and steps[-1]["train/terms/blind"] != ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OBJECTIVE_CONFIGS)
+def test_every_objective_config_trains_from_the_command_line(name, tmp_path):
+    out = run_entry(
+        "train.py",
+        f"objective={name}",
+        "trainer.max_steps=3",
+        "logger=csv",
+        f"paths.cache_dir={tmp_path}/cache",
+        run_dir=tmp_path / "run",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_composite_config_derives_data_answers_from_its_terms():
+    from tests.helpers import compose_config
+
+    assert list(compose_config("train", ["objective=composite"]).data.answers) == ["chosen", "rejected", "blind"]
+    cfg = compose_config("train", ["objective=composite", "objective.terms={dpo: 0, nll: 0.1, anchor: 1.0}"])
+    assert list(cfg.data.answers) == ["chosen", "blind"]  # blind: 1.0 from composite.yaml is kept
+
+
+def test_composite_terms_without_a_reward_are_a_setting_error_not_a_resolver_trace(tmp_path):
+    from src.train import train
+    from tests.helpers import compose_config
+
+    overrides = ["objective=composite", "objective.terms={dpo: 0, blind: 0, nll: 1.0}", "logger=csv"]
+    with pytest.raises(SettingError, match=r"has no reward term"):
+        train(compose_config("train", overrides, tmp_path / "run"))
