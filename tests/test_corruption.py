@@ -64,7 +64,8 @@ def test_crop_keeps_an_area_in_range():
         ({"kind": "crop", "keep": [0.3, 0.1]}, "data.corruption.keep"),
         ({"kind": "crop", "keep": 0.2}, "data.corruption.keep"),
         ({"kind": "crop", "keep": [0.0, 1.5]}, "data.corruption.keep"),
-        ({"kind": "crop", "std": 0.2}, "data.corruption.std"),
+        ({"kind": "crop", "std": 0}, "data.corruption.std"),  # another kind's setting, checked all the same
+        ({"kind": "crop", "strength": 0.2}, "data.corruption.strength"),
         ({"kind": "noise", "std": 0}, "data.corruption.std"),
         ({"kind": "noise", "seed": "x"}, "data.corruption.seed"),
     ],
@@ -72,6 +73,12 @@ def test_crop_keeps_an_area_in_range():
 def test_bad_settings_name_the_key(settings, key):
     with pytest.raises(SettingError, match=key.replace(".", r"\.")):  # entry points: one line, exit 2
         check_corruption(settings)
+
+
+def test_settings_of_other_kinds_are_checked_and_left_out():
+    every = {"kind": "blank", "keep": [0.0, 0.2], "std": 0.5, "seed": 3}  # a config listing all kinds' settings
+    assert check_corruption(every) == {"kind": "blank"}
+    assert check_corruption(every | {"kind": "noise"}) == {"kind": "noise", "std": 0.5, "seed": 3}
 
 
 def write_data(tmp_path, n=4):

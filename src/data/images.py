@@ -175,21 +175,25 @@ def check_corruption(corruption: Mapping[str, Any]) -> dict[str, Any]:
     kind = corruption.get("kind")
     if kind not in CORRUPTIONS:
         raise SettingError(f"data.corruption.kind must be one of {CORRUPTIONS}, got {kind!r}")
-    unknown = set(corruption) - {"kind", *_DEFAULTS[kind]}
+    settings = {key for defaults in _DEFAULTS.values() for key in defaults}
+    unknown = set(corruption) - {"kind", *settings}
     if unknown:
-        raise SettingError(f"data.corruption.{sorted(unknown)[0]} is not a setting of kind {kind!r}")
-    out = {"kind": kind} | _DEFAULTS[kind] | dict(corruption)
-    keep = out.get("keep", [0.0, 1.0])
+        raise SettingError(f"data.corruption.{sorted(unknown)[0]} is not a corruption setting {sorted(settings)}")
+    # every value given is checked, but only the kind's own are kept: a config that lists the settings of all kinds
+    # (hydra merges an override into it) switches kind with one override, objective.corruption.kind=blank
+    given = {"kind": kind} | _DEFAULTS[kind] | dict(corruption)
+    out = {key: given[key] for key in ("kind", *_DEFAULTS[kind])}
+    keep = given.get("keep", [0.0, 1.0])
     if not (isinstance(keep, (list, tuple)) and len(keep) == 2 and all(isinstance(x, (int, float)) for x in keep)):
         raise SettingError(f"data.corruption.keep must be [lo, hi], got {keep!r}")
     if not 0 <= keep[0] <= keep[1] <= 1 or keep[1] == 0:
         raise SettingError(f"data.corruption.keep must have 0 <= lo <= hi <= 1 and hi > 0, got {list(keep)}")
     if "keep" in out:
         out["keep"] = [float(x) for x in keep]
-    if not isinstance(out.get("std", 1), (int, float)) or out.get("std", 1) <= 0:
-        raise SettingError(f"data.corruption.std must be a positive number, got {out['std']!r}")
-    if not isinstance(out.get("seed", 0), int):
-        raise SettingError(f"data.corruption.seed must be an integer, got {out['seed']!r}")
+    if not isinstance(given.get("std", 1), (int, float)) or given.get("std", 1) <= 0:
+        raise SettingError(f"data.corruption.std must be a positive number, got {given['std']!r}")
+    if not isinstance(given.get("seed", 0), int):
+        raise SettingError(f"data.corruption.seed must be an integer, got {given['seed']!r}")
     return out
 
 

@@ -119,6 +119,7 @@ class PreferenceModule(LightningModule):
         self.save_hyperparameters()
         objective = dict(objective)
         name = objective.pop("name")
+        objective.pop("corruption", None)  # the conditional term's image: a data setting (data.corruption reads it)
         if name not in OBJECTIVES:
             raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
         self.objective_name = name
