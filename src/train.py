@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.data.datamodule import check_data_paths
 from src.data.encoding import PROMPT_FORMAT_FILE
-from src.errors import exit_on_setting_error
+from src.errors import SettingError, exit_on_setting_error
 from src.models.distributed import policy_state_dict
 from src.models.generation import GenerationSettings, fill_blind_answers
 from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged
@@ -175,6 +175,16 @@ def check_settings(cfg: DictConfig) -> None:
     check_model_source(cfg.model.get("name_or_path"), "model.name_or_path", cfg.model.get("revision"))
 
 
+def check_optimized_metric(name: str | None, module: PreferenceModule) -> None:
+    """A validation metric to optimise (sweeps) that this objective never logs fails now, not after training."""
+    logged = sorted(f"val/{key.replace('__', '/')}" for key in module.val_metrics)
+    if name and name.startswith("val/") and name not in logged:
+        raise SettingError(
+            f"optimized_metric={name} is not logged by objective {module.objective_name} (answers "
+            f"{list(module.answers)}); it logs {logged}: set optimized_metric=val/loss, say"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -190,6 +200,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         reference=container["reference"],
         nonfinite=cfg.get("nonfinite", "raise"),
     )
+    check_optimized_metric(cfg.get("optimized_metric"), module)
     datamodule = hydra.utils.instantiate(
         cfg.data,
         processor=module.processor,

@@ -134,3 +134,14 @@ def test_composite_terms_without_a_reward_are_a_setting_error_not_a_resolver_tra
     overrides = ["objective=composite", "objective.terms={dpo: 0, blind: 0, nll: 1.0}", "logger=csv"]
     with pytest.raises(SettingError, match=r"has no reward term"):
         train(compose_config("train", overrides, tmp_path / "run"))
+
+
+def test_an_optimized_metric_the_objective_never_logs_fails_before_training(tmp_path):
+    """A composite without the dpo term logs no rewards/margins: a sweep on it must not train, then crash."""
+    from src.train import train
+    from tests.helpers import compose_config
+
+    overrides = ["objective=composite", "objective.terms={dpo: 0, blind: 1.0}", "logger=csv"]
+    with pytest.raises(SettingError, match=r"optimized_metric=val/rewards/margins is not logged.*blind_margins"):
+        train(compose_config("train", overrides, tmp_path / "run"))
+    assert not (tmp_path / "run" / "data_summary.json").exists()  # stopped before the data was read
