@@ -208,3 +208,22 @@ def test_reproduce_world_end_to_end(tmp_path):
     assert saved["world"]["key"] == WorldSettings(train_size=48, heldout_size=12).key()
     assert "| dpo_equal_budget |" in (out / "comparison.md").read_text()
     assert (out / "comparison.png").stat().st_size > 0
+
+
+def test_the_objectives_preset_adds_mdpo_and_bpo_conditional_to_the_same_comparison():
+    """Each arm's overrides compose to the objective it names, with the preset's schedule and the world's data."""
+    from tests.helpers import compose_config
+
+    cfg = compose_config("reproduce", ["experiment=reproduce_world_objectives"])
+    assert list(cfg.arms) == ["dpo", "bpo", "mdpo", "bpo_conditional"] and list(cfg.seeds) == [0, 1, 2, 3, 4]
+    arms = {name: compose_config("train", list(overrides)) for name, overrides in cfg.arms.items()}
+    assert {n: a.objective.name for n, a in arms.items()} == {
+        "dpo": "dpo",
+        "bpo": "bpo",
+        "mdpo": "composite",
+        "bpo_conditional": "composite",
+    }
+    assert list(arms["mdpo"].data.answers) == ["chosen", "rejected", "chosen_corrupted"]
+    assert list(arms["bpo_conditional"].data.answers) == ["chosen", "rejected", "blind", "chosen_corrupted"]
+    assert arms["mdpo"].data.corruption.kind == "crop" and list(arms["mdpo"].data.corruption.keep) == [0.0, 0.2]
+    assert {a.optim.lr for a in arms.values()} == {cfg.schedule.preference_lr}

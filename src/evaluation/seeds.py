@@ -330,7 +330,8 @@ def _bars(ax: Any, names: list[str], series: list[tuple[str, list[dict[str, Any]
             ax.scatter([x] * len(s["values"]), s["values"], color="black", s=8, zorder=3)
     if not measured:
         nothing_measured(ax)
-    ax.set_xticks(range(len(names)), names)
+    crowded = sum(map(len, names)) > 36  # names side by side would run into each other: slanted
+    ax.set_xticks(range(len(names)), names, rotation=25 if crowded else 0, ha="right" if crowded else "center")
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylim(0, 1.12)  # room for a label above a rate of 1
     if len(series) > 1:
