@@ -1,8 +1,6 @@
 """The corrupted image of chosen_corrupted: a pure, seeded function of (image, settings, record id), same size;
 items, batches and reference cache keys that carry it."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +13,7 @@ from src.data.records import PreferenceRecord, Turn
 from src.errors import SettingError
 from src.models.reference import precompute_reference_logps
 from tests.helpers import compose_config
+from tests.test_reference import write_data as write_reference_data
 
 IMAGE = render_stand_in("a padlock on a door", 48).resize((60, 36))  # not square: the size must survive
 GREY = (122, 116, 104)
@@ -81,22 +80,8 @@ def test_settings_of_other_kinds_are_checked_and_left_out():
     assert check_corruption(every | {"kind": "noise"}) == {"kind": "noise", "std": 0.5, "seed": 3}
 
 
-def write_data(tmp_path, n=4):
-    lines = [
-        {
-            "id": f"r{i}",
-            "prompt": f"<image>\nWhat is the thing in the picture for? ({i})",
-            "image": f"img{i}.png",
-            "chosen": "I would rather not say.",
-            "rejected": "It is for hurting people.",
-            "group": f"g{i}",
-        }
-        for i in range(n)
-    ]
-    lines.append({"id": "text", "prompt": "A question without a picture?", "chosen": "No.", "rejected": "Yes."})
-    path = tmp_path / "d.jsonl"
-    path.write_text("\n".join(json.dumps(x) for x in lines))
-    return path
+def write_data(tmp_path):
+    return write_reference_data(tmp_path, n=4, text_only=True)
 
 
 ANSWERS = ["chosen", "rejected", "chosen_corrupted"]

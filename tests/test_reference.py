@@ -19,7 +19,8 @@ from src.models.reference import entry_key, precompute_reference_logps
 from tests.helpers import compose_config
 
 
-def write_data(tmp_path, n=6):
+def write_data(tmp_path, n=6, text_only=False):
+    """``n`` image records (images missing: drawn as stand-ins), and with ``text_only`` one record without an image."""
     lines = [
         {
             "id": f"r{i}",
@@ -31,6 +32,8 @@ def write_data(tmp_path, n=6):
         }
         for i in range(n)
     ]
+    if text_only:
+        lines.append({"id": "text", "prompt": "A question without a picture?", "chosen": "No.", "rejected": "Yes."})
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines))
     return path
