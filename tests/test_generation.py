@@ -129,3 +129,31 @@ def test_read_generations_ignores_lines_a_killed_write_can_leave(tmp_path, caplo
     assert set(read) == {"a", "b"} and read["a"]["answer"] == "défense"
     warned = [int(r.getMessage().split(":")[1]) for r in caplog.records if "unreadable line" in r.getMessage()]
     assert warned == [2, 3, 4, 5]
+
+
+def test_prompts_are_batched_longest_first_and_answers_come_back_in_record_order(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    words = [2, 9, 4, 12, 1]  # prompt lengths out of order: record order is not length order
+    recs = [
+        PreferenceRecord(f"r{i}", (Turn("user", "why " * n + str(i)),), None, None, "c", "r")
+        for i, n in enumerate(words)
+    ]
+    batches = []
+    generate_batch = AnswerGenerator._generate_batch
+
+    def spy(self, prompts):
+        batches.append([len(p[0]) for p in prompts])
+        return generate_batch(self, prompts)
+
+    monkeypatch.setattr(AnswerGenerator, "_generate_batch", spy)
+    out = tmp_path / "sorted.jsonl"
+    answers = AnswerGenerator(model, processor, SETTINGS).run(recs, out, with_image=False)
+    lengths = [n for batch in batches for n in batch]
+    assert len(batches) == 3 and lengths == sorted(lengths, reverse=True)  # batch 2: little left padding
+    assert list(answers) == [r.id for r in recs]  # record order, whatever order the file's lines are in
+    assert set(read_generations(out)) == set(answers)
+
+    # each prompt alone (no padding, no order): the same greedy answers
+    one = GenerationSettings(max_new_tokens=4, batch_size=1, max_length=256)
+    alone = AnswerGenerator(model, processor, one).run(recs, tmp_path / "alone.jsonl", with_image=False)
+    assert [a["answer"] for a in answers.values()] == [alone[r.id]["answer"] for r in recs]

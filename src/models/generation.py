@@ -193,6 +193,9 @@ class AnswerGenerator:
                 results[record.id] = prev
             else:
                 todo.append((record, prompt))
+        # longest prompt first (stable: ties keep record order), so each batch holds prompts of similar length and
+        # left padding is small; the lines go to the file in this order, the results come back in record order
+        todo.sort(key=lambda item: -len(item[1][0]))
         self.generated = len(todo)
         if todo:
             log.info("%s: %d to generate, %d reused from %s", desc, len(todo), len(results), path)
@@ -206,7 +209,7 @@ class AnswerGenerator:
             if _is_main_process():
                 with open(path, "a", encoding="utf-8") as f:
                     f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-            return results
+            return {r.id: results[r.id] for r in records}
         with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, disable=not todo) as bar:
             for start in range(0, len(todo), self.settings.batch_size):
                 chunk = todo[start : start + self.settings.batch_size]
@@ -223,7 +226,7 @@ class AnswerGenerator:
                 f.flush()
                 os.fsync(f.fileno())
                 bar.update(len(chunk))
-        return results
+        return {r.id: results[r.id] for r in records}
 
 
 def _is_main_process() -> bool:
