@@ -58,10 +58,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: benchmarks/ is on the path, the repository root is not
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.step.common import TINY, setup_env  # noqa: E402
-from benchmarks.step.data import make_data  # noqa: E402
+from benchmarks.step.common import BETA, BLIND_BATCH_SIZE, setup_env  # noqa: E402
 from benchmarks.step.report import print_epochs, print_parity, print_setup, print_table, summary  # noqa: E402
 from benchmarks.step.runner import CONFIGURATIONS, configurations, run_all, run_worker, trl_available  # noqa: E402
+from benchmarks.step.workload import WORKLOADS, default_mmsafe_path, prepare  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,8 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2)")
-    parser.add_argument("--records", type=int, default=None, help="records in the synthetic data set (default 32)")
-    parser.add_argument("--quick", action="store_true", help="1 warm-up + 2 timed steps, 16 records, no extras")
+    parser.add_argument("--workload", choices=WORKLOADS, default="mmsafe", help="the data (default mmsafe)")
+    parser.add_argument("--mmsafe-path", help="the MMSafe-PO JSON of --workload mmsafe (default: the shared data)")
+    parser.add_argument("--records", type=int, default=None, help="records (default: mmsafe all 200, synthetic 32)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 warm-up + 2 timed steps, 16 records, no extras, no sweep"
+    )
+    parser.add_argument("--no-end-to-end", action="store_true", help="skip BPO end to end (blind answers generated)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the 4-job sweeps")
     parser.add_argument("--skip-trl", action="store_true", help="do not run TRL (also implied when not installed)")
     parser.add_argument("--no-extras", action="store_true", help="skip the padded / frozen_copy extra rows")
     parser.add_argument("--profile", action="store_true", help="add a per-part timing of our step")
@@ -79,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json-out", help="also write every worker's full result to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--beta", type=float, default=BETA, help=argparse.SUPPRESS)
+    parser.add_argument("--blind-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--blind-batch-size", type=int, default=BLIND_BATCH_SIZE, help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-job", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -89,7 +100,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only.split(",")) - set(CONFIGURATIONS) if args.only else set()
     if unknown:
         parser.error(f"--only: unknown configuration(s) {sorted(unknown)}")
-    args.records = args.records or (16 if args.quick else 32)
+    if args.records is not None and args.records < 2:
+        parser.error("--records must be >= 2")
+    args.records = args.records or (16 if args.quick else None if args.workload == "mmsafe" else 32)
+    if args.workload == "mmsafe":
+        path, looked = (Path(args.mmsafe_path), args.mmsafe_path) if args.mmsafe_path else default_mmsafe_path()
+        if path is None or not path.is_file():
+            print(
+                f"bench_step.py: error: --workload mmsafe: no MMSafe-PO records at {looked} (set --mmsafe-path or "
+                "MLLM_BPO_SHARED_DATA to the folder holding data/); --workload synthetic needs no data",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        args.mmsafe_path = path
     return args
 
 
@@ -111,14 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_env()
     trl_version = trl_to_run(args)
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
-        data = make_data(Path(tmp), args.records)
-        print(
-            f"data: {args.records} records, 1 PNG image each ({TINY['image_size']} px), "
-            f"mean answer length {data['mean_answer_tokens']:.1f} tokens (chosen/rejected/blind)",
-            file=sys.stderr,
-        )
+        data = prepare(args, Path(tmp))  # the workload file, its token statistics (stderr) and our padding shares
+        args.blind_tokens = data["blind_max_new_tokens"]
         # the parity check, then ours and TRL's configurations alternating (a burst of load hits both alike)
         results = run_all(configurations(args, trl_version is not None), args, data["path"])
+    results["workload"] = data
     print_setup(results, data, args, trl_version)
     print_parity(results)
     print_table(results)

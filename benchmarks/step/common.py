@@ -38,10 +38,14 @@ MAX_GRAD_NORM = 1.0
 THREADS = 2
 ANSWER_TOKENS = 100  # target length of every answer (incl. EOS) for the tiny tokenizer
 PRECOMPUTE_BATCH_SIZE = 8  # configs/train.yaml reference.batch_size
+BLIND_BATCH_SIZE = 16  # configs/blind/greedy.yaml generation.batch_size
+SWEEP_BETAS = (0.05, 0.1, 0.2, 0.5)  # the 4 jobs of the sweep rows, one beta each
 
 HEADLINE = ("trl_dpo", "ours_dpo", "ours_bpo")
 EXTRAS = ("ours_dpo_no_recompute", "ours_bpo_no_recompute", "ours_dpo_padded", "ours_dpo_frozen")
 EPOCHS = ("trl_dpo_epoch", "ours_bpo_epoch")
+END_TO_END = "ours_bpo_end_to_end"
+SWEEPS = ("trl_dpo_sweep", "ours_bpo_sweep")  # 4 jobs each, one process per job: worker NAME + "_job"
 # activation checkpointing of our rows: `selective` reruns only the element-wise ops of each decoder layer in the
 # backward pass (matmul and attention outputs are kept), which gives the same gradients (tests/test_lora.py)
 RECOMPUTE = "selective"

@@ -1,4 +1,4 @@
-"""The synthetic preference data set (one real PNG per record) and our data module over it."""
+"""The synthetic preference data set (one real PNG per record), our data module over a workload and its loader."""
 
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ def make_data(folder: Path, n_records: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def ours_datamodule(data: str, processor: Any, answers: tuple[str, ...]) -> Any:
+def ours_datamodule(data: str, processor: Any, answers: tuple[str, ...], fill: Any = None) -> Any:
+    """`PreferenceDataModule` over ``data``, set up; ``fill`` (records -> records) runs on the records before they
+    are encoded, as training adds its blind answers."""
     from src.data.datamodule import PreferenceDataModule
 
     dm = PreferenceDataModule(
@@ -95,7 +97,21 @@ def ours_datamodule(data: str, processor: Any, answers: tuple[str, ...]) -> Any:
         val_fraction=0.0,
         processor=processor,
     )
+    if fill is not None:
+        dm.set_records(fill(dm.load_records()))
     dm.setup("fit")
     stats = dm.stats["train"]
     assert stats.truncated_answers == 0 and not stats.skipped, stats.summary()
     return dm
+
+
+def ordered_loader(dm: Any, pad_token_id: int) -> Any:
+    """The training loader of ``dm`` without its shuffle: batches in file order, as TRL's (sequential) sampler draws
+    them. The workload files are written in training's first-epoch order, so these are training's batches."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from src.data.encoding import collate_pairs
+
+    return DataLoader(dm.train_set, batch_size=BATCH_SIZE, collate_fn=partial(collate_pairs, pad_token_id=pad_token_id))

@@ -24,10 +24,10 @@ from benchmarks.step.common import (
     stamp,
     step_stats,
 )
-from benchmarks.step.data import ours_datamodule
+from benchmarks.step.data import ordered_loader, ours_datamodule
 
 
-def ours_module(name: str, data: str) -> tuple[Any, Any]:
+def ours_module(name: str, data: str, beta: float = BETA) -> tuple[Any, Any]:
     """(module, (objective, answers)) for one of OURS; the policy is resized to VOCAB (and a frozen_copy
     reference re-copied from it, so policy == reference)."""
     from src.models.module import PreferenceModule
@@ -36,7 +36,7 @@ def ours_module(name: str, data: str) -> tuple[Any, Any]:
     objective, layout, strategy, checkpointing = OURS[name]
     module = PreferenceModule(
         model={"tiny": dict(TINY), "attn_implementation": "sdpa", "gradient_checkpointing": checkpointing},
-        objective={"name": objective, "beta": BETA},
+        objective={"name": objective, "beta": beta},
         optim={"lr": LR, "weight_decay": 0.0, "betas": list(BETAS), "warmup_steps": 0},
         layout=layout,
         reference={"strategy": strategy},
@@ -55,14 +55,15 @@ def precompute(module: Any, dm: Any, cache_dir: str) -> dict[str, Any]:
     )
 
 
-def _train_loop(module: Any, dm: Any, total_steps: int | None, optimizer: Any) -> tuple[list[Any], list[float]]:
-    """Bare training loop; returns (step end stamps, losses). ``total_steps=None``: one epoch."""
+def train_loop(module: Any, dm: Any, total_steps: int | None, optimizer: Any) -> tuple[list[Any], list[float]]:
+    """Bare training loop over the batches in file order (TRL's too); returns (step end stamps, losses).
+    ``total_steps=None``: one epoch."""
     import torch
 
     module.train()
     params = [p for p in module.policy.parameters() if p.requires_grad]
     stamps, losses = [], []
-    loader = dm.train_dataloader()
+    loader = ordered_loader(dm, module.pad_token_id)
     it = iter(loader)
     step = 0
     while total_steps is None or step < total_steps:
@@ -99,7 +100,7 @@ def worker_ours_steps(args: argparse.Namespace, name: str) -> dict[str, Any]:
     torch.manual_seed(0)
     optimizer = make_optimizer(module.policy)
     start = stamp()
-    stamps, losses = _train_loop(module, dm, args.warmup + args.steps, optimizer)
+    stamps, losses = train_loop(module, dm, args.warmup + args.steps, optimizer)
     stats = step_stats([start, *stamps], args.warmup)
     profile = _profile_ours(module, dm, optimizer) if args.profile else None
     return stats | {
@@ -125,7 +126,7 @@ def worker_ours_epoch(args: argparse.Namespace) -> dict[str, Any]:
         summary = precompute(module, dm, cache)
         precompute_s = time.perf_counter() - t0
     torch.manual_seed(0)
-    stamps, _ = _train_loop(module, dm, None, make_optimizer(module.policy))
+    stamps, _ = train_loop(module, dm, None, make_optimizer(module.policy))
     end = stamp()
     return {
         "epoch_s": end[0] - start[0],
@@ -165,7 +166,7 @@ def _profile_ours(module: Any, dm: Any, optimizer: Any, steps: int = 3) -> dict[
     vision_forward = vision.forward
     vision.forward = timed("vision_tower", vision_forward)
     params = [p for p in module.policy.parameters() if p.requires_grad]
-    loader = iter(dm.train_dataloader())
+    loader = iter(ordered_loader(dm, module.pad_token_id))
     try:
         for _ in range(steps):
             t = time.perf_counter()

@@ -49,10 +49,12 @@ def print_parity(results: dict[str, Any]) -> None:
     comparison of TRL and ours."""
     fps = {r["fingerprint"] for r in results.values() if r and "fingerprint" in r}
     check = results.get("check")
-    print(f"same initial weights in every worker: {len(fps) == 1} ({', '.join(sorted(fps))})")
+    if fps:
+        print(f"same initial weights in every worker: {len(fps) == 1} ({', '.join(sorted(fps))})")
     if check:
         print(
-            f"check: same token ids TRL vs ours: {check['same_tokens']}; prompt {check['prompt_tokens']} tokens "
+            f"check: same token ids TRL vs ours: {check['same_tokens']}; same first batch (file order on both "
+            f"sides): {check['same_batches']}; prompt {check['prompt_tokens']} tokens "
             f"({check['image_tokens']} image); initial DPO loss TRL {check['trl_loss']:.6f}, ours "
             f"{check['ours_loss']:.6f} (ln 2 = {check['ln2']:.6f}); max |logp TRL - ours| "
             f"{check['max_abs_logp_diff_trl_vs_ours']:.2e} (logps ~{check['ours_logps'][0][0]:.1f}); "
@@ -90,21 +92,51 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def print_epochs(results: dict[str, Any], args: argparse.Namespace) -> None:
-    """The one-epoch rows, every run's time under ``--repeat`` and the ``--profile`` split of our step."""
+    """The one-epoch rows, BPO end to end, the sweeps, the padding shares, every run's time under ``--repeat`` and
+    the ``--profile`` split of our step."""
     trl_epoch = _get(results, "trl_dpo_epoch", "epoch_s")
     ours_epoch = _get(results, "ours_bpo_epoch", "epoch_s")
     print()
-    for name, label in (("trl_dpo_epoch", "TRL DPO epoch"), ("ours_bpo_epoch", "ours BPO epoch incl. ref precompute")):
+    rows = (
+        ("trl_dpo_epoch", "TRL DPO epoch"),
+        ("ours_bpo_epoch", "ours BPO epoch incl. ref precompute"),
+        ("ours_bpo_end_to_end", "ours BPO end to end (+ blind answers)"),
+    )
+    for name, label in rows:
         r = results.get(name)
         if name in results and r:
             extra = f", ref precompute {r['precompute_s']:.1f} s" if "precompute_s" in r else ""
+            if r.get("generation_s") is not None:
+                extra += (
+                    f", blind answers {r['generation_s']:.1f} s ({r['generated']} x {r['max_new_tokens']} tokens "
+                    f"max, {r['generated_tokens']} tokens, {r['blind_tokens_per_s']:.0f} tokens/s, "
+                    f"batch {r['blind_batch_size']})"
+                )
             print(
                 f"{label:<46} {r['epoch_s']:>8.2f} s  (CPU {r['epoch_cpu_s']:.1f} s = "
-                f"{r['epoch_cpu_s'] / r['epoch_s']:.2f} cores; setup {r['setup_s']:.1f} s"
+                f"{r['epoch_cpu_s'] / r['epoch_s']:.2f} cores; setup {r.get('setup_s', 0):.1f} s"
                 f"{extra}; {r['steps']} steps; load {r['loadavg']:.1f}; peak RSS {r['peak_rss_mb']:.0f} MB)"
             )
     if trl_epoch and ours_epoch:
         print(f"{'epoch speed-up (TRL DPO / ours BPO)':<46} {trl_epoch / ours_epoch:>8.2f}x")
+    if trl_epoch and (e2e := _get(results, "ours_bpo_end_to_end", "epoch_s")):
+        print(f"{'end-to-end speed-up (TRL DPO / ours BPO e2e)':<46} {trl_epoch / e2e:>8.2f}x")
+    for name, label in (("trl_dpo_sweep", "TRL DPO 4-job sweep"), ("ours_bpo_sweep", "ours BPO 4-job sweep")):
+        if name in results and (r := results[name]):
+            jobs = ", ".join(f"beta {j['beta']}: {j['job_s']:.1f} s" for j in r["jobs"])
+            print(f"{label:<46} {r['sweep_s']:>8.2f} s  ({jobs}; peak RSS {r['peak_rss_mb']:.0f} MB)")
+    if (trl_sweep := _get(results, "trl_dpo_sweep", "sweep_s")) and (
+        ours := _get(results, "ours_bpo_sweep", "sweep_s")
+    ):
+        print(f"{'sweep speed-up (TRL DPO / ours BPO)':<46} {trl_sweep / ours:>8.2f}x")
+    w = results.get("workload")
+    if w:
+        trl_pad = _get(results, "trl_dpo_epoch", "padding_share")
+        print(
+            f"padding share of the epoch's batches: TRL DPO {_pct(trl_pad)}; "
+            f"ours BPO packed {_pct(w['padding_share'])} (before: {_pct(w['padding_share_before'])}); "
+            f"ours DPO packed {_pct(w['padding_share_dpo'])}"
+        )
     if args.repeat > 1:
         runs = {n: r["all_runs_s"] for n, r in results.items() if r and "all_runs_s" in r}
         print(f"\n{args.repeat} runs per configuration, fastest kept; all runs (s): {runs}")
@@ -112,6 +144,10 @@ def print_epochs(results: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"\nprofile of ours DPO step (s): {results['ours_dpo']['profile']}")
         if results.get("ours_bpo"):
             print(f"profile of ours BPO step (s): {results['ours_bpo']['profile']}")
+
+
+def _pct(share: float | None) -> str:
+    return "not run" if share is None else f"{100 * share:.1f}%"
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:
@@ -122,15 +158,27 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     trl_epoch = _get(results, "trl_dpo_epoch", "epoch_s")
     ours_epoch = _get(results, "ours_bpo_epoch", "epoch_s")
     trl_rss = _get(results, "trl_dpo", "peak_rss_mb")
+    ours_bpo_rss = _get(results, "ours_bpo", "peak_rss_mb")
+    workload = results.get("workload") or {}
     headline = {
+        "workload": workload.get("workload"),
         "trl_dpo_s_per_step": trl_step,
         "ours_dpo_s_per_step": ours_dpo,
         "ours_bpo_s_per_step": ours_bpo,
         "dpo_speedup_vs_trl": _ratio(trl_step, ours_dpo),
         "bpo_speedup_vs_trl_dpo": _ratio(trl_step, ours_bpo),
         "epoch_speedup_bpo_vs_trl_dpo": _ratio(trl_epoch, ours_epoch),
+        "bpo_end_to_end_speedup_vs_trl_dpo_epoch": _ratio(trl_epoch, _get(results, "ours_bpo_end_to_end", "epoch_s")),
+        "sweep4_speedup_vs_trl": _ratio(
+            _get(results, "trl_dpo_sweep", "sweep_s"), _get(results, "ours_bpo_sweep", "sweep_s")
+        ),
         "trl_peak_rss_mb": trl_rss,
         "ours_dpo_peak_rss_mb": _get(results, "ours_dpo", "peak_rss_mb"),
-        "ours_bpo_peak_rss_mb": _get(results, "ours_bpo", "peak_rss_mb"),
+        "ours_bpo_peak_rss_mb": ours_bpo_rss,
+        "bpo_rss_vs_trl": _ratio(ours_bpo_rss, trl_rss),
+        "padding_share": workload.get("padding_share"),
+        "padding_share_before": workload.get("padding_share_before"),
+        "trl_padding_share": _get(results, "trl_dpo_epoch", "padding_share"),
+        "blind_tokens_per_s": _get(results, "ours_bpo_end_to_end", "blind_tokens_per_s"),
     }
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in headline.items()}

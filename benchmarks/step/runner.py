@@ -10,21 +10,37 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
-from benchmarks.step.common import EPOCHS, EXTRAS, HEADLINE, OURS, RESULT_PREFIX, ROOT, setup_env
+from benchmarks.step.common import (
+    END_TO_END,
+    EPOCHS,
+    EXTRAS,
+    HEADLINE,
+    OURS,
+    RESULT_PREFIX,
+    ROOT,
+    SWEEP_BETAS,
+    SWEEPS,
+    setup_env,
+)
+from benchmarks.step.endtoend import worker_ours_end_to_end, worker_ours_sweep_job
 from benchmarks.step.ours import worker_ours_epoch, worker_ours_steps
 from benchmarks.step.trl_side import worker_check, worker_trl_epoch, worker_trl_steps
 
 SCRIPT = ROOT / "benchmarks" / "bench_step.py"  # run with ``--worker NAME`` for one configuration
-CONFIGURATIONS = ("check", *HEADLINE, *EXTRAS, *EPOCHS)
+CONFIGURATIONS = ("check", *HEADLINE, *EXTRAS, *EPOCHS, END_TO_END, *SWEEPS)
 
 WORKERS = {
     "trl_dpo": worker_trl_steps,
     "trl_dpo_epoch": worker_trl_epoch,
     "ours_bpo_epoch": worker_ours_epoch,
     "check": worker_check,
+    END_TO_END: worker_ours_end_to_end,
+    "trl_dpo_sweep_job": worker_trl_epoch,  # an epoch with the job's beta, the model build timed too (job_s)
+    "ours_bpo_sweep_job": worker_ours_sweep_job,
 }
 
 
@@ -53,20 +69,26 @@ def trl_available() -> str | None:
 
 def configurations(args: argparse.Namespace, run_trl: bool) -> list[str]:
     """The workers to run, in order: the parity check first (before any timing), then the step rows, the extra
-    rows and the epochs; TRL's rows only when ``run_trl``; ``--only`` keeps the named ones."""
+    rows, the epochs, BPO end to end and the sweeps (not under ``--quick``); TRL's rows only when ``run_trl``;
+    ``--only`` keeps the named ones."""
     names = (["check"] if run_trl else []) + [n for n in HEADLINE if run_trl or not n.startswith("trl")]
     if not (args.quick or args.no_extras):
         names += list(EXTRAS)
     names += [n for n in EPOCHS if run_trl or not n.startswith("trl")]
+    if not getattr(args, "no_end_to_end", False):
+        names.append(END_TO_END)
+    if not (args.quick or getattr(args, "no_sweep", False)):
+        names += [n for n in SWEEPS if run_trl or not n.startswith("trl")]
     if args.only:
         names = [n for n in names if n in set(args.only.split(","))]
     return names
 
 
-def spawn(name: str, args: argparse.Namespace, data: str) -> dict[str, Any] | None:
+def spawn(name: str, args: argparse.Namespace, data: str, extra: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """Run one worker subprocess; returns its result, or None (with its stderr tail shown) when it failed."""
     cmd = [sys.executable, str(SCRIPT), "--worker", name, "--data", data]
-    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--blind-tokens", str(args.blind_tokens)]
+    cmd += ["--blind-batch-size", str(args.blind_batch_size), *extra]
     if args.profile:
         cmd.append("--profile")
     print(f"  running {name} ...", end=" ", flush=True, file=sys.stderr)
@@ -88,9 +110,13 @@ def run_all(names: list[str], args: argparse.Namespace, data: str) -> dict[str, 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for round_ in range(args.repeat):
         for name in names:
-            if name == "check" and round_ > 0:
+            if (name == "check" and round_ > 0) or name in SWEEPS:
                 continue
             result = spawn(name, args, data)
+            if result is not None:
+                runs[name].append(result)
+        sweeps = [n for n in SWEEPS if n in names]
+        for name, result in (run_sweeps(sweeps, args, data) if sweeps else {}).items():
             if result is not None:
                 runs[name].append(result)
     results: dict[str, Any] = {}
@@ -98,6 +124,27 @@ def run_all(names: list[str], args: argparse.Namespace, data: str) -> dict[str, 
         if not rs or name == "check":
             results[name] = rs[0] if rs else None
             continue
-        key = "epoch_s" if name.endswith("_epoch") else "s_per_step"
+        key = "sweep_s" if name in SWEEPS else "epoch_s" if name.endswith(("_epoch", "_end_to_end")) else "s_per_step"
         results[name] = min(rs, key=lambda r: r[key]) | {"all_runs_s": [round(r[key], 3) for r in rs]}
     return results
+
+
+def run_sweeps(names: list[str], args: argparse.Namespace, data: str) -> dict[str, dict[str, Any] | None]:
+    """The 4-job sweeps, one beta of SWEEP_BETAS per job and one process per job, TRL's and ours alternating.
+
+    Our jobs share one fresh cache folder, as a Hydra multirun's jobs share ``paths.cache_dir``: job 1 generates the
+    blind answers and computes the reference log-probs, jobs 2-4 read them (their worker asserts it). A sweep's
+    time, ``sweep_s``, is the sum of its jobs' ``job_s`` (model build to the end of the epoch); a sweep with a
+    failed job is None."""
+    jobs: dict[str, list[dict[str, Any] | None]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="bench_sweep_") as cache:
+        for k, beta in enumerate(SWEEP_BETAS, 1):
+            for name in names:
+                extra = ("--beta", str(beta), "--sweep-job", str(k), "--cache-dir", cache)
+                jobs[name].append(spawn(name + "_job", args, data, extra))
+    return {
+        name: None
+        if any(r is None for r in rs)
+        else {"sweep_s": sum(r["job_s"] for r in rs), "jobs": rs, "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+        for name, rs in jobs.items()
+    }

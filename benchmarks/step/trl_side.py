@@ -24,8 +24,9 @@ from benchmarks.step.common import (
     stamp,
     step_stats,
 )
-from benchmarks.step.data import ours_datamodule
+from benchmarks.step.data import ordered_loader, ours_datamodule
 from benchmarks.step.ours import ours_module, precompute
+from benchmarks.step.padding import CountingCollator
 
 
 def trl_examples(data: str, processor: Any) -> dict[str, list[Any]]:
@@ -77,8 +78,8 @@ def _no_checkpointing() -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
 
 
-def trl_config(output_dir: str, max_steps: int) -> Any:
-    """TRL's fastest valid settings for image data on this machine (fp32, CPU)."""
+def trl_config(output_dir: str, max_steps: int, beta: float = BETA) -> Any:
+    """TRL's fastest valid settings for image data on this machine (fp32, CPU); batches in file order, as ours."""
     from trl import DPOConfig
 
     return DPOConfig(
@@ -94,7 +95,7 @@ def trl_config(output_dir: str, max_steps: int) -> Any:
         adam_beta1=BETAS[0],
         adam_beta2=BETAS[1],
         max_grad_norm=MAX_GRAD_NORM,
-        beta=BETA,
+        beta=beta,
         loss_type=["sigmoid"],
         max_length=None,  # never truncate (576 image tokens + prompt + ~100-token answer)
         padding_free=False,  # disabled in TRL 1.16 ("temporarily unavailable"), and FlashAttention-only anyway
@@ -115,10 +116,13 @@ def trl_config(output_dir: str, max_steps: int) -> Any:
         report_to=[],
         disable_tqdm=True,
         seed=0,
+        train_sampling_strategy="sequential",  # the same batches as ours (the workload file is in epoch order)
     )
 
 
-def build_trl_trainer(model: Any, processor: Any, dataset: Any, output_dir: str, max_steps: int, callbacks=None):
+def build_trl_trainer(
+    model: Any, processor: Any, dataset: Any, output_dir: str, max_steps: int, callbacks=None, beta: float = BETA
+):
     """DPOTrainer with an explicit frozen reference copy (TRL would otherwise reload the model from its hub id /
     path, which an in-memory model does not have) and the same AdamW as ours under a constant schedule."""
     import torch
@@ -130,7 +134,7 @@ def build_trl_trainer(model: Any, processor: Any, dataset: Any, output_dir: str,
     return DPOTrainer(
         model=model,
         ref_model=ref_model,
-        args=trl_config(output_dir, max_steps),
+        args=trl_config(output_dir, max_steps, beta),
         train_dataset=dataset,
         processing_class=processor,
         optimizers=(optimizer, scheduler),
@@ -159,16 +163,24 @@ def worker_trl_steps(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_trl_epoch(args: argparse.Namespace) -> dict[str, Any]:
+    """One epoch (``epoch_s``: data set, trainer and train(); ``job_s``: the model build too, as a sweep job) with
+    ``args.beta``; counts the padding of the batches TRL's collator builds."""
+    built = time.perf_counter()
     model, processor = build_policy()
     start = stamp()
     dataset = trl_dataset(args.data, processor)
     with tempfile.TemporaryDirectory() as out:
-        trainer = build_trl_trainer(model, processor, dataset, out, -1)  # incl. the reference copy
+        trainer = build_trl_trainer(model, processor, dataset, out, -1, beta=args.beta)  # incl. the reference copy
+        trainer.data_collator = counter = CountingCollator(trainer.data_collator)
         ready = time.perf_counter()
         trainer.train()
     end = stamp()
     return {
         "epoch_s": end[0] - start[0],
+        "job_s": end[0] - built,
+        "build_s": start[0] - built,
+        "beta": args.beta,
+        "padding_share": counter.share,
         "setup_s": ready - start[0],
         "epoch_cpu_s": end[1] - start[1],
         "steps": trainer.state.global_step,
@@ -201,6 +213,8 @@ def worker_check(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trl_trainer(model, processor, dataset, out, 1)
         inputs = trainer.data_collator([dataset[i] for i in range(BATCH_SIZE)])
+        # TRL's first training batch is the first BATCH_SIZE records of the file, as ours (`ordered_loader`) is
+        trl_first = next(iter(trainer.get_train_dataloader()))
         with torch.no_grad():
             trl_loss = trainer.compute_loss(model, inputs)
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
@@ -214,8 +228,11 @@ def worker_check(args: argparse.Namespace) -> dict[str, Any]:
             row = inputs["input_ids"][j * BATCH_SIZE + i][inputs["attention_mask"][j * BATCH_SIZE + i].bool()]
             same_tokens &= row.tolist() == pair.prompt_ids + pair.answer_ids[j]
     ln2 = math.log(2)
+    ours_first = next(iter(ordered_loader(dm, pad)))
     return {
         "same_tokens": bool(same_tokens),
+        "same_batches": torch.equal(trl_first["input_ids"].cpu(), inputs["input_ids"])
+        and torch.equal(ours_first["prompt_ids"], batch["prompt_ids"]),
         "prompt_tokens": len(first[0]["pair"].prompt_ids),
         "image_tokens": first[0]["pair"].prompt_ids.count(model.config.image_token_id),
         "mean_answer_tokens": sum(len(a) for it in dm.train_set.pairs for a in it.answer_ids)

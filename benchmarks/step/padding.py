@@ -1,0 +1,52 @@
+"""Padding shares: the fraction of the token positions a forward pass runs that are padding, over an epoch's batches.
+
+Ours: the packed layout's rows (`packed_rows`: one row per record, ``[prompt | answer 1 | ... | answer K]``, padded
+on the right to the batch's longest row). TRL: the rows its collator builds (one per (pair, answer), padded to
+the batch's longest), counted on the batches its trainer draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def packed_padding(batch: dict[str, Any], pad_token_id: int) -> tuple[int, int]:
+    """(pad positions, all positions) of the packed rows of ``batch`` (B rows of width T).
+
+    Pad positions hold ``pad_token_id``; checked against the lengths (one prompt and K answers per record, no
+    corrupted-image block), so a pad id that is also a real token would not go unnoticed.
+    """
+    from src.models.logprobs import packed_rows
+
+    ids = packed_rows(batch, pad_token_id).inputs["input_ids"]  # (B, T)
+    pads = int((ids == pad_token_id).sum())
+    real = int(batch["prompt_lengths"].sum() + batch["answer_lengths"].sum())
+    assert pads == ids.numel() - real, (pads, ids.numel(), real)
+    return pads, ids.numel()
+
+
+def ours_padding_share(loader: Any, pad_token_id: int) -> float:
+    """Share of pad positions in the packed rows of every batch of ``loader``."""
+    pads = total = 0
+    for batch in loader:
+        p, t = packed_padding(batch, pad_token_id)
+        pads, total = pads + p, total + t
+    return pads / total
+
+
+class CountingCollator:
+    """Wraps TRL's collator; counts the pad positions (``attention_mask == 0``) of every batch it builds."""
+
+    def __init__(self, collator: Any):
+        self.collator, self.pads, self.total = collator, 0, 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        out = self.collator(examples)
+        mask = out["attention_mask"]  # (2B, T): chosen rows then rejected rows
+        self.pads += int((mask == 0).sum())
+        self.total += mask.numel()
+        return out
+
+    @property
+    def share(self) -> float | None:
+        return self.pads / self.total if self.total else None
