@@ -1,10 +1,25 @@
 """Training-step benchmark: TRL's DPOTrainer vs this project's PreferenceModule, on one LLaVA-shaped tiny model.
 
-    python benchmarks/bench_step.py                 # full run (about 6 minutes on 2 CPU cores)
-    python benchmarks/bench_step.py --quick         # 1 + 2 steps, 16-record epoch, no extra rows
+    python benchmarks/bench_step.py                 # full run on the 200 MMSafe-PO records (see below for its time)
+    python benchmarks/bench_step.py --quick         # 1 + 2 steps, 16 records, no extra rows, no sweep
+    python benchmarks/bench_step.py --workload synthetic --records 32   # uniform ~100-token answers, no data needed
     python benchmarks/bench_step.py --skip-trl      # ours only (JSON has nulls for the TRL-based keys)
-    python benchmarks/bench_step.py --steps 10 --warmup 3 --repeat 2 --json-out results.json
+    python benchmarks/bench_step.py --no-sweep --no-end-to-end --steps 10 --warmup 3 --repeat 2 --json-out r.json
     python benchmarks/bench_step.py --only trl_dpo_epoch,ours_bpo_epoch --profile
+
+Workloads (``--workload``):
+
+- ``mmsafe`` (default): the 200 MMSafe-PO records of the shared data (``--mmsafe-path``, else
+  ``$MLLM_BPO_SHARED_DATA/data/``, else ``../shared/data/`` next to the checkout, as the tests find them), read by
+  the project's ``mmsafe_po`` reader, so prompts (history turns included), answers and their lengths are what
+  training sees. Images: the stand-in ``data.missing_images=render`` draws (the real images are not shipped). The
+  blind answer of the step and epoch rows is the chosen answer of the next record ((i + 1) % N): real text with
+  the real answers' length distribution. Its token statistics are printed on stderr.
+- ``synthetic``: generated records with uniform ~100-token answers and random block images.
+
+The workload is written once as generic JSONL in the order of training's first-epoch shuffle; TRL (sequential
+sampler) and ours (the data set in file order) read that file unshuffled, so both sides train on the same batches
+(the ``check`` worker compares their first batches).
 
 What is compared (same initial weights, same prompts, images and answer token ids, same AdamW, fp32, sdpa):
 
@@ -16,7 +31,7 @@ What is compared (same initial weights, same prompts, images and answer token id
   its fused LM head (log-probs of completion positions only); no gradient checkpointing; ``padding_free`` is
   disabled in TRL 1.16 whatever it is set to.
 - ``ours_dpo`` / ``ours_bpo``: `PreferenceModule(layout="packed", reference={"strategy": "precomputed"},
-  model.gradient_checkpointing="selective")` on batches of `PreferenceDataModule.train_dataloader()` whose pairs
+  model.gradient_checkpointing="selective")` on the batches of `PreferenceDataModule`'s data set whose pairs
   got ``reference_logps`` from `precompute_reference_logps`; a bare loop: ``forward_batch`` -> backward -> clip 1.0
   -> AdamW step -> zero_grad
   (no Lightning Trainer: its per-step overhead is a few ms and would only blur the comparison). DPO scores
@@ -25,12 +40,22 @@ What is compared (same initial weights, same prompts, images and answer token id
   activation memory, a little more time.
 - extra rows (not in the JSON): ours DPO / BPO without the selective recompute, ours DPO in the padded layout, and
   ours DPO with a frozen reference copy, to show where the memory and the speed come from.
-- epochs: one pass over the data set (8 steps of 4 pairs). TRL: building its data set and trainer (incl. the
+- epochs: one pass over the data set (4 pairs a step). TRL: building its data set and trainer (incl. the
   reference copy) + ``train()``; ours BPO: building the data module (tokenization) + computing the reference
-  log-probs into a fresh cache + the epoch. Building the model is outside both. Blind answers are part of the
-  synthetic data set (the real pipeline generates them once, before training, and caches them).
-- ``check``: before timing, TRL's collator and ours must give the same token ids, the same initial DPO loss
-  (ln 2: policy == reference) and the same answer log-probs (fp32 round-off).
+  log-probs into a fresh cache + the epoch. Building the model is outside both.
+- ``ours_bpo_end_to_end``: the BPO epoch preceded by what real BPO training also does first: generating every
+  blind answer with `fill_blind_answers` (fresh cache, text-only prompts, greedy; see `benchmarks.step.endtoend`
+  for ``max_new_tokens``: the workload's mean real answer length, so the generated total is realistic). It reports
+  the generation time and tokens/s; ``bpo_end_to_end_speedup_vs_trl_dpo_epoch`` = TRL DPO epoch / this.
+- sweeps: 4 jobs (beta 0.05, 0.1, 0.2, 0.5), one process each, one after another as a Hydra multirun with the
+  basic launcher: TRL DPO epochs, and our BPO jobs sharing one cache folder, so job 1 generates the blind answers
+  and computes the reference log-probs and jobs 2-4 read them (asserted). Each job's time runs from building its
+  model to the end of its epoch; ``sweep4_speedup_vs_trl`` = TRL's total / ours.
+- padding shares (epoch batches): ``trl_padding_share`` counted on the rows TRL's collator builds,
+  ``padding_share_before`` on our packed rows (one row per record, padded to the batch's longest record) and
+  ``padding_share`` as ours trains (today the same packed layout).
+- ``check``: before timing, TRL's collator and ours must give the same token ids, the same first batch, the same
+  initial DPO loss (ln 2: policy == reference) and the same answer log-probs (fp32 round-off).
 
 Every configuration runs in its own subprocess (``--worker NAME``, result passed back as one JSON line), so the
 peak RSS (``ru_maxrss`` of the worker, measured the same way for every row) is per configuration. A step's time
@@ -42,8 +67,9 @@ The numbers are only as quiet as the machine: the table shows each worker's CPU 
 times round-robin and keeps each one's fastest run. The last line printed is one JSON object with the headline
 numbers.
 
-The pieces are in benchmarks/step/: common (settings, timers), data, ours, trl_side (TRL and the parity check),
-runner (the worker subprocesses) and report (what is printed).
+The pieces are in benchmarks/step/: common (settings, timers), workload (the MMSafe-PO workload, token statistics),
+data (the synthetic data, our data module and loader), padding, ours, endtoend (blind answers + epoch, sweep jobs),
+trl_side (TRL and the parity check), runner (the worker subprocesses, the sweeps) and report (what is printed).
 """
 
 from __future__ import annotations
