@@ -81,9 +81,11 @@ def make_data(folder: Path, n_records: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def ours_datamodule(data: str, processor: Any, answers: tuple[str, ...], fill: Any = None) -> Any:
-    """`PreferenceDataModule` over ``data``, set up; ``fill`` (records -> records) runs on the records before they
-    are encoded, as training adds its blind answers."""
+def ours_datamodule(
+    data: str, processor: Any, answers: tuple[str, ...], fill: Any = None, max_records: int | None = None
+) -> Any:
+    """`PreferenceDataModule` over (the first ``max_records`` of) ``data``, set up; ``fill`` (records -> records)
+    runs on the records before they are encoded, as training adds its blind answers."""
     from src.data.datamodule import PreferenceDataModule
 
     dm = PreferenceDataModule(
@@ -96,6 +98,7 @@ def ours_datamodule(data: str, processor: Any, answers: tuple[str, ...], fill: A
         batch_size=BATCH_SIZE,
         val_fraction=0.0,
         processor=processor,
+        max_records=max_records,
     )
     if fill is not None:
         dm.set_records(fill(dm.load_records()))

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from benchmarks.step.common import (
+    BATCH_SIZE,
     BETA,
     BETAS,
     LR,
@@ -90,7 +91,8 @@ def worker_ours_steps(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
     module, (_, answers) = ours_module(name, args.data)
     fp = model_fingerprint(module.policy)
-    dm = ours_datamodule(args.data, module.processor, answers)
+    # the records the timed steps use (file order, as TRL's step row): no reference log-probs for the rest
+    dm = ours_datamodule(args.data, module.processor, answers, max_records=(args.warmup + args.steps) * BATCH_SIZE)
     precompute_s = None
     with tempfile.TemporaryDirectory() as cache:
         if module.reference_strategy == "precomputed":
