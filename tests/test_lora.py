@@ -18,14 +18,21 @@ from tests.test_train import run_train
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "logger=csv"]
 
 
-def small_batch(processor, keys=("chosen", "rejected")):
-    record = PreferenceRecord("r", (Turn("user", "What is shown?"),), 0, "r.png", "I can't help.", "Sure, here.", "Hm.")
-    image = render_stand_in("r", 32)
-    item = {
-        "pair": PromptEncoder(processor).encode(record, image, keys),
-        "image_inputs": dict(processor.image_processor(images=image, return_tensors="pt")),
-    }
-    return collate_pairs([item], processor.tokenizer.pad_token_id)
+def small_batch(processor, keys=("chosen", "rejected"), n=1):
+    """``n`` records of unequal lengths (n > 1: the packed layout's one row holds several records)."""
+    items = []
+    for i in range(n):
+        rid = f"r{i}"
+        turns = (Turn("user", "What is shown?" + " And why?" * i),)
+        record = PreferenceRecord(rid, turns, 0, f"{rid}.png", "I can't help.", "Sure, here." * (i + 1), "Hm.")
+        image = render_stand_in(rid, 32)
+        items.append(
+            {
+                "pair": PromptEncoder(processor).encode(record, image, keys),
+                "image_inputs": dict(processor.image_processor(images=image, return_tensors="pt")),
+            }
+        )
+    return collate_pairs(items, processor.tokenizer.pad_token_id)
 
 
 def test_lora_training_keeps_one_copy_and_scores_reference_with_adapters_off(tmp_path):
@@ -135,7 +142,7 @@ def test_selective_checkpointing_reruns_only_cheap_ops_and_keeps_gradients():
     for mode in (False, "selective", "full"):
         model, processor = build_model(tiny={"seed": 0}, gradient_checkpointing=mode)
         model.train()
-        batch = small_batch(processor)
+        batch = small_batch(processor, n=2)  # recomputed layers see the packed records again
         with CountOps() as counter:
             answer_logprobs(model, batch, processor.tokenizer.pad_token_id).sum().backward()
         ops[mode] = counter.counts

@@ -8,6 +8,7 @@ import torch
 from src.data.encoding import PromptEncoder, collate_pairs
 from src.data.images import render_stand_in
 from src.data.records import PreferenceRecord, Turn
+from src.models import logprobs
 from src.models.logprobs import answer_logprobs, attn_implementation, packed_rows, padded_rows, resolve_layout
 from src.models.objectives import bpo, dpo
 from src.models.tiny import build_tiny_llava
@@ -213,3 +214,72 @@ def test_all_real_answer_images_lay_out_as_before(model_and_processor):
         assert a.inputs.keys() == b.inputs.keys()
         assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
         assert torch.equal(a.pred_col, b.pred_col) and torch.equal(a.slot, b.slot)
+
+
+def test_packed_batch_is_one_row_without_padding():
+    """Under sdpa and flex the records of a batch lie back to back in one row: no padding at all; one row per
+    record (eager, and the layout before) pads every record to the longest."""
+    model, processor = build_tiny_llava(seed=0)
+    batch = make_batch(processor, RECORDS, ("chosen", "rejected", "blind"))
+    pad = processor.tokenizer.pad_token_id
+    lengths = (batch["prompt_lengths"] + batch["answer_lengths"].sum(0)).tolist()
+    one = packed_rows(batch, pad, one_row=True)
+    assert one.inputs["input_ids"].shape == (1, sum(lengths)) and one.padding_tokens == 0
+    assert one.spans == (tuple(sum(lengths[:i]) for i in range(3)), tuple(lengths))
+    assert one.inputs["attention_mask"].shape == (3, 1, max(lengths), max(lengths))
+    per_record = packed_rows(batch, pad)
+    assert per_record.padding_tokens == 3 * max(lengths) - sum(lengths) > 0
+    # the same tokens, positions and scored targets, only laid out differently
+    for i, (start, n) in enumerate(zip(*one.spans, strict=True)):
+        assert torch.equal(one.inputs["input_ids"][0, start : start + n], per_record.inputs["input_ids"][i, :n])
+        assert torch.equal(one.inputs["position_ids"][0, start : start + n], per_record.inputs["position_ids"][i, :n])
+    assert torch.equal(one.target, per_record.target) and torch.equal(one.slot, per_record.slot)
+    assert logprobs.padding_share(model, batch, pad) == 0.0
+    eager, _ = build_tiny_llava(seed=0, attn_implementation="eager")
+    assert logprobs.padding_share(eager, batch, pad) == pytest.approx(per_record.padding_tokens / (3 * max(lengths)))
+
+
+def test_sdpa_attends_record_by_record(monkeypatch):
+    """The one row's attention runs once per record and decoder layer, never over the whole row: a record scores
+    the same alone and next to others (mixed image / text-only records, histories, unequal lengths)."""
+    from src.models import attention
+
+    model, processor = build_tiny_llava(seed=0)
+    model.eval()
+    keys = ("chosen", "rejected", "blind")
+    pad = processor.tokenizer.pad_token_id
+    calls = []  # query lengths of the decoder's attention calls
+    sdpa, text = attention._SDPA, model.config.text_config
+
+    def counted(m, q, *a, **k):
+        if m.config is text:
+            calls.append(q.shape[2])
+        return sdpa(m, q, *a, **k)
+
+    monkeypatch.setattr(attention, "_SDPA", counted)
+    batch = make_batch(processor, RECORDS, keys)
+    with torch.no_grad():
+        together = answer_logprobs(model, batch, pad)
+        row_calls = list(calls)
+        alone = torch.cat([answer_logprobs(model, make_batch(processor, [r], keys), pad) for r in RECORDS])
+    lengths = (batch["prompt_lengths"] + batch["answer_lengths"].sum(0)).tolist()
+    assert row_calls == lengths * text.num_hidden_layers  # per record and layer, never the whole row
+    assert torch.allclose(together, alone, atol=1e-4, rtol=0), (together - alone).abs().max()
+
+
+def test_attention_wrapper_leaves_other_calls_alone():
+    """Without packed records (generation, the vision tower) the sdpa entry is transformers' own function."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from src.models import attention
+
+    module = torch.nn.Module()
+    q, k, v = (torch.randn(2, 4, 7, 8) for _ in range(3))
+    mask = torch.zeros(2, 1, 7, 7)
+    ours, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, mask, dropout=0.0, scaling=None)
+    theirs, _ = attention._SDPA(module, q, k, v, mask, dropout=0.0, scaling=None)
+    assert torch.equal(ours, theirs)
+    spans = attention.RecordSpans((0, 3), (3, 4), config=object())
+    with pytest.raises(ValueError, match="one row of 7 tokens"):
+        module.config = spans.config
+        ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, mask, dropout=0.0, **{attention.KWARG: spans})

@@ -2,11 +2,13 @@
 
 Two layouts of the same computation, which give the same numbers:
 
-- ``packed`` (default): one row per record, ``[prompt | answer 1 | ... | answer K | pad]``. A 4D attention
-  mask (a ``BlockMask`` under flex attention) lets every answer attend, causally, to the prompt and to itself
-  only, and each answer's position ids continue from the end of the prompt, so each answer is scored exactly
-  as if it followed the prompt alone. The prompt (576 image tokens for llava-1.5) and the vision tower run once
-  per record instead of K times.
+- ``packed`` (default): every record as ``[prompt | answer 1 | ... | answer K]``. Block attention lets every
+  answer attend, causally, to the prompt and to itself only, and each answer's position ids continue from the
+  end of the prompt, so each answer is scored exactly as if it followed the prompt alone. The prompt (576 image
+  tokens for llava-1.5) and the vision tower run once per record instead of K times. Under sdpa and flex
+  attention the records of a batch lie back to back in ONE row, so no position is padding: flex keeps attention
+  inside each record with a ``BlockMask`` (blocks between records are skipped, the GPU path), sdpa runs it record
+  by record (`src.models.attention`). Under eager each record has its own row, padded to the longest.
 - ``padded``: one row per (record, answer), ``[prompt | answer | pad]``, answer-major (row ``j * B + b``),
   the record's image inputs repeated per answer. Works with every attention backend.
 
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 
 from src.data.encoding import CORRUPTED_PREFIX, cat_image_inputs
+from src.models import attention
 from src.models.lora import unwrap
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,9 @@ IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_atte
 LAYOUTS = ("packed", "padded")
 # attention backends that take an arbitrary 4D mask (flex as a BlockMask); FlashAttention-2 reads only 2D padding masks
 MASKABLE = ("sdpa", "eager", "flex_attention")
+# backends under which the packed layout puts all records of a batch into one row, without padding: flex skips the
+# blocks between records, sdpa runs attention record by record (src/models/attention.py); eager pads records
+PADDING_FREE = ("sdpa", "flex_attention")
 _warned: set[str] = set()
 
 
@@ -46,7 +52,8 @@ class Rows:
     """Model inputs plus where each scored token is predicted.
 
     ``pred_row``/``pred_col`` (N,): the position whose output predicts token ``target`` (N,), which
-    belongs to answer ``slot`` (N,) = ``b * K + k``.
+    belongs to answer ``slot`` (N,) = ``b * K + k``. ``padding_tokens``: how many of the input positions are
+    padding. ``spans``: (starts, lengths) of the records when they share one row with per-record masks.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -55,6 +62,8 @@ class Rows:
     target: torch.Tensor
     slot: torch.Tensor
     num_slots: int
+    padding_tokens: int = 0
+    spans: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 def _image_inputs(batch: dict[str, Any], repeat: int = 1) -> dict[str, torch.Tensor]:
@@ -111,77 +120,108 @@ def padded_rows(batch: dict[str, Any], pad_token_id: int) -> Rows:
     else:
         image_inputs = _image_inputs(batch, k)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask} | image_inputs
-    return _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
+    out = _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
+    out.padding_tokens = int((attention_mask == 0).sum())
+    return out
+
+
+def _record_blocks(batch: dict[str, Any]) -> list[list[list[int]]]:
+    """Per record, the blocks of its packed tokens: each a list of the answer columns scored after one copy of the
+    prompt (one block, or two when the record has an image and answers scored under the corrupted one)."""
+    k, b = batch["answer_lengths"].shape
+    answer_image = _answer_image(batch)
+    has_image = batch["has_image"].tolist() if any(answer_image) else [False] * b
+    real, corrupted = [j for j in range(k) if not answer_image[j]], [j for j in range(k) if answer_image[j]]
+    return [[real, corrupted] if has_image[i] else [list(range(k))] for i in range(b)]
 
 
 def packed_rows(
-    batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dtype | None = None, block_mask: bool = False
+    batch: dict[str, Any],
+    pad_token_id: int,
+    mask_dtype: torch.dtype | None = None,
+    block_mask: bool = False,
+    one_row: bool = False,
 ) -> Rows:
-    """B rows ``[prompt | answer 1 | ... | answer K]`` with a block attention mask and restarted positions.
+    """Every record as ``[prompt | answer 1 | ... | answer K]`` with a block attention mask and restarted positions.
 
     Records with an image and answers scored under the corrupted one (`_answer_image`) get a second block, ``[...
     | prompt | corrupted answers]``, whose positions restart at 0 and whose tokens see only their own block; the
     image inputs are then ordered as their image tokens appear (per record: real, corrupted).
 
-    ``mask_dtype=None`` gives a boolean mask (B, 1, T, T), True = attend; a float dtype gives an additive
-    mask (0 or the dtype's minimum: eager attention adds the mask to the scores). ``block_mask=True`` gives a flex
-    ``BlockMask`` of the same rule: transformers passes a 4D BlockMask to flex attention as is, whereas it *adds*
-    a dense mask to flex's scores, which masks nothing.
+    ``one_row=False``: B rows, one per record, padded to the longest. ``one_row=True``: one row, the records back to
+    back, no padding; attention must then stay inside each record: with ``block_mask`` by a flex ``BlockMask`` over
+    the row, otherwise by per-record masks (B, 1, L, L) (record r's in the top-left corner, L its longest) that
+    `src.models.attention` applies span by span (``Rows.spans``).
+
+    ``mask_dtype=None`` gives boolean masks, True = attend; a float dtype gives an additive mask (0 or the dtype's
+    minimum: eager attention adds the mask to the scores). ``block_mask=True`` gives a flex ``BlockMask`` of the
+    same rule: transformers passes a 4D BlockMask to flex attention as is, whereas it *adds* a dense mask to flex's
+    scores, which masks nothing.
     """
     prompts, p_len = batch["prompt_ids"], batch["prompt_lengths"].tolist()
     answers, a_len = batch["answer_ids"], batch["answer_lengths"].tolist()
     k, b = len(a_len), len(p_len)
-    answer_image = _answer_image(batch)
-    has_image = batch["has_image"].tolist() if any(answer_image) else [False] * b
-    # per record, the blocks of its row: (answers scored after one copy of the prompt), in row order
-    blocks = [
-        [[j for j in range(k) if not answer_image[j]], [j for j in range(k) if answer_image[j]]]
-        if has_image[i]
-        else [list(range(k))]
-        for i in range(b)
-    ]
-    width = max(p_len[i] * len(blocks[i]) + sum(a_len[j][i] for j in range(k)) for i in range(b))
+    blocks = _record_blocks(batch)
+    lengths = [p_len[i] * len(blocks[i]) + sum(a_len[j][i] for j in range(k)) for i in range(b)]
+    starts = [sum(lengths[:i]) if one_row else 0 for i in range(b)]
+    width = sum(lengths) if one_row else max(lengths)
+    rows = 1 if one_row else b
     device = prompts.device
-    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long, device=device)
-    position_ids = torch.zeros((b, width), dtype=torch.long, device=device)
-    # n * (k + 1): the prompt of block n; n * (k + 1) + j + 1: answer j in it; -1: pad. One tensor, not two: torch's
-    # CPU flex kernel (2.13) failed to compile a mask reading a second one
-    segment = torch.full((b, width), -1, dtype=torch.long, device=device)
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long, device=device)
+    position_ids = torch.zeros((rows, width), dtype=torch.long, device=device)
+    # n * (k + 1): the prompt of block n; n * (k + 1) + j + 1: answer j in it; -1: pad. Blocks are numbered over the
+    # row (a record's blocks after the previous record's). One tensor, not two: torch's CPU flex kernel (2.13)
+    # failed to compile a mask reading a second one
+    segment = torch.full((rows, width), -1, dtype=torch.long, device=device)
     pred_row, pred_col, target, slot = [], [], [], []
+    n_block = 0
     for i in range(b):
-        p, start = p_len[i], 0
-        for n, columns in enumerate(blocks[i]):
-            input_ids[i, start : start + p] = prompts[i, :p]
-            position_ids[i, start : start + p] = torch.arange(p, device=device)
-            segment[i, start : start + p] = n * (k + 1)
+        row, p, start = 0 if one_row else i, p_len[i], starts[i]
+        for columns in blocks[i]:
+            input_ids[row, start : start + p] = prompts[i, :p]
+            position_ids[row, start : start + p] = torch.arange(p, device=device)
+            segment[row, start : start + p] = n_block * (k + 1)
             last = start + p - 1  # the last prompt position predicts every answer's first token
             start += p
             for j in columns:
                 a = a_len[j][i]
-                input_ids[i, start : start + a] = answers[j, i, :a]
-                position_ids[i, start : start + a] = torch.arange(p, p + a, device=device)
-                segment[i, start : start + a] = n * (k + 1) + j + 1
-                pred_row += [i] * a
+                input_ids[row, start : start + a] = answers[j, i, :a]
+                position_ids[row, start : start + a] = torch.arange(p, p + a, device=device)
+                segment[row, start : start + a] = n_block * (k + 1) + j + 1
+                pred_row += [row] * a
                 pred_col += [last, *range(start, start + a - 1)][:a]
                 slot += [i * k + j] * a
                 target.append(answers[j, i, :a])
                 start += a
+            n_block += 1
+    spans = None
     if block_mask:
         mask = _block_mask(segment, k + 1)
     else:
-        pos = torch.arange(width, device=device)
-        mask = _attends(segment.unsqueeze(2), segment.unsqueeze(1), pos.unsqueeze(1), pos, k + 1).unsqueeze(1)
+        if one_row:  # each record's own (L, L) corner, the rest never read
+            spans = (tuple(starts), tuple(lengths))
+            longest = max(lengths)
+            local = torch.full((b, longest), -1, dtype=torch.long, device=device)
+            for i in range(b):
+                local[i, : lengths[i]] = segment[0, starts[i] : starts[i] + lengths[i]]
+        else:
+            local, longest = segment, width
+        pos = torch.arange(longest, device=device)
+        mask = _attends(local.unsqueeze(2), local.unsqueeze(1), pos.unsqueeze(1), pos, k + 1).unsqueeze(1)
         if mask_dtype is not None:
             mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill(
                 ~mask, torch.finfo(mask_dtype).min
             )
-    if any(has_image):  # LLaVA scatters image features into the image tokens in order: per record real, corrupted
+    if any(len(x) > 1 for x in blocks):  # LLaVA scatters image features into the image tokens in order
         real, corrupted = _per_image(batch), iter(_per_image(batch, CORRUPTED_PREFIX))
         image_inputs = cat_image_inputs([x for image in real for x in (image, next(corrupted))])
     else:
         image_inputs = _image_inputs(batch)
     inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids} | image_inputs
-    return _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
+    out = _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
+    out.padding_tokens = int((segment < 0).sum())
+    out.spans = spans
+    return out
 
 
 def _attends(seg_q: torch.Tensor, seg_kv: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, span: int) -> torch.Tensor:
@@ -270,23 +310,38 @@ def _hidden_and_head(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) ->
     return out.last_hidden_state, head
 
 
+def build_rows(model: torch.nn.Module, batch: dict[str, Any], pad_token_id: int, layout: str = "packed") -> Rows:
+    """The rows `answer_logprobs` runs ``model`` on: under the packed layout one padding-free row with flex
+    (a ``BlockMask``) or sdpa (per-record attention, `src.models.attention`), one row per record under eager."""
+    layout = resolve_layout(model, layout)
+    if layout == "padded":
+        return padded_rows(batch, pad_token_id)
+    impl = attn_implementation(model)
+    # an additive float mask, built once, is shared by every layer; with a boolean mask sdpa makes a float copy
+    # per layer and keeps each alive for the backward pass (measured: ~5% of peak memory)
+    dtype = next(model.parameters()).dtype
+    additive = _activation_dtype(model, dtype) if impl in ("eager", "sdpa") else None
+    flex = impl == "flex_attention"
+    return packed_rows(batch, pad_token_id, mask_dtype=additive, block_mask=flex, one_row=impl in PADDING_FREE)
+
+
+def padding_share(model: torch.nn.Module, batch: dict[str, Any], pad_token_id: int, layout: str = "packed") -> float:
+    """The share of padding among the input positions ``model`` runs on for ``batch`` (`build_rows`)."""
+    rows = build_rows(model, batch, pad_token_id, layout)
+    return rows.padding_tokens / rows.inputs["input_ids"].numel()
+
+
 def answer_logprobs(
     model: torch.nn.Module, batch: dict[str, Any], pad_token_id: int, layout: str = "packed"
 ) -> torch.Tensor:
     """Summed log-probs of each answer under ``model``: returns (B, K) float32, columns in answer order."""
-    layout = resolve_layout(model, layout)
-    dtype = next(model.parameters()).dtype
-    if layout == "packed":
-        # an additive float mask, built once, is shared by every layer; with a boolean mask sdpa makes a
-        # float copy per layer and keeps each alive for the backward pass (measured: ~5% of peak memory)
-        impl = attn_implementation(model)
-        additive = _activation_dtype(model, dtype) if impl in ("eager", "sdpa") else None
-        rows = packed_rows(batch, pad_token_id, mask_dtype=additive, block_mask=impl == "flex_attention")
-    else:
-        rows = padded_rows(batch, pad_token_id)
+    rows = build_rows(model, batch, pad_token_id, layout)
     inputs = add_token_types(model, dict(rows.inputs))
     if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    if rows.spans is not None:  # sdpa runs the one row's attention record by record
+        config = unwrap(model).config
+        inputs[attention.KWARG] = attention.RecordSpans(*rows.spans, getattr(config, "text_config", None) or config)
     hidden, head = _hidden_and_head(model, inputs)
     if hidden is not None:
         logits = head(hidden[rows.pred_row, rows.pred_col])  # (N, V): answer-predicting positions only
