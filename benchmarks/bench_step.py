@@ -52,8 +52,8 @@ What is compared (same initial weights, same prompts, images and answer token id
   and computes the reference log-probs and jobs 2-4 read them (asserted). Each job's time runs from building its
   model to the end of its epoch; ``sweep4_speedup_vs_trl`` = TRL's total / ours.
 - padding shares (epoch batches): ``trl_padding_share`` counted on the rows TRL's collator builds,
-  ``padding_share_before`` on our packed rows (one row per record, padded to the batch's longest record) and
-  ``padding_share`` as ours trains (today the same packed layout).
+  ``padding_share_before`` on our packed rows as they were (one row per record, padded to the batch's longest
+  record) and ``padding_share`` as ours trains (`padding_share`: under sdpa one padding-free row per batch).
 - ``check``: before timing, TRL's collator and ours must give the same token ids, the same first batch, the same
   initial DPO loss (ln 2: policy == reference) and the same answer log-probs (fp32 round-off).
 

@@ -148,7 +148,7 @@ def small(tmp_path, monkeypatch):
 def test_packed_padding_counts_the_pad_positions_of_each_row(small):
     from src.models.tiny import build_tiny_llava
 
-    _, processor = build_tiny_llava(vocab_size=TINY["vocab_size"], image_size=32, patch_size=4)
+    model, processor = build_tiny_llava(vocab_size=TINY["vocab_size"], image_size=32, patch_size=4)
     pad = processor.tokenizer.pad_token_id
     dm = ours_datamodule(small["path"], processor, ("chosen", "rejected", "blind"))
     batch = next(iter(ordered_loader(dm, pad)))
@@ -162,6 +162,8 @@ def test_packed_padding_counts_the_pad_positions_of_each_row(small):
     assert ours_padding_share(ordered_loader(dm, pad), pad) == pytest.approx(
         pads / (BATCH_SIZE * max(rows) + 2 * max(tail))
     )
+    # as trained under sdpa: the records of a batch back to back in one row, no padding
+    assert ours_padding_share(ordered_loader(dm, pad), pad, model) == 0.0
 
 
 def test_bpo_end_to_end_generates_every_blind_answer(small):

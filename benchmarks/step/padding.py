@@ -1,8 +1,9 @@
 """Padding shares: the fraction of the token positions a forward pass runs that are padding, over an epoch's batches.
 
-Ours: the packed layout's rows (`packed_rows`: one row per record, ``[prompt | answer 1 | ... | answer K]``, padded
-on the right to the batch's longest row). TRL: the rows its collator builds (one per (pair, answer), padded to
-the batch's longest), counted on the batches its trainer draws.
+Ours before the padding-free layout: one row per record, ``[prompt | answer 1 | ... | answer K]``, padded on the
+right to the batch's longest (`packed_rows(one_row=False)`). Ours as trained: the rows `build_rows` gives the model
+(`padding_share`; under sdpa or flex one row, the records back to back). TRL: the rows its collator builds (one per
+(pair, answer), padded to the batch's longest), counted on the batches its trainer draws.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 
 def packed_padding(batch: dict[str, Any], pad_token_id: int) -> tuple[int, int]:
-    """(pad positions, all positions) of the packed rows of ``batch`` (B rows of width T).
+    """(pad positions, all positions) of one packed row per record of ``batch`` (B rows of width T).
 
     Pad positions hold ``pad_token_id``; checked against the lengths (one prompt and K answers per record, no
     corrupted-image block), so a pad id that is also a real token would not go unnoticed.
@@ -25,11 +26,20 @@ def packed_padding(batch: dict[str, Any], pad_token_id: int) -> tuple[int, int]:
     return pads, ids.numel()
 
 
-def ours_padding_share(loader: Any, pad_token_id: int) -> float:
-    """Share of pad positions in the packed rows of every batch of ``loader``."""
+def ours_padding_share(loader: Any, pad_token_id: int, model: Any = None) -> float:
+    """Share of pad positions over every batch of ``loader``: in one packed row per record (``model=None``), or in
+    the rows ``model`` trains on (`padding_share`, per batch, weighted by the batch's positions)."""
+    from src.models.logprobs import padding_share
+
     pads = total = 0
     for batch in loader:
-        p, t = packed_padding(batch, pad_token_id)
+        if model is None:
+            p, t = packed_padding(batch, pad_token_id)
+        else:
+            real = int(batch["prompt_lengths"].sum() + batch["answer_lengths"].sum())
+            share = padding_share(model, batch, pad_token_id, "packed")
+            t = real / (1 - share)  # positions = real tokens + padding
+            p = t - real
         pads, total = pads + p, total + t
     return pads / total
 

@@ -134,7 +134,7 @@ def print_epochs(results: dict[str, Any], args: argparse.Namespace) -> None:
         trl_pad = _get(results, "trl_dpo_epoch", "padding_share")
         print(
             f"padding share of the epoch's batches: TRL DPO {_pct(trl_pad)}; "
-            f"ours BPO packed {_pct(w['padding_share'])} (before: {_pct(w['padding_share_before'])}); "
+            f"ours BPO packed {_pct(w['padding_share'])} (one row per record: {_pct(w['padding_share_before'])}); "
             f"ours DPO packed {_pct(w['padding_share_dpo'])}"
         )
     if args.repeat > 1:

@@ -109,13 +109,14 @@ def prepare(args: Any, folder: Path) -> dict[str, Any]:
     else:
         data = make_data(folder, args.records)
         source = f"{data['records']} synthetic records, 1 PNG image each"
-    _, processor = build_policy()
+    model, processor = build_policy()  # sdpa, as our rows train
     tok = processor.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     shares = {}
     for objective in ("dpo", "bpo"):
         dm = ours_datamodule(data["path"], processor, ANSWERS[objective])
-        shares[objective] = ours_padding_share(ordered_loader(dm, pad), pad)
+        shares[objective] = ours_padding_share(ordered_loader(dm, pad), pad, model)
+    shares["before"] = ours_padding_share(ordered_loader(dm, pad), pad)  # BPO, one row per record
     stats = token_stats(dm)  # the BPO data module: chosen, rejected, blind
     real = (stats["chosen"]["mean"] + stats["rejected"]["mean"]) / 2  # the same count of each
     print(f"workload {args.workload}: {source}; tokens per record:\n{describe(stats)}", file=sys.stderr)
@@ -125,8 +126,7 @@ def prepare(args: Any, folder: Path) -> dict[str, Any]:
         "mean_answer_tokens": real,
         "blind_max_new_tokens": round(real),
         "tokenizer_vocab": len(tok),
-        # today's packed layout is the layout ours trains with, so the share as trained is the same number
-        "padding_share_before": shares["bpo"],
+        "padding_share_before": shares["before"],
         "padding_share": shares["bpo"],
         "padding_share_dpo": shares["dpo"],
     }
