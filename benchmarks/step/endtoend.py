@@ -48,15 +48,16 @@ def bpo_job(args: argparse.Namespace, cache_dir: Path, beta: float) -> dict[str,
 
     dm = ours_datamodule(args.data, module.processor, answers, fill=fill)
     setup_s = time.perf_counter() - built - blind["generation_s"]  # reading and encoding the data
-    # a fresh cache holds this run's generations only (a reused one: tokens are not counted, see below)
-    lines = list(read_generations(Path(blind["cache"])).values()) if blind.get("cache") else []
+    # tokens are counted only when every answer was generated now into this job's fresh cache folder: its file then
+    # holds this run's lines only
+    fresh = blind["generated"] > 0 and blind["from_cache"] == 0
+    tokens = sum(ln["num_tokens"] for ln in read_generations(Path(blind["cache"])).values()) if fresh else None
     t0 = time.perf_counter()
     reference = precompute(module, dm, str(cache_dir / "reference"))
     precompute_s = time.perf_counter() - t0
     torch.manual_seed(0)
     stamps, _ = train_loop(module, dm, None, make_optimizer(module.policy))
     end = stamp()
-    tokens = sum(ln["num_tokens"] for ln in lines)
     return {
         "job_s": end[0] - start[0],  # model build included, as in a training run
         "epoch_s": end[0] - built,  # from the data module on: what `ours_bpo_epoch` times, plus generation
@@ -65,8 +66,8 @@ def bpo_job(args: argparse.Namespace, cache_dir: Path, beta: float) -> dict[str,
         "epoch_cpu_s": end[1] - start[1],
         "generation_s": blind["generation_s"],
         "generated": blind["generated"],
-        "generated_tokens": tokens if blind["generated"] else 0,
-        "blind_tokens_per_s": tokens / blind["generation_s"] if blind["generated"] else None,
+        "generated_tokens": tokens,
+        "blind_tokens_per_s": tokens / blind["generation_s"] if tokens else None,
         "unfinished": blind.get("unfinished"),
         "max_new_tokens": settings.max_new_tokens,
         "blind_batch_size": settings.batch_size,
