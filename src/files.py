@@ -3,15 +3,20 @@
 A file is written to a temporary name beside it and renamed over the target when complete, so a reader (or the
 next run, after a crash or Ctrl-C) sees the old file or the new one, never half of one, and no temporary file is
 left behind. New files get the permissions the user's umask gives (``tempfile.mkstemp`` would make them 0600).
+A cache that concurrent jobs fill (the jobs of a sweep launched in parallel) is filled under `locked`.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -41,3 +46,20 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return Path(path)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive inter-process lock for ``path`` (``flock`` on ``<name>.lock`` beside it), waiting for a
+    job that holds it, so only one job at a time reads and fills a cache file. The lock file stays: removing it
+    would let a waiting job lock a file that the next job no longer sees. Not reentrant: a second ``locked`` of
+    the same path in one process waits for ever."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "a") as f:  # closing it releases the lock, also on an exception
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another job is computing it; waiting for that job to finish", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
