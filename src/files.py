@@ -62,4 +62,6 @@ def locked(path: Path) -> Iterator[None]:
         except BlockingIOError:
             log.info("%s: another job is computing it; waiting for that job to finish", path)
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (Lustre without flock): still right one job at a time
+            log.warning("%s: not locked (%s): jobs running at the same time can both compute it", path, e)
         yield

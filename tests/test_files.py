@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import stat
@@ -73,3 +75,17 @@ def test_a_second_locker_waits_for_the_first_and_says_once_what_it_waits_for(tmp
     assert order == ["first", "second"]
     assert waiting() == [f"{target}: another job is computing it; waiting for that job to finish"]
     assert (tmp_path / "cache" / "reference.json.lock").exists() and not target.exists()
+
+
+def test_a_file_system_without_locks_is_said_and_the_block_still_runs(tmp_path, caplog, monkeypatch):
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with locked(tmp_path / "blind.jsonl"):
+        ran = True
+    assert ran
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{tmp_path / 'blind.jsonl'}: not locked ([Errno {errno.ENOLCK}] No locks available): jobs running at the "
+        "same time can both compute it"
+    ]

@@ -268,7 +268,7 @@ def fill_blind_answers(
     Answers come from (and go to) a JSONL cache keyed by record id and a fingerprint of the model and
     generation settings, so a second run with the same model and settings generates nothing; a line is reused
     only for the same prompt tokens (``system_prompt`` included). The cache is filled under its lock, so the
-    jobs of a sweep launched in parallel generate each answer once (see `AnswerGenerator.run`).
+    jobs of a sweep launched in parallel generate each answer once (over ``devices``, see `AnswerGenerator.run`).
     Returns the records and a summary (counts, cache path).
     """
     records = list(records)
