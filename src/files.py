@@ -13,7 +13,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,14 @@ def locked(path: Path) -> Iterator[None]:
     the same path in one process waits for ever."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f"{path.name}.lock", "a") as f:  # closing it releases the lock, also on an exception
+    with ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%s: another job is computing it; waiting for that job to finish", path)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as e:  # a file system without locks (Lustre without flock): still right one job at a time
+            f = stack.enter_context(open(path.parent / f"{path.name}.lock", "a"))  # closed: the lock is released
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s: another job is computing it; waiting for that job to finish", path)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a read-only folder, Lustre mounted without flock: the cache is right one job at a time
             log.warning("%s: not locked (%s): jobs running at the same time can both compute it", path, e)
         yield
