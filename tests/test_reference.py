@@ -150,7 +150,6 @@ def test_entry_key_changes_with_every_input_of_the_value():
     assert len(set(variants.values())) == len(variants)
 
 
-# cut short, not text, valid JSON of another shape
 def _precompute_first(model, dm, pad, cache_dir, started, release, queue):
     """A job of the sweep, in its own process: held in its first batch, then fills the cache."""
     reference_mod.answer_logprobs = held(reference_mod.answer_logprobs, started, release)
@@ -196,6 +195,7 @@ def test_a_save_keeps_the_entries_another_writer_saved_meanwhile(tiny, tmp_path,
     assert {k: stored[k] for k in other} == other
 
 
+# cut short, not text, valid JSON of another shape
 @pytest.mark.parametrize("damage", [b"{half a cach", b"\xff\xfe\x00garbage", b"[]", b"null"])
 def test_a_damaged_cache_is_recomputed_and_an_intact_one_reused(tiny, tmp_path, damage):
     model, processor = tiny
