@@ -1,4 +1,5 @@
 import json
+import logging
 
 from src.data.images import ImageResolver
 from src.data.records import PreferenceRecord, Turn
@@ -9,6 +10,7 @@ from src.models.generation import (
     fill_blind_answers,
     read_generations,
 )
+from tests.race import WAITING, held, race
 
 SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=2, max_length=256)
 
@@ -129,3 +131,26 @@ def test_read_generations_ignores_lines_a_killed_write_can_leave(tmp_path, caplo
     assert set(read) == {"a", "b"} and read["a"]["answer"] == "défense"
     warned = [int(r.getMessage().split(":")[1]) for r in caplog.records if "unreadable line" in r.getMessage()]
     assert warned == [2, 3, 4, 5]
+
+
+def _fill_blind_first(model, processor, cache_dir, started, release, queue):
+    """A job of the sweep, in its own process: held in its first batch, then fills the cache."""
+    AnswerGenerator._generate_batch = held(AnswerGenerator._generate_batch, started, release)
+    queue.put(fill_blind_answers(records(3), model, processor, SETTINGS, cache_dir)[1])
+
+
+def test_concurrent_jobs_generate_each_blind_answer_once(tiny, tmp_path, caplog):
+    """Two jobs of a sweep launched together: the second waits for the first, then reuses every line."""
+    caplog.set_level(logging.INFO, logger="src.files")
+    model, processor = tiny
+    first, (filled, second) = race(
+        _fill_blind_first,
+        (model, processor, tmp_path),
+        lambda: fill_blind_answers(records(3), model, processor, SETTINGS, tmp_path),
+        caplog,
+    )
+    assert (first["generated"], second["generated"], second["from_cache"]) == (3, 0, 3)
+    lines = [json.loads(line) for line in blind_cache_path(tmp_path, model, SETTINGS).read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == ["r0", "r1", "r2"]  # every answer once, every line whole
+    assert [r.blind for r in filled] == [line["answer"] for line in sorted(lines, key=lambda x: x["id"])]
+    assert sum(WAITING in r.getMessage() for r in caplog.records) == 1
