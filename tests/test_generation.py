@@ -1,6 +1,8 @@
 import json
 import logging
 
+import pytest
+
 from src.data.images import ImageResolver
 from src.data.records import PreferenceRecord, Turn
 from src.models.generation import (
@@ -154,3 +156,18 @@ def test_concurrent_jobs_generate_each_blind_answer_once(tiny, tmp_path, caplog)
     assert sorted(line["id"] for line in lines) == ["r0", "r1", "r2"]  # every answer once, every line whole
     assert [r.blind for r in filled] == [line["answer"] for line in sorted(lines, key=lambda x: x["id"])]
     assert sum(WAITING in r.getMessage() for r in caplog.records) == 1
+
+
+def test_outputs_gathered_over_devices_must_answer_this_process_prompts():
+    """Processes whose prompt lists differ (a shared cache changed between their reads) fail, rather than give a
+    record the answer generated for another."""
+    from src.models.predict import in_order, prompt_digest
+
+    prompts = [([1, 2], None, "a"), ([3], None, "b")]
+    outputs = [(1, prompt_digest(prompts[1]), {"answer": "B"}), (0, prompt_digest(prompts[0]), {"answer": "A"})]
+    assert [o["answer"] for o in in_order(prompts, outputs)] == ["A", "B"]
+    other = [([3], None, "b"), ([1, 2], None, "a")]  # another process's list: the same prompts, other order
+    with pytest.raises(RuntimeError, match="disagree on prompt"):
+        in_order(other, outputs)
+    with pytest.raises(RuntimeError, match="lost 1 prompts"):
+        in_order(prompts, outputs[:1])
