@@ -3,15 +3,20 @@
 A file is written to a temporary name beside it and renamed over the target when complete, so a reader (or the
 next run, after a crash or Ctrl-C) sees the old file or the new one, never half of one, and no temporary file is
 left behind. New files get the permissions the user's umask gives (``tempfile.mkstemp`` would make them 0600).
+A cache that concurrent jobs fill (the jobs of a sweep launched in parallel) is filled under `locked`.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -41,3 +46,24 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return Path(path)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive inter-process lock for ``path`` (``flock`` on ``<name>.lock`` beside it), waiting for a
+    job that holds it, so only one job at a time reads and fills a cache file. The lock file stays: removing it
+    would let a waiting job lock a file that the next job no longer sees. Not reentrant: a second ``locked`` of
+    the same path in one process waits for ever."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        try:
+            f = stack.enter_context(open(path.parent / f"{path.name}.lock", "a"))  # closed: the lock is released
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s: another job is computing it; waiting for that job to finish", path)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a read-only folder, Lustre mounted without flock: the cache is right one job at a time
+            log.warning("%s: not locked (%s): jobs running at the same time can both compute it", path, e)
+        yield

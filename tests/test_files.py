@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
 import stat
+import threading
+import time
 
 import pytest
 
-from src.files import replacing, write_atomic
+from src.files import locked, replacing, write_atomic
 
 
 def test_write_atomic_writes_text_as_utf8_and_bytes_as_given(tmp_path):
@@ -43,3 +48,44 @@ def test_new_files_get_the_permissions_the_umask_gives(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "data.json").stat().st_mode) == 0o644  # readable by others, as open() makes it
+
+
+def test_a_second_locker_waits_for_the_first_and_says_once_what_it_waits_for(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="src.files")
+    target = tmp_path / "cache" / "reference.json"  # folders made as needed
+    order = []
+
+    def second():
+        with locked(target):
+            order.append("second")
+
+    def waiting():
+        return [r.getMessage() for r in caplog.records if "another job is computing it" in r.getMessage()]
+
+    with locked(target):
+        thread = threading.Thread(target=second)
+        thread.start()
+        for _ in range(200):  # until the second locker says it waits (10 s at most)
+            if waiting():
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)  # it stays waiting while the lock is held
+        order.append("first")
+    thread.join(10)
+    assert order == ["first", "second"]
+    assert waiting() == [f"{target}: another job is computing it; waiting for that job to finish"]
+    assert (tmp_path / "cache" / "reference.json.lock").exists() and not target.exists()
+
+
+def test_a_file_system_without_locks_is_said_and_the_block_still_runs(tmp_path, caplog, monkeypatch):
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with locked(tmp_path / "blind.jsonl"):
+        ran = True
+    assert ran
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{tmp_path / 'blind.jsonl'}: not locked ([Errno {errno.ENOLCK}] No locks available): jobs running at the "
+        "same time can both compute it"
+    ]

@@ -1,4 +1,7 @@
 import json
+import logging
+
+import pytest
 
 from src.data.images import ImageResolver
 from src.data.records import PreferenceRecord, Turn
@@ -9,6 +12,7 @@ from src.models.generation import (
     fill_blind_answers,
     read_generations,
 )
+from tests.race import WAITING, held, race
 
 SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=2, max_length=256)
 
@@ -157,3 +161,41 @@ def test_prompts_are_batched_longest_first_and_answers_come_back_in_record_order
     one = GenerationSettings(max_new_tokens=4, batch_size=1, max_length=256)
     alone = AnswerGenerator(model, processor, one).run(recs, tmp_path / "alone.jsonl", with_image=False)
     assert [a["answer"] for a in answers.values()] == [alone[r.id]["answer"] for r in recs]
+
+
+def _fill_blind_first(model, processor, cache_dir, started, release, queue):
+    """A job of the sweep, in its own process: held in its first batch, then fills the cache."""
+    AnswerGenerator._generate_batch = held(AnswerGenerator._generate_batch, started, release)
+    queue.put(fill_blind_answers(records(3), model, processor, SETTINGS, cache_dir)[1])
+
+
+def test_concurrent_jobs_generate_each_blind_answer_once(tiny, tmp_path, caplog):
+    """Two jobs of a sweep launched together: the second waits for the first, then reuses every line."""
+    caplog.set_level(logging.INFO, logger="src.files")
+    model, processor = tiny
+    first, (filled, second) = race(
+        _fill_blind_first,
+        (model, processor, tmp_path),
+        lambda: fill_blind_answers(records(3), model, processor, SETTINGS, tmp_path),
+        caplog,
+    )
+    assert (first["generated"], second["generated"], second["from_cache"]) == (3, 0, 3)
+    lines = [json.loads(line) for line in blind_cache_path(tmp_path, model, SETTINGS).read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == ["r0", "r1", "r2"]  # every answer once, every line whole
+    assert [r.blind for r in filled] == [line["answer"] for line in sorted(lines, key=lambda x: x["id"])]
+    assert sum(WAITING in r.getMessage() for r in caplog.records) == 1
+
+
+def test_outputs_gathered_over_devices_must_answer_this_process_prompts():
+    """Processes whose prompt lists differ (a shared cache changed between their reads) fail, rather than give a
+    record the answer generated for another."""
+    from src.models.predict import in_order, prompt_digest
+
+    prompts = [([1, 2], None, "a"), ([3], None, "b")]
+    outputs = [(1, prompt_digest(prompts[1]), {"answer": "B"}), (0, prompt_digest(prompts[0]), {"answer": "A"})]
+    assert [o["answer"] for o in in_order(prompts, outputs)] == ["A", "B"]
+    other = [([3], None, "b"), ([1, 2], None, "a")]  # another process's list: the same prompts, other order
+    with pytest.raises(RuntimeError, match="disagree on prompt"):
+        in_order(other, outputs)
+    with pytest.raises(RuntimeError, match="lost 1 prompts"):
+        in_order(prompts, outputs[:1])

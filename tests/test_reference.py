@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ from src.data.datamodule import PreferenceDataModule
 from src.data.encoding import EncodedPair, PromptEncoder
 from src.data.images import render_stand_in
 from src.data.records import PreferenceRecord, Turn
+from src.files import write_atomic
 from src.models import reference as reference_mod
 from src.models.generation import GenerationSettings, fill_blind_answers
 from src.models.logprobs import answer_logprobs
 from src.models.reference import entry_key, precompute_reference_logps
 from tests.helpers import compose_config
+from tests.race import WAITING, held, race
 
 
 def write_data(tmp_path, n=6, text_only=False):
@@ -145,6 +148,51 @@ def test_entry_key_changes_with_every_input_of_the_value():
     for what, key in variants.items():
         assert key != base, what
     assert len(set(variants.values())) == len(variants)
+
+
+def _precompute_first(model, dm, pad, cache_dir, started, release, queue):
+    """A job of the sweep, in its own process: held in its first batch, then fills the cache."""
+    reference_mod.answer_logprobs = held(reference_mod.answer_logprobs, started, release)
+    queue.put(precompute_reference_logps(model, [dm.train_set], pad, cache_dir))
+
+
+def test_concurrent_jobs_compute_each_reference_logp_once(tiny, tmp_path, caplog):
+    """Two jobs of a sweep launched together: the second waits for the first, then reuses every value."""
+    caplog.set_level(logging.INFO, logger="src.files")
+    model, processor = tiny
+    dm = datamodule(write_data(tmp_path), processor, missing_images="render")
+    pad = processor.tokenizer.pad_token_id
+    first, second = race(
+        _precompute_first,
+        (model, dm, pad, tmp_path),
+        lambda: precompute_reference_logps(model, [dm.train_set], pad, tmp_path),
+        caplog,
+    )
+    assert (first["computed"], second["computed"], second["reused"]) == (6, 0, 6)
+    stored = json.loads(Path(second["cache"]).read_text())
+    # every entry once (6 pairs, 2 answers each), and the second job's values are the stored ones
+    assert sorted(stored.values()) == sorted(v for p in dm.train_set.pairs for v in p.reference_logps)
+    assert len(stored) == 12
+    assert sum(WAITING in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_save_keeps_the_entries_another_writer_saved_meanwhile(tiny, tmp_path, monkeypatch):
+    """A job that does not take the lock (an older version) saves values for other records while this one computes:
+    both jobs' values are in the file afterwards, not only the last writer's."""
+    model, processor = tiny
+    dm = datamodule(write_data(tmp_path), processor, missing_images="render")
+    cache = reference_mod.cache_path(tmp_path, model, "packed")
+    other = {"other-record:0123": -7.25, "other-record:4567": -1.5}
+
+    def meanwhile(*args, **kw):
+        write_atomic(cache, json.dumps(other))
+        return answer_logprobs(*args, **kw)
+
+    monkeypatch.setattr(reference_mod, "answer_logprobs", meanwhile)
+    summary = precompute_reference_logps(model, [dm.train_set], processor.tokenizer.pad_token_id, tmp_path)
+    stored = json.loads(cache.read_text())
+    assert summary["computed"] == 6 and len(stored) == 12 + 2
+    assert {k: stored[k] for k in other} == other
 
 
 # cut short, not text, valid JSON of another shape

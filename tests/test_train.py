@@ -140,9 +140,15 @@ def test_multirun_sweeps_beta_one_wandb_run_per_job(tmp_path):
         "trainer.max_steps=3",
         f"hydra.sweep.dir={tmp_path}/sweep",
         f"blind.cache_dir={tmp_path}/cache",
+        f"reference.cache_dir={tmp_path}/ref",
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # the second job reuses the first one's blind answers and reference log-probs: beta changes neither
+    first, second = (json.loads((tmp_path / f"sweep/{job}/run_summary.json").read_text()) for job in (0, 1))
+    assert first["blind_answers"]["generated"] == 96 and first["reference_logps"]["computed"] == 96
+    assert second["blind_answers"]["generated"] == 0 and second["blind_answers"]["from_cache"] == 96
+    assert second["reference_logps"]["computed"] == 0 and second["reference_logps"]["reused"] == 96
     run_ids = []
     for job, beta in ((0, 0.05), (1, 0.1)):
         cfg = OmegaConf.load(tmp_path / f"sweep/{job}/config.yaml")

@@ -219,7 +219,8 @@ class Evaluator:
         generated = 0
         for group, flag in ((with_image, True), (without, False)):
             if group:
-                out |= generator.run(group, cache, with_image=flag, desc=f"{mode} answers")
+                # the cache is shared by runs (a multirun over judges generates once): filled under its lock
+                out |= generator.run(group, cache, with_image=flag, desc=f"{mode} answers", lock=True)
                 generated += generator.generated
         self.generation_counts[mode] = {"generated": generated, "reused": len(items) - generated, "cache": str(cache)}
         return out

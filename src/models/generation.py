@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from src.data.encoding import PromptEncoder, cat_image_inputs, inputs_digest
 from src.data.images import ImageResolver
 from src.data.records import Conversation, PreferenceRecord
+from src.files import locked
 from src.models.factory import fingerprint
 from src.models.logprobs import add_token_types, attn_implementation
 from src.models.predict import generate_on_devices
@@ -170,17 +172,31 @@ class AnswerGenerator:
         return results
 
     def run(
-        self, records: list[Conversation], path: str | Path, with_image: bool, desc: str = "generating"
+        self,
+        records: list[Conversation],
+        path: str | Path,
+        with_image: bool,
+        desc: str = "generating",
+        lock: bool = False,
     ) -> dict[str, dict[str, Any]]:
         """Generate for every record not already answered in ``path``.
 
         Returns {id: line} for all records, a line being ``{"id", "prompt_sha", "source", "with_image", "answer",
-        "num_tokens", "finished"}``.
+        "num_tokens", "finished"}``. With ``lock``, ``path`` is filled under its inter-process lock (a cache that
+        concurrent jobs share): in one process the lock is held from reading to the last line, so a concurrent job
+        waits, then reuses every line. Over devices it is held only to read the file and for rank 0's append: the
+        processes must all reach the predict loop's collectives, and those Lightning launches read the file only
+        once inside it, so a lock rank 0 kept across it would stall them for ever. Concurrent jobs over devices can
+        then both generate an answer; their lines never interleave.
         """
         path = Path(path)
+        if lock and not self.devices:
+            with locked(path):
+                return self.run(records, path, with_image, desc)
         path.parent.mkdir(parents=True, exist_ok=True)
-        drop_torn_tail(path)
-        done = read_generations(path)
+        with locked(path) if lock else nullcontext():  # no half-written line of another job is cut or read
+            drop_torn_tail(path)
+            done = read_generations(path)
         results: dict[str, dict[str, Any]] = {}
         todo = []
         for record in records:
@@ -207,7 +223,7 @@ class AnswerGenerator:
             ]
             results |= {line["id"]: line for line in lines}
             if _is_main_process():
-                with open(path, "a", encoding="utf-8") as f:
+                with locked(path) if lock else nullcontext(), open(path, "a", encoding="utf-8") as f:
                     f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
             return {r.id: results[r.id] for r in records}
         with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, disable=not todo) as bar:
@@ -254,7 +270,8 @@ def fill_blind_answers(
 
     Answers come from (and go to) a JSONL cache keyed by record id and a fingerprint of the model and
     generation settings, so a second run with the same model and settings generates nothing; a line is reused
-    only for the same prompt tokens (``system_prompt`` included).
+    only for the same prompt tokens (``system_prompt`` included). The cache is filled under its lock, so the
+    jobs of a sweep launched in parallel generate each answer once (over ``devices``, see `AnswerGenerator.run`).
     Returns the records and a summary (counts, cache path).
     """
     records = list(records)
@@ -264,7 +281,7 @@ def fill_blind_answers(
         return records, summary | {"generated": 0, "from_cache": 0}
     path = blind_cache_path(cache_dir, reference, settings)
     generator = AnswerGenerator(reference, processor, settings, devices=devices, system_prompt=system_prompt)
-    lines = generator.run(missing, path, with_image=False, desc="blind answers")
+    lines = generator.run(missing, path, with_image=False, desc="blind answers", lock=True)
     generated = generator.generated
     filled = []
     for r in records:

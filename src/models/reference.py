@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from src.data.encoding import EncodedPair, collate_pairs, inputs_digest
-from src.files import write_atomic
+from src.files import locked, write_atomic
 from src.models.factory import fingerprint
 from src.models.logprobs import answer_logprobs, attn_implementation, resolve_layout
 
@@ -56,21 +56,30 @@ def cache_path(
     return Path(cache_dir) / name
 
 
-def _load(path: Path) -> dict[str, float]:
+def _read(path: Path) -> dict[str, float] | None:
+    """The cached values, {} for no file, None for a damaged one."""
     if not path.exists():
         return {}
     try:
         values = json.loads(path.read_text())
     except ValueError:  # not JSON, or not even text (UnicodeDecodeError is a ValueError too)
         values = None
-    if not isinstance(values, dict):  # damaged: recomputed and rewritten, not a crash
+    return values if isinstance(values, dict) else None
+
+
+def _load(path: Path) -> dict[str, float]:
+    values = _read(path)
+    if values is None:  # damaged: recomputed and rewritten, not a crash
         log.warning("%s: unreadable reference cache; recomputing", path)
         return {}
     return values
 
 
 def _save(path: Path, values: dict[str, float]) -> None:
-    write_atomic(path, json.dumps(values))  # a reader never sees a half-written cache
+    # merged with the file as it is now, so entries a writer that does not take the lock (an older version of this
+    # code) saved meanwhile are kept; a damaged file is replaced
+    on_disk = _read(path) or {}
+    write_atomic(path, json.dumps(on_disk | values))  # a reader never sees a half-written cache
 
 
 @torch.no_grad()
@@ -88,51 +97,65 @@ def precompute_reference_logps(
     ``model`` must hold the reference weights (the initial policy); ``autocast_dtype`` is the compute dtype
     of the training run (so reference and policy compute alike). Items are read a batch at a time: at most
     ``2 * batch_size`` items' image inputs are held at once. Returns counts for the run summary.
+
+    The cache file is locked from reading to saving: a job of a sweep launched in parallel waits, then reuses
+    what this one computed. Under DDP every process calls this before fitting; no collective runs while the
+    lock is held (the model is not yet wrapped by the strategy), so a process waiting for it cannot stall the
+    others, and the ones that wait reuse the values of the first.
     """
     path = cache_path(cache_dir, model, layout, autocast_dtype)
-    cached = _load(path)
-    device = next(model.parameters()).device
-    collate = partial(collate_pairs, pad_token_id=pad_token_id)
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    counts = {"computed": 0, "reused": 0}
-    pending: list[tuple[dict[str, Any], list[str]]] = []  # items still to score, with their entry keys
+    with locked(path):  # re-read once the lock is held: a job that held it may have filled the file
+        cached = _load(path)
+        device = next(model.parameters()).device
+        collate = partial(collate_pairs, pad_token_id=pad_token_id)
+        amp = (
+            torch.autocast(device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        counts = {"computed": 0, "reused": 0}
+        pending: list[tuple[dict[str, Any], list[str]]] = []  # items still to score, with their entry keys
 
-    def flush() -> None:
-        batch = collate([item for item, _ in pending])
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with amp:
-            logps = answer_logprobs(model, batch, pad_token_id, layout).cpu().tolist()
-        for (item, keys), row in zip(pending, logps, strict=True):
-            item["pair"].reference_logps = row
-            cached.update(zip(keys, row, strict=True))
-        counts["computed"] += len(pending)
-        pending.clear()
+        def flush() -> None:
+            batch = collate([item for item, _ in pending])
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with amp:
+                logps = answer_logprobs(model, batch, pad_token_id, layout).cpu().tolist()
+            for (item, keys), row in zip(pending, logps, strict=True):
+                item["pair"].reference_logps = row
+                cached.update(zip(keys, row, strict=True))
+            counts["computed"] += len(pending)
+            pending.clear()
 
-    was_training = model.training
-    model.eval()
-    total = sum(len(d) for d in datasets)
-    with tqdm(total=total, desc="reference log-probs") as bar:
-        for dataset in datasets:
-            for items in DataLoader(dataset, batch_size=batch_size, collate_fn=list):
-                for item in items:
-                    pair = item["pair"]
-                    # each answer is keyed by the image it is scored under: the corrupted one for chosen_corrupted
-                    digests = [inputs_digest(item["image_inputs"]), inputs_digest(item.get("corrupted_image_inputs"))]
-                    answer_image = item.get("answer_image") or [0] * len(pair.answer_ids)
-                    keys = [entry_key(pair, k, digests[answer_image[k]]) for k in range(len(pair.answer_ids))]
-                    if all(key in cached for key in keys):
-                        pair.reference_logps = [cached[key] for key in keys]
-                        counts["reused"] += 1
-                    else:
-                        pending.append((item, keys))
-                if len(pending) >= batch_size:
-                    flush()
-                bar.update(len(items))
-        if pending:
-            flush()
-    model.train(was_training)
-    if counts["computed"]:
-        _save(path, cached)
+        was_training = model.training
+        model.eval()
+        total = sum(len(d) for d in datasets)
+        with tqdm(total=total, desc="reference log-probs") as bar:
+            for dataset in datasets:
+                for items in DataLoader(dataset, batch_size=batch_size, collate_fn=list):
+                    for item in items:
+                        pair = item["pair"]
+                        # each answer is keyed by the image it is scored under: the corrupted one for
+                        # chosen_corrupted
+                        digests = [
+                            inputs_digest(item["image_inputs"]),
+                            inputs_digest(item.get("corrupted_image_inputs")),
+                        ]
+                        answer_image = item.get("answer_image") or [0] * len(pair.answer_ids)
+                        keys = [entry_key(pair, k, digests[answer_image[k]]) for k in range(len(pair.answer_ids))]
+                        if all(key in cached for key in keys):
+                            pair.reference_logps = [cached[key] for key in keys]
+                            counts["reused"] += 1
+                        else:
+                            pending.append((item, keys))
+                    if len(pending) >= batch_size:
+                        flush()
+                    bar.update(len(items))
+            if pending:
+                flush()
+        model.train(was_training)
+        if counts["computed"]:
+            _save(path, cached)
     summary = counts | {"cache": str(path)}
     log.info("reference log-probs: %s", summary)
     return summary
