@@ -78,7 +78,9 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: benchmarks/ is on the path, the repository root is not
@@ -88,6 +90,7 @@ from benchmarks.step.common import BETA, BLIND_BATCH_SIZE, setup_env  # noqa: E4
 from benchmarks.step.report import print_epochs, print_parity, print_setup, print_table, summary  # noqa: E402
 from benchmarks.step.runner import CONFIGURATIONS, configurations, run_all, run_worker, trl_available  # noqa: E402
 from benchmarks.step.workload import WORKLOADS, default_mmsafe_path, prepare  # noqa: E402
+from src.files import write_atomic  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -152,6 +155,16 @@ def trl_to_run(args: argparse.Namespace) -> str | None:
     return trl_version
 
 
+def save_partial(args: argparse.Namespace, data: dict[str, Any]) -> Callable[[dict[str, Any]], None] | None:
+    """With ``--json-out``: after every worker, every run so far goes to that file (``"complete": false``), so a
+    run stopped part-way (Ctrl-C, a time limit) keeps what it measured; the full result replaces it at the end."""
+    if not args.json_out:
+        return None
+    return lambda runs: write_atomic(
+        Path(args.json_out), json.dumps({"complete": False, "data": data, "runs": runs}, indent=1)
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:  # one configuration, in the subprocess the driver below started
@@ -163,14 +176,14 @@ def main(argv: list[str] | None = None) -> None:
         data = prepare(args, Path(tmp))  # the workload file, its token statistics (stderr) and our padding shares
         args.blind_tokens = data["blind_max_new_tokens"]
         # the parity check, then ours and TRL's configurations alternating (a burst of load hits both alike)
-        results = run_all(configurations(args, trl_version is not None), args, data["path"])
+        results = run_all(configurations(args, trl_version is not None), args, data["path"], save_partial(args, data))
     results["workload"] = data
     print_setup(results, data, args, trl_version)
     print_parity(results)
     print_table(results)
     print_epochs(results, args)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"data": data, "results": results}, indent=1))
+        write_atomic(Path(args.json_out), json.dumps({"complete": True, "data": data, "results": results}, indent=1))
     print(json.dumps(summary(results)))
 
 

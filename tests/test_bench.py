@@ -184,3 +184,26 @@ def test_sweep_jobs_after_the_first_reuse_its_caches(small, tmp_path):
     assert second["generated"] == 0 and second["precomputed"] == 0 and second["beta"] == 0.5
     with pytest.raises(AssertionError, match="did not reuse"):  # a job after the first that had to compute
         worker_ours_sweep_job(argparse.Namespace(**vars(args), cache_dir=str(tmp_path / "fresh"), sweep_job=2))
+
+
+def test_json_out_keeps_every_finished_worker_when_the_run_stops(tmp_path, monkeypatch):
+    """With --json-out each worker's result is saved as soon as it finishes: a run stopped part-way (a time limit,
+    Ctrl-C) keeps what it measured, marked incomplete."""
+    import json
+
+    from benchmarks import bench_step
+    from benchmarks.step import runner
+
+    def spawn(name, args, data, extra=()):
+        if name == "ours_bpo":
+            raise KeyboardInterrupt  # stopped during the second worker
+        return {"s_per_step": 1.5, "name": name}
+
+    monkeypatch.setattr(runner, "spawn", spawn)
+    out = tmp_path / "bench.json"
+    args = argparse.Namespace(repeat=1, json_out=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_all(["ours_dpo", "ours_bpo"], args, "data.jsonl", bench_step.save_partial(args, {"records": 2}))
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and saved["data"] == {"records": 2}
+    assert saved["runs"] == {"ours_dpo": [{"s_per_step": 1.5, "name": "ours_dpo"}], "ours_bpo": []}

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.step.common import (
@@ -103,22 +104,29 @@ def spawn(name: str, args: argparse.Namespace, data: str, extra: tuple[str, ...]
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
-def run_all(names: list[str], args: argparse.Namespace, data: str) -> dict[str, Any]:
+def run_all(
+    names: list[str], args: argparse.Namespace, data: str, on_result: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Run every worker ``--repeat`` times, round-robin (TRL and ours alternate, so a burst of load from other
     processes hits both sides alike), and keep each configuration's fastest run (other processes only ever slow
-    a run down); every run's time is listed under ``all_runs_s``."""
+    a run down); every run's time is listed under ``all_runs_s``. ``on_result(runs)`` is called after every
+    worker with the runs so far (the driver saves them: an interrupted run keeps what it measured)."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+
+    def keep(name: str, result: dict[str, Any] | None) -> None:
+        if result is not None:
+            runs[name].append(result)
+            if on_result is not None:
+                on_result(runs)
+
     for round_ in range(args.repeat):
         for name in names:
             if (name == "check" and round_ > 0) or name in SWEEPS:
                 continue
-            result = spawn(name, args, data)
-            if result is not None:
-                runs[name].append(result)
+            keep(name, spawn(name, args, data))
         sweeps = [n for n in SWEEPS if n in names]
         for name, result in (run_sweeps(sweeps, args, data) if sweeps else {}).items():
-            if result is not None:
-                runs[name].append(result)
+            keep(name, result)
     results: dict[str, Any] = {}
     for name, rs in runs.items():
         if not rs or name == "check":
