@@ -1,6 +1,6 @@
 """Training-step benchmark: TRL's DPOTrainer vs this project's PreferenceModule, on one LLaVA-shaped tiny model.
 
-    python benchmarks/bench_step.py                 # all 200 MMSafe-PO records: ~40 min on 2 quiet cores (estimate)
+    python benchmarks/bench_step.py                 # all 200 MMSafe-PO records, 2 quiet cores: ~25 min, + ~45 min sweep
     python benchmarks/bench_step.py --quick         # 1 + 2 steps, 16 records, no extra rows, no sweep
     python benchmarks/bench_step.py --workload synthetic --records 32   # uniform ~100-token answers, no data needed
     python benchmarks/bench_step.py --skip-trl      # ours only (JSON has nulls for the TRL-based keys)
