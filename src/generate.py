@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
+from typing import Any
 
 if not __package__:  # run as a script (python src/<entry>.py), not imported as src.<entry>: see _bootstrap.py
     import _bootstrap  # noqa: F401
@@ -17,9 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.data.datamodule import check_data_paths
 from src.errors import SettingError, exit_on_setting_error
+from src.files import write_atomic
 from src.models.device import choose_device
 from src.models.factory import build_model
-from src.models.generation import AnswerGenerator, GenerationSettings
+from src.models.generation import AnswerGenerator, GenerationSettings, read_generations
 from src.models.source import check_model_source
 from src.world.world import IMAGE_DRAWERS
 
@@ -56,6 +60,9 @@ def generate(cfg: DictConfig) -> dict[str, str]:
         image_aspect_ratio=hp.image_aspect_ratio,
     )
     answers = generator.run(records, cfg.output, with_image=cfg.mode == "image", desc=f"{cfg.mode} answers")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:  # one process writes
+        write_in_record_order(Path(cfg.output), [r.id for r in records], answers)
     # blind prompts have no image: none is drawn, however many image files are missing
     drawn = f"{len(datamodule.resolver.rendered)}" if cfg.mode == "image" else "0 (mode=blind: prompts without images)"
     log.info(
@@ -67,6 +74,14 @@ def generate(cfg: DictConfig) -> dict[str, str]:
         drawn,
     )
     return answers
+
+
+def write_in_record_order(path: Path, ids: list[str], answers: dict[str, dict[str, Any]]) -> None:
+    """Rewrite the output as users read it: one line per record in the data's order (generation appends batch by
+    batch, longest prompt first), then the lines of any other record the file already held."""
+    others = [line for rid, line in read_generations(path).items() if rid not in answers]
+    lines = [answers[rid] for rid in ids] + others
+    write_atomic(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate")

@@ -199,3 +199,13 @@ def test_outputs_gathered_over_devices_must_answer_this_process_prompts():
         in_order(other, outputs)
     with pytest.raises(RuntimeError, match="lost 1 prompts"):
         in_order(prompts, outputs[:1])
+
+
+def test_generate_output_is_rewritten_in_record_order_keeping_other_records(tmp_path):
+    from src.generate import write_in_record_order
+
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "answer": f"old {i}"}) + "\n" for i in ("x", "b", "a")))
+    write_in_record_order(path, ["a", "b"], {"b": {"id": "b", "answer": "B"}, "a": {"id": "a", "answer": "A"}})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [{"id": "a", "answer": "A"}, {"id": "b", "answer": "B"}, {"id": "x", "answer": "old x"}]
