@@ -23,7 +23,7 @@ from src.errors import SettingError, exit_on_setting_error
 from src.files import write_atomic
 from src.models.device import choose_device
 from src.models.factory import build_model
-from src.models.generation import AnswerGenerator, GenerationSettings, read_generations
+from src.models.generation import AnswerGenerator, GenerationSettings, is_main_process, read_generations
 from src.models.source import check_model_source
 from src.world.world import IMAGE_DRAWERS
 
@@ -60,8 +60,7 @@ def generate(cfg: DictConfig) -> dict[str, str]:
         image_aspect_ratio=hp.image_aspect_ratio,
     )
     answers = generator.run(records, cfg.output, with_image=cfg.mode == "image", desc=f"{cfg.mode} answers")
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:  # one process writes
+    if is_main_process():  # one process writes
         write_in_record_order(Path(cfg.output), [r.id for r in records], answers)
     # blind prompts have no image: none is drawn, however many image files are missing
     drawn = f"{len(datamodule.resolver.rendered)}" if cfg.mode == "image" else "0 (mode=blind: prompts without images)"

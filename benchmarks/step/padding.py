@@ -12,34 +12,25 @@ from typing import Any
 
 
 def packed_padding(batch: dict[str, Any], pad_token_id: int) -> tuple[int, int]:
-    """(pad positions, all positions) of one packed row per record of ``batch`` (B rows of width T).
-
-    Pad positions hold ``pad_token_id``; checked against the lengths (one prompt and K answers per record, no
-    corrupted-image block), so a pad id that is also a real token would not go unnoticed.
-    """
+    """(pad positions, all positions) of one packed row per record of ``batch`` (B rows of width T)."""
     from src.models.logprobs import packed_rows
 
-    ids = packed_rows(batch, pad_token_id).inputs["input_ids"]  # (B, T)
-    pads = int((ids == pad_token_id).sum())
-    real = int(batch["prompt_lengths"].sum() + batch["answer_lengths"].sum())
-    assert pads == ids.numel() - real, (pads, ids.numel(), real)
-    return pads, ids.numel()
+    rows = packed_rows(batch, pad_token_id)
+    return rows.padding_tokens, rows.inputs["input_ids"].numel()
 
 
 def ours_padding_share(loader: Any, pad_token_id: int, model: Any = None) -> float:
     """Share of pad positions over every batch of ``loader``: in one packed row per record (``model=None``), or in
-    the rows ``model`` trains on (`padding_share`, per batch, weighted by the batch's positions)."""
-    from src.models.logprobs import padding_share
+    the rows ``model`` trains on (`build_rows`)."""
+    from src.models.logprobs import build_rows
 
     pads = total = 0
     for batch in loader:
         if model is None:
             p, t = packed_padding(batch, pad_token_id)
         else:
-            real = int(batch["prompt_lengths"].sum() + batch["answer_lengths"].sum())
-            share = padding_share(model, batch, pad_token_id, "packed")
-            t = real / (1 - share)  # positions = real tokens + padding
-            p = t - real
+            rows = build_rows(model, batch, pad_token_id, "packed")
+            p, t = rows.padding_tokens, rows.inputs["input_ids"].numel()
         pads, total = pads + p, total + t
     return pads / total
 

@@ -222,7 +222,7 @@ class AnswerGenerator:
                 for (r, p), o in zip(todo, outputs, strict=True)
             ]
             results |= {line["id"]: line for line in lines}
-            if _is_main_process():
+            if is_main_process():
                 with locked(path) if lock else nullcontext(), open(path, "a", encoding="utf-8") as f:
                     f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
             return {r.id: results[r.id] for r in records}
@@ -245,7 +245,7 @@ class AnswerGenerator:
         return {r.id: results[r.id] for r in records}
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
     )

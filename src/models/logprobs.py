@@ -120,9 +120,7 @@ def padded_rows(batch: dict[str, Any], pad_token_id: int) -> Rows:
     else:
         image_inputs = _image_inputs(batch, k)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask} | image_inputs
-    out = _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
-    out.padding_tokens = int((attention_mask == 0).sum())
-    return out
+    return _rows(inputs, pred_row, pred_col, target, slot, b * k, device, int((attention_mask == 0).sum()))
 
 
 def _record_blocks(batch: dict[str, Any]) -> list[list[list[int]]]:
@@ -218,10 +216,7 @@ def packed_rows(
     else:
         image_inputs = _image_inputs(batch)
     inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids} | image_inputs
-    out = _rows(inputs, pred_row, pred_col, target, slot, b * k, device)
-    out.padding_tokens = int((segment < 0).sum())
-    out.spans = spans
-    return out
+    return _rows(inputs, pred_row, pred_col, target, slot, b * k, device, int((segment < 0).sum()), spans)
 
 
 def _attends(seg_q: torch.Tensor, seg_kv: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, span: int) -> torch.Tensor:
@@ -244,12 +239,12 @@ def _block_mask(segment: torch.Tensor, span: int) -> Any:
     return create_block_mask(mask_mod, B=b, H=None, Q_LEN=width, KV_LEN=width, device=segment.device)
 
 
-def _rows(inputs, pred_row, pred_col, target, slot, num_slots, device) -> Rows:
+def _rows(inputs, pred_row, pred_col, target, slot, num_slots, device, padding_tokens, spans=None) -> Rows:
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
     targets = torch.cat(target) if target else t([])
-    return Rows(inputs, t(pred_row), t(pred_col), targets.to(device), t(slot), num_slots)
+    return Rows(inputs, t(pred_row), t(pred_col), targets.to(device), t(slot), num_slots, padding_tokens, spans)
 
 
 def attn_implementation(model: torch.nn.Module) -> str:
