@@ -27,6 +27,7 @@ from src.data.records import DataError
 from src.databuilder.base import BuildError
 from src.databuilder.pipeline import DatasetBuilder
 from src.databuilder.readers import read_text_pairs
+from src.errors import run_hydra, task_started
 
 log = logging.getLogger("build_dataset")
 
@@ -94,6 +95,7 @@ def summary(report: dict[str, Any], output_dir: str) -> str:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="build_dataset")
 def main(cfg: DictConfig) -> None:
+    task_started()
     try:
         report = build(cfg)
     except (BuildError, DataError) as e:  # a problem the user can fix: say what and where, no stack trace
@@ -106,4 +108,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

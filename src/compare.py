@@ -16,6 +16,7 @@ if not __package__:  # run as a script (python src/<entry>.py), not imported as 
 import hydra
 from omegaconf import DictConfig
 
+from src.errors import run_hydra, task_started
 from src.evaluation.compare import CompareError, compare_reports, find_reports, mapping, print_written
 
 log = logging.getLogger("compare")
@@ -23,6 +24,7 @@ log = logging.getLogger("compare")
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="compare")
 def main(cfg: DictConfig) -> dict[str, Any]:
+    task_started()
     out = Path(cfg.paths.output_dir)
     try:
         paths = find_reports([Path(p) for p in cfg.inputs])
@@ -42,4 +44,4 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

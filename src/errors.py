@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class SettingError(ValueError):
@@ -27,9 +28,20 @@ def setting_error_in(error: BaseException) -> SettingError | None:
     return error if isinstance(error, SettingError) else None
 
 
+# set once an entry point's task runs: Hydra exits 1 for its own errors too (a misspelled config group, an override
+# that does not parse), which come before the task starts, and `run_hydra` turns those into exit 2
+_task = {"started": False}
+
+
+def task_started() -> None:
+    """Called as an entry point's task begins: from then on, exit 1 is the task's own (see `run_hydra`)."""
+    _task["started"] = True
+
+
 @contextmanager
 def exit_on_setting_error(log: logging.Logger) -> Iterator[None]:
     """Around an entry point's work: a `SettingError` (however wrapped) becomes one error line and exit code 2."""
+    task_started()
     try:
         yield
     except Exception as e:
@@ -38,3 +50,15 @@ def exit_on_setting_error(log: logging.Logger) -> Iterator[None]:
             raise
         log.error("%s: %s", cause.label, " ".join(str(cause).split()))
         sys.exit(2)
+
+
+def run_hydra(main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` entry point; an error Hydra reports before the task starts (a misspelled config group
+    or option, an override that does not parse, a missing config) exits 2 like every setting error, not 1. Hydra
+    has already printed its message (with the options of a misspelled group)."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not _task["started"]:
+            sys.exit(2)
+        raise

@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from src.errors import exit_on_setting_error
+from src.errors import exit_on_setting_error, run_hydra
 from src.evaluation.judges import JudgeError
 from src.evaluation.report import log_to_wandb, markdown, plot, write_json
 from src.evaluation.runner import Evaluator, headline
@@ -57,4 +57,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

@@ -19,12 +19,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.data.datamodule import check_data_paths
-from src.errors import SettingError, exit_on_setting_error
+from src.errors import SettingError, exit_on_setting_error, run_hydra
 from src.files import write_atomic
 from src.models.device import choose_device
 from src.models.factory import build_model
 from src.models.generation import AnswerGenerator, GenerationSettings, is_main_process, read_generations
 from src.models.source import check_model_source
+from src.settings import EVALUATE, check_ranges
 from src.world.world import IMAGE_DRAWERS
 
 log = logging.getLogger("generate")
@@ -33,6 +34,7 @@ log = logging.getLogger("generate")
 def generate(cfg: DictConfig) -> dict[str, str]:
     torch.manual_seed(cfg.seed)
     # settings and paths first, in seconds: a typo must not wait for the model to load
+    check_ranges(cfg, EVALUATE)
     if cfg.split not in ("all", "train", "val"):
         raise SettingError(f"split must be all, train or val; got {cfg.split!r}")
     if cfg.mode not in ("blind", "image"):
@@ -90,4 +92,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

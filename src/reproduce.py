@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.data.datamodule import check_data_paths, grouped_split
 from src.data.readers import HF_FORMATS, read_records
-from src.errors import SettingError, exit_on_setting_error
+from src.errors import SettingError, exit_on_setting_error, run_hydra
 from src.evaluation.compare import print_written
 from src.evaluation.judges import JudgeError
 from src.evaluation.seeds import BASE, last_step, log_to_wandb, markdown, summarize, write_outputs
@@ -390,4 +390,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

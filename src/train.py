@@ -26,16 +26,18 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from src.data.datamodule import check_data_paths
+from src.data.datamodule import check_data_paths, check_max_length
 from src.data.encoding import PROMPT_FORMAT_FILE
-from src.errors import SettingError, exit_on_setting_error
+from src.errors import SettingError, exit_on_setting_error, run_hydra
 from src.models.distributed import policy_state_dict
+from src.models.factory import load_processor
 from src.models.generation import GenerationSettings, fill_blind_answers
 from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged
 from src.models.module import PreferenceModule
 from src.models.objectives import composite_answers_resolver
 from src.models.reference import precompute_reference_logps
 from src.models.source import check_model_source
+from src.settings import TRAIN, check_ranges
 from src.world.world import IMAGE_DRAWERS
 
 log = logging.getLogger("train")
@@ -169,10 +171,14 @@ def add_reference_logps(cfg: DictConfig, module: PreferenceModule, datamodule: A
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """The data files and folders and the model source, checked in seconds before the model loads (a data-path
-    typo must not wait for 7B weights to load); raises `SettingError` naming the setting and the path."""
+    """Every numeric setting's range, the data files and folders and the model source, checked in seconds before
+    the model loads (a data-path typo must not wait for 7B weights to load); raises `SettingError` naming the
+    setting."""
+    check_ranges(cfg, TRAIN)
     check_data_paths(cfg.data)
     check_model_source(cfg.model.get("name_or_path"), "model.name_or_path", cfg.model.get("revision"))
+    # the processor alone (no weights): does data.max_length leave room for an answer after a picture?
+    check_max_length(cfg.data, load_processor(**cfg.model), cfg.model.get("system_prompt"))
 
 
 def check_optimized_metric(name: str | None, module: PreferenceModule) -> None:
@@ -274,13 +280,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     with exit_on_setting_error(log):  # a setting or path the user can fix: say what and where, no stack trace
         metrics = train(cfg)
-    name = cfg.get("optimized_metric")
+    return optimized_value(cfg.get("optimized_metric"), metrics)
+
+
+def optimized_value(name: str | None, metrics: dict[str, float]) -> float | None:
+    """The value of ``optimized_metric`` returned to sweepers. A run without validation (``data.val_fraction=0`` and
+    no ``data.val_path``) logs no ``val/`` metric: its train counterpart (the last step's value) stands in, said
+    once; None (absent) where there is none."""
     if not name:
         return None
-    if name not in metrics:
-        raise KeyError(f"optimized_metric {name!r} was not logged; logged: {sorted(metrics)}")
-    return metrics[name]
+    if name in metrics:
+        return metrics[name]
+    if name.startswith("val/") and not any(key.startswith("val/") for key in metrics):
+        stand_in = f"train/{name.removeprefix('val/')}"
+        if stand_in in metrics:
+            log.warning(
+                "no validation split (data.val_fraction=0, no data.val_path): optimized_metric %s is read from %s, "
+                "the last training step's value",
+                name,
+                stand_in,
+            )
+            return metrics[stand_in]
+        log.warning("no validation split: optimized_metric %s is absent (no %s either); returning none", name, stand_in)
+        return None
+    raise KeyError(f"optimized_metric {name!r} was not logged; logged: {sorted(metrics)}")
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

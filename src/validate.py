@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from src.data.records import DataError
-from src.errors import exit_on_setting_error
+from src.errors import exit_on_setting_error, run_hydra
 from src.models.factory import load_processor
 from src.world.world import IMAGE_DRAWERS
 
@@ -133,4 +133,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

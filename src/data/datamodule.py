@@ -12,6 +12,7 @@ from typing import Any
 
 from lightning import LightningDataModule
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from src.data.convert import collect_problem
@@ -19,7 +20,7 @@ from src.data.dataset import EpochShuffle, PreferenceDataset
 from src.data.encoding import ANSWER_KEYS, CORRUPTED, EncodeStats, PromptEncoder, collate_pairs
 from src.data.images import IMAGE_ASPECT_RATIOS, Drawer, ImageResolver, check_corruption
 from src.data.readers import HF_FORMATS, keep_listed, read_records
-from src.data.records import DataError, PreferenceRecord
+from src.data.records import DataError, PreferenceRecord, Turn
 from src.errors import SettingError
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,21 @@ def check_data_paths(data: Any) -> None:
         raise DataError(f"{ids_file}: ids file not found (data.ids_file)")
     if image_root and not Path(str(image_root)).is_dir():
         raise DataError(f"{image_root}: no such image folder (data.image_root)")
+
+
+def check_max_length(data: Any, processor: Any, system_prompt: str | None = None) -> None:
+    """``data.max_length`` leaves room for an answer after the shortest prompt with a picture (the template and the
+    image tokens alone); else every record with an image would be skipped as too long, after the model loaded."""
+    size = data.get("stand_in_size") or _image_size(processor)
+    encoder = PromptEncoder(processor, data.max_length, data.min_answer_tokens, system_prompt, data.image_aspect_ratio)
+    record = PreferenceRecord("shortest", (Turn("user", "?"),), 0, "render:?", chosen="", rejected="")
+    shortest = len(encoder.prompt_ids(record, Image.new("RGB", (size, size))))
+    if data.max_length < shortest + data.min_answer_tokens:
+        raise SettingError(
+            f"data.max_length={data.max_length} is out of range: the shortest prompt with a picture takes {shortest} "
+            f"tokens (the image's and the chat template's) and an answer at least data.min_answer_tokens="
+            f"{data.min_answer_tokens}: set data.max_length >= {shortest + data.min_answer_tokens}"
+        )
 
 
 def grouped_split(

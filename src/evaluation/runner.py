@@ -30,6 +30,7 @@ from src.models.factory import build_model, fingerprint
 from src.models.generation import AnswerGenerator, GenerationSettings
 from src.models.logprobs import attn_implementation
 from src.models.source import check_model_source
+from src.settings import EVALUATE, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class Evaluator:
     def __init__(self, cfg: DictConfig, out_dir: Path):
         self.cfg = cfg
         self.out_dir = out_dir
+        check_ranges(cfg, EVALUATE)  # numbers out of range: one line before anything loads
         # the judge first: an unreachable one fails the run before the model loads and anything is generated
         self.judge: Judge = hydra.utils.instantiate(cfg.judge)
         check_judge(self.judge)
