@@ -29,6 +29,7 @@ def run(
         "HF_HOME": str(tmp_path / "hf_home"),
         "HF_ENDPOINT": "http://127.0.0.1:9",
         "HF_HUB_OFFLINE": "1" if offline else None,
+        "TRANSFORMERS_OFFLINE": None,  # the other variable that forbids downloads: the user's may be set
     }
     (tmp_path / "hf_home").mkdir(exist_ok=True)
     start, cpu = time.monotonic(), children_cpu()
@@ -134,6 +135,22 @@ def test_a_cached_hub_id_passes_offline_and_its_revision_counts(tmp_path, monkey
     check_model_source("org/cached")
     with pytest.raises(SettingError, match=r"org/cached at revision v2 \(model.name_or_path\) is neither"):
         check_model_source("org/cached", revision="v2")
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_the_message_names_the_offline_variable_that_is_set(tmp_path, monkeypatch, variable):
+    from huggingface_hub import constants
+
+    from src.errors import SettingError
+    from src.models.source import check_model_source
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(SettingError, match=f"and {variable} forbids downloading it"):
+        check_model_source(NO_HUB_ID)
 
 
 def test_an_adapter_folder_is_checked_through_its_base(tmp_path):

@@ -120,10 +120,13 @@ def test_training_and_blind_prompts_begin_with_the_system_prompt(tmp_path, wide_
     cfg = compose_config("train", overrides, tmp_path / "run")
     assert cfg.model.system_prompt == VICUNA
     train(cfg)
-    blind = [p for p in seen["prompts"] if "<image>" not in p]
-    assert len(blind) == 4 and len(seen["prompts"]) == 8  # blind answers, then the training items
+    # the data.max_length check's shortest prompt (a square stand-in), the blind answers, then the training items
+    check, *prompts = seen["prompts"]
+    assert check.endswith("USER: " + "<image>" * 16 + "\n? ASSISTANT:"), check
+    blind = [p for p in prompts if "<image>" not in p]
+    assert len(blind) == 4 and len(prompts) == 8
     assert all(p.startswith(f"<s>{VICUNA} USER: ") for p in seen["prompts"]), seen["prompts"]
-    assert seen["sizes"] and set(seen["sizes"]) == {(64, 64)}  # every image padded to a square
+    assert seen["sizes"][1:] and set(seen["sizes"][1:]) == {(64, 64)}  # every image padded to a square
     # the saved model says how its prompts were built, and an evaluation that builds them otherwise is warned
     from src.evaluation.runner import trained_prompt_format
 

@@ -18,12 +18,18 @@ from src.errors import SettingError
 HUB_TIMEOUT_S = 5.0  # the one request to the hub for a hub id that is not in the local cache
 
 
-def hub_offline() -> bool:
-    """Whether downloads are forbidden (``HF_HUB_OFFLINE``, read now, not when huggingface_hub was imported)."""
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # either forbids downloads (huggingface_hub reads both)
+
+
+def hub_offline() -> str | None:
+    """The variable that forbids downloads (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``, read now, not when
+    huggingface_hub was imported), to name in messages; None when downloads are allowed."""
     from huggingface_hub import constants
 
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    return flag or bool(constants.HF_HUB_OFFLINE)
+    for name in OFFLINE_VARIABLES:
+        if os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}:
+            return name
+    return "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else None  # as it was set when huggingface_hub was imported
 
 
 def looks_like_path(name: str) -> bool:
@@ -36,7 +42,7 @@ def check_model_source(name_or_path: str | None, key: str = "model.name_or_path"
 
     None (the tiny model built from config) is fine. A local folder must hold a checkpoint (config.json) or a
     trained adapter, whose base model is checked in turn. A hub id must be in the local hub cache at ``revision``;
-    if not, with ``HF_HUB_OFFLINE`` set that is the error, else one request (``HUB_TIMEOUT_S``) asks the hub
+    if not, with ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set that is the error, else one request (``HUB_TIMEOUT_S``) asks the hub
     whether it exists.
     """
     from src.models.lora import adapter_base, is_adapter_folder  # here: lora imports torch, path_fingerprint does not
@@ -75,9 +81,10 @@ def _check_hub_id(name: str, key: str, revision: str | None) -> None:
         raise SettingError(f"model path {name}: no such folder or checkpoint ({key})") from None
     if isinstance(cached, str):
         return
-    if hub_offline():
+    offline = hub_offline()
+    if offline:
         raise SettingError(
-            f"model {name}{at} ({key}) is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE "
+            f"model {name}{at} ({key}) is neither a local folder nor in the Hugging Face cache, and {offline} "
             f"forbids downloading it: download it on a machine with network (hf download {name}) into "
             f"this cache (HF_HOME) or a folder, and point {key} at that folder"
         )

@@ -9,16 +9,12 @@ from typing import Any
 
 from src.databuilder.base import BuildError, Entity
 from src.databuilder.ner.common import entity_type, strip_span
-from src.models.source import path_fingerprint
+from src.models.source import hub_offline, path_fingerprint
 
 log = logging.getLogger(__name__)
 
 _TAGGED_LABEL = re.compile(r"^([BIESLU])[-_](.+)$")
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 class TransformersNER:
@@ -30,7 +26,7 @@ class TransformersNER:
     mapped to PER / ORG / LOC / MISC (``PERSON`` -> PER, ``GPE`` -> LOC, unknown -> MISC, dates and numbers
     dropped). Long texts are read in overlapping windows of the model's length.
 
-    ``model``: a hub id or a local folder; ``local_files_only=None`` follows ``HF_HUB_OFFLINE``.
+    ``model``: a hub id or a local folder; ``local_files_only=None`` follows ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``).
     """
 
     name = "transformers"
@@ -78,7 +74,7 @@ class TransformersNER:
     def _load(self) -> None:
         from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-        offline = _hub_offline() if self.local_files_only is None else bool(self.local_files_only)
+        offline = bool(hub_offline()) if self.local_files_only is None else bool(self.local_files_only)
         path = os.path.expanduser(self.model)
         if (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1) and not os.path.isdir(path):
             raise BuildError(
