@@ -1,4 +1,7 @@
+import copy
 import json
+
+import torch
 
 from src.models.factory import build_model, fingerprint, part_of
 from tests.helpers import compose_config
@@ -18,6 +21,52 @@ def test_tiny_model_is_seeded():
     b, _ = build_model(tiny={"seed": 0})
     c, _ = build_model(tiny={"seed": 1})
     assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+
+
+def test_fingerprint_reads_every_weight_value():
+    """Two models that share only the first and last 8 values of each tensor, or differ in one value in the
+    middle of one tensor, are different models: their caches must not be shared."""
+    model, _ = build_model(tiny={"seed": 0})
+    base = fingerprint(model)
+    most = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in most.parameters():
+            flat = p.view(-1)
+            flat[8:-8] += 1.0
+    one = copy.deepcopy(model)
+    largest = max(one.parameters(), key=torch.Tensor.numel)
+    with torch.no_grad():
+        largest.view(-1)[largest.numel() // 2] += 1e-3
+    assert len({base, fingerprint(most), fingerprint(one)}) == 3
+    assert fingerprint(copy.deepcopy(model)) == base  # the same values: the same fingerprint
+
+
+def test_fingerprint_counts_buffers_and_reads_half_precision_as_stored():
+    model, _ = build_model(tiny={"seed": 0})
+    model.register_buffer("running_stat", torch.zeros(100))
+    base = fingerprint(model)
+    model.running_stat[50] = 1.0
+    assert fingerprint(model) != base
+    half, _ = build_model(tiny={"seed": 0}, dtype="bfloat16")
+    nudged = copy.deepcopy(half)
+    weight = max(nudged.parameters(), key=torch.Tensor.numel)
+    with torch.no_grad():  # the next bfloat16 value: lost if values were rounded before hashing
+        bits = weight.view(-1)[1000:1001].view(torch.int16)
+        bits += 1
+    assert fingerprint(nudged) != fingerprint(half)
+
+
+def test_fingerprint_does_not_depend_on_how_tensors_are_chunked(monkeypatch):
+    """Weights are hashed a chunk at a time (a model on a GPU comes to the CPU 64 MB at a time); the chunk size
+    does not change the fingerprint, nor does the device (on a machine with a GPU)."""
+    import src.models.factory as factory
+
+    model, _ = build_model(tiny={"seed": 0})
+    base = fingerprint(model)
+    monkeypatch.setattr(factory, "FINGERPRINT_CHUNK_BYTES", 1000)  # most tensors in several chunks
+    assert fingerprint(model) == base
+    if torch.cuda.is_available():
+        assert fingerprint(model.to("cuda")) == base
 
 
 def test_local_folder_loads_through_auto_classes_and_generate_cli(tiny, tmp_path):
