@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ SHARED_MMSAFE = None if _SHARED_DATA == "none" else Path(_SHARED_DATA) / "data" 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# file digests of weight folders (src.models.source.file_digests): a file per test session, not logs/cache
+os.environ.setdefault("MLLM_BPO_DIGEST_CACHE", str(Path(tempfile.mkdtemp(prefix="digests-")) / "file-digests.json"))
 
 
 @pytest.fixture(scope="session")

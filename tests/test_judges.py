@@ -22,6 +22,7 @@ from src.evaluation.judge_llm import (
     parse_safety_reply,
 )
 from src.evaluation.judges import EMPTY_ANSWER, JudgeError, JudgeInput, KeywordJudge, Verdict, match_category
+from src.models.source import weights_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 JUDGE_CONFIGS = ROOT / "configs" / "judge"
@@ -573,11 +574,13 @@ def test_llama_guard_identity_fingerprints_folder_and_weights(tiny_guard_dir):
     before = judge.identity()
     assert before["name"] == "llama_guard" and before["model"] == str(tiny_guard_dir)
     assert before["path_fingerprint"] is not None and before["weights_fingerprint"] is None  # not loaded yet
+    assert before["weights_file_fingerprint"] == weights_fingerprint(tiny_guard_dir) is not None  # files, unloaded
     judge.judge([JudgeInput(prompt="Hi", answer="Hello!")])
     after = judge.identity()
     assert after["path_fingerprint"] == before["path_fingerprint"] and after["weights_fingerprint"] is not None
     hub = LlamaGuardJudge("meta-llama/Llama-Guard-3-1B").identity()
     assert hub["model"] == "meta-llama/Llama-Guard-3-1B" and hub["path_fingerprint"] is None  # a hub id: no folder
+    assert hub["weights_file_fingerprint"] is None
 
 
 EMPTY_ANSWERS = ["", "  \n\t ", "\u00a0"]

@@ -145,3 +145,65 @@ def test_an_optimized_metric_the_objective_never_logs_fails_before_training(tmp_
     with pytest.raises(SettingError, match=r"optimized_metric=val/rewards/margins is not logged.*blind_margins"):
         train(compose_config("train", overrides, tmp_path / "run"))
     assert not (tmp_path / "run" / "data_summary.json").exists()  # stopped before the data was read
+
+
+# chosen, rejected, chosen_corrupted of 2 records with an image and 1 text-only record, whose corrupted column is
+# the chosen answer again (no corrupted image): a tie that is no miss. Image records' margins 0.3 and 0.1.
+REWARDS3 = torch.tensor([[0.5, 0.1, 0.2], [0.4, 0.0, 0.3], [0.6, 0.2, 0.6]])
+HAS_IMAGE3 = torch.tensor([True, True, False])
+CONDITIONAL = ("chosen", "rejected", "chosen_corrupted")
+
+
+def test_chosen_corrupted_metrics_average_over_records_with_an_image():
+    from src.models.module import preference_metrics
+
+    m = preference_metrics(REWARDS3 * 10, REWARDS3, CONDITIONAL, HAS_IMAGE3)
+    assert m["rewards/chosen_corrupted_accuracies"].item() == pytest.approx(1.0)  # not 2/3
+    assert m["rewards/chosen_corrupted_margins"].item() == pytest.approx(0.2)  # not 0.4 / 3
+    assert m["rewards/chosen_corrupted_count"].item() == 2
+    assert m["rewards/chosen_corrupted"].item() == pytest.approx(0.25)
+    assert m["logps/chosen_corrupted"].item() == pytest.approx(2.5)
+    assert m["rewards/accuracies"].item() == pytest.approx(1.0) and m["rewards/margins"].item() == pytest.approx(0.4)
+    # a batch with no record with an image: no mean of nothing (neither NaN nor 0), a count of 0
+    text_only = preference_metrics(REWARDS3[2:], REWARDS3[2:], CONDITIONAL, HAS_IMAGE3[2:])
+    assert text_only["rewards/chosen_corrupted_count"].item() == 0
+    assert not {k for k in text_only if k.startswith(("rewards/chosen_corrupted", "logps/chosen_corrupted"))} - {
+        "rewards/chosen_corrupted_count"
+    }
+    assert text_only["rewards/accuracies"].item() == 1.0  # the other metrics as before
+
+
+def test_validation_weighs_chosen_corrupted_metrics_by_records_with_an_image(monkeypatch):
+    """Over an epoch: a batch of 1 image record among 3 counts for 1, not 3 (not a mean of batch means); a batch
+    without one adds nothing; the count adds up. An epoch without one logs no accuracy at all."""
+    from src.models.module import preference_metrics
+
+    m = module({"name": "composite", "beta": 0.1, "terms": {"dpo": 1.0, "conditional": 1.0}}, strategy="frozen_copy")
+    assert m.answers == CONDITIONAL and "rewards/chosen_corrupted_count" in {
+        k.replace("__", "/") for k in m.val_metrics
+    }
+    batches = [  # (rewards, has_image): accuracies 1/1 (one image record of 3), 0/2, and a text-only batch
+        (torch.tensor([[0.5, 0.1, 0.2], [0.6, 0.2, 0.6], [0.6, 0.2, 0.6]]), torch.tensor([True, False, False])),
+        (torch.tensor([[0.1, 0.0, 0.3], [0.1, 0.0, 0.2]]), torch.tensor([True, True])),
+        (torch.tensor([[0.6, 0.2, 0.6]]), torch.tensor([False])),
+    ]
+    logged = {}
+    monkeypatch.setattr(m, "log", lambda name, value, **_: logged.__setitem__(name, value))
+
+    def run_epoch(batches):
+        logged.clear()
+        for rewards, has_image in batches:
+            metrics = preference_metrics(rewards, rewards, CONDITIONAL, has_image)
+            monkeypatch.setattr(m, "forward_batch", lambda batch, metrics=metrics: (torch.tensor(0.0), metrics))
+            m.validation_step({"ids": ["x"] * len(rewards)}, 0)
+        m.on_validation_epoch_end()
+        return {k: float(v.compute() if hasattr(v, "compute") else v) for k, v in logged.items()}
+
+    epoch = run_epoch(batches)
+    assert epoch["val/rewards/chosen_corrupted_accuracies"] == pytest.approx(1 / 3)  # 1 of 3 records with an image
+    assert epoch["val/rewards/chosen_corrupted_margins"] == pytest.approx((0.3 - 0.2 - 0.1) / 3)
+    assert epoch["val/rewards/chosen_corrupted_count"] == 3
+    for metric in m.val_metrics.values():
+        metric.reset()  # as Lightning does at an epoch's end for the metrics it was given
+    epoch = run_epoch(batches[2:])
+    assert epoch["val/rewards/chosen_corrupted_count"] == 0 and "val/rewards/chosen_corrupted_accuracies" not in epoch

@@ -26,7 +26,7 @@ from src.evaluation.judges import (
 from src.llm.chat_client import ChatClient, ChatRequestError, fill_template, load_template
 from src.llm.local_lm import LocalLM
 from src.models.device import DTYPE_CHOICES
-from src.models.source import check_model_source, path_fingerprint
+from src.models.source import check_model_source, path_fingerprint, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +317,9 @@ class LlamaGuardJudge:
         return self.lm.tokenizer
 
     def identity(self) -> dict[str, Any]:
-        """The model path or hub id, a fingerprint of the local folder (None for a hub id) and, once loaded,
-        of the weights themselves (None when nothing needed judging)."""
+        """The model path or hub id, fingerprints of the local folder (its files' names, sizes and times) and of
+        its weight files' bytes (each None for a hub id) and, once loaded, of the weights in memory (None when
+        nothing needed judging)."""
         weights = None
         if self._model is not None:
             from src.models.factory import fingerprint
@@ -329,6 +330,7 @@ class LlamaGuardJudge:
             "type": "llama_guard",
             "model": self.model_name_or_path,
             "path_fingerprint": path_fingerprint(self.model_name_or_path),
+            "weights_file_fingerprint": weights_fingerprint(self.model_name_or_path),
             "weights_fingerprint": weights,
             "max_new_tokens": self.max_new_tokens,
         }

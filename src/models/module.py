@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning import LightningModule
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from src.errors import SettingError
@@ -26,25 +27,63 @@ log = logging.getLogger(__name__)
 SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
 
 
+# answers that only records with an image have: their metrics are means over those records
+IMAGE_ONLY_ANSWERS = ("chosen_corrupted",)
+
+
+def _image_keys(answer: str) -> tuple[str, ...]:
+    return (f"rewards/{answer}", f"rewards/{answer}_margins", f"rewards/{answer}_accuracies", f"logps/{answer}")
+
+
+def image_only(key: str) -> str | None:
+    """The count (rewards/<answer>_count) of the records with an image whose mean metric ``key`` is, for an
+    answer of `IMAGE_ONLY_ANSWERS`; None for a metric over the whole batch."""
+    return next((f"rewards/{a}_count" for a in IMAGE_ONLY_ANSWERS if key in _image_keys(a)), None)
+
+
 def preference_metrics(
-    policy_logps: torch.Tensor, rewards: torch.Tensor, answers: Sequence[str]
+    policy_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    answers: Sequence[str],
+    has_image: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Batch means under the names dashboards use, from (B, K) log-probs and rewards of ``answers``.
 
     rewards/<answer> and logps/<answer> for every answer; the chosen answer's margin over each other answer and
     how often it wins: rewards/margins and rewards/accuracies over rejected, rewards/<answer>_margins and
     rewards/<answer>_accuracies over any other (blind, chosen_corrupted).
+
+    A text-only record has no corrupted image: its chosen_corrupted column is the chosen answer again and would
+    count as a tie. The chosen_corrupted metrics are means over the records with an image (``has_image`` (B,);
+    None: every record has one), counted in rewards/chosen_corrupted_count, and left out of a batch with none
+    (`image_only` names them; an epoch's mean weighs each batch by its count).
     """
     policy_logps = policy_logps.detach()
-    out = {f"rewards/{answer}": rewards[:, k].mean() for k, answer in enumerate(answers)}
+    rows = {answer: slice(None) for answer in answers}
+    count: dict[str, torch.Tensor] = {}
+    for answer in IMAGE_ONLY_ANSWERS:
+        if answer in answers:
+            mask = torch.ones(len(rewards), dtype=torch.bool) if has_image is None else has_image.bool()
+            rows[answer] = mask.to(rewards.device)
+            count[f"rewards/{answer}_count"] = mask.sum().float()
+    out = {f"rewards/{answer}": rewards[rows[answer], k].mean() for k, answer in enumerate(answers)}
     if "chosen" in answers:
         chosen = rewards[:, list(answers).index("chosen")]
         for k, answer in enumerate(answers):
             if answer != "chosen":
                 prefix = "" if answer == "rejected" else f"{answer}_"
-                out[f"rewards/{prefix}margins"] = (chosen - rewards[:, k]).mean()
-                out[f"rewards/{prefix}accuracies"] = (chosen > rewards[:, k]).float().mean()
-    return out | {f"logps/{answer}": policy_logps[:, k].mean() for k, answer in enumerate(answers)}
+                wins = chosen[rows[answer]] - rewards[rows[answer], k]
+                out[f"rewards/{prefix}margins"] = wins.mean()
+                out[f"rewards/{prefix}accuracies"] = (wins > 0).float().mean()
+    out |= {f"logps/{answer}": policy_logps[rows[answer], k].mean() for k, answer in enumerate(answers)}
+    # a batch with no record with an image has no such means (not NaN, not 0): only its count of 0
+    empty = {
+        key
+        for answer in IMAGE_ONLY_ANSWERS
+        if count.get(f"rewards/{answer}_count", 1) == 0
+        for key in _image_keys(answer)
+    }
+    return {key: value for key, value in out.items() if key not in empty} | count
 
 
 def likelihood_metrics(
@@ -163,8 +202,12 @@ class PreferenceModule(LightningModule):
             self.reference.requires_grad_(False)
             self.reference.eval()
         # ModuleDict keys cannot hold "/", so val metric names are stored with "/" -> "__"
+        # counts (rewards/<answer>_count) add up over an epoch; every other metric is a mean
         self.val_metrics = torch.nn.ModuleDict(
-            {k.replace("/", "__"): MeanMetric() for k in metric_names(self.answers, self.likelihood, self.term_names)}
+            {
+                k.replace("/", "__"): SumMetric() if k.endswith("_count") else MeanMetric()
+                for k in metric_names(self.answers, self.likelihood, self.term_names)
+            }
         )
 
     def _check_objective(self, name: str, objective: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -208,7 +251,7 @@ class PreferenceModule(LightningModule):
         if self.likelihood:
             metrics = likelihood_metrics(policy_logps, out.rewards, self.answers)
         else:
-            metrics = preference_metrics(policy_logps, out.rewards, self.answers)
+            metrics = preference_metrics(policy_logps, out.rewards, self.answers, batch.get("has_image"))
         metrics |= {f"terms/{name}": value.mean() for name, value in out.terms.items()}
         loss = out.loss.mean()
         return loss, {"loss": loss.detach()} | metrics
@@ -287,9 +330,16 @@ class PreferenceModule(LightningModule):
         _, metrics = self.forward_batch(batch)
         size = len(batch["ids"])
         for key, value in metrics.items():
-            # logging the torchmetrics object lets Lightning reduce it across batches and devices
             metric = self.val_metrics[key.replace("/", "__")]
-            metric.update(value, weight=size)
+            if key.endswith("_count"):
+                metric.update(value)
+            elif image_only(key):
+                # a mean over the records with an image, weighted by their count; logged at the epoch's end
+                metric.update(value, weight=metrics[image_only(key)])
+                continue
+            else:
+                metric.update(value, weight=size)
+            # logging the torchmetrics object lets Lightning reduce it across batches and devices
             self.log(
                 f"val/{key}",
                 metric,
@@ -298,6 +348,21 @@ class PreferenceModule(LightningModule):
                 batch_size=size,
                 prog_bar=key == "rewards/accuracies",
             )
+
+    def on_validation_epoch_end(self) -> None:
+        """The means over records with an image (`image_only`), logged when the epoch had any (summed over every
+        device: each device computes the same sums, so all log alike), else left out rather than logged as NaN."""
+        for name, metric in self.val_metrics.items():
+            count_key = image_only(name.replace("__", "/"))
+            if count_key is None:
+                continue
+            with warnings.catch_warnings():  # a device without such records has an empty share: not worth a warning
+                warnings.filterwarnings("ignore", message=".*compute.*before.*update", category=UserWarning)
+                # on every device: compute gathers the other devices' sums (the count's is reused by Lightning)
+                count, value = self.val_metrics[count_key.replace("/", "__")].compute(), metric.compute()
+            metric.reset()
+            if count > 0:
+                self.log(f"val/{name.replace('__', '/')}", value, on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams.optim

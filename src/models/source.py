@@ -4,18 +4,30 @@ local Hugging Face cache or (online) exists on the hub.
 Loading a missing model through transformers fails late (after the data, or after every answer was generated) and
 in many lines: a wrong local path reads as a malformed repo id, an uncached hub id with ``HF_HUB_OFFLINE=1`` as a
 chain of connection errors, and without it only after the download retries (close to a minute with no network).
-`path_fingerprint` digests what is at a local source, for the cache keys and identities of what a model there made.
+`path_fingerprint` digests what is at a local source, for the cache keys and identities of what a model there made;
+`weights_fingerprint` digests the bytes of a local checkpoint's weight files, each file read once (`file_digests`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from src.errors import SettingError
+from src.files import locked, write_atomic
+
+log = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 5.0  # the one request to the hub for a hub id that is not in the local cache
+# weight files of a checkpoint folder, whose bytes `weights_fingerprint` digests
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# where `file_digests` keeps the digests it computed; unset: paths.cache_dir's default, logs/cache under the project
+DIGEST_CACHE_ENV = "MLLM_BPO_DIGEST_CACHE"
+_READ_BYTES = 16 << 20
 
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # either forbids downloads (huggingface_hub reads both)
@@ -117,7 +129,12 @@ def _ask_hub(name: str, key: str, revision: str | None, at: str) -> None:
 
 def path_fingerprint(path: str | os.PathLike[str] | None) -> str | None:
     """A digest of what is at ``path`` as far as a cache key needs it: a file's bytes, a folder's file names,
-    sizes and modification times (weights are not read whole); None when nothing is there (a hub id, unset)."""
+    sizes and modification times (weights are not read whole); None when nothing is there (a hub id, unset).
+
+    Names, sizes and times suffice to invalidate: a file written again gets a new modification time. Digesting
+    the bytes would catch nothing more (`file_digests` itself trusts size and time to know a file unchanged);
+    it would only keep the digest of a copied or touched folder, at the price of reading every file once,
+    which for an image folder is all its images."""
     if path is None:
         return None
     target = os.path.expanduser(os.fspath(path))
@@ -134,4 +151,79 @@ def path_fingerprint(path: str | os.PathLike[str] | None) -> str | None:
                 h.update(f"{os.path.relpath(full, target)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     else:
         return None
+    return h.hexdigest()[:16]
+
+
+def digest_cache_path() -> Path:
+    """The JSON file of file digests: ``$MLLM_BPO_DIGEST_CACHE``, else logs/cache/file-digests.json under
+    ``$PROJECT_ROOT`` (configs/paths/default.yaml's cache_dir)."""
+    named = os.environ.get(DIGEST_CACHE_ENV)
+    if named:
+        return Path(named).expanduser()
+    return Path(os.environ.get("PROJECT_ROOT", ".")) / "logs" / "cache" / "file-digests.json"
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_digests(cache: Path) -> dict[str, Any]:
+    try:
+        entries = json.loads(cache.read_text())
+    except (OSError, ValueError):  # no file yet, or a damaged one: digests are computed again
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def file_digests(paths: list[str], cache: Path | None = None) -> dict[str, str]:
+    """SHA-256 of each file's bytes, by path. A file is read only when the cache (`digest_cache_path`) has no
+    digest for its absolute path at its current size and modification time (ns), so a 7B checkpoint is read
+    once, and again only after it was written; new digests are merged into the cache file under its lock."""
+    cache = digest_cache_path() if cache is None else Path(cache)
+    entries = _read_digests(cache)
+    out: dict[str, str] = {}
+    new: dict[str, Any] = {}
+    for path in paths:
+        full = os.path.abspath(os.path.expanduser(path))
+        before = os.stat(full)
+        entry = entries.get(full)
+        if isinstance(entry, dict) and entry.get("stat") == _stat_key(before) and isinstance(entry.get("sha256"), str):
+            out[path] = entry["sha256"]
+            continue
+        h = hashlib.sha256()
+        with open(full, "rb") as f:
+            while block := f.read(_READ_BYTES):
+                h.update(block)
+        out[path] = h.hexdigest()
+        if _stat_key(os.stat(full)) == _stat_key(before):  # a file written while it was read is not cached
+            new[full] = {"stat": _stat_key(before), "sha256": out[path]}
+    if new:
+        try:
+            with locked(cache):  # merged with what other jobs stored meanwhile
+                write_atomic(cache, json.dumps(_read_digests(cache) | new, indent=0, sort_keys=True))
+        except OSError as e:  # a read-only cache folder: the digests are right, only computed again next time
+            log.warning("%s: file digests not cached (%s)", cache, e)
+    return out
+
+
+def weights_fingerprint(path: str | os.PathLike[str] | None, cache: Path | None = None) -> str | None:
+    """A digest of the bytes of the weight files (`WEIGHT_SUFFIXES`) in a local checkpoint folder and their names
+    in it, or None (a hub id, unset, no weight files). The same checkpoint copied elsewhere gives the same
+    digest; each file is read once while unchanged (`file_digests`). This is the files' identity: a model loaded
+    from them and then trained, merged or cast is keyed by `src.models.factory.fingerprint` of its weights."""
+    if path is None:
+        return None
+    target = os.path.expanduser(os.fspath(path))
+    if not os.path.isdir(target):
+        return None
+    files = []
+    for root, dirs, names in os.walk(target):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names) if n.endswith(WEIGHT_SUFFIXES)]
+    if not files:
+        return None
+    digests = file_digests(files, cache)
+    h = hashlib.sha256()
+    for full in files:
+        h.update(f"{os.path.relpath(full, target)}\0{digests[full]}\n".encode())
     return h.hexdigest()[:16]
