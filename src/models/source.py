@@ -54,8 +54,8 @@ def check_model_source(name_or_path: str | None, key: str = "model.name_or_path"
 
     None (the tiny model built from config) is fine. A local folder must hold a checkpoint (config.json) or a
     trained adapter, whose base model is checked in turn. A hub id must be in the local hub cache at ``revision``;
-    if not, with ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set that is the error, else one request (``HUB_TIMEOUT_S``) asks the hub
-    whether it exists.
+    if not, with ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set that is the error, else one request
+    (``HUB_TIMEOUT_S``) asks the hub whether it exists.
     """
     from src.models.lora import adapter_base, is_adapter_folder  # here: lora imports torch, path_fingerprint does not
 

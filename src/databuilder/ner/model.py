@@ -26,7 +26,8 @@ class TransformersNER:
     mapped to PER / ORG / LOC / MISC (``PERSON`` -> PER, ``GPE`` -> LOC, unknown -> MISC, dates and numbers
     dropped). Long texts are read in overlapping windows of the model's length.
 
-    ``model``: a hub id or a local folder; ``local_files_only=None`` follows ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``).
+    ``model``: a hub id or a local folder; ``local_files_only=None`` follows ``HF_HUB_OFFLINE`` (or
+    ``TRANSFORMERS_OFFLINE``).
     """
 
     name = "transformers"
