@@ -17,13 +17,14 @@ _ANSWER_PREFIX = re.compile(r"^\s*ASSISTANT:\s*")
 MMSAFE_FIELDS = ("id", "question", "image", "chosen", "rejected")
 
 
-def _split_marker(text: str, where: str) -> tuple[str, bool]:
-    """Remove the image marker (and the newline after it) from a turn; say whether it was there."""
+def _split_marker(text: str, where: str, turn: int) -> tuple[str, bool]:
+    """Remove the image marker (and the newline after it) from turn ``turn``; say whether it was there. ``where``
+    names the record alone, so that a problem line's record label is read from it."""
     n = text.count(IMAGE_MARKER)
     if n == 0:
         return text, False
     if n > 1:
-        raise DataError(f"{where}: a turn holds {n} {IMAGE_MARKER} markers; exactly one image is supported")
+        raise DataError(f"{where}: turn {turn} holds {n} {IMAGE_MARKER} markers; exactly one image is supported")
     before, after = text.split(IMAGE_MARKER)
     return (before.rstrip() + " " + after.lstrip("\n").lstrip()).strip(), True
 
@@ -31,7 +32,7 @@ def _split_marker(text: str, where: str) -> tuple[str, bool]:
 def _place_image(turns: list[tuple[str, str]], where: str) -> tuple[list[Turn], int | None]:
     out, image_turn = [], None
     for i, (role, text) in enumerate(turns):
-        clean, has = _split_marker(text, f"{where} turn {i}")
+        clean, has = _split_marker(text, where, i)
         if has:
             if image_turn is not None:
                 raise DataError(f"{where}: more than one {IMAGE_MARKER} marker in the conversation")
