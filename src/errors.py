@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -61,4 +62,30 @@ def run_hydra(main: Callable[[], Any]) -> None:
     except SystemExit as e:
         if e.code == 1 and not _task["started"]:
             sys.exit(2)
+        raise
+
+
+FAILED_MARK = "FAILED"  # written into the run folder of a run that did not finish
+
+
+@contextmanager
+def marked_if_failed(out_dir: str | Path, log: logging.Logger) -> Iterator[None]:
+    """Around an entry point's task: a run that ends by an error, an exit code other than 0 or an interrupt leaves
+    ``FAILED`` in its run folder (what ended it, in one line), so that a folder holding only its log and config does
+    not pass for a finished run; tools that look for the newest run read only folders with a run summary."""
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        if isinstance(e, SystemExit):
+            what = f"exit code {e.code} (the error is in the log above and in the run's .log file)"
+        elif isinstance(e, KeyboardInterrupt):
+            what = "interrupted"
+        else:
+            what = f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
+        folder = Path(out_dir)
+        if folder.is_dir():
+            (folder / FAILED_MARK).write_text(f"this run did not finish: {what}\n")
+            log.info("run folder marked as failed: %s", folder / FAILED_MARK)
         raise

@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from src.errors import exit_on_setting_error, run_hydra
+from src.errors import exit_on_setting_error, marked_if_failed, run_hydra
 from src.evaluation.judges import JudgeError
 from src.evaluation.report import log_to_wandb, markdown, plot, write_json
 from src.evaluation.runner import Evaluator, headline
@@ -48,7 +48,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with exit_on_setting_error(log):  # a setting or path the user can fix (data, model, judge): one line, exit 2
+    # a setting or path the user can fix (data, model, judge): one line, exit 2; a run that does not finish: FAILED
+    with marked_if_failed(cfg.paths.output_dir, log), exit_on_setting_error(log):
         try:
             evaluate(cfg)
         except JudgeError as e:  # no judge, no figures: one line saying why, and no report that looks finished

@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.data.datamodule import check_data_paths, check_max_length
 from src.data.encoding import PROMPT_FORMAT_FILE
-from src.errors import SettingError, exit_on_setting_error, run_hydra
+from src.data.readers import HF_FORMATS
+from src.errors import SettingError, exit_on_setting_error, marked_if_failed, run_hydra
 from src.models.distributed import policy_state_dict
 from src.models.factory import load_processor
 from src.models.generation import GenerationSettings, fill_blind_answers
@@ -181,6 +182,26 @@ def check_settings(cfg: DictConfig) -> None:
     check_max_length(cfg.data, load_processor(**cfg.model), cfg.model.get("system_prompt"))
 
 
+def write_heldout_ids(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, Any] | None:
+    """The validation records' ids in ``heldout_ids.txt``, and the command that evaluates the trained model on them
+    (``benchmark=preference`` reads the same file and keeps these ids): records the model never trained on."""
+    _, val = datamodule.split()
+    if not val:
+        return None
+    path = out_dir / "heldout_ids.txt"
+    path.write_text("".join(f"{r.id}\n" for r in val))
+    data = datamodule.hparams
+    source = data.val_path or data.path
+    command = None
+    if data.format not in HF_FORMATS:
+        command = (
+            f"python src/eval.py model.path={out_dir / 'model'} benchmark=preference benchmark.path={source} "
+            f"benchmark.format={data.format} benchmark.ids_file={path} benchmark.missing_images={data.missing_images}"
+            + (f" benchmark.image_root={data.image_root}" if data.image_root else "")
+        )
+    return {"records": len(val), "ids_file": str(path), "data": str(source), "eval_command": command}
+
+
 def check_optimized_metric(name: str | None, module: PreferenceModule) -> None:
     """A validation metric to optimise (sweeps) that this objective never logs fails now, not after training."""
     logged = sorted(f"val/{key.replace('__', '/')}" for key in module.val_metrics)
@@ -219,6 +240,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         report["blind_answers"] = add_blind_answers(cfg, module, datamodule)
         log.info("blind answers: %s", report["blind_answers"])
     datamodule.setup("fit")
+    report["heldout"] = write_heldout_ids(cfg, datamodule, out_dir)
     report["data"] = datamodule.summary()
     log.info("data: %s", json.dumps(report["data"]))
     (out_dir / "data_summary.json").write_text(json.dumps(report["data"], indent=2))
@@ -263,6 +285,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (out_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
         data = report["data"]
         log.info("saved policy and processor to %s", model_dir)
+        if report["heldout"] and report["heldout"]["eval_command"]:
+            log.info(
+                "evaluate it on the %d held-out records: %s",
+                report["heldout"]["records"],
+                report["heldout"]["eval_command"],
+            )
         log.info("final metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         log.info(
             "records read: %d = %d usable + %d rejected as bad input + %d skipped %s; stand-in images: %d",
@@ -278,7 +306,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with exit_on_setting_error(log):  # a setting or path the user can fix: say what and where, no stack trace
+    # a run that does not finish is marked (FAILED in its folder); a setting or path the user can fix: one line
+    with marked_if_failed(cfg.paths.output_dir, log), exit_on_setting_error(log):
         metrics = train(cfg)
     return optimized_value(cfg.get("optimized_metric"), metrics)
 
