@@ -10,11 +10,18 @@ first, then answers are shortened from the end; a record that still does not fit
 reason that is counted and reported. The prompt is fitted to the preference pair (chosen, rejected)
 alone, exactly as DPO fits it; an extra answer (the blind one) takes the budget that is left, so BPO and
 DPO train their shared term on identical prompts.
+
+Text from data is text (`Rendered`, `PromptEncoder.text_ids`): a question, a history turn or an answer that holds a
+control token's string (``</s>``, ``<image>``, ``<|im_start|>``, any token the tokenizer was given as an added token)
+is tokenized as the characters it is, never as that token. The template's own markers (BOS, the image marker,
+ChatML's turn markers) stay tokens, and image tokens appear only where the record's image is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +39,13 @@ CORRUPTED = "chosen_corrupted"
 CORRUPTED_PREFIX = "corrupted_"  # batch keys of the corrupted image's inputs: corrupted_pixel_values, ...
 # the answer whose text each column scores; the rest score their own
 ANSWER_TEXT = {CORRUPTED: "chosen"}
+# a text field longer than this is rejected ("text too long") before any tokenization: 100k characters are some
+# 25k tokens, beyond every max_length used here (llava-1.5's 4096 tokens are ~16k characters), so such a field
+# could only be cut; bounding it bounds the time and memory one record can take
+MAX_TEXT_CHARS = 100_000
+# stand-ins for data text while the chat template is rendered: private-use characters, which no template writes and
+# no control token holds, so the rendered string says where the template put its own text and where the data's
+_SLOT = re.compile("\ue000(\\d+)\ue001")
 # written beside a trained model: the PromptEncoder settings (system_prompt, image_aspect_ratio) it was trained with
 PROMPT_FORMAT_FILE = "prompt_format.json"
 
@@ -72,6 +86,57 @@ class EncodeStats:
         }
 
 
+def _slot(i: int) -> str:
+    return f"\ue000{i}\ue001"
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered chat template and where the data's text lies in it.
+
+    ``spans``: the (start, end) character ranges of data text in ``text``, in order; None when the template
+    changes the text it is given (trims it, say), so the ranges cannot be told. ``texts``: the data texts.
+    """
+
+    text: str
+    spans: tuple[tuple[int, int], ...] | None
+    texts: tuple[str, ...]
+
+    def cut(self, start: int, end: int) -> Rendered:
+        """``text[start:end]``, its spans moved and clipped to it."""
+        spans = None
+        if self.spans is not None:
+            spans = tuple(
+                (max(a, start) - start, min(b, end) - start) for a, b in self.spans if min(b, end) > max(a, start)
+            )
+        return Rendered(self.text[start:end], spans, self.texts)
+
+    def template_pieces(self) -> list[tuple[int, str]]:
+        """(offset, text) of each stretch of the template's own text (the complement of ``spans``)."""
+        out, pos = [], 0
+        for a, b in (*self.spans, (len(self.text), len(self.text))):
+            if a > pos:
+                out.append((pos, self.text[pos:a]))
+            pos = max(pos, b)
+        return out
+
+    def replace_in_data(self, pattern: re.Pattern, repl: str) -> Rendered:
+        """The same string with ``pattern`` replaced in the data text only (spans kept in step); ``repl`` must not
+        match ``pattern``."""
+        pieces, spans, pos = [], [], 0
+        for a, b in self.spans:
+            pieces.append(self.text[pos:a])
+            start = sum(map(len, pieces))
+            text = self.text[a:b]
+            while pattern.search(text):  # what a removal joins ("<im<image>age>") is removed too
+                text = pattern.sub(repl, text)
+            pieces.append(text)
+            spans.append((start, start + len(pieces[-1])))
+            pos = b
+        pieces.append(self.text[pos:])
+        return Rendered("".join(pieces), tuple(spans), self.texts)
+
+
 class PromptEncoder:
     """Render and tokenize prompts and answers of `PreferenceRecord`s with a model's processor."""
 
@@ -94,6 +159,8 @@ class PromptEncoder:
         # the system message of records that bring none (LLaVA-1.5 was trained with Vicuna's system line)
         self.system_prompt = system_prompt
         self.image_aspect_ratio = image_aspect_ratio
+        self._controls: tuple[dict[str, Any], re.Pattern | None, re.Pattern | None] | None = None
+        self._special_added: tuple[list[int], list[int]] | None = None
 
     # -- prompts -------------------------------------------------------------------------------
     def messages(self, record: Conversation, with_image: bool = True, first_turn: int = 0) -> list[dict[str, Any]]:
@@ -106,6 +173,181 @@ class PromptEncoder:
     def prompt_text(self, record: Conversation, with_image: bool = True, first_turn: int = 0) -> str:
         messages = self.messages(record, with_image=with_image, first_turn=first_turn)
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, record_id: str = "?") -> Rendered:
+        """The chat template rendered as `prompt_text` renders it, with the places of the data text.
+
+        The template is rendered a second time with each text item replaced by a stand-in (`_slot`); putting the
+        texts back where the stand-ins stand must give the first rendering, else the template changed the text and
+        the places are unknown (``spans=None``). A text over `MAX_TEXT_CHARS` is a `DataError` ("text too long").
+        """
+        texts: list[str] = []
+        slotted = []
+        for message in messages:
+            content = []
+            for item in message["content"]:
+                if item.get("type") == "text":
+                    if len(item["text"]) > MAX_TEXT_CHARS:
+                        raise DataError(
+                            f"record {record_id}: a text of {len(item['text'])} characters (more than "
+                            f"{MAX_TEXT_CHARS}); text too long",
+                            reason="text too long",
+                        )
+                    content.append({**item, "text": _slot(len(texts))})
+                    texts.append(item["text"])
+                else:
+                    content.append(item)
+            slotted.append({**message, "content": content})
+        apply = self.processor.apply_chat_template
+        text = apply(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        pieces = _SLOT.split(apply(slotted, add_generation_prompt=add_generation_prompt, tokenize=False))
+        spans, rebuilt, pos = [], [], 0
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                piece = texts[int(piece)]
+                spans.append((pos, pos + len(piece)))
+            rebuilt.append(piece)
+            pos += len(piece)
+        return Rendered(text, tuple(spans) if "".join(rebuilt) == text else None, tuple(texts))
+
+    # -- text is text --------------------------------------------------------------------------
+    # The processor parses control tokens anywhere in the string it is given, so a data text holding "</s>" would
+    # train an EOS inside an answer, and one holding "<image>" would add image tokens that no image fills (the run
+    # stops at the first batch). Neutralising the strings (a zero-width character) would change the text, and
+    # tokenizing everything with split_special_tokens would break the template's own markers. Instead: the rendered
+    # string is split at the control tokens the template wrote (found outside the data text) and the stretches
+    # between them are tokenized with split_special_tokens, exactly as the tokenizer itself tokenizes each stretch
+    # between control tokens; image markers take the processor's own expansion. Text without any control string
+    # takes the processor's path unchanged (the ids are today's by construction); text with one takes the split
+    # path only after the split path has given the processor's ids for that very prompt with the control strings
+    # taken out of the data text, and otherwise the record is rejected with a reason (a DataError).
+    def control_tokens(self) -> tuple[dict[str, Any], re.Pattern | None, re.Pattern | None]:
+        """({string: added token}, pattern of every control string, pattern of those matched after normalization)."""
+        if self._controls is None:
+            tokens: dict[str, Any] = {}
+            for token in getattr(self.tokenizer, "added_tokens_decoder", {}).values():
+                tokens[str(getattr(token, "content", token))] = token
+            for name in ("image_token", "video_token"):  # markers the processor expands by string, token or not
+                marker = getattr(self.processor, name, None) if self.processor is not self.tokenizer else None
+                if isinstance(marker, str) and marker:
+                    tokens.setdefault(marker, None)
+
+            def pattern(strings: list[str]) -> re.Pattern | None:
+                strings = sorted((s for s in strings if s), key=len, reverse=True)  # longest first, as the tokenizer
+                return re.compile("|".join(map(re.escape, strings))) if strings else None
+
+            normalized = [s for s, t in tokens.items() if getattr(t, "normalized", False)]
+            self._controls = (tokens, pattern(list(tokens)), pattern(normalized))
+        return self._controls
+
+    def hidden_control(self, rendered: Rendered) -> str | None:
+        """The first control string that the data text brings into ``rendered``; None when it brings none."""
+        _, everywhere, normalized = self.control_tokens()
+        if everywhere is None:
+            return None
+        if rendered.spans is None:
+            found = next((m.group() for t in rendered.texts for m in [everywhere.search(t)] if m), None)
+        else:
+            found = next(
+                (
+                    m.group()
+                    for m in everywhere.finditer(rendered.text)
+                    if any(m.start() < b and a < m.end() for a, b in rendered.spans)
+                ),
+                None,
+            )
+        normalizer = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "normalizer", None)
+        if found is None and normalized is not None and normalizer is not None:
+            found = next(
+                (m.group() for t in rendered.texts for m in [normalized.search(normalizer.normalize_str(t))] if m),
+                None,
+            )
+        return found
+
+    def _tokenize(self, text: str, image: Any, add_special_tokens: bool) -> list[int]:
+        """The processor's own tokenization (with ``image``: image tokens expanded by its rules)."""
+        if image is None:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        kwargs = {} if add_special_tokens else {"add_special_tokens": False}
+        ids = self.processor(text=text, images=self._fit(image), **kwargs)["input_ids"]  # image tokens: by its size
+        return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+    def text_ids(
+        self, rendered: Rendered, image: Any = None, add_special_tokens: bool = True, record_id: str = "?"
+    ) -> list[int]:
+        """Token ids of ``rendered`` with its data text tokenized as text (see the comment above)."""
+        control = self.hidden_control(rendered)
+        if control is None:
+            return self._tokenize(rendered.text, image, add_special_tokens)
+        why = f"the text holds the control string {control!r}"
+        if rendered.spans is None:
+            raise DataError(
+                f"record {record_id}: {why}, and the chat template changes the text it renders, so the string cannot "
+                "be told from the template's own tokens",
+                reason="text holds a control token's string the template hides",
+            )
+        ids = self._split_ids(rendered, image, add_special_tokens, record_id, why)
+        _, everywhere, _ = self.control_tokens()
+        plain = rendered.replace_in_data(everywhere, "")
+        if self._split_ids(plain, image, add_special_tokens, record_id, why) != self._tokenize(
+            plain.text, image, add_special_tokens
+        ):
+            raise DataError(
+                f"record {record_id}: {why}, and this tokenizer does not tokenize the template's stretches apart as "
+                "it tokenizes the whole prompt, so the string cannot be encoded as text exactly",
+                reason="text holds a control token's string this tokenizer cannot encode as text",
+            )
+        return ids
+
+    def _added_by_tokenizer(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a text when it adds special tokens (BOS for Llama)."""
+        if self._special_added is None:
+            bare = list(self.tokenizer("a", add_special_tokens=False)["input_ids"])
+            full = list(self.tokenizer("a", add_special_tokens=True)["input_ids"])
+            at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None)
+            if at is None:
+                raise ValueError("cannot tell which special tokens the tokenizer adds around a text")
+            self._special_added = (full[:at], full[at + len(bare) :])
+        return self._special_added
+
+    def _split_ids(
+        self, rendered: Rendered, image: Any, add_special_tokens: bool, record_id: str, why: str
+    ) -> list[int]:
+        """The template's control tokens as tokens, everything between them tokenized as plain text."""
+        tokens, everywhere, _ = self.control_tokens()
+        marks = []  # (start, end, string) of the control tokens the template wrote, whitespace they strip included
+        for offset, piece in rendered.template_pieces():
+            for m in everywhere.finditer(piece):
+                token = tokens[m.group()]
+                start, end = offset + m.start(), offset + m.end()
+                if getattr(token, "lstrip", False):
+                    start = len(rendered.text[:start].rstrip())
+                if getattr(token, "rstrip", False):
+                    end = len(rendered.text) - len(rendered.text[end:].lstrip())
+                marks.append((start, end, m.group()))
+        bounds = [0, *[x for s, e, _ in marks for x in (s, e)], len(rendered.text)]
+        stretches = [rendered.text[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)]
+        encoded = self.tokenizer(stretches, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        added = {self.tokenizer.convert_tokens_to_ids(t) for t, v in tokens.items() if v is not None}
+        if any(i in added for ids in encoded for i in ids):  # an added token split_special_tokens does not split
+            raise DataError(
+                f"record {record_id}: {why}, a token of this tokenizer that it parses even in plain text",
+                reason="text holds a control token's string this tokenizer cannot encode as text",
+            )
+        image_token = getattr(self.processor, "image_token", None) if self.processor is not self.tokenizer else None
+        image_id = self.tokenizer.convert_tokens_to_ids(image_token) if image_token else None
+        runs: list[int] = []
+        if image is not None:  # how many tokens the processor gives each image marker of the template
+            template_only = self._tokenize("".join(p for _, p in rendered.template_pieces()), image, False)
+            runs = [len(list(g)) for k, g in itertools.groupby(template_only) if k == image_id]
+            if len(runs) != sum(t == image_token for _, _, t in marks):
+                raise DataError(f"record {record_id}: {why}, and the image tokens of the template cannot be placed")
+        before, after = self._added_by_tokenizer() if add_special_tokens else ([], [])
+        out = list(before) + list(encoded[0])
+        for (_, _, token), ids in zip(marks, encoded[1:], strict=True):
+            n = runs.pop(0) if image is not None and token == image_token else 1
+            out += [self.tokenizer.convert_tokens_to_ids(token)] * n + list(ids)
+        return out + list(after)
 
     def image_inputs(self, image: Any) -> dict[str, Any] | None:
         """The image processor's outputs for ``image`` (``pixel_values`` (1, C, H, W) for LLaVA-1.5); None: none.
@@ -128,12 +370,9 @@ class PromptEncoder:
         Special tokens are added the way the tokenizer adds them at inference (BOS for Llama-family
         models); a BOS that the chat template already wrote is not doubled.
         """
-        text = self.prompt_text(record, with_image=image is not None, first_turn=first_turn)
-        if image is None:
-            ids = self.tokenizer(text)["input_ids"]
-        else:
-            ids = self.processor(text=text, images=self._fit(image))["input_ids"]  # image tokens can depend on size
-            ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
+        messages = self.messages(record, with_image=image is not None, first_turn=first_turn)
+        rendered = self.render(messages, add_generation_prompt=True, record_id=record.id)
+        ids = self.text_ids(rendered, image, record_id=record.id)
         bos = self.tokenizer.bos_token_id
         if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
             ids = ids[1:]
@@ -147,24 +386,22 @@ class PromptEncoder:
         """
         messages = self.messages(record, with_image=record.image is not None)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        full = self.processor.apply_chat_template(
-            messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-            add_generation_prompt=False,
-            tokenize=False,
-        )
-        if not full.startswith(prompt):
+        assistant = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+        full = self.render(messages + [assistant], add_generation_prompt=False, record_id=record.id)
+        if not full.text.startswith(prompt):
             raise DataError(
                 f"record {record.id}: the chat template renders the prompt differently when an answer "
                 "follows it; cannot tell which tokens belong to the answer"
             )
-        rest = full[len(prompt) :]
+        rest = full.text[len(prompt) :]
         if not finished and answer.strip():
             end = rest.find(answer.strip()) if answer.strip() else 0
             if end < 0:
                 raise DataError(f"record {record.id}: the chat template changed the answer text; cannot cut its end")
-            text = rest[: end + len(answer.strip())]
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = self.tokenizer(rest.rstrip(), add_special_tokens=False)["input_ids"]
+            text = full.cut(len(prompt), len(prompt) + end + len(answer.strip()))
+            return self.text_ids(text, add_special_tokens=False, record_id=record.id)
+        text = full.cut(len(prompt), len(prompt) + len(rest.rstrip()))
+        ids = self.text_ids(text, add_special_tokens=False, record_id=record.id)
         if not ids or ids[-1] != self.tokenizer.eos_token_id:
             ids = ids + [self.tokenizer.eos_token_id]
         return ids

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from src.data.encoding import PromptEncoder, cat_image_inputs, inputs_digest
 from src.data.images import ImageResolver
-from src.data.records import Conversation, PreferenceRecord
+from src.data.records import Conversation, DataError, PreferenceRecord
 from src.files import locked
 from src.models.factory import fingerprint
 from src.models.logprobs import add_token_types, attn_implementation
@@ -187,7 +187,9 @@ class AnswerGenerator:
         waits, then reuses every line. Over devices it is held only to read the file and for rank 0's append: the
         processes must all reach the predict loop's collectives, and those Lightning launches read the file only
         once inside it, so a lock rank 0 kept across it would stall them for ever. Concurrent jobs over devices can
-        then both generate an answer; their lines never interleave.
+        then both generate an answer; their lines never interleave. A record whose prompt cannot be encoded (a
+        `DataError`, e.g. a text too long) gets ``{"id", "answer": "", "num_tokens": 0, "finished": False,
+        "error"}``, kept out of ``path``; encoding the record for training rejects it with the same reason.
         """
         path = Path(path)
         if lock and not self.devices:
@@ -200,7 +202,18 @@ class AnswerGenerator:
         results: dict[str, dict[str, Any]] = {}
         todo = []
         for record in records:
-            prompt = self.prompt(record, with_image)
+            try:
+                prompt = self.prompt(record, with_image)
+            except DataError as e:  # e.g. a text too long: no answer, never written to the file, not a crash
+                log.warning("%s: no answer for record %s: %s", desc, record.id, e)
+                results[record.id] = {
+                    "id": record.id,
+                    "answer": "",
+                    "num_tokens": 0,
+                    "finished": False,
+                    "error": str(e),
+                }
+                continue
             prev = done.get(record.id)
             if prev is not None and (prev.get("prompt_sha"), prev.get("source")) == (
                 _prompt_sha(record, prompt),
