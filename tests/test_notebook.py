@@ -40,6 +40,7 @@ def write_metrics(run_dir: Path, blind: bool = True) -> Path:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    (run_dir / "run_summary.json").write_text("{}")  # what a finished run writes last
     return run_dir
 
 
@@ -59,9 +60,9 @@ def rate(k: int, n: int) -> dict:
     return {"rate": k / n, "ci95": [max(0.0, k / n - 0.1), min(1.0, k / n + 0.1)], "n": n, "k": k}
 
 
-def full_report() -> dict:
+def full_report(model: Path | str = "logs/train/runs/x/model") -> dict:
     return {
-        "model": {"path": "logs/train/runs/x/model", "fingerprint": "0123456789abcdef"},
+        "model": {"path": str(model), "fingerprint": "0123456789abcdef"},
         "benchmark": {"name": "mmsafe_po", "kind": "safety_rate", "stand_in_images": 0},
         "judge": "keyword",
         "n": 30,
@@ -150,7 +151,7 @@ def test_notebook_is_stripped():
 
 def test_notebook_runs_on_a_full_bpo_run(tmp_path, monkeypatch, capsys):
     run_dir = write_metrics(tmp_path / "run")
-    report = write_report(tmp_path / "eval" / "report.json", full_report())
+    report = write_report(tmp_path / "eval" / "report.json", full_report(run_dir / "model"))
     ns = run_notebook(monkeypatch, tmp_path, run_dir, report)
 
     assert Path(ns["RUN_DIR"]) == run_dir and Path(ns["REPORT"]) == report
@@ -169,7 +170,7 @@ def test_notebook_runs_on_a_full_bpo_run(tmp_path, monkeypatch, capsys):
 
 def test_notebook_runs_without_optional_sections(tmp_path, monkeypatch, capsys):
     run_dir = write_metrics(tmp_path / "run", blind=False)  # a DPO run: no blind columns
-    report = full_report()
+    report = full_report(run_dir / "model")
     for key in ("co_defense", "cheating", "safety_rate", "safety_rate_ci95", "pairwise_accuracy"):
         del report[key]
     report["benchmark"]["kind"] = "attack_success_rate"
@@ -185,17 +186,55 @@ def test_notebook_runs_without_optional_sections(tmp_path, monkeypatch, capsys):
     assert "co-defense" not in out and "benign image" not in out
 
 
+def evaluation_of(run: str) -> dict:
+    """A report of the evaluation of training run ``run``'s model, named as eval.py names it (from the root)."""
+    return full_report(f"logs/train/runs/{run}/model")
+
+
 def test_notebook_defaults_to_the_newest_run_under_logs(tmp_path, monkeypatch):
     root = tmp_path / "project"
     (root / "configs").mkdir(parents=True)
     (root / "notebooks").mkdir()
     for name in ("2026-01-02_09-00-00", "2026-01-01_10-00-00"):
         write_metrics(root / "logs" / "train" / "runs" / name)
-        write_report(root / "logs" / "eval" / "runs" / name / "report.json", full_report())
+        write_report(root / "logs" / "eval" / "runs" / name / "report.json", evaluation_of(name))
     ns = run_notebook(monkeypatch, root / "notebooks")
     assert Path(ns["RUN_DIR"]) == root / "logs" / "train" / "runs" / "2026-01-02_09-00-00"
     assert Path(ns["REPORT"]) == root / "logs" / "eval" / "runs" / "2026-01-02_09-00-00" / "report.json"
     assert ns["metrics_rows"] and ns["report"]
+
+
+def test_notebook_pairs_a_run_only_with_an_evaluation_of_its_model(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "project"
+    (root / "configs").mkdir(parents=True)
+    (root / "notebooks").mkdir()
+    runs, evals = root / "logs" / "train" / "runs", root / "logs" / "eval" / "runs"
+    write_metrics(runs / "2026-01-01_10-00-00")
+    write_metrics(runs / "2026-01-02_09-00-00")
+    failed = runs / "2026-01-03_08-00-00"  # newest, but it failed: its log and config, no summary
+    failed.mkdir()
+    (failed / "config.yaml").write_text("seed: 0\n")
+    (failed / "FAILED").write_text("this run did not finish: exit code 2\n")
+    write_report(evals / "2026-01-02_12-00-00" / "report.json", evaluation_of("2026-01-02_09-00-00"))
+    # the newest evaluation is of the older run's model: it must not be shown as the newest run's
+    write_report(evals / "2026-01-04_12-00-00" / "report.json", evaluation_of("2026-01-01_10-00-00"))
+    ns = run_notebook(monkeypatch, root / "notebooks")
+    assert Path(ns["RUN_DIR"]) == runs / "2026-01-02_09-00-00"
+    assert Path(ns["REPORT"]) == evals / "2026-01-02_12-00-00" / "report.json"
+    assert "another model" not in capsys.readouterr().out
+
+    # no evaluation of the run's model: none is shown, and the notebook says so
+    (evals / "2026-01-02_12-00-00" / "report.json").unlink()
+    ns = run_notebook(monkeypatch, root / "notebooks")
+    assert ns["REPORT"] is None and not ns["report"]
+    assert f"no evaluation of {(runs / '2026-01-02_09-00-00' / 'model').resolve()}" in capsys.readouterr().out
+
+    # one named by hand that is of another model: shown, under a warning naming both models
+    other = evals / "2026-01-04_12-00-00" / "report.json"
+    ns = run_notebook(monkeypatch, root / "notebooks", report=other)
+    out = capsys.readouterr().out
+    assert Path(ns["REPORT"]) == other and "WARNING: the evaluation is of another model" in out
+    assert "2026-01-01_10-00-00" in out.split("WARNING")[1] and "2026-01-02_09-00-00" in out.split("WARNING")[1]
 
 
 def test_notebook_reads_relative_paths_from_the_project_root(tmp_path, monkeypatch):
