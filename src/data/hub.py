@@ -28,6 +28,7 @@ from PIL import Image as PILImage
 from PIL import PngImagePlugin
 
 from src.data.convert import collect_problem, generic_record, mmsafe_record
+from src.data.images import check_image_size
 from src.data.records import DataError, PreferenceRecord
 from src.files import write_atomic
 
@@ -261,7 +262,10 @@ def _source_bytes(value: Any, where: str) -> bytes | None:
 def _open(data: bytes, where: str) -> PILImage.Image:
     try:
         image = PILImage.open(io.BytesIO(data))
+        check_image_size(image.size, f"{where}: the embedded image")  # from its header, before decoding it
         image.load()
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where}: the embedded image cannot be decoded: {e}") from None
     return image
