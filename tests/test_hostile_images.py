@@ -22,6 +22,7 @@ from PIL import Image
 from src.data.images import IMAGE_LIMITS, ImageLimits, ImageResolver, open_image, pad_to_square
 from src.data.readers import read_ids, read_records
 from src.data.records import DataError, PreferenceRecord, Turn
+from src.errors import SettingError
 from src.files import file_problem, read_regular
 from tests.helpers import compose_config
 
@@ -69,6 +70,7 @@ resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # the old code's 300
 from PIL import Image
 from src.data.images import ImageResolver, pad_to_square
 from src.data.records import DataError, PreferenceRecord, Turn
+from src.errors import SettingError
 folder = sys.argv[1]
 Image.new("RGB", (30000, 1), (9, 9, 9)).save(folder + "/wide.png")
 record = PreferenceRecord("wide", (Turn("user", "q"),), 0, "wide.png", "no", "yes")
@@ -124,6 +126,12 @@ def test_more_pixels_than_the_limit_are_refused_from_the_header(tmp_path):
     Image.new("RGB", (40, 30)).save(tmp_path / "small.png")
     with pytest.raises(DataError, match="image too large: 40 x 30 pixels > 1000"):
         open_image(tmp_path / "small.png", ImageLimits(max_pixels=1000))
+
+
+@pytest.mark.parametrize("bad", [{"max_pixels": 0}, {"max_side": 1.5}, {"max_aspect": 0.5}, {"max_bytes": True}])
+def test_limits_are_checked_for_range(bad):
+    with pytest.raises(SettingError, match=f"ImageLimits.{next(iter(bad))} must be"):
+        ImageLimits(**bad)
 
 
 def test_a_file_over_the_byte_limit_is_not_opened(tmp_path):

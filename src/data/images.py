@@ -51,6 +51,14 @@ class ImageLimits:
     max_aspect: float = 20.0
     max_side: int = 4096
 
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "max_side"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingError(f"ImageLimits.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.max_aspect, bool) or not isinstance(self.max_aspect, (int, float)) or self.max_aspect < 1:
+            raise SettingError(f"ImageLimits.max_aspect must be a number >= 1, got {self.max_aspect!r}")
+
 
 IMAGE_LIMITS = ImageLimits()
 
@@ -118,16 +126,18 @@ def _shrunk(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 
 def _expanded(im: Image.Image) -> Image.Image:
-    """``im`` decoded, palette and 1-bit pictures expanded: a palette resizes only by nearest neighbour. Via RGBA
-    when a palette colour is transparent (PIL warns otherwise); its RGB is kept, as LLaVA's ``convert("RGB")``."""
+    """``im`` decoded, in a mode that resizes faithfully and without extra copies: a palette expanded (it resizes
+    only by nearest neighbour), alpha dropped as LLaVA's ``convert("RGB")`` drops it (resizing with alpha makes
+    premultiplied copies). The decoded original is released once converted."""
     im.load()
-    if im.mode in ("P", "PA"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Palette images with Transparency expressed in bytes ..."
-            return im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
-    if im.mode == "1":
-        return im.convert("L")
-    return im
+    mode = {"P": "RGB", "PA": "RGB", "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "1": "L", "LA": "L", "La": "L"}
+    if im.mode not in mode:
+        return im
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Palette images with Transparency expressed in bytes ...": dropped here
+        out = im.convert(mode[im.mode])
+    im.close()  # frees its pixels now, not when the caller's `with` ends
+    return out
 
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
