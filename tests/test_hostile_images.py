@@ -320,3 +320,17 @@ def test_validate_counts_each_hostile_picture_as_a_rejection_with_its_reason(tmp
         for p in summary["problems"]
     )
     assert "NOT OK" in report(summary, show=10)
+
+
+def test_training_stops_at_a_hostile_picture_with_one_line_naming_record_and_path(tiny, tmp_path):
+    from src.data.datamodule import PreferenceDataModule
+
+    os.mkfifo(tmp_path / "pipe.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(_generic("pipe") | {"image": "pipe.png"}) + "\n")
+    dm = PreferenceDataModule(str(path), image_root=str(tmp_path), val_fraction=0, processor=tiny[1])
+    with pytest.raises(DataError) as e:
+        within(60, dm.setup, "fit")
+    assert (
+        str(e.value) == f"record pipe: image path is not a regular file (a named pipe (FIFO)): {tmp_path / 'pipe.png'}"
+    )
