@@ -82,7 +82,7 @@ def open_image(path: str | Path, limits: ImageLimits = IMAGE_LIMITS) -> Image.Im
         with open_regular(path, limits.max_bytes) as f, Image.open(f) as im:
             check_image_size(im.size, path, limits)
             return _to_rgb(im, limits)
-    except DataError:
+    except (DataError, MemoryError):  # a refusal of ours, or this process out of memory: no bad picture
         raise
     except FileRefused as e:
         raise DataError(f"image path is {e}: {path}", reason=f"image path is {e}") from None
