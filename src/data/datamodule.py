@@ -22,6 +22,7 @@ from src.data.images import IMAGE_ASPECT_RATIOS, Drawer, ImageResolver, check_co
 from src.data.readers import HF_FORMATS, keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord, Turn
 from src.errors import SettingError
+from src.files import EMPTY, NOT_FOUND, file_problem
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,21 @@ def check_data_paths(data: Any) -> None:
     files = [("data.path", data.get("path")), ("data.val_path", data.get("val_path"))]
     if data.get("format") not in HF_FORMATS:
         for key, path in files:
-            if path and not Path(str(path)).exists():
+            problem = file_problem(str(path)) if path else None
+            if problem == NOT_FOUND:
                 raise DataError(
                     f"{path}: data file not found ({key}; set it to an existing file, or data.format=hf for a "
                     "Hugging Face dataset id)"
                 )
+            # a FIFO or a device is refused here, never read; a folder may be a data set saved by save_to_disk
+            if problem not in (None, EMPTY) and not Path(str(path)).is_dir():
+                raise DataError(f"{path}: the data file is {problem} ({key})")
     ids_file, image_root = data.get("ids_file"), data.get("image_root")
-    if ids_file and not Path(str(ids_file)).is_file():
+    problem = file_problem(str(ids_file)) if ids_file else None
+    if problem == NOT_FOUND:
         raise DataError(f"{ids_file}: ids file not found (data.ids_file)")
+    if problem not in (None, EMPTY):
+        raise DataError(f"{ids_file}: the ids file is {problem} (data.ids_file)")
     if image_root and not Path(str(image_root)).is_dir():
         raise DataError(f"{image_root}: no such image folder (data.image_root)")
 

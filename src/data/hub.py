@@ -28,8 +28,9 @@ from PIL import Image as PILImage
 from PIL import PngImagePlugin
 
 from src.data.convert import collect_problem, generic_record, mmsafe_record
+from src.data.images import IMAGE_LIMITS, check_image_size
 from src.data.records import DataError, PreferenceRecord
-from src.files import write_atomic
+from src.files import read_regular, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def _source_bytes(value: Any, where: str) -> bytes | None:
             return bytes(value["bytes"])
         if value.get("path"):
             try:
-                return Path(value["path"]).read_bytes()
+                return read_regular(value["path"], IMAGE_LIMITS.max_bytes)  # a FIFO or device is refused, not read
             except OSError as e:
                 raise DataError(
                     f"{where}: the embedded image refers to {value['path']!r}, which cannot be read: {e}"
@@ -261,7 +262,10 @@ def _source_bytes(value: Any, where: str) -> bytes | None:
 def _open(data: bytes, where: str) -> PILImage.Image:
     try:
         image = PILImage.open(io.BytesIO(data))
+        check_image_size(image.size, f"{where}: the embedded image")  # from its header, before decoding it
         image.load()
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where}: the embedded image cannot be decoded: {e}") from None
     return image

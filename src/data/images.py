@@ -2,22 +2,28 @@
 
 A stand-in is the record's entity (or referring phrase) drawn as black text on a plain background,
 the way MM-SafetyBench draws its TYPO images. It is a function of the text only, so runs repeat.
+
+Every picture read from a file is read by `open_image`, within `IMAGE_LIMITS`: training, blind answers,
+generation, scoring and evaluation all resolve images through `ImageResolver`, which calls it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import textwrap
+import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from src.data.records import Conversation, DataError
 from src.errors import SettingError
+from src.files import NOT_FOUND, FileRefused, file_problem, open_regular
 
 MISSING_POLICIES = ("error", "render")
 # how a non-square image reaches the model: crop (the processor's resize and centre crop, which cuts the long
@@ -26,6 +32,126 @@ IMAGE_ASPECT_RATIOS = ("crop", "pad")
 RENDER_PREFIX = "render:"  # an image reference that is always drawn from its text, never looked up on disk
 # draws the image a reference names at a size in pixels (square); ValueError for a reference it cannot draw
 Drawer = Callable[[str, int], Image.Image]
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a picture file may be, so that one file costs a bounded time and memory (docs/reliability.md#bounds).
+
+    ``max_bytes``: the file's size, looked at before it is opened. ``max_pixels``: width x height, read from the
+    header before any pixel is decoded (PIL's own decompression-bomb check allows ~179 M and is a global the
+    user may change). ``max_aspect``: longer side / shorter side; beyond it a picture is refused, since padding
+    it to a square (``image_aspect_ratio=pad``) or resizing its short side to the model's (``crop``) makes a
+    canvas of its long side squared. ``max_side``: a larger picture is shrunk to this longest side before it is
+    converted or padded (JPEGs are decoded shrunk); no model here looks at more.
+    """
+
+    max_bytes: int = 128 * 2**20
+    max_pixels: int = 8192 * 8192
+    max_aspect: float = 20.0
+    max_side: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "max_side"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingError(f"ImageLimits.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.max_aspect, bool) or not isinstance(self.max_aspect, (int, float)) or self.max_aspect < 1:
+            raise SettingError(f"ImageLimits.max_aspect must be a number >= 1, got {self.max_aspect!r}")
+
+
+IMAGE_LIMITS = ImageLimits()
+
+
+def open_image(path: str | Path, limits: ImageLimits = IMAGE_LIMITS) -> Image.Image:
+    """The RGB picture in the file at ``path``, within ``limits``; a `DataError` naming the path otherwise.
+
+    The path is looked at before it is opened (a FIFO, a device, a folder or an empty file is refused, never
+    read), the picture's size is checked from its header before its pixels are decoded, and a large one is
+    shrunk before it is converted, so neither conversion nor padding ever builds a canvas beyond ``max_side``
+    squared. 16-bit grey levels are scaled to 8 bits (not clipped to white), CMYK and palette pictures are
+    converted, alpha is dropped as LLaVA drops it, and of an animated picture the first frame is used. The
+    error's ``reason`` is the problem without the path, so that many records failing alike group as one.
+    """
+    problem = file_problem(path, limits.max_bytes)
+    if problem == NOT_FOUND:
+        raise DataError(f"image file not found: {path}", reason="image file not found")
+    if problem is not None:
+        raise DataError(f"image path is {problem}: {path}", reason=f"image path is {problem}")
+    try:
+        with open_regular(path, limits.max_bytes) as f, Image.open(f) as im:
+            check_image_size(im.size, path, limits)
+            return _to_rgb(im, limits)
+    except (DataError, MemoryError):  # a refusal of ours, or this process out of memory: no bad picture
+        raise
+    except FileRefused as e:
+        raise DataError(f"image path is {e}: {path}", reason=f"image path is {e}") from None
+    except UnidentifiedImageError:  # its own message names the file object, not the path
+        raise DataError(f"cannot read image {path}: not a picture in any format PIL reads") from None
+    except Exception as e:  # PIL raises many types on bad input (OSError, SyntaxError, struct.error, bombs, ...)
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def check_image_size(size: tuple[int, int], where: str | Path, limits: ImageLimits = IMAGE_LIMITS) -> None:
+    """Refuse a picture whose header says it is too large or too long and thin to decode, pad or resize (also
+    for pictures that are no files: embedded in a hub data set, downloaded by the data builder)."""
+    width, height = size
+    if width * height > limits.max_pixels:
+        reason = f"image too large: more than {limits.max_pixels} pixels"
+        raise DataError(f"image too large: {width} x {height} pixels > {limits.max_pixels}: {where}", reason=reason)
+    if min(width, height) < 1 or max(width, height) > limits.max_aspect * min(width, height):
+        reason = f"image too long and thin: aspect ratio beyond {limits.max_aspect:g}:1"
+        raise DataError(f"{reason} ({width} x {height} pixels): {where}", reason=reason)
+
+
+def _to_rgb(im: Image.Image, limits: ImageLimits) -> Image.Image:
+    """``im`` (opened, not decoded: its first frame) as RGB, its longest side at most ``limits.max_side``; shrunk
+    before any conversion, so no full-size copy of a large picture is made."""
+    target = _shrunk(im.size, limits.max_side)
+    if target != im.size:
+        im.draft(None, target)  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, never whole
+    im = _expanded(im)
+    if im.size != target:
+        im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    return _eight_bit(im).convert("RGB")
+
+
+def _shrunk(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``size`` scaled down to a longest side of ``max_side`` (each side at least 1); unchanged when within it."""
+    width, height = size
+    scale = max_side / max(width, height)
+    if scale >= 1:
+        return size
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _expanded(im: Image.Image) -> Image.Image:
+    """``im`` decoded, in a mode that resizes faithfully and without extra copies: a palette expanded (it resizes
+    only by nearest neighbour), alpha dropped as LLaVA's ``convert("RGB")`` drops it (resizing with alpha makes
+    premultiplied copies). The decoded original is released once converted."""
+    im.load()
+    mode = {"P": "RGB", "PA": "RGB", "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "1": "L", "LA": "L", "La": "L"}
+    if im.mode not in mode:
+        return im
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Palette images with Transparency expressed in bytes ...": dropped here
+        out = im.convert(mode[im.mode])
+    im.close()  # frees its pixels now, not when the caller's `with` ends
+    return out
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """16- and 32-bit grey scaled to 8 bits: PIL converts them to RGB by clipping at 255, which turns a 16-bit
+    picture white. 32-bit values within 0-255 are kept as they are; other modes are returned unchanged."""
+    if im.mode not in _SIXTEEN_BIT and im.mode not in ("I", "F"):
+        return im
+    pixels = np.asarray(im, dtype=np.float32)
+    if im.mode in _SIXTEEN_BIT or (pixels.size and pixels.max() > 255):
+        pixels = pixels / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
 
 
 @lru_cache(maxsize=8)
@@ -75,7 +201,8 @@ class ImageResolver:
     the user gives as ``<prefix>.<root_key>`` and ``<prefix>.missing_images`` (training's ``data.image_root``, a
     benchmark's ``benchmark.image_root`` or ``benchmark.root``). ``drawers`` maps a reference prefix to the function
     that draws such references at ``stand_in_size`` (the grounded-safety world's ``world:`` pictures): whoever builds
-    a resolver for such data gives them, so that this module knows nothing of what they draw.
+    a resolver for such data gives them, so that this module knows nothing of what they draw. Files are read by
+    `open_image` within ``limits``.
     """
 
     def __init__(
@@ -87,6 +214,7 @@ class ImageResolver:
         prefix: str = "data",
         root_key: str = "image_root",
         drawers: Mapping[str, Drawer] | None = None,
+        limits: ImageLimits = IMAGE_LIMITS,
     ):
         if missing not in MISSING_POLICIES:
             raise ValueError(f"{prefix}.missing_images must be one of {MISSING_POLICIES}, got {missing!r}")
@@ -105,6 +233,7 @@ class ImageResolver:
         self.stand_in_size = stand_in_size
         self.rendered: set[str] = set()
         self.drawers = dict(drawers or {})
+        self.limits = limits
 
     def path_for(self, record: Conversation) -> Path | None:
         if not record.image or record.image.startswith((RENDER_PREFIX, *self.drawers)):
@@ -119,7 +248,8 @@ class ImageResolver:
 
         Returns how many images are missing (each will be rendered as a stand-in).
         """
-        missing = [r for r in records if (p := self.path_for(r)) is not None and not p.is_file()]
+        # only what is not there is missing: a folder, FIFO or device is refused when the record is read
+        missing = [r for r in records if (p := self.path_for(r)) is not None and file_problem(p) == NOT_FOUND]
         if missing and self.missing == "error":
             first = missing[0]
             raise DataError(
@@ -140,12 +270,11 @@ class ImageResolver:
         path = self.path_for(record)
         if path is None:
             return None
-        if path.is_file():
+        if file_problem(path) != NOT_FOUND:  # read, or refused with what it is (a folder, a FIFO, too large)
             try:
-                with Image.open(path) as im:
-                    return im.convert("RGB")
-            except (OSError, Image.DecompressionBombError) as e:  # unreadable, truncated, absurdly large
-                raise DataError(f"record {record.id}: cannot read image {path}: {e}") from None
+                return open_image(path, self.limits)
+            except DataError as e:
+                raise DataError(f"record {record.id}: {e}", reason=e.reason) from None
         if self.missing == "render":
             self.rendered.add(record.id)
             return render_stand_in(record.stand_in_text(), self.stand_in_size)

@@ -19,12 +19,14 @@ embedded images) by `src.data.hub.read_hf_dataset`; `read_records` dispatches to
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
 
 from src.data.convert import collect_problem, generic_record, mmsafe_record
 from src.data.records import DataError, PreferenceRecord, invalid_json
+from src.files import EMPTY, NOT_FOUND, file_problem
 
 
 def read_mmsafe_po(path: str | Path, problems: list[str] | None = None) -> list[PreferenceRecord]:
@@ -55,7 +57,8 @@ def read_jsonl(path: str | Path, problems: list[str] | None = None) -> list[Pref
     """
     path = Path(path)
     records, seen = [], set()
-    for lineno, data in enumerate(path.read_bytes().splitlines(), 1):
+    # lines end in LF, CRLF or CR; a byte-order mark (Windows editors write one) opens the first line only
+    for lineno, data in enumerate(path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), 1):
         if not data.strip():
             continue
         where = f"{path}:{lineno}"
@@ -128,11 +131,14 @@ def read_records(
             raise DataError(f"{path} (split {split or 'train'}): no records")
         return records
     path = Path(path)
-    if not path.is_file():
+    problem = file_problem(path)  # looked at, not opened: a FIFO would block the read for ever
+    if problem == NOT_FOUND:
         raise DataError(
             f"{path}: data file not found (set {prefix}.path to an existing file, or {prefix}.format=hf for a "
             "Hugging Face dataset id or a folder written by save_to_disk)"
         )
+    if problem not in (None, EMPTY):  # an empty file has "no records", below
+        raise DataError(f"{path}: the data file is {problem}; set {prefix}.path to a JSON or JSONL file")
     if format == "auto":
         format = "jsonl" if path.suffix == ".jsonl" else "mmsafe_po"
     if format == "mmsafe_po":
@@ -146,7 +152,7 @@ def read_records(
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # with or without a byte-order mark
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 ({e})") from None
     except json.JSONDecodeError as e:
@@ -166,9 +172,10 @@ def _unique(record: PreferenceRecord, seen: set[str], where: str) -> PreferenceR
 def read_ids(path: str | Path) -> set[str]:
     """Record ids listed one per line (blank lines and ``#`` comments ignored)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"ids file not found: {path}")
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    problem = file_problem(path)
+    if problem not in (None, EMPTY):  # an empty list keeps no record, as it says
+        raise DataError(f"ids file {'not found' if problem == NOT_FOUND else f'is {problem}'}: {path}")
+    lines = (line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines())
     return {line for line in lines if line and not line.startswith("#")}
 
 

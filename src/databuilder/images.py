@@ -29,9 +29,10 @@ from typing import Any
 
 from PIL import Image
 
-from src.data.images import render_stand_in
+from src.data.images import IMAGE_LIMITS, check_image_size, render_stand_in
+from src.data.records import DataError
 from src.databuilder.base import ENTITY_TYPES, BuildError, Entity, ImageMatch, NoImage
-from src.files import write_atomic
+from src.files import read_regular, write_atomic
 from src.models.source import path_fingerprint
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,13 @@ def _check_image(data: bytes, min_size: int, what: str) -> tuple[Image.Image, st
     """(RGB image, PIL format) of encoded image bytes; `NoImage("bad_image")` if they do not decode or are small."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_image_size(im.size, what)  # from the header: a picture too large to decode is never decoded
             im.verify()
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format or ""
             rgb = im.convert("RGB")  # decodes every pixel: catches truncated files that verify() lets through
+    except DataError as e:
+        raise NoImage("too_large", str(e)) from None
     except Exception as e:  # PIL raises many types on bad input (OSError, SyntaxError, struct.error, ...)
         raise NoImage("bad_image", f"{what}: cannot decode image ({type(e).__name__}: {e})") from None
     if min(rgb.size) < min_size:
@@ -159,7 +163,7 @@ class LocalImages:
         if source is None:
             raise NoImage("not_found", f"no file named {entity.text!r} under {self.root}")
         try:
-            data = source.read_bytes()
+            data = read_regular(source, IMAGE_LIMITS.max_bytes)  # a FIFO or device named like a picture is refused
         except OSError as e:
             raise NoImage("bad_image", f"{source}: {e}") from None
         image, fmt = _check_image(data, self.min_size, str(source))

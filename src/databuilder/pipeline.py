@@ -26,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from src.data.convert import mmsafe_record
+from src.data.images import IMAGE_LIMITS
 from src.data.records import DataError
 from src.databuilder.base import (
     ENTITY_TYPES,
@@ -42,7 +43,7 @@ from src.databuilder.base import (
     component_fingerprint,
 )
 from src.databuilder.phrases import referring_phrase, rewrite_turn
-from src.files import write_atomic
+from src.files import read_regular, write_atomic
 
 log = logging.getLogger(__name__)
 MAX_PROBLEMS_IN_REPORT = 200
@@ -104,7 +105,12 @@ def _one_per_item(component: Any, items: list[Any]) -> list[Any]:
 
 
 def _file_digest(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+    """The digest of an image file's bytes; None (so the image is matched again) when it is no regular file within
+    the image size limit: a FIFO or a device put in its place is never read."""
+    try:
+        return hashlib.sha256(read_regular(path, IMAGE_LIMITS.max_bytes)).hexdigest()[:16]
+    except OSError:
+        return None
 
 
 def _slug(text: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 from src.data.records import DataError, Turn, invalid_json, validate_turns
 from src.databuilder.base import BuildError, TextPair
+from src.files import EMPTY, NOT_FOUND, file_problem
 
 INPUT_FORMATS = ("auto", "hh", "chat")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
@@ -36,8 +37,8 @@ def _lines(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path}: line {number}"
-            try:
-                text = raw.decode("utf-8")
+            try:  # a byte-order mark (Windows editors write one) opens the first line only; CRLF is JSON whitespace
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield number, DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})")
                 continue
@@ -137,8 +138,11 @@ def read_text_pairs(path: str | Path, format: str = "auto", problems: list[str] 
     path = Path(path)
     if format not in INPUT_FORMATS:
         raise BuildError(f"input_format must be one of {INPUT_FORMATS}, got {format!r}")
-    if not path.is_file():
+    problem = file_problem(path)  # looked at, not opened: a FIFO would block the read for ever
+    if problem == NOT_FOUND:
         raise BuildError(f"input file not found: {path}")
+    if problem not in (None, EMPTY):  # an empty file "holds no records"
+        raise BuildError(f"input file {path} is {problem}; set input to a JSONL file")
     fmt = detect_format(path) if format == "auto" else format
     make = hh_pair if fmt == "hh" else chat_pair
     pairs, seen = [], {}

@@ -24,6 +24,7 @@ from src.data.records import DataError, PreferenceRecord, invalid_json
 from src.evaluation.items import EvalItem, single_turn
 from src.evaluation.judges import Verdict
 from src.evaluation.metrics import by_key, verdict_rates
+from src.files import EMPTY, NOT_FOUND, file_problem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -284,8 +285,11 @@ class MMSafetyBench:
         return [f for f in files if f.stem in wanted or scenario_prefix(f.stem) in wanted]
 
     def _load(self, file: Path) -> dict[str, dict[str, Any]]:
+        problem = file_problem(file)  # looked at, not opened: a FIFO would block the read for ever
+        if problem is not None:
+            raise DataError(f"{file}: the scenario file is {problem}; expected a JSON object of questions")
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            data = json.loads(file.read_text(encoding="utf-8-sig"))  # with or without a byte-order mark
         except UnicodeDecodeError as e:
             raise DataError(f"{file}: not valid UTF-8 ({e})") from None
         except json.JSONDecodeError as e:
@@ -343,8 +347,11 @@ class HarmEval:
 
     def __init__(self, path: str, max_items: int | None = None):
         self.path = Path(path)
-        if not self.path.is_file():
+        problem = file_problem(self.path)  # looked at, not opened: a FIFO would block the read for ever
+        if problem == NOT_FOUND:
             raise DataError(f"{self.path}: HarmEval file not found; set benchmark.path to a .json or .csv file")
+        if problem not in (None, EMPTY):  # an empty file has "no questions"
+            raise DataError(f"{self.path}: the HarmEval file is {problem}; set benchmark.path to a .json or .csv file")
         rows = self._rows()
         if not rows:
             raise DataError(f"{self.path}: no questions")
