@@ -182,21 +182,24 @@ class PromptEncoder:
         the places are unknown (``spans=None``). A text over `MAX_TEXT_CHARS` is a `DataError` ("text too long").
         """
         texts: list[str] = []
+
+        def slot(text: str) -> str:
+            if len(text) > MAX_TEXT_CHARS:
+                raise DataError(
+                    f"record {record_id}: a text of {len(text)} characters (more than {MAX_TEXT_CHARS}); text too long",
+                    reason="text too long",
+                )
+            texts.append(text)
+            return _slot(len(texts) - 1)
+
         slotted = []
         for message in messages:
-            content = []
-            for item in message["content"]:
-                if item.get("type") == "text":
-                    if len(item["text"]) > MAX_TEXT_CHARS:
-                        raise DataError(
-                            f"record {record_id}: a text of {len(item['text'])} characters (more than "
-                            f"{MAX_TEXT_CHARS}); text too long",
-                            reason="text too long",
-                        )
-                    content.append({**item, "text": _slot(len(texts))})
-                    texts.append(item["text"])
-                else:
-                    content.append(item)
+            if isinstance(message["content"], str):  # templates that read plain strings (Llama Guard 3's)
+                slotted.append({**message, "content": slot(message["content"])})
+                continue
+            content = [
+                {**it, "text": slot(it["text"])} if it.get("type") == "text" else it for it in message["content"]
+            ]
             slotted.append({**message, "content": content})
         apply = self.processor.apply_chat_template
         text = apply(messages, add_generation_prompt=add_generation_prompt, tokenize=False)

@@ -13,7 +13,8 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from src.data.records import Turn
+from src.data.encoding import PromptEncoder
+from src.data.records import DataError, Turn
 from src.evaluation.judges import (
     EMPTY_ANSWER,
     JudgeError,
@@ -228,6 +229,24 @@ def build_llama_guard_prompts(template_owner: Any, items: list[JudgeInput], with
     return prompts
 
 
+def llama_guard_token_ids(tokenizer: Any, items: list[JudgeInput]) -> list[list[int] | DataError]:
+    """The prompts of `build_llama_guard_prompts` as token ids, the judged texts tokenized as text: a request or an
+    answer holding "<|eot_id|>" (or any control token's string) must not end the judge's turn or forge its
+    instructions. Ordinary text gives the tokenizer's own ids for the prompt string. An item whose texts cannot be
+    tokenized as text (`PromptEncoder.text_ids`) gets its `DataError` instead of ids."""
+    encoder = PromptEncoder(tokenizer)
+    out: list[list[int] | DataError] = []
+    for n, item in enumerate(items):
+        conversation = llama_guard_conversation(item, _typed_content(tokenizer, item, False), False)
+        try:
+            rendered = encoder.render(conversation, add_generation_prompt=True, record_id=f"judged #{n}")
+            # the template writes its own BOS: the tokenizer adds none
+            out.append(encoder.text_ids(rendered, add_special_tokens=False, record_id=f"judged #{n}"))
+        except DataError as e:
+            out.append(e)
+    return out
+
+
 def _typed_content(template_owner: Any, item: JudgeInput, with_images: bool) -> bool:
     """Whether the template reads typed parts rather than plain strings.
 
@@ -372,10 +391,18 @@ class LlamaGuardJudge:
             return [parse_llama_guard_output(self._generate_vision(item)) for item in items]
         if any(item.image is not None for item in items):
             log.info("judge %s: text-only checkpoint, judging %d items without their images", self.name, len(items))
-        prompts = build_llama_guard_prompts(self._tokenizer, items)
-        # the template already starts with the BOS token, so the tokenizer must not add another
-        replies = self.lm.generate(prompts, self.batch_size, self.max_new_tokens, add_special_tokens=False)
-        return [parse_llama_guard_output(t) for t in replies]
+        if not getattr(self._tokenizer, "chat_template", None):
+            build_llama_guard_prompts(self._tokenizer, items)  # its error: the tokenizer has no chat template
+        encoded = llama_guard_token_ids(self._tokenizer, items)
+        replies = iter(
+            self.lm.generate_ids([x for x in encoded if isinstance(x, list)], self.batch_size, self.max_new_tokens)
+        )
+        return [
+            parse_llama_guard_output(next(replies))
+            if isinstance(x, list)
+            else Verdict(safe=None, reason=f"not judged: {x.reason or x}")
+            for x in encoded
+        ]
 
     def _generate_vision(self, item: JudgeInput) -> str:
         """One item through the processor of Llama Guard 3 Vision or 4 (untested here; follows the model cards)."""

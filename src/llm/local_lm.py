@@ -78,6 +78,26 @@ class LocalLM:
             replies.extend(self.continue_inputs(batch, max_new_tokens))
         return replies
 
+    def generate_ids(self, prompts: list[list[int]], batch_size: int, max_new_tokens: int) -> list[str]:
+        """Greedy continuations of prompts already tokenized (token ids, special tokens included), ``batch_size`` at
+        a time, left-padded as `generate` pads texts; one per prompt, in order."""
+        import torch
+        from transformers import BatchEncoding
+
+        if self.model is None:
+            self.load()
+        replies: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            pad = self.tokenizer.pad_token_id
+            ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in chunk], dtype=torch.long)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], dtype=torch.long)
+            replies.extend(
+                self.continue_inputs(BatchEncoding({"input_ids": ids, "attention_mask": mask}), max_new_tokens)
+            )
+        return replies
+
     def continue_inputs(self, inputs: Any, max_new_tokens: int) -> list[str]:
         """Greedy continuations of model inputs already made (``input_ids`` (B, T), left-padded, with their
         ``attention_mask`` and, for an image-text model, pixel values), decoded without special tokens."""
