@@ -35,6 +35,7 @@ from src.evaluation.compare import print_written
 from src.evaluation.judges import JudgeError
 from src.evaluation.seeds import BASE, last_step, log_to_wandb, markdown, summarize, write_outputs
 from src.models.objectives import composite_answers_resolver
+from src.settings import TRAIN, check_ranges
 
 log = logging.getLogger("reproduce")
 # the train configs composed here, before src.train is imported, resolve data.answers of objective=composite
@@ -256,6 +257,7 @@ class Reproduction:
             runs[BASE] = list(self.cfg.base.overrides)
         for name, extra in runs.items():
             cfg = self.train_config(extra, self.out, 0, None)
+            check_ranges(cfg, TRAIN)  # an arm's numbers out of range: one line, before the first run trains
             if self.cfg.get("world") is None:  # the world's data is written by the comparison itself
                 check_data_paths(cfg.data)
             if name == BASE:  # the arms train from the base, whatever model their overrides name

@@ -151,3 +151,11 @@ def test_a_run_without_validation_ends_with_exit_0(tmp_path):
     assert out.returncode == 0, text[-3000:]
     assert text.count("optimized_metric val/rewards/margins is read from train/rewards/margins") == 1
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_reproduce_checks_every_arms_settings_before_the_first_run(tmp_path):
+    from tests.test_reproduce import run_reproduction
+
+    overrides = ["experiment=reproduce_tiny", "arms.dpo=['experiment=dpo_tiny','optim.lr=-1e-4']"]
+    with pytest.raises(SettingError, match=r"optim.lr=-0.0001 is out of range"):
+        run_reproduction(tmp_path, overrides, "check_settings")
