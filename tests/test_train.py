@@ -82,6 +82,37 @@ def test_bpo_few_steps_writes_run_outputs_and_model_reloads(tmp_path):
     assert summary["blind_answers"]["generated"] == 0 and summary["blind_answers"]["from_cache"] == 96
 
 
+def test_the_trained_model_evaluates_on_the_records_held_out_from_its_training(tmp_path):
+    """The run writes its validation ids and the eval command for them; that command works offline and evaluates
+    exactly the held-out records, none of the trained ones."""
+    import shlex
+
+    from src.data.datamodule import grouped_split
+    from src.data.readers import read_records
+    from src.eval import evaluate
+
+    cfg, _ = run_train(tmp_path, ["experiment=dpo_tiny", "trainer.max_steps=1", "logger=csv", "~callbacks"])
+    heldout = json.loads((tmp_path / "run" / "run_summary.json").read_text())["heldout"]
+    ids = (tmp_path / "run" / "heldout_ids.txt").read_text().split()
+    train, val = grouped_split(read_records(cfg.data.path, "auto"), cfg.data.val_fraction, cfg.data.split_seed)
+    assert ids == [r.id for r in val] and heldout["records"] == len(val) == 12
+    assert not set(ids) & {r.id for r in train}
+    command = shlex.split(heldout["eval_command"])
+    assert command[:2] == ["python", "src/eval.py"]
+    overrides = [*command[2:], "generation.max_new_tokens=4", f"cache_dir={tmp_path}/gen", "wandb.enabled=false"]
+    report = evaluate(compose_config("eval", overrides, tmp_path / "eval"))
+    assert report["n"] == 12 and report["model"]["path"] == str(tmp_path / "run" / "model")
+    lines = [json.loads(x) for x in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert sorted(x["id"] for x in lines) == sorted(ids)
+
+
+def test_a_run_that_fails_is_marked(tmp_path):
+    out = run_entry("train.py", "objective.beta=-1", run_dir=tmp_path / "run", timeout=120)
+    assert out.returncode == 2
+    assert (tmp_path / "run" / "FAILED").read_text().startswith("this run did not finish: exit code 2")
+    assert not (tmp_path / "run" / "run_summary.json").exists()
+
+
 def test_dpo_uses_two_answers_and_no_blind_generation(tmp_path):
     cfg, metrics = run_train(tmp_path, ["experiment=dpo_tiny", "trainer.max_steps=2", "logger=csv"])
     assert cfg.objective.name == "dpo"
