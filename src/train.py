@@ -285,12 +285,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (out_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
         data = report["data"]
         log.info("saved policy and processor to %s", model_dir)
-        if report["heldout"] and report["heldout"]["eval_command"]:
-            log.info(
-                "evaluate it on the %d held-out records: %s",
-                report["heldout"]["records"],
-                report["heldout"]["eval_command"],
-            )
         log.info("final metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         log.info(
             "records read: %d = %d usable + %d rejected as bad input + %d skipped %s; stand-in images: %d",
@@ -301,6 +295,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             data["skipped_by_reason"],
             data["stand_in_images"],
         )
+        heldout = report["heldout"]
+        if heldout and heldout["eval_command"]:  # last: where a user looks for what to do next
+            log.info("evaluate it on the %d held-out records: %s", heldout["records"], heldout["eval_command"])
     return metrics
 
 
