@@ -58,7 +58,8 @@ def shapes_config(shapes: Mapping[str, Any]) -> Any:
 
 def image_tokens(shapes: Mapping[str, Any]) -> int:
     """The image tokens of one picture at the vision tower's size (LLaVA-1.5: (336 / 14)^2 = 576; LLaVA-NeXT: the
-    base image's and, at most, four tiles' and their newlines; Qwen2-VL: at most ``processor.max_pixels`` / (14 * 2)^2)."""
+    base image's and, at most, four tiles' and their newlines; Qwen2-VL: at most ``processor.max_pixels`` /
+    (14 * 2)^2)."""
     shapes = _plain(shapes)
     family, vision = shapes["family"], shapes["vision"]
     if family == "qwen2_vl":
