@@ -116,6 +116,7 @@ TRAIN = {
     "model.lora.alpha": POSITIVE,
     "model.lora.dropout": Range(lo=0, hi=1, hi_open=True),
     **{f"blind.generation.{key}": rule for key, rule in GENERATION.items()},
+    "plan.device_memory_gb": Range(lo=0, lo_open=True, null_ok=True, why="(null: the CUDA device's)"),
 }
 
 # keys of eval.yaml and generate.yaml

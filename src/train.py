@@ -34,6 +34,7 @@ from src.models.distributed import policy_state_dict
 from src.models.factory import load_processor
 from src.models.generation import GenerationSettings, fill_blind_answers
 from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged
+from src.models.memory import device_memory, plan_memory, write_plan
 from src.models.module import PreferenceModule
 from src.models.objectives import composite_answers_resolver
 from src.models.reference import precompute_reference_logps
@@ -182,6 +183,27 @@ def check_settings(cfg: DictConfig) -> None:
     check_max_length(cfg.data, load_processor(**cfg.model), cfg.model.get("system_prompt"))
 
 
+def check_memory(cfg: DictConfig, out_dir: Path) -> None:
+    """The memory plan (src/plan.py), written to plan.json and said in one line; on CUDA, a plan beyond the device
+    stops the run before any weight loads (`SettingError`; ``plan.check=false`` goes on regardless)."""
+    plan_cfg = cfg.get("plan") or {}
+    memory = plan_cfg.get("device_memory_gb") or device_memory()
+    try:
+        plan = plan_memory(cfg, memory)
+    except SettingError as e:  # no architecture to count (a hub id not in the cache): nothing to check it against
+        log.info("memory plan: none (%s)", e)
+        return
+    write_plan(plan, out_dir / "plan.json")
+    verdict = "" if plan.fits is None else f"; {'fits' if plan.fits else 'does NOT fit'} in {memory:g} GiB"
+    log.info("memory plan: %.1f GiB per device%s (%s)", plan.total_gb, verdict, out_dir / "plan.json")
+    if plan.fits is False and torch.cuda.is_available() and plan_cfg.get("check", True):
+        raise SettingError(
+            f"the memory plan needs {plan.total_gb:.1f} GiB per device and the device has {memory:.1f} GiB "
+            f"(python src/plan.py with these overrides shows each part); it would fit with: "
+            f"{'; '.join(plan.suggestions[:3])}. plan.check=false trains anyway"
+        )
+
+
 def write_heldout_ids(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, Any] | None:
     """The validation records' ids in ``heldout_ids.txt``, and the command that evaluates the trained model on them
     (``benchmark=preference`` reads the same file and keeps these ids): records the model never trained on."""
@@ -218,6 +240,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
+    check_memory(cfg, out_dir)
 
     module = PreferenceModule(
         model=container["model"],

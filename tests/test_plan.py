@@ -1,0 +1,88 @@
+"""The memory plan: computed from the config before any weight loads, it says what a configuration needs per device
+and what would make it fit (`src/plan.py`, and at the start of training)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from src.errors import SettingError
+from src.models.memory import plan_memory
+from tests.helpers import compose_config, run_entry
+
+LLAVA = ["experiment=bpo_llava", "data.path=train.json"]
+
+
+def plan_of(*overrides, memory=80.0):
+    return plan_memory(compose_config("plan", [*LLAVA, *overrides]), memory)
+
+
+def test_the_papers_full_fine_tune_does_not_fit_one_80_gb_gpu():
+    plan = plan_of()
+    # 7.06 B parameters, 6.76 B of them trained in fp32 with AdamW: 16 bytes each before any activation
+    assert plan.details["parameters"] == 7_063_427_072 and plan.details["trainable"] == 6_759_919_616
+    assert plan.fits is False and plan.total_gb >= 100
+    assert abs(plan.parts["weights"] + plan.parts["gradients"] + plan.parts["optimizer"] - 101.9) < 0.1
+    assert plan.suggestions and any("lora" in s for s in plan.suggestions)
+    assert sum(plan.parts.values()) == pytest.approx(plan.total_gb)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["model.lora.enabled=true"], ["trainer=deepspeed_zero3", "trainer.devices=8"]],
+    ids=["lora", "zero3x8"],
+)
+def test_lora_or_zero3_over_8_fits(overrides):
+    plan = plan_of(*overrides)
+    assert plan.fits is True and not plan.suggestions, plan.as_dict()
+
+
+def test_the_parts_follow_the_settings():
+    full = plan_of()
+    zero3 = plan_of("trainer=deepspeed_zero3", "trainer.devices=8")
+    assert zero3.parts["optimizer"] == pytest.approx(full.parts["optimizer"] / 8)
+    lora = plan_of("model.lora.enabled=true")
+    assert lora.details["lora_parameters"] == 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # r 16, 7 matrices
+    assert lora.parts["optimizer"] < 1 and lora.parts["weights"] == pytest.approx(full.parts["weights"], rel=0.02)
+    qlora = plan_of("model.lora.enabled=true", "model.load_in_4bit=true")
+    assert qlora.parts["weights"] < lora.parts["weights"] / 3
+    frozen = plan_of("reference.strategy=frozen_copy")  # bpo_llava's reference.dtype: bfloat16
+    assert frozen.parts["reference"] == pytest.approx(7_063_427_072 * 2 / 2**30)
+    checkpointed = plan_of("model.gradient_checkpointing=true")
+    assert checkpointed.parts["activations"] < full.parts["activations"] / 4
+    longer = plan_of("data.batch_size=4")
+    assert longer.parts["activations"] == pytest.approx(2 * full.parts["activations"])
+    assert plan_of(memory=None).fits is None
+
+
+def test_the_plan_command_is_quick_and_loads_no_weights(tmp_path):
+    start = time.monotonic()
+    out = run_entry("plan.py", *LLAVA, "plan.device_memory_gb=80", run_dir=tmp_path / "run", timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-2000:]
+    assert time.monotonic() - start < 60  # 5 s here, imports included; the acceptance bound is 20 s
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["fits"] is False and plan["total_gb"] >= 100 and plan["suggestions"]
+    assert set(plan["parts"]) >= {"weights", "gradients", "optimizer", "activations"}
+    assert "does NOT fit in 80 GiB" in text and "would fit with: model.lora.enabled=true" in text
+
+
+def test_training_writes_its_plan_and_stops_on_cuda_when_it_does_not_fit(tmp_path, monkeypatch):
+    import torch
+
+    from src.train import check_memory
+
+    cfg = compose_config("train", ["plan.device_memory_gb=0.01"])
+    check_memory(cfg, tmp_path)  # no CUDA here: said, not enforced
+    assert json.loads((tmp_path / "plan.json").read_text())["fits"] is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SettingError, match=r"the memory plan needs .* GiB per device .* plan.check=false"):
+        check_memory(cfg, tmp_path)
+    check_memory(compose_config("train", ["plan.device_memory_gb=0.01", "plan.check=false"]), tmp_path)
+
+
+def test_a_model_without_an_architecture_to_count_is_named():
+    with pytest.raises(SettingError, match="the memory plan needs the architecture of org/not-cached"):
+        plan_memory(compose_config("plan", ["model.name_or_path=org/not-cached"]), 80)
