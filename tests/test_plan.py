@@ -86,3 +86,40 @@ def test_training_writes_its_plan_and_stops_on_cuda_when_it_does_not_fit(tmp_pat
 def test_a_model_without_an_architecture_to_count_is_named():
     with pytest.raises(SettingError, match="the memory plan needs the architecture of org/not-cached"):
         plan_memory(compose_config("plan", ["model.name_or_path=org/not-cached"]), 80)
+
+
+def _saved_bytes(layer, rope, hidden: int, tokens: int) -> int:
+    """Bytes of activations a decoder layer keeps for its backward pass under bf16 autocast (its weights' bf16
+    copies left out), counted by storage."""
+    import torch
+
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    positions = torch.arange(tokens)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, attention_mask=None, position_embeddings=rope(x, positions), position_ids=positions)
+    return sum(saved.values())
+
+
+def test_the_activation_units_are_what_a_decoder_layer_keeps():
+    """`ACTIVATION_UNITS` was measured at llava-1.5-7b's widths; the same units hold at another width, so they
+    describe the layer, not one measurement (a quarter-width slice here: 16 M parameters)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from src.models.memory import ACTIVATION_UNITS
+
+    hidden, mlp = 1024, 2752
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_attention_heads=8, num_key_value_heads=8)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer, rope = LlamaDecoderLayer(config, 0), LlamaRotaryEmbedding(config)
+    per_token = (_saved_bytes(layer, rope, hidden, 512) - _saved_bytes(layer, rope, hidden, 256)) / 256
+    planned = 2 * (ACTIVATION_UNITS["hidden"] * hidden + ACTIVATION_UNITS["mlp"] * mlp)
+    assert per_token == pytest.approx(planned, rel=0.05)
