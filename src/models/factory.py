@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from src.models.checkpointing import enable_checkpointing
 from src.models.device import DTYPE_NAMES, torch_dtype
 from src.models.lora import adapter_base, apply_lora, is_adapter_folder, merge_adapter, unwrap
+from src.models.random_init import build_random, build_random_processor
 from src.models.source import check_model_source
 from src.models.tiny import build_tiny
 
@@ -60,10 +61,13 @@ def build_model(
     gradient_checkpointing: bool | str = False,
     load_in_4bit: bool = False,
     system_prompt: str | None = None,
+    shapes: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Return (model, processor).
 
-    ``name_or_path=None`` builds the tiny LLaVA from ``tiny`` (sizes and seed); otherwise the model and
+    ``name_or_path=None`` builds, with ``shapes`` (a real architecture, `src.models.shapes`), that architecture at
+    full width with random weights and the project's tokenizer (`src.models.random_init.build_random`, which says
+    what differs from the checkpoint), else the tiny LLaVA from ``tiny`` (sizes and seed); otherwise the model and
     processor load through transformers' Auto classes (local folder or hub id; set HF_HUB_OFFLINE=1 to
     forbid downloads). By default the vision tower is frozen and the projector and language model train,
     as in the BPO paper. ``lora.enabled`` wraps the language model in LoRA adapters (PEFT); a folder that
@@ -84,7 +88,9 @@ def build_model(
     check_model_source(name_or_path, revision=revision)
     if load_in_4bit and not use_lora:
         raise ValueError("model.load_in_4bit trains through adapters only: set model.lora.enabled=true")
-    if name_or_path is None:
+    if name_or_path is None and shapes:
+        model, processor = build_random(shapes, torch_dtype(dtype), attn_implementation)
+    elif name_or_path is None:
         model, processor = build_tiny(**(tiny or {}), attn_implementation=attn_implementation or "sdpa")
         model = model.to(torch_dtype(dtype))
     else:
@@ -107,7 +113,8 @@ def build_model(
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     counts = set_trainable(model, train_vision_tower, train_projector, train_language_model and not use_lora)
-    log.info("model %s: trainable parameters by part %s", name_or_path or "tiny-llava", counts)
+    name = name_or_path or (f"random {shapes['family']} at full width" if shapes else "tiny-llava")
+    log.info("model %s: trainable parameters by part %s", name, counts)
     if use_lora:
         if load_in_4bit:
             from peft import prepare_model_for_kbit_training
@@ -123,9 +130,12 @@ def load_processor(
     tiny: dict[str, Any] | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    shapes: dict[str, Any] | None = None,
     **_: Any,
 ) -> Any:
-    """The processor alone (no weights loaded for a real checkpoint), for data checks."""
+    """The processor alone (no weights loaded for a real checkpoint or built for ``shapes``), for data checks."""
+    if name_or_path is None and shapes:
+        return build_random_processor(shapes)
     if name_or_path is None:
         return build_tiny(**(tiny or {}))[1]
     if is_adapter_folder(name_or_path) and not (Path(name_or_path) / "processor_config.json").exists():

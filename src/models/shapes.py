@@ -39,6 +39,7 @@ def shapes_config(shapes: Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SettingError(f"model.shapes.{key}={value!r} is out of range: it must be an integer >= 1")
     shapes.pop("processor", None)  # the image processor's settings: not the model's
+    shapes.pop("seed", None)  # the seed of the random weights (src/models/random_init.py): not the architecture's
     text = dict(shapes.pop("text")) | {"num_hidden_layers": shapes.pop("text_layers")}
     vision = dict(shapes.pop("vision"))
     depth = shapes.pop("vision_layers")
