@@ -96,6 +96,15 @@ def test_llava_forward_gives_logits_over_the_real_vocabulary(llava):
     assert torch.isfinite(logits).all()
 
 
+def test_generation_stays_within_the_tokenizer(llava):
+    model, processor = llava
+    inputs = prompt(processor, Image.new("RGB", (336, 336), (10, 120, 200)))
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    assert new and max(new) < len(processor.tokenizer)  # the unused rows beyond it are never picked
+
+
 def test_max_length_768_leaves_room_and_256_does_not(llava):
     _, processor = llava
     data = compose_config("train", ["model=llava_1_5_7b_random", "data.max_length=768"]).data

@@ -21,7 +21,8 @@ What differs from the real checkpoint, besides the weights and the depth:
   (Qwen2-VL: 151652-151656) and the text config's and generation config's BOS / EOS / pad ids point at the
   tokenizer's tokens. Every model sees ``<s>`` as BOS and ``</s>`` as EOS (Qwen2-VL's tokenizer has no BOS and ends
   a turn with ``<|im_end|>``; its chat template also has no default system message here).
-* with random weights, greedy generation may pick ids beyond the tokenizer (decoded as nothing).
+* generation never picks the rows beyond the tokenizer (``generation_config.suppress_tokens``), which would
+  decode as nothing; scoring takes the softmax over every row, as the checkpoint does.
 """
 
 from __future__ import annotations
@@ -126,4 +127,6 @@ def build_random(
         )
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, key, getattr(tokenizer, key))
+    # the rows beyond the tokenizer: never generated (they would decode as nothing, and every answer be empty)
+    model.generation_config.suppress_tokens = list(range(len(tokenizer), config.text_config.vocab_size))
     return model, build_random_processor(shapes, tokenizer)
