@@ -61,7 +61,9 @@ class Counts:
 
 @dataclass
 class Plan:
-    parts: dict[str, float]  # GiB per device, by part
+    # GiB per device, by part; the total is the peak: the parts that live throughout plus the larger of the
+    # forward / backward pass and the optimizer step (not every part at once)
+    parts: dict[str, float]
     total_gb: float
     device_memory_gb: float | None
     fits: bool | None  # None: no device memory to compare with
@@ -243,19 +245,27 @@ def plan_memory(cfg: Any, device_memory_gb: float | None, counts: Counts | None 
         activations = layer_acts * counts.text_layers * CHECKPOINT_SHARE.get(checkpointing, 1.0)
     # the answer tokens' logits in the compute dtype, their fp32 copy and its log-softmax
     logits = answer_tokens * counts.vocab_size * (compute_bytes + 8)
+    # the optimizer step's temporaries: AdamW's multi-tensor (foreach) step makes a full fp32 copy of the trainable
+    # parameters (the square root of exp_avg_sq) while it runs; activations are freed by then
+    step = trainable * 4 / (processes if strategy != "ddp" else 1) if not offload else 0.0
     parts = {
         "weights": weights / GIB,
         "master_weights": master / GIB,
-        "compute_copies": copies / GIB,
-        "gradients": grads / GIB,
         "optimizer": optimizer / GIB,
         "reference": reference / GIB,
+        "gradients": grads / GIB,
+        "compute_copies": copies / GIB,
         "activations": activations / GIB,
         "logits": logits / GIB,
+        "optimizer_step": step / GIB,
     }
-    tensors = sum(parts.values())
+    # the peak: what lives throughout, plus the larger of the forward / backward pass (bf16 copies, activations,
+    # logits, the gradients it leaves) and the optimizer step (the gradients and the step's temporaries)
+    static = sum(parts[k] for k in ("weights", "master_weights", "optimizer", "reference"))
+    passes = sum(parts[k] for k in ("gradients", "compute_copies", "activations", "logits"))
+    tensors = static + max(passes, parts["gradients"] + parts["optimizer_step"])
     parts["overhead"] = tensors * FRAGMENTATION + (CUDA_OVERHEAD_GB if cfg.trainer.get("accelerator") != "cpu" else 0)
-    total = sum(parts.values())
+    total = tensors + parts["overhead"]
     fits = None if not device_memory_gb else total <= device_memory_gb
     details = {
         "parameters": counts.total,
@@ -347,7 +357,8 @@ def device_memory() -> float | None:
 def table(plan: Plan) -> str:
     """The plan as lines for a console: each part, the total, the verdict and the suggestions."""
     lines = [f"  {name:<15} {gb:8.2f} GiB" for name, gb in plan.parts.items()]
-    lines.append(f"  {'total':<15} {plan.total_gb:8.2f} GiB per device")
+    lines.append(f"  {'total':<15} {plan.total_gb:8.2f} GiB per device at the peak (not the sum: the passes and the")
+    lines.append(f"  {'':<15} {'':>8}     optimizer step do not overlap)")
     if plan.fits is None:
         lines.append("  no device memory to compare with (no CUDA device; set plan.device_memory_gb)")
     else:
