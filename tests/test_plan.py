@@ -87,8 +87,17 @@ def test_training_writes_its_plan_and_stops_on_cuda_when_it_does_not_fit(tmp_pat
 
 
 def test_a_model_without_an_architecture_to_count_is_named():
-    with pytest.raises(SettingError, match="the memory plan needs the architecture of org/not-cached"):
-        plan_memory(compose_config("plan", ["model.name_or_path=org/not-cached"]), 80)
+    for name in ("org/not-cached", "/no/such/folder"):
+        with pytest.raises(SettingError, match=f"the memory plan needs the architecture of {name}"):
+            plan_memory(compose_config("plan", [f"model.name_or_path={name}"]), 80)
+
+
+def test_a_local_checkpoint_is_counted_from_its_own_config(tmp_path, tiny):
+    """A folder that will load is what the plan counts, whatever the preset's shapes say."""
+    model, _ = tiny
+    model.config.save_pretrained(tmp_path)
+    plan = plan_memory(compose_config("plan", ["model=llava_1_5_7b", f"model.name_or_path={tmp_path}"]), 80)
+    assert plan.details["parameters"] == sum(p.numel() for p in model.parameters())
 
 
 def _saved_bytes(layer, rope, hidden: int, tokens: int) -> int:

@@ -86,13 +86,15 @@ def _plain(value: Any) -> Any:
 
 
 def architecture(model: Any) -> Any:
-    """The transformers config of ``model`` (the ``model`` config group): its ``shapes``, else the config.json of a
-    local folder or of a hub id in the local cache; a `SettingError` when neither is there."""
+    """The transformers config of ``model`` (the ``model`` config group): the config.json of a local checkpoint
+    folder (what will load), else its ``shapes``, else the config.json of a hub id in the local cache; a
+    `SettingError` when none is there."""
     from src.models.shapes import shapes_config
 
-    if model.get("shapes"):
-        return shapes_config(model.shapes)
     name = model.get("name_or_path")
+    local = Path(str(name)).expanduser() / "config.json" if name else None
+    if model.get("shapes") and not (local is not None and local.is_file()):
+        return shapes_config(model.shapes)
     if name is None and model.get("tiny"):
         from src.models.tiny import build_tiny
 
@@ -100,8 +102,12 @@ def architecture(model: Any) -> Any:
     path = Path(str(name)).expanduser() / "config.json" if name else None
     if path is None or not path.is_file():
         from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
 
-        cached = try_to_load_from_cache(str(name), "config.json") if name else None
+        try:
+            cached = try_to_load_from_cache(str(name), "config.json") if name else None
+        except HFValidationError:  # neither a folder here nor a hub id
+            cached = None
         path = Path(cached) if isinstance(cached, str) else None
     if path is None:
         raise SettingError(
