@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup train test test-slow test-all lint clean bench notebook
+.PHONY: setup train test test-slow test-all lint clean bench notebook rehearse
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-all: setup
 bench: setup
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -e ".[dev,bench]"
 	$(BIN)/python benchmarks/bench_step.py $(ARGS)
+
+# BPO end to end at llava-1.5-7b's widths on CPU (random weights, 1-3 decoder layers) against the memory plan;
+# ARGS=--quick: 1-3 layers only (~15 min); one JSON line a run, the last with plan_error
+rehearse: setup
+	$(BIN)/python benchmarks/rehearse.py $(ARGS)
 
 # notebooks/analysis.ipynb run headless (installs the `notebook` extra once) on the newest training run and evaluation
 # under logs/, or on BPO_RUN_DIR=<run folder> / BPO_REPORT=<report.json>; the executed copy, plots included, is written

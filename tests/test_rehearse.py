@@ -1,0 +1,43 @@
+"""`make rehearse`: every run it makes composes as train.py composes it, and its plan_error is the error of the plan
+fitted on 1 and 2 layers at 3 (the runs themselves take minutes each: `make rehearse ARGS=--quick`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.rehearse import overrides, plan_error
+from src.settings import TRAIN, check_ranges
+from tests.helpers import compose_config
+
+
+@pytest.mark.parametrize(
+    ("reference", "checkpointing"),
+    [("precomputed", "false"), ("frozen_copy", "false"), ("adapters_disabled", "false"), ("precomputed", "selective")],
+)
+def test_each_run_composes_at_the_real_widths(tmp_path, reference, checkpointing):
+    args = overrides(3, reference, checkpointing, Path("mmsafe.json"), tmp_path)
+    cfg = compose_config("train", [a for a in args if not a.startswith("hydra.")])
+    check_ranges(cfg, TRAIN)
+    assert cfg.model.shapes.text.hidden_size == 4096 and cfg.model.shapes.text_layers == 3
+    assert cfg.data.max_length == 768 and cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 8
+    assert cfg.reference.strategy == reference and cfg.model.lora.enabled == (reference == "adapters_disabled")
+
+
+def run(layers, plan, peak):
+    return {
+        "text_layers": layers,
+        "reference": "precomputed",
+        "checkpointing": "false",
+        "plan_gb": plan,
+        "peak_gb": peak,
+    }
+
+
+def test_plan_error_is_the_fitted_predictions_error_at_three_layers():
+    # measured = 1 + 0.5 * plan on 1 and 2 layers; at 3 layers the line predicts 1 + 0.5 * 16 = 9, measured 10
+    summary = plan_error([run(1, 8, 5), run(2, 12, 7), run(3, 16, 10)])
+    assert summary["predicted_3_layers_gb"] == 9 and summary["plan_error"] == -0.1
+    assert summary["unfitted_plan_error"] == 0.6 and summary["hidden_size"] == 4096
+    assert plan_error([run(1, 8, 5), run(2, 12, 7)])["plan_error"] is None
