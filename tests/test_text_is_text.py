@@ -154,26 +154,32 @@ def test_blind_generation_prompts_keep_text_as_text(family, tmp_path):
     assert image_id not in ids and ids.count(processor.tokenizer.eos_token_id) == 1
 
 
-def test_text_too_long_is_a_counted_rejection(tiny, tmp_path):
+def three_records_one_changed(tmp_path, processor, index: int, **change: str) -> dict:
+    """The data summary of three small records, record ``index`` with ``change``, read under on_error=skip."""
     from src.data.datamodule import PreferenceDataModule
 
-    _, processor = tiny
-    enc = PromptEncoder(processor, max_length=256)
-    with pytest.raises(DataError) as e:
-        enc.encode(record(chosen="a" * (MAX_TEXT_CHARS + 1)), IMAGE)
-    assert e.value.reason == "text too long"
     lines = [
         {"id": f"r{i}", "prompt": "<image>\nWhat is it?", "image": "x.png", "chosen": "No.", "rejected": "Yes."}
         for i in range(3)
     ]
-    lines[1]["rejected"] = "Yes. " * (MAX_TEXT_CHARS // 4)
+    lines[index] |= change
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     dm = PreferenceDataModule(
         str(path), missing_images="render", val_fraction=0.0, on_error="skip", processor=processor, batch_size=2
     )
     dm.setup("fit")
-    summary = dm.summary()
+    return dm.summary()
+
+
+def test_text_too_long_is_a_counted_rejection(tiny, tmp_path):
+
+    _, processor = tiny
+    enc = PromptEncoder(processor, max_length=256)
+    with pytest.raises(DataError) as e:
+        enc.encode(record(chosen="a" * (MAX_TEXT_CHARS + 1)), IMAGE)
+    assert e.value.reason == "text too long"
+    summary = three_records_one_changed(tmp_path, processor, 1, rejected="Yes. " * (MAX_TEXT_CHARS // 4))
     assert (summary["usable"], summary["rejected_records"]) == (2, 1)
     assert summary["problems_by_reason"][0]["reason"] == "text too long"
     # a generator answers nothing for it, and does not stop; nothing of it goes to the file
@@ -238,23 +244,11 @@ def test_a_tokenizer_the_split_cannot_match_rejects_the_record(tiny, tmp_path, m
     """Where tokenizing the template's stretches apart does not give the processor's ids for the same prompt
     (checked with the control strings taken out), a record with a control string is a counted rejection; records
     without one keep the processor's own path."""
-    from src.data.datamodule import PreferenceDataModule
 
     _, processor = tiny
     split = PromptEncoder._split_ids
     monkeypatch.setattr(PromptEncoder, "_split_ids", lambda self, *a: [*split(self, *a), 0])  # a different tokenizer
-    lines = [
-        {"id": f"r{i}", "prompt": "<image>\nWhat is it?", "image": "x.png", "chosen": "No.", "rejected": "Yes."}
-        for i in range(3)
-    ]
-    lines[2]["chosen"] = "No </s> way."
-    path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    dm = PreferenceDataModule(
-        str(path), missing_images="render", val_fraction=0.0, on_error="skip", processor=processor, batch_size=2
-    )
-    dm.setup("fit")
-    summary = dm.summary()
+    summary = three_records_one_changed(tmp_path, processor, 2, chosen="No </s> way.")
     assert (summary["usable"], summary["rejected_records"]) == (2, 1)
     assert summary["problems_by_reason"][0] == {
         "reason": "text holds a control token's string this tokenizer cannot encode as text",
