@@ -204,7 +204,7 @@ def check_memory(cfg: DictConfig, out_dir: Path) -> None:
         )
 
 
-def write_heldout_ids(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, Any] | None:
+def write_heldout_ids(datamodule: Any, out_dir: Path) -> dict[str, Any] | None:
     """The validation records' ids in ``heldout_ids.txt``, and the command that evaluates the trained model on them
     (``benchmark=preference`` reads the same file and keeps these ids): records the model never trained on."""
     _, val = datamodule.split()
@@ -263,7 +263,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         report["blind_answers"] = add_blind_answers(cfg, module, datamodule)
         log.info("blind answers: %s", report["blind_answers"])
     datamodule.setup("fit")
-    report["heldout"] = write_heldout_ids(cfg, datamodule, out_dir)
+    report["heldout"] = write_heldout_ids(datamodule, out_dir)
     report["data"] = datamodule.summary()
     log.info("data: %s", json.dumps(report["data"]))
     (out_dir / "data_summary.json").write_text(json.dumps(report["data"], indent=2))
