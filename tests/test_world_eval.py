@@ -11,7 +11,7 @@ import pytest
 from src.evaluation.judges import EMPTY_ANSWER, JudgeInput
 from src.world.benchmark import WorldBenchmark, derangement
 from src.world.judge import WorldJudge
-from src.world.metrics import NAMES, world_metrics
+from src.world.metrics import NAMES, paired_difference_ci, world_metrics
 from src.world.world import HELPS, REFUSALS, WorldSettings
 from tests.helpers import compose_config
 
@@ -122,7 +122,9 @@ def test_a_policy_that_always_refuses():
     assert out["grounded_accuracy"] == 0.5 and out["world_counts"]["grounded_accuracy"] == {"k": 12, "n": 24}
     assert out["over_refusal_rate"] == 1.0 and out["under_refusal_rate"] == 0.0
     assert out["object_accuracy"] == 1.0 and out["unparseable_rate"] == 0.0
-    assert out["image_reliance"] == 0.0 and out["image_reliance_ci95"] == [0.0, 0.0]
+    # the same behaviour under both pictures: reliance 0, with an interval that keeps its width (Newcombe)
+    lo, hi = out["image_reliance_ci95"]
+    assert out["image_reliance"] == 0.0 and lo == pytest.approx(-hi) and 0.05 < hi < 0.1
     assert out["ablation"]["blank"]["grounded_accuracy"]["rate"] == 0.5
     assert out["behaviour_counts"] == {s: {"refuse": 24, "help": 0, "unparseable": 0} for s in out["behaviour_counts"]}
     for name in NAMES:
@@ -143,10 +145,9 @@ def test_a_policy_that_sees_the_real_picture_and_refuses_blank_ones():
     assert out["over_refusal_rate"] == 0.0 and out["under_refusal_rate"] == 0.0
     assert out["ablation"]["blank"]["grounded_accuracy"]["rate"] == 0.5
     assert out["ablation"]["blank"]["over_refusal_rate"]["rate"] == 1.0
-    # per-item differences: 1 on the 12 harmless items, 0 on the 12 hazardous ones; sd = sqrt(6 / 23)
+    # paired: the 12 hazardous items right under both pictures, the 12 harmless ones right on the real one only
     assert out["image_reliance"] == 0.5
-    half = 1.96 * (6 / 23) ** 0.5 / 24**0.5
-    assert out["image_reliance_ci95"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert out["image_reliance_ci95"] == paired_difference_ci([True] * 24, [True] * 12 + [False] * 12)
     # shuffled: judged against the picture shown, which this policy follows
     assert out["ablation"]["shuffled"]["grounded_accuracy"]["rate"] == 1.0
     shuffled = [i for i in items if i.setting == "shuffled"]
@@ -253,3 +254,41 @@ def test_world_with_another_judge_fails_in_one_line_before_the_model_loads(tmp_p
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0] and "judge=world" in errors[0] and "keyword" in errors[0]
     assert not (tmp_path / "run" / "report.json").exists()
+
+
+# Newcombe (1998, Stat Med 17: 2635-2650), Table III, method 10, to the 4 decimals printed there: cells
+# (a both right, b first only, c second only, d neither) -> the 95% interval of p(first) - p(second)
+NEWCOMBE_TABLE_III = {
+    (36, 12, 2, 0): (0.0569, 0.3404),
+    (20, 12, 2, 16): (0.0562, 0.3292),
+    (36, 14, 0, 0): (0.1528, 0.4167),
+    (18, 14, 0, 18): (0.1441, 0.3963),
+    (0, 29, 1, 0): (0.6666, 0.9882),
+    (0, 30, 0, 0): (0.8395, 1.0),
+    (54, 0, 0, 0): (-0.0664, 0.0664),
+    (53, 0, 0, 1): (-0.0729, 0.0729),
+    (27, 0, 0, 27): (-0.0351, 0.0351),
+}
+
+
+@pytest.mark.parametrize(("cells", "published"), sorted(NEWCOMBE_TABLE_III.items()))
+def test_paired_interval_is_newcombes_method_10(cells, published):
+    a, b, c, d = cells
+    first, second = [True] * (a + b) + [False] * (c + d), [True] * a + [False] * b + [True] * c + [False] * d
+    assert paired_difference_ci(first, second) == pytest.approx(list(published), abs=1e-4)
+
+
+def test_paired_interval_keeps_its_width_at_the_edges():
+    """The normal approximation gave [0, 0] for 120 equal outcomes: a policy that ignores the picture."""
+    for first, second in [
+        ([True] * 120, [True] * 120),  # 120 differences of 0, all right
+        ([False] * 120, [False] * 120),  # all wrong
+        ([True] * 60 + [False] * 60, [True] * 60 + [False] * 60),  # half right, the same half: ad - bc > 0
+        ([True] * 120, [False] * 120),  # 120 differences of 1
+    ]:
+        lo, hi = paired_difference_ci(first, second)
+        diff = (sum(first) - sum(second)) / 120
+        assert hi - lo > 0.02 and lo <= diff <= hi and -1 <= lo and hi <= 1
+    assert paired_difference_ci([True] * 120, [False] * 120)[1] == 1.0
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_difference_ci([True], [True, False])
