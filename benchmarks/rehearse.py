@@ -8,7 +8,8 @@ on the shared MMSafe-PO records with stand-in pictures (576 image tokens at 336 
 x accumulation 4, bf16-mixed, BPO end to end (blind answers with a small token cap, the reference, two optimizer
 steps), run as a user runs it, in its own process. Per run, one JSON line: the process's peak resident memory
 (imports included; Lightning's checkpoint is off, whose `torch.save` would peak above training), the plan's figure,
-seconds per optimizer step (the fit's wall time over its steps), and the caches' size on disk. The last line fits
+seconds per optimizer step (the fit's wall time over its steps), tokens per second (``train/tokens``, prompt +
+answer tokens trained, over the fit's wall time), and the caches' size on disk. The last line fits
 the measured peaks of 1 and 2 layers as a line in the plan's figure and predicts 3 layers from it: ``plan_error``
 is that prediction's error against the measured peak.
 """
@@ -16,6 +17,7 @@ is that prediction's error against the measured peak.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -84,6 +86,17 @@ def _seconds(line: str) -> float | None:
     return datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() if match else None
 
 
+def tokens_trained(out: Path) -> int | None:
+    """The last ``train/tokens`` of the run's metrics.csv (prompt + answer tokens trained), or None if absent."""
+    values = [
+        row["train/tokens"]
+        for path in out.rglob("metrics.csv")
+        for row in csv.DictReader(path.open(encoding="utf-8"))
+        if row.get("train/tokens")
+    ]
+    return int(float(values[-1])) if values else None
+
+
 def run(layers: int, reference: str, checkpointing: str, data: Path, root: Path) -> dict[str, Any]:
     out = root / f"layers{layers}-{reference}-{checkpointing}"
     args = [sys.executable, "-c", WRAPPER, str(ROOT / "src" / "train.py")]
@@ -102,6 +115,7 @@ def run(layers: int, reference: str, checkpointing: str, data: Path, root: Path)
     )
     end = next(_seconds(x) for x in lines if "saved policy and processor" in x)
     cache = sum(f.stat().st_size for f in (out / "cache").rglob("*") if f.is_file())
+    tokens = tokens_trained(out)
     return {
         "text_layers": layers,
         "hidden_size": plan["details"]["hidden_size"],
@@ -111,6 +125,8 @@ def run(layers: int, reference: str, checkpointing: str, data: Path, root: Path)
         "peak_gb": round(peak_kb / 2**20, 2),
         "plan_gb": plan["total_gb"],
         "seconds_per_step": round((end - start) / STEPS, 1),
+        "tokens": tokens,
+        "tokens_per_s": None if tokens is None else round(tokens / (end - start), 1),
         "cache_kb": round(cache / 2**10, 1),
     }
 

@@ -41,3 +41,12 @@ def test_plan_error_is_the_fitted_predictions_error_at_three_layers():
     assert summary["predicted_3_layers_gb"] == 9 and summary["plan_error"] == -0.1
     assert summary["unfitted_plan_error"] == 0.6 and summary["hidden_size"] == 4096
     assert plan_error([run(1, 8, 5), run(2, 12, 7)])["plan_error"] is None
+
+
+def test_tokens_trained_is_the_last_logged_count(tmp_path):
+    from benchmarks.rehearse import tokens_trained
+
+    assert tokens_trained(tmp_path) is None
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text("step,train/tokens,val/x\n0,1500.0,\n1,,0.5\n1,3100.0,\n")
+    assert tokens_trained(tmp_path) == 3100

@@ -267,3 +267,23 @@ def test_a_shared_reference_cache_recomputes_for_other_images_and_precision(tmp_
         summary = json.loads((tmp_path / name / "run/run_summary.json").read_text())
         counts[name] = (summary["reference_logps"]["computed"], summary["reference_logps"]["reused"])
     assert counts == {"first": (96, 0), "again": (0, 96), "pixels": (96, 0), "bf16": (96, 0)}
+
+
+def test_train_tokens_counts_the_prompt_once_and_each_answer_across_a_resume():
+    """`train/tokens`: the prompt + answer tokens trained so far (padding excluded), kept in the checkpoint."""
+    from tests.test_faults import batch, module
+
+    m = module("raise")
+    logged = []
+    m.log = lambda name, value, **kw: logged.append(value) if name == "train/tokens" else None
+    b = batch(m.processor)
+    n = int(b["prompt_lengths"].sum() + b["answer_lengths"].sum())
+    assert b["prompt_ids"].shape == (1, int(b["prompt_lengths"][0]))  # one record: no padding in the prompt
+    m.training_step(b, 0)
+    m.training_step(b, 1)
+    assert logged == [n, 2 * n]
+    checkpoint = {"state_dict": {}}
+    m.on_save_checkpoint(checkpoint)
+    resumed = module("raise")
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.tokens_trained == 2 * n

@@ -175,6 +175,7 @@ class PreferenceModule(LightningModule):
         # a non-finite loss or gradient stops training naming the records, or skips the step (counted)
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        self.tokens_trained = 0  # prompt + answer tokens of this device's training batches (`train/tokens`)
         self._batch_ids: list[str] = []
         reference = dict(reference or {"strategy": "frozen_copy"})
         self.reference_strategy = reference.get("strategy", "frozen_copy")
@@ -291,6 +292,9 @@ class PreferenceModule(LightningModule):
         loss, metrics = self.forward_batch(batch)
         size = len(batch["ids"])
         self._batch_ids = list(batch["ids"])
+        # the prompt once per record and each answer, padding excluded: the tokens the packed layout computes
+        self.tokens_trained += int(batch["prompt_lengths"].sum()) + int(batch["answer_lengths"].sum())
+        self.log("train/tokens", float(self.tokens_trained), on_step=True, on_epoch=False, batch_size=size)
         if not torch.isfinite(loss):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"non-finite loss {loss.item()} on records {batch['ids']}")
@@ -395,9 +399,11 @@ class PreferenceModule(LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
+        checkpoint["tokens_trained"] = self.tokens_trained
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resume_data_order(checkpoint)
+        self.tokens_trained = int(checkpoint.get("tokens_trained", 0))
         if self.reference is None:
             return
         state = checkpoint["state_dict"]
