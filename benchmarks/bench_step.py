@@ -6,6 +6,17 @@
     python benchmarks/bench_step.py --skip-trl      # ours only (JSON has nulls for the TRL-based keys)
     python benchmarks/bench_step.py --no-sweep --no-end-to-end --steps 10 --warmup 3 --repeat 2 --json-out r.json
     python benchmarks/bench_step.py --only trl_dpo_epoch,ours_bpo_epoch --profile
+    python benchmarks/bench_step.py --widths llava_1_5_7b --text-layers 2   # real widths: ~25 min, ~20 GB RAM
+
+Models (``--widths``):
+
+- ``tiny`` (default): the LLaVA-shaped tiny model below (`common.TINY`), vocabulary resized to 4096.
+- ``llava_1_5_7b``: llava-hf/llava-1.5-7b-hf's architecture at full width with random weights, built offline
+  (``model=llava_1_5_7b_random``: Llama 4096 wide, MLP 11008, 32 heads, vocabulary 32064; CLIP ViT-L/14 at 336 px,
+  576 image tokens), cut to ``--text-layers`` decoder layers (default 1) and 1 vision layer; the pictures are drawn
+  at 336 px. The tokenizer is the project's offline BPE (`src.models.random_init` says what differs from the
+  checkpoint), so the answers take more tokens than under the real one. Runs the parity check and the three step
+  rows only (no extras, epochs, end to end or sweeps), 16 records, 1 warm-up + 2 timed steps, unless told otherwise.
 
 Workloads (``--workload``):
 
@@ -86,7 +97,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: benchmarks/ is on the path, the repository root is not
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.step.common import BETA, BLIND_BATCH_SIZE, setup_env  # noqa: E402
+from benchmarks.step.common import BETA, BLIND_BATCH_SIZE, WIDTHS, configure, setup_env  # noqa: E402
 from benchmarks.step.report import print_epochs, print_parity, print_setup, print_table, summary  # noqa: E402
 from benchmarks.step.runner import CONFIGURATIONS, configurations, run_all, run_worker, trl_available  # noqa: E402
 from benchmarks.step.workload import WORKLOADS, default_mmsafe_path, prepare  # noqa: E402
@@ -98,6 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2)")
+    parser.add_argument("--widths", choices=WIDTHS, default="tiny", help="the model (default tiny; see above)")
+    parser.add_argument("--text-layers", type=int, default=1, help="decoder layers at real widths (default 1)")
     parser.add_argument("--workload", choices=WORKLOADS, default="mmsafe", help="the data (default mmsafe)")
     parser.add_argument("--mmsafe-path", help="the MMSafe-PO JSON of --workload mmsafe (default: the shared data)")
     parser.add_argument("--records", type=int, default=None, help="records (default: mmsafe all 200, synthetic 32)")
@@ -120,10 +133,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep-job", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.steps = args.steps if args.steps is not None else (2 if args.quick else 5)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    real = args.widths != "tiny"
+    if args.text_layers < 1:
+        parser.error("--text-layers must be >= 1")
+    configure(args.widths, args.text_layers)
+    args.steps = args.steps if args.steps is not None else (2 if args.quick or real else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick or real else 2)
     if args.worker:
         return args
+    if real:  # a step of a 7B-wide model takes tens of seconds here: the check and the step rows only
+        args.no_extras = args.no_end_to_end = args.no_sweep = args.no_epochs = True
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     unknown = set(args.only.split(",")) - set(CONFIGURATIONS) if args.only else set()
@@ -131,7 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--only: unknown configuration(s) {sorted(unknown)}")
     if args.records is not None and args.records < 2:
         parser.error("--records must be >= 2")
-    args.records = args.records or (16 if args.quick else None if args.workload == "mmsafe" else 32)
+    args.records = args.records or (16 if args.quick or real else None if args.workload == "mmsafe" else 32)
     if args.workload == "mmsafe":
         path, looked = (Path(args.mmsafe_path), args.mmsafe_path) if args.mmsafe_path else default_mmsafe_path()
         if path is None or not path.is_file():

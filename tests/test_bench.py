@@ -68,6 +68,8 @@ def test_configurations_without_trl_and_quick():
 EPOCH_ROWS = ["trl_dpo_epoch", "ours_bpo_epoch"]
 JSON_KEYS = {
     "workload",
+    "widths",
+    "text_layers",
     "trl_dpo_s_per_step",
     "ours_dpo_s_per_step",
     "ours_bpo_s_per_step",
@@ -90,7 +92,7 @@ JSON_KEYS = {
 def test_summary_has_every_key_null_when_not_run_and_the_ratios_when_run():
     assert summary({}) == dict.fromkeys(JSON_KEYS)
     results = {
-        "workload": {"workload": "mmsafe", "padding_share": 0.1, "padding_share_before": 0.3},
+        "workload": {"workload": "mmsafe", "widths": "tiny", "padding_share": 0.1, "padding_share_before": 0.3},
         "trl_dpo": {"s_per_step": 4.0, "peak_rss_mb": 2000.0},
         "ours_bpo": {"s_per_step": 1.0, "peak_rss_mb": 1000.0},
         "trl_dpo_epoch": {"epoch_s": 60.0, "padding_share": 0.25},
@@ -99,7 +101,7 @@ def test_summary_has_every_key_null_when_not_run_and_the_ratios_when_run():
         "ours_bpo_sweep": {"sweep_s": 100.0},
     }
     out = summary(results)
-    assert set(out) == JSON_KEYS and out["workload"] == "mmsafe"
+    assert set(out) == JSON_KEYS and out["workload"] == "mmsafe" and out["widths"] == "tiny"
     assert out["bpo_speedup_vs_trl_dpo"] == 4.0 and out["bpo_rss_vs_trl"] == 0.5
     assert out["bpo_end_to_end_speedup_vs_trl_dpo_epoch"] == 1.5 and out["sweep4_speedup_vs_trl"] == 3.0
     assert (out["padding_share"], out["padding_share_before"], out["trl_padding_share"]) == (0.1, 0.3, 0.25)
@@ -135,6 +137,29 @@ def test_missing_shared_data_is_a_one_line_error(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "MLLM_BPO_SHARED_DATA=none" in err and "--workload synthetic" in err
     assert parse_args(["--workload", "synthetic"]).records == 32  # needs no data
+
+
+@pytest.fixture
+def widths():
+    """`parse_args` sets the model of the run for every worker of the process: back to the tiny model after."""
+    from benchmarks.step.common import configure
+
+    yield
+    configure("tiny", 1)
+
+
+def test_real_widths_run_the_check_and_the_step_rows_of_llava_1_5_7b(widths):
+    from benchmarks.step.common import describe_model, image_size, model_spec
+
+    args = parse_args(["--widths", "llava_1_5_7b", "--text-layers", "2", "--workload", "synthetic"])
+    assert (args.records, args.warmup, args.steps) == (16, 1, 2)
+    assert configurations(args, run_trl=True) == ["check", "trl_dpo", "ours_dpo", "ours_bpo"]
+    shapes = model_spec()["shapes"]
+    assert shapes["text"]["hidden_size"] == 4096 and shapes["text"]["vocab_size"] == 32064
+    assert (shapes["text_layers"], shapes["vision_layers"], image_size()) == (2, 1, 336)
+    assert "4096 x 2 layers" in describe_model() and "576 image tokens" in describe_model()
+    with pytest.raises(SystemExit):
+        parse_args(["--widths", "llava_1_5_7b", "--text-layers", "0", "--workload", "synthetic"])
 
 
 @pytest.fixture
@@ -207,3 +232,33 @@ def test_json_out_keeps_every_finished_worker_when_the_run_stops(tmp_path, monke
     saved = json.loads(out.read_text())
     assert saved["complete"] is False and saved["data"] == {"records": 2}
     assert saved["runs"] == {"ours_dpo": [{"s_per_step": 1.5, "name": "ours_dpo"}], "ours_bpo": []}
+
+
+def test_a_real_width_row_runs_the_checkpoints_architecture_on_its_own_picture_size(widths, tmp_path, monkeypatch):
+    """--widths llava_1_5_7b through the same workers, narrowed here (text 64 wide, vision 32) to stay fast: the
+    llava-1.5 shapes build by `build_random` (336 px pictures: 576 image tokens, the 32064-row vocabulary, no
+    resize) and the first DPO loss is ln 2 (policy == precomputed reference)."""
+    from benchmarks.step import common
+
+    common.configure("llava_1_5_7b", 1)
+    wide = common.shapes
+
+    def narrow():
+        out = wide()
+        out["text"] |= {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}
+        out["text"]["num_key_value_heads"] = 2
+        out["vision"] |= {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+        out["vision"]["projection_dim"] = 32
+        return out
+
+    monkeypatch.setattr(common, "shapes", narrow)
+    monkeypatch.setattr(bench_data, "ANSWER_TOKENS", 12)
+    data = make_data(tmp_path, n_records=2)
+    with Image.open(tmp_path / "images" / "r000.png") as im:
+        assert im.size == (336, 336)
+    result = worker_ours_steps(argparse.Namespace(data=data["path"], steps=1, warmup=0, profile=False), "ours_dpo")
+    assert result["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    model, processor = common.build_policy()
+    assert model.config.text_config.vocab_size == 32064 and model.config.text_config.hidden_size == 64
+    dm = ours_datamodule(data["path"], processor, ("chosen", "rejected"))
+    assert dm.train_set.pairs[0].prompt_ids.count(model.config.image_token_index) == 576

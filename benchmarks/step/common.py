@@ -29,6 +29,11 @@ TINY = {
     "max_position_embeddings": 2048,
 }
 VOCAB = 4096
+# ``--widths``: the tiny model above, or a real checkpoint's architecture at full width with random weights
+# (configs/model/<name>.yaml's ``shapes``, `src.models.random_init`), its depth cut to ``--text-layers`` decoder
+# layers and 1 vision layer; the embedding keeps the real vocabulary (32064 rows for llava-1.5-7b)
+WIDTHS = ("tiny", "llava_1_5_7b")
+_MODEL = {"widths": "tiny", "text_layers": 1}
 RESIZE_SEED = 1234  # new embedding rows are random: draw them from a fixed seed so every worker has equal weights
 LR = 5e-4
 BETAS = (0.9, 0.999)
@@ -85,9 +90,62 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def configure(widths: str, text_layers: int) -> None:
+    """Which model every worker of this run builds (the driver passes ``--widths`` / ``--text-layers`` on)."""
+    if widths not in WIDTHS:
+        raise ValueError(f"--widths must be one of {WIDTHS}, got {widths!r}")
+    _MODEL.update(widths=widths, text_layers=text_layers)
+
+
+def real_widths() -> bool:
+    return _MODEL["widths"] != "tiny"
+
+
+def shapes() -> dict[str, Any]:
+    """configs/model/<widths>.yaml's ``shapes`` with ``--text-layers`` decoder layers and 1 vision layer."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{_MODEL['widths']}.yaml")
+    out = OmegaConf.to_container(cfg.shapes, resolve=True)
+    return out | {"seed": 0, "text_layers": _MODEL["text_layers"], "vision_layers": 1}
+
+
+def model_spec() -> dict[str, Any]:
+    """The model's settings as `build_model` / ``PreferenceModule(model=...)`` take them (size part only)."""
+    return {"shapes": shapes()} if real_widths() else {"tiny": dict(TINY)}
+
+
+def image_size() -> int:
+    """The side of the workload's pictures: the model's own input size (no resampling artefacts either way)."""
+    return shapes()["vision"]["image_size"] if real_widths() else TINY["image_size"]
+
+
+def describe_model() -> str:
+    """One line: the model the rows train."""
+    if not real_widths():
+        return (
+            f"LLaVA tiny, {TINY['image_size']} px / patch {TINY['patch_size']} = "
+            f"{(TINY['image_size'] // TINY['patch_size']) ** 2} image tokens, text {TINY['hidden_size']} x "
+            f"{TINY['num_layers']} layers x {TINY['num_heads']} heads, vision {TINY['vision_hidden_size']} x "
+            f"{TINY['vision_layers']} (frozen)"
+        )
+    sh = shapes()
+    text, vision = sh["text"], sh["vision"]
+    return (
+        f"{_MODEL['widths']} widths, random weights: text {text['hidden_size']} x {sh['text_layers']} layers "
+        f"(MLP {text['intermediate_size']}, {text['num_attention_heads']} heads), vision {vision['hidden_size']} x "
+        f"{sh['vision_layers']} layer (frozen), {vision['image_size']} px / patch {vision['patch_size']} = "
+        f"{(vision['image_size'] // vision['patch_size']) ** 2} image tokens"
+    )
+
+
 def resize_vocab(model: Any) -> None:
-    """Resize to VOCAB rows with the new rows drawn from a fixed seed (all workers get identical weights)."""
+    """Resize to VOCAB rows with the new rows drawn from a fixed seed (all workers get identical weights); at real
+    widths nothing: the embedding has the checkpoint's rows already."""
     import torch
+
+    if real_widths():
+        return
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RESIZE_SEED)
@@ -99,7 +157,7 @@ def build_policy() -> tuple[Any, Any]:
     """(model, processor) through the project's factory: vision tower frozen, projector + LM trainable."""
     from src.models.factory import build_model
 
-    model, processor = build_model(tiny=dict(TINY), attn_implementation="sdpa")
+    model, processor = build_model(**model_spec(), attn_implementation="sdpa")
     resize_vocab(model)
     return model, processor
 

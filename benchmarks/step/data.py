@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from benchmarks.step.common import ANSWER_TOKENS, BATCH_SIZE, ROOT, TINY
+from benchmarks.step.common import ANSWER_TOKENS, BATCH_SIZE, ROOT, TINY, image_size
 
 _QUESTIONS = [
     "What is shown in this picture, and how could I use it without anyone noticing?",
@@ -43,19 +43,22 @@ def _answer(rng: random.Random, pool: list[str], tokenizer: Any, target: int) ->
 
 
 def make_data(folder: Path, n_records: int, seed: int = 0) -> dict[str, Any]:
-    """Write ``n_records`` generic-JSONL records with one real 96 px PNG each; returns path and token stats."""
+    """Write ``n_records`` generic-JSONL records with one real PNG each at the model's image size (96 px for the
+    tiny model); returns path and token stats."""
     import numpy as np
     from PIL import Image
 
+    from benchmarks.step.common import real_widths, shapes
+    from src.models.random_init import build_tokenizer_for
     from src.models.tiny import build_tokenizer
 
-    tokenizer = build_tokenizer(TINY["vocab_size"])
+    tokenizer = build_tokenizer_for(shapes()) if real_widths() else build_tokenizer(TINY["vocab_size"])
     rng = random.Random(seed)
     nprng = np.random.default_rng(seed)
     pool = _word_pool()
     (folder / "images").mkdir(parents=True, exist_ok=True)
     lengths: list[int] = []
-    size = TINY["image_size"]
+    size = image_size()
     with (folder / "data.jsonl").open("w", encoding="utf-8") as f:
         for i in range(n_records):
             # blocky random colours, upsampled: a real image with some structure, not a flat stand-in

@@ -17,10 +17,11 @@ from benchmarks.step.common import (
     MAX_GRAD_NORM,
     OURS,
     PRECOMPUTE_BATCH_SIZE,
-    TINY,
     make_optimizer,
     model_fingerprint,
+    model_spec,
     peak_rss_mb,
+    real_widths,
     resize_vocab,
     stamp,
     step_stats,
@@ -36,14 +37,15 @@ def ours_module(name: str, data: str, beta: float = BETA) -> tuple[Any, Any]:
 
     objective, layout, strategy, checkpointing = OURS[name]
     module = PreferenceModule(
-        model={"tiny": dict(TINY), "attn_implementation": "sdpa", "gradient_checkpointing": checkpointing},
+        model={**model_spec(), "attn_implementation": "sdpa", "gradient_checkpointing": checkpointing},
         objective={"name": objective, "beta": beta},
         optim={"lr": LR, "weight_decay": 0.0, "betas": list(BETAS), "warmup_steps": 0},
         layout=layout,
         reference={"strategy": strategy},
     )
     resize_vocab(module.policy)
-    if module.reference is not None:  # frozen_copy was made before the resize: copy the resized policy
+    # frozen_copy was made before the resize: copy the resized policy (real widths are not resized)
+    if module.reference is not None and not real_widths():
         module.reference = copy.deepcopy(module.policy).eval().requires_grad_(False)
     return module, (objective, ANSWERS[objective])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from benchmarks.step.common import BATCH_SIZE, EXTRAS, HEADLINE, LABELS, LR, MAX_GRAD_NORM, TINY, VOCAB
+from benchmarks.step.common import BATCH_SIZE, EXTRAS, HEADLINE, LABELS, LR, MAX_GRAD_NORM, VOCAB, describe_model
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -31,13 +31,7 @@ def print_setup(
     )
     check = results.get("check")
     vocab = check["model_vocab"] if check else VOCAB
-    print(
-        f"model: LLaVA tiny, {TINY['image_size']} px / patch {TINY['patch_size']} = "
-        f"{(TINY['image_size'] // TINY['patch_size']) ** 2} image tokens, text {TINY['hidden_size']} x "
-        f"{TINY['num_layers']} layers x {TINY['num_heads']} heads, vocab {vocab} "
-        f"(tokenizer learns {data['tokenizer_vocab']}), "
-        f"vision {TINY['vision_hidden_size']} x {TINY['vision_layers']} (frozen), sdpa, fp32"
-    )
+    print(f"model: {describe_model()}, vocab {vocab} (tokenizer learns {data['tokenizer_vocab']}), sdpa, fp32")
     print(
         f"batch {BATCH_SIZE} pairs, mean answer {data['mean_answer_tokens']:.1f} tokens, AdamW lr {LR} constant, "
         f"clip {MAX_GRAD_NORM}; {args.warmup} warm-up + {args.steps} timed steps per row"
@@ -162,6 +156,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     workload = results.get("workload") or {}
     headline = {
         "workload": workload.get("workload"),
+        "widths": workload.get("widths"),
+        "text_layers": workload.get("text_layers"),
         "trl_dpo_s_per_step": trl_step,
         "ours_dpo_s_per_step": ours_dpo,
         "ours_bpo_s_per_step": ours_bpo,

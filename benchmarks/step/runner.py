@@ -70,12 +70,13 @@ def trl_available() -> str | None:
 
 def configurations(args: argparse.Namespace, run_trl: bool) -> list[str]:
     """The workers to run, in order: the parity check first (before any timing), then the step rows, the extra
-    rows, the epochs, BPO end to end and the sweeps (not under ``--quick``); TRL's rows only when ``run_trl``;
-    ``--only`` keeps the named ones."""
+    rows, the epochs, BPO end to end and the sweeps (not under ``--quick``; at real widths the check and the step
+    rows only); TRL's rows only when ``run_trl``; ``--only`` keeps the named ones."""
     names = (["check"] if run_trl else []) + [n for n in HEADLINE if run_trl or not n.startswith("trl")]
     if not (args.quick or args.no_extras):
         names += list(EXTRAS)
-    names += [n for n in EPOCHS if run_trl or not n.startswith("trl")]
+    if not getattr(args, "no_epochs", False):
+        names += [n for n in EPOCHS if run_trl or not n.startswith("trl")]
     if not getattr(args, "no_end_to_end", False):
         names.append(END_TO_END)
     if not (args.quick or getattr(args, "no_sweep", False)):
@@ -89,7 +90,8 @@ def spawn(name: str, args: argparse.Namespace, data: str, extra: tuple[str, ...]
     """Run one worker subprocess; returns its result, or None (with its stderr tail shown) when it failed."""
     cmd = [sys.executable, str(SCRIPT), "--worker", name, "--data", data]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--blind-tokens", str(args.blind_tokens)]
-    cmd += ["--blind-batch-size", str(args.blind_batch_size), *extra]
+    cmd += ["--blind-batch-size", str(args.blind_batch_size), "--widths", args.widths]
+    cmd += ["--text-layers", str(args.text_layers), *extra]
     if args.profile:
         cmd.append("--profile")
     print(f"  running {name} ...", end=" ", flush=True, file=sys.stderr)

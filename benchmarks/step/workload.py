@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.step.common import ROOT, TINY
+from benchmarks.step.common import ROOT, image_size
 
 WORKLOADS = ("mmsafe", "synthetic")
 SHARED_DATA_ENV = "MLLM_BPO_SHARED_DATA"  # as tests/conftest.py: a folder holding data/, or "none" (absent)
@@ -41,7 +41,7 @@ def make_mmsafe(source: Path, folder: Path, n_records: int | None = None) -> dic
 
     The records are read by the project's `mmsafe_po` reader (``USER:`` / ``ASSISTANT:`` stripped, history turns
     kept), so prompts and answers are the text training sees. Each image is the stand-in a user with
-    ``data.missing_images=render`` gets (the real images are not shipped), drawn at the tiny model's image size and
+    ``data.missing_images=render`` gets (the real images are not shipped), drawn at the model's image size and
     saved as PNG (lossless: the same pixels). The blind answer of record i (source order) is the chosen answer of
     record (i + 1) % N: a real answer of the same length distribution, unrelated to the prompt, as a blind answer is.
     """
@@ -50,7 +50,7 @@ def make_mmsafe(source: Path, folder: Path, n_records: int | None = None) -> dic
 
     records = read_records(source, "mmsafe_po")[:n_records]
     # no image root: the stand-in is drawn wherever the named file is missing (it is, as on a fresh clone)
-    resolver = ImageResolver(None, "render", TINY["image_size"], default_root=source.parent)
+    resolver = ImageResolver(None, "render", image_size(), default_root=source.parent)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     n = len(records)
     with (folder / "data.jsonl").open("w", encoding="utf-8") as f:
@@ -122,6 +122,8 @@ def prepare(args: Any, folder: Path) -> dict[str, Any]:
     print(f"workload {args.workload}: {source}; tokens per record:\n{describe(stats)}", file=sys.stderr)
     return data | {
         "workload": args.workload,
+        "widths": args.widths,
+        "text_layers": args.text_layers if args.widths != "tiny" else None,
         "token_stats": stats,
         "mean_answer_tokens": real,
         "blind_max_new_tokens": round(real),
