@@ -1,5 +1,6 @@
 # `make train` and `make test` set everything up on a fresh machine: a .venv, the CPU build of torch
-# where the venv has none yet (override with TORCH_SPEC=...), then the project and its dependencies.
+# where the venv has none yet (override with TORCH_SPEC=...), then the project and its dependencies at the
+# versions of constraints.txt (those the documented figures were made with).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,10 +9,10 @@ ARGS ?=
 
 .PHONY: setup train test test-slow test-all lint clean bench notebook rehearse
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev]" -c constraints.txt
 	touch $@
 
 setup: $(BIN)/.installed
@@ -30,7 +31,7 @@ test-all: setup
 
 # training-step benchmark vs TRL's DPOTrainer (installs the `bench` extra once; ARGS="--quick", "--skip-trl", ...)
 bench: setup
-	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -e ".[dev,bench]"
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -e ".[dev,bench]" -c constraints.txt
 	$(BIN)/python benchmarks/bench_step.py $(ARGS)
 
 # BPO end to end at llava-1.5-7b's widths on CPU (random weights, 1-3 decoder layers) against the memory plan;
@@ -42,7 +43,7 @@ rehearse: setup
 # under logs/, or on BPO_RUN_DIR=<run folder> / BPO_REPORT=<report.json>; the executed copy, plots included, is written
 # to logs/notebooks/ and its printed summary shown here
 notebook: setup
-	$(BIN)/python -c "import nbclient, ipykernel" 2>/dev/null || $(BIN)/pip install -e ".[dev,notebook]"
+	$(BIN)/python -c "import nbclient, ipykernel" 2>/dev/null || $(BIN)/pip install -e ".[dev,notebook]" -c constraints.txt
 	mkdir -p logs/notebooks
 	out="$(CURDIR)/logs/notebooks/analysis-$$(date +%Y-%m-%d_%H-%M-%S).ipynb"; \
 	$(BIN)/jupyter execute notebooks/analysis.ipynb --output="$$out" && \

@@ -20,6 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from src.environment import environment
 from src.errors import exit_on_setting_error, marked_if_failed, run_hydra
 from src.evaluation.judges import JudgeError
 from src.evaluation.report import log_to_wandb, markdown, plot, write_json
@@ -32,7 +33,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.paths.output_dir)
     evaluator = Evaluator(cfg, out_dir)
-    report = evaluator.run()
+    report = evaluator.run() | {"environment": environment()}
     evaluator.write_generations()
     write_json(out_dir / "report.json", report)
     # the scenarios this judge judges by its own criteria (keyword: category_phrases, openai: category_criteria)

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.data.datamodule import check_data_paths, grouped_split
 from src.data.readers import HF_FORMATS, read_records
+from src.environment import environment
 from src.errors import SettingError, exit_on_setting_error, run_hydra
 from src.evaluation.compare import print_written
 from src.evaluation.judges import JudgeError
@@ -301,7 +302,7 @@ class Reproduction:
         reports = {BASE: {None: self.evaluate(BASE, None, base, None, bench)}}
         for name, runs in arms.items():
             reports[name] = {seed: self.evaluate(name, seed, str(d / "model"), base, bench) for seed, d in runs.items()}
-        result = summarize(self.cfg, reports, arms, base) | {"data": self.data_settings}
+        result = summarize(self.cfg, reports, arms, base) | {"data": self.data_settings, "environment": environment()}
         if self.cfg.get("world") is not None:
             result["world"] = self.world_summary  # settings, kinds (which are hazardous), held-out phrasings
         write_outputs(self.out, result, arms)

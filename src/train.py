@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.data.datamodule import check_data_paths, check_max_length
 from src.data.encoding import PROMPT_FORMAT_FILE
 from src.data.readers import HF_FORMATS
+from src.environment import environment
 from src.errors import SettingError, exit_on_setting_error, marked_if_failed, run_hydra
 from src.models.distributed import policy_state_dict
 from src.models.factory import load_processor
@@ -293,6 +294,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report["final_metrics"] = metrics
     report["optimizer_steps"] = trainer.global_step
+    report["environment"] = environment()
     sharded = not is_peft(module.policy) and trainer.world_size > 1
     state = policy_state_dict(trainer) if sharded else None  # collective under FSDP / ZeRO-3
     if trainer.is_global_zero:

@@ -205,3 +205,19 @@ def test_a_comparison_with_nothing_to_draw_removes_the_earlier_figure(tmp_path):
     assert (out / "comparison.png").is_file()
     write_comparison(out, {"metrics": []}, "# Comparison\n", lambda path: None)  # no metric: no figure
     assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "comparison.md"]
+
+
+def test_the_table_says_what_made_each_row_and_when_they_differ(tmp_path):
+    from src.environment import describe, environment
+
+    env = environment()
+    other = env | {"packages": env["packages"] | {"transformers": "5.0.0"}}
+    write_report(tmp_path / "a", environment=env)
+    write_report(tmp_path / "b", environment=env)
+    write_report(tmp_path / "c", environment=other)
+    table = compare_reports(find_reports([tmp_path / "a", tmp_path / "b"]), None, tmp_path / "same")
+    assert table["rows"][0]["environment"] == env and "environment" not in table["metrics"]
+    assert f"Made with: {describe(env)}." in (tmp_path / "same" / "comparison.md").read_text()
+    compare_reports(find_reports([tmp_path]), None, tmp_path / "mixed")
+    md = (tmp_path / "mixed" / "comparison.md").read_text()
+    assert "**Made with different versions or devices**" in md and "transformers 5.0.0" in md

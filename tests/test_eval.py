@@ -61,7 +61,9 @@ def test_mmsafe_po_report_with_analyses_and_resume(tmp_path, model_dir, mmsafe_p
     assert saved["benchmark"]["stand_in_images"] == 12
     # records 3, 6 and 9 name their entity in the conversation: a benign image hides nothing there
     assert saved["cheating"]["over_refusal"]["n"] == 9 and saved["cheating"]["excluded_entity_in_text"] == 3
+    assert saved["environment"]["packages"]["torch"] == torch.__version__  # what produced these numbers
     md = (run / "report.md").read_text()
+    assert "- made with: Python " in md
     for section in (
         "## Judge calibration",
         "## Generation health",

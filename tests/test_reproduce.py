@@ -187,7 +187,9 @@ def test_reproduce_end_to_end_on_embedded_data(tmp_path):
     assert logged["model"]["name_or_path"] == str(out / "runs" / "base" / "seed0" / "model")  # from the base
     table = (out / "comparison.md").read_text()
     assert "| dpo_equal_budget |" in table and (out / "comparison.png").stat().st_size > 0
-    assert json.loads((out / "comparison.json").read_text())["seeds"] == [0, 1]
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["environment"]["packages"]["lightning"]
+    assert "Made with: Python " in table
     # the same call again reuses every run and evaluation; other settings in the same folder are refused
     mtime = (out / "runs" / "bpo" / "seed1" / "model" / "config.json").stat().st_mtime
     assert run_reproduction(tmp_path, FAST_ARMS) == result

@@ -52,6 +52,7 @@ def test_bpo_few_steps_writes_run_outputs_and_model_reloads(tmp_path):
         assert f"val/{key}" in metrics, key
     summary = json.loads((run / "run_summary.json").read_text())
     assert summary["blind_answers"]["generated"] == 96 and summary["data"]["records_read"] == 96
+    assert summary["environment"]["packages"]["transformers"] and summary["environment"]["cpu"]["logical_cores"]
 
     # the checkpoint holds the policy only; the reference is rebuilt from the initial model
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from src.environment import describe
 from src.evaluation.plots import fmt, is_measured, nothing_measured, plt, rate_bars
 from src.evaluation.report import intervals
 from src.evaluation.runner import headline
@@ -56,6 +57,7 @@ INFO = {
     "report",
     "overrides",
     "judge_separation",
+    "environment",
 }
 
 
@@ -91,6 +93,7 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
                 "judge_separation": cal.get("separation"),
                 "report": str(path),
                 "overrides": _overrides(path),
+                "environment": report.get("environment"),
                 **headline(report),
             }
         )
@@ -117,6 +120,13 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
             f"\n\n**Rows measured differently** (they differ in {', '.join(differs)}): only rows with the same "
             "[mark] share a judge, generation settings, benchmark settings and item count.\n\n"
             + "\n".join(f"- [{m}] " + ", ".join(f"{k}={_show(v)}" for k, v in s.items()) for m, s in setups.items())
+        )
+    made = {r["label"]: describe(r["environment"]) if r["environment"] else "not recorded" for r in rows}
+    if len(set(made.values())) == 1:
+        note += f"\n\nMade with: {next(iter(made.values()))}."
+    else:
+        note += "\n\n**Made with different versions or devices**:\n\n" + "".join(
+            f"- {label}: {text}\n" for label, text in made.items()
         )
     md = (
         "# Comparison\n\n"

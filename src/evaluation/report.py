@@ -9,6 +9,8 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from src.environment import describe
+
 from src.evaluation.judges import match_category
 from src.evaluation.metrics import wilson_interval
 from src.evaluation.plots import fmt, is_measured, nothing_measured, plt, rate_bars
@@ -68,6 +70,7 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"- answers: {report.get('n', 'n/a')}; judged: {report.get('judged', 'n/a')}; no verdict: "
         f"{report.get('failed', 0)} judge requests failed, {report.get('unparsed', 0)} judge replies unparsed, "
         f"{report.get('empty', 0)} empty answers; stand-in images: {b.get('stand_in_images', 0)}",
+        *([f"- made with: {describe(report['environment'])}"] if report.get("environment") else []),
         "",
     ]
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from src.environment import describe
 from src.evaluation.compare import write_comparison
 from src.evaluation.metrics import WORLD_NAMES, t_quantile, wilson_interval
 
@@ -120,6 +121,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
         f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
         "value; a seed without one is named, never counted as a value).",
+        *_made_with(result),
         "",
         "| arm | safety rate | judged / answers (all seeds) | held-out reward accuracy | pairwise accuracy | "
         "empty answers | broken answers | steps |",
@@ -266,6 +268,11 @@ WORLD_LEGEND = (
 )
 
 
+def _made_with(result: dict[str, Any]) -> list[str]:
+    """The line naming the versions and device of the run (absent from results written before it was recorded)."""
+    return ["", f"Made with: {describe(result['environment'])}."] if result.get("environment") else []
+
+
 def markdown_world(result: dict[str, Any]) -> str:
     world = result.get("world") or {}
     kinds = world.get("kinds") or []
@@ -276,7 +283,7 @@ def markdown_world(result: dict[str, Any]) -> str:
         "",
         f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
         f"{result['n_heldout']} held-out items. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
-        "value; a seed without one is named, never counted as a value).",
+        "value; a seed without one is named, never counted as a value).",        *_made_with(result),
     ]
     if world:
         lines.append(
