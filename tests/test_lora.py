@@ -156,3 +156,38 @@ def test_selective_checkpointing_reruns_only_cheap_ops_and_keeps_gradients():
             torch.testing.assert_close(grads[mode][name], g, rtol=1e-5, atol=1e-6, msg=f"{mode}: {name}")
     with pytest.raises(ValueError, match="gradient_checkpointing must be one of"):
         build_model(tiny={"seed": 0}, gradient_checkpointing="some")
+
+
+def test_the_merged_checkpoint_is_merge_and_unloads_without_a_copy_of_the_model(tmp_path, monkeypatch):
+    """The merged model is built module by module on the CPU: a deep copy of the whole model (on a GPU, a spike of
+    the model's size at the end of training) is never made, and the saved weights are exactly what PEFT's own
+    merge gives, the trained projector included."""
+    import copy
+
+    from src.models.factory import build_model
+    from src.models.lora import merged_state_dict, save_adapter_and_merged
+
+    model, processor = build_model(tiny={"seed": 0}, lora={"enabled": True, "r": 4})
+    with torch.no_grad():  # trained-looking adapters and projector, so the merge is not the identity
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    deepcopy = copy.deepcopy
+
+    def no_model_copies(obj, *args, **kwargs):
+        if isinstance(obj, torch.nn.Module):
+            pytest.fail("the model was copied to merge it")
+        return deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
+    state = merged_state_dict(model)
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.allclose(state[key], value, atol=1e-6), key
+    save_adapter_and_merged(model, processor, tmp_path / "adapter", tmp_path / "model")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the policy is left as it was
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "model")
+    for key, value in reloaded.state_dict().items():
+        assert torch.allclose(value, expected[key], atol=1e-6), key

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from src.environment import describe
-
 from src.evaluation.judges import match_category
 from src.evaluation.metrics import wilson_interval
 from src.evaluation.plots import fmt, is_measured, nothing_measured, plt, rate_bars

@@ -95,12 +95,69 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if is_peft(model) else model
 
 
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The plain (Hugging Face format) state dict of a LoRA-wrapped ``model`` with its active adapters merged in,
+    as `merge_and_unload` would give, without copying the model: each adapted weight is merged one module at a
+    time and moved to the CPU (one module's weight on the device at a time, not a second model), the projector is
+    its trained copy (``modules_to_save``), and every other tensor is taken as it is (on a CPU model: the same
+    storage, no copy). The model is left as it was.
+
+    Raises NotImplementedError for adapted layers whose base weight is not a plain tensor (4-bit / 8-bit loading):
+    `save_adapter_and_merged` merges those on a copy, as before."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    base = unwrap(model)
+    modules = dict(base.named_modules())
+    adapted = {n: m for n, m in modules.items() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    saved = {n: m for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper)}
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, tensor in base.state_dict().items():
+            if any(key.startswith(f"{name}.") for name in saved):
+                name = next(n for n in saved if key.startswith(f"{n}."))
+                rest = key[len(name) + 1 :]
+                prefix = f"modules_to_save.{saved[name].active_adapter}."
+                if rest.startswith(prefix):  # the trained copy, under the plain name
+                    out[f"{name}.{rest[len(prefix) :]}"] = tensor.detach().cpu()
+                continue  # the original (untrained) module
+            name = next((n for n in adapted if key.startswith(f"{n}.")), None)
+            if name is None:
+                out[key] = tensor.detach().cpu()
+                continue
+            rest = key[len(name) + 1 :]
+            if not rest.startswith("base_layer."):
+                continue  # lora_A / lora_B / ...: merged below
+            rest = rest[len("base_layer.") :]
+            module = adapted[name]
+            if rest == "weight":
+                if type(module.base_layer.weight) is not torch.nn.Parameter:
+                    raise NotImplementedError(f"{name}: the base weight is quantized")
+                weight = module.base_layer.weight.detach().clone()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A and adapter not in module.merged_adapters:
+                        weight += module.get_delta_weight(adapter).to(weight.dtype)
+                out[f"{name}.weight"] = weight.cpu()
+                del weight
+            else:
+                out[f"{name}.{rest}"] = tensor.detach().cpu()
+    return out
+
+
 def save_adapter_and_merged(model: torch.nn.Module, processor: Any, adapter_dir: Path, merged_dir: Path) -> None:
-    """Save the adapter (PEFT format) and a merged model (plain HF format); merging happens on a copy."""
+    """Save the adapter (PEFT format) and a merged model (plain HF format). The merged weights are built module by
+    module on the CPU (`merged_state_dict`): saving never holds a second copy of the model on its device (a deep
+    copy did: on a GPU, a spike of the whole model's size after training). Quantized bases merge on a copy."""
     import copy
 
     model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
-    merged = copy.deepcopy(model).merge_and_unload()
-    merged.save_pretrained(merged_dir)
+    try:
+        state = merged_state_dict(model)
+    except NotImplementedError as e:
+        log.warning("merging on a copy of the model (%s)", e)
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(merged_dir)
+    else:
+        unwrap(model).save_pretrained(merged_dir, state_dict=state)
+        del state
     processor.save_pretrained(merged_dir)
