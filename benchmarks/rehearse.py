@@ -133,8 +133,10 @@ def run(layers: int, reference: str, checkpointing: str, data: Path, root: Path)
 
 def plan_error(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The plan fitted on the 1- and 2-layer runs (measured = a + b * plan) predicts the 3-layer run's peak."""
-    by_layers = {r["text_layers"]: r for r in results if "error" not in r and r["reference"] == "precomputed"}
-    by_layers = {k: v for k, v in by_layers.items() if v["checkpointing"] == "false"}
+    plain = [
+        r for r in results if "error" not in r and (r["reference"], r["checkpointing"]) == ("precomputed", "false")
+    ]
+    by_layers = {r["text_layers"]: r for r in plain}
     if not {1, 2, 3} <= set(by_layers):
         return {"plan_error": None, "why": "the 1, 2 and 3 layer runs did not all finish"}
     (x1, y1), (x2, y2) = [(by_layers[n]["plan_gb"], by_layers[n]["peak_gb"]) for n in (1, 2)]

@@ -25,11 +25,11 @@ def test_each_run_composes_at_the_real_widths(tmp_path, reference, checkpointing
     assert cfg.reference.strategy == reference and cfg.model.lora.enabled == (reference == "adapters_disabled")
 
 
-def run(layers, plan, peak):
+def run(layers, plan, peak, reference="precomputed", checkpointing="false"):
     return {
         "text_layers": layers,
-        "reference": "precomputed",
-        "checkpointing": "false",
+        "reference": reference,
+        "checkpointing": checkpointing,
         "plan_gb": plan,
         "peak_gb": peak,
     }
@@ -41,6 +41,14 @@ def test_plan_error_is_the_fitted_predictions_error_at_three_layers():
     assert summary["predicted_3_layers_gb"] == 9 and summary["plan_error"] == -0.1
     assert summary["unfitted_plan_error"] == 0.6 and summary["hidden_size"] == 4096
     assert plan_error([run(1, 8, 5), run(2, 12, 7)])["plan_error"] is None
+    # the full rehearsal's other 2-layer runs (another reference, checkpointing) do not take the fit's place
+    others = [
+        run(2, 15, 9, "frozen_copy"),
+        run(2, 12, 6, checkpointing="true"),
+        run(2, 12, 6.5, "precomputed", "selective"),
+    ]
+    full = plan_error([run(1, 8, 5), run(2, 12, 7), run(3, 16, 10), *others])
+    assert full == summary
 
 
 def test_tokens_trained_is_the_last_logged_count(tmp_path):
