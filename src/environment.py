@@ -103,5 +103,6 @@ def describe(env: dict[str, Any]) -> str:
         device = f"{len(gpus)} x {gpus[0]['name']} (CUDA {torch_info.get('cuda')})"
     else:
         cpu = env.get("cpu") or {}
-        device = f"CPU {cpu.get('model')} ({torch_info.get('cpu_capability')} kernels, {torch_info.get('threads')} threads)"
+        kernels, threads = torch_info.get("cpu_capability"), torch_info.get("threads")
+        device = f"CPU {cpu.get('model')} ({kernels} kernels, {threads} threads)"
     return f"Python {env.get('python')}, {versions}; {device}"

@@ -283,7 +283,8 @@ def markdown_world(result: dict[str, Any]) -> str:
         "",
         f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
         f"{result['n_heldout']} held-out items. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
-        "value; a seed without one is named, never counted as a value).",        *_made_with(result),
+        "value; a seed without one is named, never counted as a value).",
+        *_made_with(result),
     ]
     if world:
         lines.append(
