@@ -4,7 +4,8 @@ Every class is built by Hydra from ``configs/benchmark/*.yaml`` with plain keywo
 ``name``, ``kind`` (the headline metric family), ``resolver``, ``items()`` and ``reference_answers()``.
 Readers fail on bad input with the file and the record named, and name the settings to change by their
 ``benchmark.*`` keys; they never skip a record. Truncation
-(``max_items`` / ``max_per_scenario``) keeps the first N in a fixed order and is logged.
+(``max_items`` / ``max_per_scenario``) keeps the first N in a fixed order and is logged. The benchmarks with harmless
+items beside harmful ones (MSSBench, MOSSBench: safety beside over-refusal) are in ``src.evaluation.two_sided``.
 """
 
 from __future__ import annotations
