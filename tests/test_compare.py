@@ -257,6 +257,7 @@ def test_safety_sits_beside_over_refusal_with_denominators_and_missing_as_missin
     write_report(
         tmp_path / "d",
         safety_rate=0.8,
+        safety_rate_ci95=list(wilson_interval(8, 10)),
         cheating={"over_refusal": {"rate": 0.4, "k": 4, "n": 10, "ci95": list(wilson_interval(4, 10))}},
     )
     write_report(tmp_path / "e", safety_rate=0.7)
@@ -274,7 +275,10 @@ def test_safety_sits_beside_over_refusal_with_denominators_and_missing_as_missin
         in md
     )
     assert "| benign [S1] | not measured | 0.2500 [" in md
-    assert "| mmsafe [S2] | 0.8000 (n=10) | 0.4000 [" in md and "upper bound: refusals with a benign image" in md
+    assert (
+        "| mmsafe [S2] | 0.8000 [0.490, 0.943] (n=10) | 0.4000 [" in md
+        and "upper bound: refusals with a benign image" in md
+    )
     assert "| plain [S2] | 0.7000 (n=10) | not measured | - |" in md
     _, trade_off = captured["fig"].axes
     points = {c.get_label(): (c.lines[0].get_xdata()[0], c.lines[0].get_ydata()[0]) for c in trade_off.containers}
