@@ -108,8 +108,11 @@ def test_comparison_plot_draws_intervals_and_marks_a_metric_a_report_lacks(tmp_p
     table = compare_reports(find_reports([tmp_path]), ["base", "dpo"], tmp_path / "out")
     assert table["metrics"] == ["pairwise_accuracy", "safety_rate"]
     assert "pairwise_accuracy" not in table["rows"][1]  # absent from comparison.json too, never 0
-    (ax,) = captured["fig"].axes
+    ax, trade_off = captured["fig"].axes
     assert ax.get_title() == "mmsafe_po - judge: keyword - base vs dpo (95% intervals)"
+    # neither report measured over-refusal: the scatter draws no point and says why, never a point at 0
+    assert not trade_off.containers and "nothing measured" in [t.get_text() for t in trade_off.texts]
+    assert "base: over-refusal not measured\ndpo: over-refusal not measured" in [t.get_text() for t in trade_off.texts]
     width = 0.4
     heights = {round(p.get_x() + p.get_width() / 2, 3): p.get_height() for p in ax.patches}
     # bars: x = metric + row * width; dpo's pairwise accuracy (x=0.4) has no bar, base's safety rate is a real 0
@@ -221,3 +224,68 @@ def test_the_table_says_what_made_each_row_and_when_they_differ(tmp_path):
     compare_reports(find_reports([tmp_path]), None, tmp_path / "mixed")
     md = (tmp_path / "mixed" / "comparison.md").read_text()
     assert "**Made with different versions or devices**" in md and "transformers 5.0.0" in md
+
+
+def two_sided_report(folder: Path, safety: float | None, over: float | None, **fields: Any) -> Path:
+    """A report of a benchmark with harmless items (MSSBench-like): safety over 20 harmful, over-refusal over 20
+    harmless answers; None leaves a figure out, as a report without that side has it."""
+    extra: dict[str, Any] = {"benchmark": {"name": "mssbench", "kind": "safety_rate"}, "n": 40, "judged": 40}
+    if safety is not None:
+        k = round(safety * 18)
+        counts = {"n": 20, "judged": 18, "failed": 1, "unparsed": 0, "empty": 1, "safe": k}
+        extra |= {"safety_rate": safety, "safety_rate_ci95": list(wilson_interval(k, 18)), "safety_counts": counts}
+    else:
+        extra["safety_rate"] = None
+    if over is not None:
+        k = round(over * 16)
+        counts = {"n": 20, "judged": 16, "failed": 0, "unparsed": 4, "empty": 0, "refused": k}
+        extra |= {"over_refusal_rate": over, "over_refusal_rate_ci95": list(wilson_interval(k, 16))}
+        extra["over_refusal_counts"] = counts
+    report = write_report(folder, **(extra | fields))
+    data = json.loads(report.read_text())
+    if safety is None:
+        del data["safety_rate"]
+    report.write_text(json.dumps(data))
+    return report
+
+
+def test_safety_sits_beside_over_refusal_with_denominators_and_missing_as_missing(tmp_path, monkeypatch):
+    captured = plotted(monkeypatch)
+    two_sided_report(tmp_path / "a", safety=1.0, over=0.75)  # refuses nearly everything
+    two_sided_report(tmp_path / "b", safety=0.5, over=0.125)
+    two_sided_report(tmp_path / "c", safety=None, over=0.25)  # MOSSBench without its contrast set
+    write_report(
+        tmp_path / "d",
+        safety_rate=0.8,
+        safety_rate_ci95=list(wilson_interval(8, 10)),
+        cheating={"over_refusal": {"rate": 0.4, "k": 4, "n": 10, "ci95": list(wilson_interval(4, 10))}},
+    )
+    write_report(tmp_path / "e", safety_rate=0.7)
+    table = compare_reports(find_reports([tmp_path]), ["all", "some", "benign", "mmsafe", "plain"], tmp_path / "out")
+    assert table["metrics"][:3] == ["safety_rate", "over_refusal_rate", "cheating/over_refusal"]
+    rows = {r["label"]: r for r in table["rows"]}
+    assert rows["all"]["denominators"]["safety_rate"] == 18 and rows["all"]["denominators"]["over_refusal_rate"] == 16
+    assert "safety_rate" not in rows["benign"] and "over_refusal_rate" not in rows["plain"]  # absent, not 0
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| safety_rate | over_refusal_rate | cheating/over_refusal |" in md
+    assert "## Safety beside over-refusal" in md
+    lo, hi = wilson_interval(12, 16)
+    assert (
+        f"| all [S1] | 1.0000 [{wilson_interval(18, 18)[0]:.3f}, 1.000] (n=18) | 0.7500 [{lo:.3f}, {hi:.3f}] (n=16) |"
+        in md
+    )
+    assert "| benign [S1] | not measured | 0.2500 [" in md
+    assert (
+        "| mmsafe [S2] | 0.8000 [0.490, 0.943] (n=10) | 0.4000 [" in md
+        and "upper bound: refusals with a benign image" in md
+    )
+    assert "| plain [S2] | 0.7000 (n=10) | not measured | - |" in md
+    _, trade_off = captured["fig"].axes
+    points = {c.get_label(): (c.lines[0].get_xdata()[0], c.lines[0].get_ydata()[0]) for c in trade_off.containers}
+    assert points == {"all [S1]": (0.75, 1.0), "some [S1]": (0.125, 0.5), "mmsafe [S2] (upper bound)": (0.4, 0.8)}
+    assert [t.get_text() for t in trade_off.texts] == [
+        "benign [S1]: safety rate not measured\nplain [S2]: over-refusal not measured"
+    ]
+    assert all(c.has_xerr and c.has_yerr for c in trade_off.containers)  # each point with both intervals
+    (hollow,) = [c for c in trade_off.containers if c.get_label() == "mmsafe [S2] (upper bound)"]
+    assert hollow.lines[0].get_markerfacecolor() == "none"  # an upper bound is drawn hollow

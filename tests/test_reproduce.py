@@ -81,8 +81,8 @@ def test_reproduce_table_shows_judged_and_failed_beside_the_rate():
     result = summarize(OmegaConf.create({"seeds": [0, 1]}), reports, {}, "base-model")
     assert result["arms"]["dpo"]["answers"] == {"n": 200, "judged": 100, "failed": 95, "unparsed": 0, "empty": 5}
     assert (
-        "| dpo | 0.500 [0.500, 0.500] (zero variance over 2 seeds) | 100 / 200 (95 failed, 0 unparsed, 5 empty) |"
-        in (markdown(result))
+        "| dpo | 0.500 [0.500, 0.500] (zero variance over 2 seeds) | not measured | "
+        "100 / 200 (95 failed, 0 unparsed, 5 empty) |" in (markdown(result))
     )
 
 
@@ -272,7 +272,10 @@ def test_comparison_plot_keeps_equal_curves_apart_and_marks_an_absent_metric(tmp
     reports = {"base": {None: report(0.5)}, "dpo": {0: report(0.6)}, "dpo_equal_budget": {0: report(0.6)}}
     result = summarize(OmegaConf.create({"seeds": [0]}), reports, arms, "base-model")
     fig = plot(result, arms, tmp_path / "comparison.png")
-    safety, reward, margins = fig.axes
+    safety, reward, margins, trade_off = fig.axes
+    # no arm measured over-refusal (held-out preference prompts are all harmful): no point, each arm named
+    assert not trade_off.containers
+    assert "base: over-refusal not measured" in trade_off.texts[-1].get_text()
     assert [t.get_text() for t in safety.texts] == ["0.50", "0.60", "0.60"]
     assert [t.get_text() for t in reward.texts] == ["not measured"] * 3 + ["nothing measured"]
     assert all(math.isnan(p.get_height()) for p in reward.patches)  # no bar at 0
@@ -310,3 +313,31 @@ def test_a_count_a_report_lacks_is_null_in_the_comparison_not_0():
     assert result["arms"]["dpo"]["answers"] == {"n": 20, "judged": None, "failed": None, "unparsed": 2, "empty": None}
     assert result["arms"]["base"]["answers"]["judged"] == 9
     assert "| ? / 20 (? failed, 2 unparsed, ? empty) |" in markdown(result)
+
+
+def test_reproduce_table_and_plot_put_over_refusal_beside_the_safety_rate(tmp_path):
+    from src.evaluation.seeds import plot
+
+    def report(safety: float, over: float) -> dict:  # a benchmark with harmless items (eval_overrides)
+        counts = {"n": 20, "judged": 20, "failed": 0, "unparsed": 0, "empty": 0}
+        return counts | {
+            "judge": "keyword",
+            "safety_rate": safety,
+            "over_refusal_rate": over,
+            "safety_counts": {"n": 10, "judged": 9, "failed": 0, "unparsed": 0, "empty": 1, "safe": round(9 * safety)},
+            "over_refusal_counts": {"n": 10, "judged": 8, "failed": 0, "unparsed": 2, "empty": 0, "refused": 4},
+            "generation_health": {},
+        }
+
+    reports = {"base": {None: report(1 / 3, 0.25)}, "bpo": {0: report(1.0, 0.5), 1: report(8 / 9, 0.5)}}
+    result = summarize(OmegaConf.create({"seeds": [0, 1]}), reports, {}, "base-model")
+    bpo = result["arms"]["bpo"]
+    assert bpo["answers"]["judged"] == 18 and bpo["over_refusal_answers"]["judged"] == 16  # each side's own
+    assert bpo["safety_rate_pooled"]["n"] == 18
+    md = markdown(result)
+    assert "| arm | safety rate | over-refusal | judged / answers (all seeds) |" in md
+    assert "| bpo | 0.944 [" in md and "| 0.500 [0.500, 0.500] (zero variance over 2 seeds) | 18 / 20 (" in md
+    assert "over-refusal: 16 / 20 (0 failed, 4 unparsed, 0 empty)" in md
+    fig = plot(result, {}, tmp_path / "comparison.png")
+    points = {c.get_label(): c.lines[0].get_xydata()[0].tolist() for c in fig.axes[3].containers}
+    assert points == {"base": [0.25, pytest.approx(1 / 3)], "bpo": [0.5, pytest.approx(17 / 18)]}

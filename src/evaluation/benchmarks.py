@@ -4,7 +4,8 @@ Every class is built by Hydra from ``configs/benchmark/*.yaml`` with plain keywo
 ``name``, ``kind`` (the headline metric family), ``resolver``, ``items()`` and ``reference_answers()``.
 Readers fail on bad input with the file and the record named, and name the settings to change by their
 ``benchmark.*`` keys; they never skip a record. Truncation
-(``max_items`` / ``max_per_scenario``) keeps the first N in a fixed order and is logged.
+(``max_items`` / ``max_per_scenario``) keeps the first N in a fixed order and is logged. The benchmarks with harmless
+items beside harmful ones (MSSBench, MOSSBench: safety beside over-refusal) are in ``src.evaluation.two_sided``.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def attack_success_rates(
     }
 
 
-def _first(values: list[T], limit: int | None, what: str) -> list[T]:
+def keep_first(values: list[T], limit: int | None, what: str) -> list[T]:
     """The first ``limit`` values (all when None); truncation is logged so no record vanishes unseen."""
     if limit is None:
         return values
@@ -135,7 +136,7 @@ def _first(values: list[T], limit: int | None, what: str) -> list[T]:
     return values[:limit]
 
 
-def _check_images(name: str, resolver: ImageResolver, items: Sequence[Any]) -> int:
+def check_images(name: str, resolver: ImageResolver, items: Sequence[Any]) -> int:
     """Fail fast on missing images (or count the stand-ins to render)."""
     try:
         missing = resolver.check(list(items))
@@ -172,10 +173,10 @@ class PreferenceSet:
         records = read_records(path, format, split=split, image_dir=image_dir, prefix="benchmark")
         if ids_file:
             records = keep_listed(records, ids_file, path)
-        self.records: list[PreferenceRecord] = _first(records, max_items, str(path))
+        self.records: list[PreferenceRecord] = keep_first(records, max_items, str(path))
         default_root = self.path.parent if self.path.is_file() else None
         self.resolver = ImageResolver(image_root, missing_images, stand_in_size, default_root, prefix="benchmark")
-        self.missing_images = _check_images(self.name, self.resolver, self.records)
+        self.missing_images = check_images(self.name, self.resolver, self.records)
 
     def items(self) -> list[EvalItem]:
         return [
@@ -260,9 +261,9 @@ class MMSafetyBench:
         self._items: list[EvalItem] = []
         for file in self.scenario_files:
             questions = sorted(self._load(file).items(), key=lambda kv: _question_order(kv[0]))
-            self._items += self._scenario_items(file, _first(questions, max_per_scenario, str(file)))
+            self._items += self._scenario_items(file, keep_first(questions, max_per_scenario, str(file)))
         self.resolver = ImageResolver(self.root, missing_images, stand_in_size, prefix="benchmark", root_key="root")
-        self.missing_images = _check_images(self.name, self.resolver, self._items)
+        self.missing_images = check_images(self.name, self.resolver, self._items)
 
     def _scenario_files(self, wanted: list[str] | None) -> list[Path]:
         folder = self.root / "processed_questions"
@@ -355,7 +356,7 @@ class HarmEval:
         rows = self._rows()
         if not rows:
             raise DataError(f"{self.path}: no questions")
-        self._items = _first(
+        self._items = keep_first(
             [self._item(where, i, raw) for i, (where, raw) in enumerate(rows, 1)], max_items, str(self.path)
         )
         seen: set[str] = set()

@@ -97,7 +97,7 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
                 **headline(report),
             }
         )
-    metrics = sorted({k for r in rows for k in r} - INFO)
+    metrics = order_metrics({k for r in rows for k in r} - INFO)
     differs, setups = mark_setups(rows)
     head = ["model", "benchmark", "judge", "answers", *COUNTS, *metrics, "judge separation"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -128,15 +128,78 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
         note += "\n\n**Made with different versions or devices**:\n\n" + "".join(
             f"- {label}: {text}\n" for label, text in made.items()
         )
+    cis = [intervals(r) for r in reports]
     md = (
         "# Comparison\n\n"
         + "\n".join(lines)
-        + f"\n\n{note}\n\nReports:\n\n"
+        + f"\n\n{note}\n\n"
+        + "\n".join(side_by_side(rows, cis))
+        + "\n\nReports:\n\n"
         + "".join(f"- {m}\n" for m in mapping(rows))
     )
     table = {"metrics": metrics, "rows": rows, "differs": differs, "setups": setups}
-    write_comparison(out_dir, table, md, lambda path: _plot(rows, metrics, [intervals(r) for r in reports], path))
+    write_comparison(out_dir, table, md, lambda path: _plot(rows, metrics, cis, path))
     return table
+
+
+# the over-refusal figures a row may have, each with what it measures: the share of harmless items refused
+# (benchmarks with harmless items; the world's harmless pictures), or the MMSafe-PO benign-image probe, whose
+# refusals are not all over-refusals (the text may carry the harm): an upper bound
+OVER_REFUSAL = {
+    "over_refusal_rate": "harmless items refused",
+    "cheating/over_refusal": "upper bound: refusals with a benign image swapped in",
+}
+
+
+def order_metrics(names: set[str]) -> list[str]:
+    """The table's metric columns, by name, but each over-refusal figure right after the safety rate."""
+    paired = [m for m in ("safety_rate", *OVER_REFUSAL) if m in names]
+    rest = sorted(names - set(paired))
+    if "safety_rate" not in names:
+        return sorted(names)
+    at = sorted([*rest, "safety_rate"]).index("safety_rate")
+    return rest[:at] + paired + rest[at:]
+
+
+def over_refusal(row: dict[str, Any]) -> tuple[str, float] | None:
+    """A row's over-refusal figure (name, value): the over-refusal rate where measured, else the benign-image upper
+    bound; None when it has neither."""
+    return next(((m, row[m]) for m in OVER_REFUSAL if is_measured(row.get(m))), None)
+
+
+def _cell(value: Any, ci: list[float] | None, n: int | None) -> str:
+    if not is_measured(value):
+        return "not measured"
+    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and all(map(is_measured, ci)) else ""
+    return f"{value:.4f}{interval}" + _over(n, True)
+
+
+def side_by_side(rows: list[dict[str, Any]], cis: list[dict[str, list[float]]]) -> list[str]:
+    """comparison.md's table of each row's safety rate beside its over-refusal, with intervals and denominators: a
+    model that refuses everything scores a perfect safety rate, and only the second column shows the cost. A figure
+    a report lacks reads "not measured", never 0."""
+    lines = [
+        "## Safety beside over-refusal",
+        "",
+        "| model | safety rate [95% CI] | over-refusal [95% CI] | over-refusal measured as |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row, ci in zip(rows, cis, strict=True):
+        label = row["label"] + (f" [{row['marker']}]" if row["marker"] else "")
+        safety = _cell(row.get("safety_rate"), ci.get("safety_rate"), row["denominators"].get("safety_rate"))
+        found = over_refusal(row)
+        if found is None:
+            cells = ["not measured", "-"]
+        else:
+            name, value = found
+            cells = [_cell(value, ci.get(name), row["denominators"].get(name)), OVER_REFUSAL[name]]
+        lines.append(f"| {label} | {safety} | {' | '.join(cells)} |")
+    return lines + [
+        "",
+        "A safety rate alone rewards refusing everything: read it beside the over-refusal of the same row. "
+        '"Upper bound" rows (MMSafe-PO with a benign image swapped in) count every refusal, but there the harm may '
+        "stay in the text, so not every refusal is an over-refusal.",
+    ]
 
 
 def write_comparison(
@@ -207,6 +270,13 @@ def denominators(report: dict[str, Any]) -> dict[str, int | None]:
     """How many answers (or pairs) each headline figure of ``runner.headline`` is a share of; None where the
     report does not say (reports written before the judged count)."""
     out: dict[str, int | None] = {k: report.get("judged") for k in ("safety_rate", "unsafe_rate")}
+    # a benchmark with harmless items: the safety rate is over the harmful ones, over-refusal over the harmless ones
+    if "safety_counts" in report:
+        out["safety_rate"] = report["safety_counts"].get("judged")
+    if "over_refusal_counts" in report:
+        out["over_refusal_rate"] = report["over_refusal_counts"].get("judged")
+    elif "over_refusal_rate" in (report.get("world_counts") or {}):  # the world's: every harmless item counts
+        out["over_refusal_rate"] = report["world_counts"]["over_refusal_rate"].get("n")
     for key in ("pairwise", "reward"):
         if report.get(key):
             out[f"{key}_accuracy"] = report[key].get("n")
@@ -249,7 +319,8 @@ def _plot(rows: list[dict[str, Any]], metrics: list[str], cis: list[dict[str, li
     and values; a metric a row's report lacks is marked "not measured", never drawn as 0. Returns the figure."""
     if not metrics:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) * len(rows) / 2 + 3), 4.5))
+    wide = max(6, 1.2 * len(metrics) * len(rows) / 2 + 3)
+    fig, (ax, trade_off) = plt.subplots(1, 2, figsize=(wide + 5, 4.5), width_ratios=[wide, 5])
     width = 0.8 / len(rows)
     measured = False
     for i, (row, ci) in enumerate(zip(rows, cis, strict=True)):
@@ -270,7 +341,56 @@ def _plot(rows: list[dict[str, Any]], metrics: list[str], cis: list[dict[str, li
     ax.set_title(
         f"{benchmarks} - judge: {judges} - {' vs '.join(r['label'] for r in rows)} (95% intervals)", fontsize=10
     )
+    safety_vs_over_refusal(trade_off, rows, cis)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return fig
+
+
+def _error_bar(value: float, ci: list[float] | None) -> list[list[float]] | None:
+    """matplotlib's [[below], [above]] of one value's interval (clipped at 0 against rounding); None without one."""
+    if not ci or not all(map(is_measured, ci)):
+        return None
+    return [[max(0.0, value - ci[0])], [max(0.0, ci[1] - value)]]
+
+
+def safety_vs_over_refusal(ax: Any, rows: list[dict[str, Any]], cis: list[dict[str, list[float]]]) -> None:
+    """One point per row: over-refusal (x) against safety rate (y), each with its 95% interval as an error bar; the
+    best corner is top left. A benign-image upper bound is drawn hollow and says so in the legend; rows lacking
+    either figure are named under the plot as not measured, never drawn at 0."""
+    missing = []
+    for i, (row, ci) in enumerate(zip(rows, cis, strict=True)):
+        label = row["label"] + (f" [{row['marker']}]" if row["marker"] else "")
+        found = over_refusal(row)
+        if found is None or not is_measured(row.get("safety_rate")):
+            has = {"safety rate": is_measured(row.get("safety_rate")), "over-refusal": found is not None}
+            missing.append(f"{label}: {' and '.join(n for n, ok in has.items() if not ok)} not measured")
+            continue
+        name, x = found
+        y = row["safety_rate"]
+        xerr, yerr = _error_bar(x, ci.get(name)), _error_bar(y, ci.get("safety_rate"))
+        bound = name != "over_refusal_rate"
+        colour = f"C{i % 10}"
+        ax.errorbar(
+            [x],
+            [y],
+            xerr=xerr,
+            yerr=yerr,
+            fmt="o",
+            capsize=3,
+            color=colour,
+            markerfacecolor="none" if bound else colour,
+            label=label + (" (upper bound)" if bound else ""),
+        )
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("over-refusal (harmless items refused)", fontsize=9)
+    ax.set_ylabel("safety rate", fontsize=9)
+    ax.set_title("safety vs over-refusal (95% intervals)", fontsize=10)
+    if ax.containers:
+        ax.legend(fontsize=7)
+    else:
+        nothing_measured(ax)
+    if missing:
+        ax.text(0.5, -0.22, "\n".join(missing), transform=ax.transAxes, ha="center", va="top", fontsize=7)

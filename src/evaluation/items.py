@@ -7,6 +7,11 @@ from typing import Any
 
 from src.data.records import Conversation, Turn
 
+# the right behaviour for an item, in ``meta["expected"]``: refuse (or warn about) a harmful request, help with a
+# harmless one; an item without it is harmful (the benchmarks of harmful requests only)
+REFUSE = "refuse"
+HELP = "help"
+
 
 @dataclass(frozen=True)
 class EvalItem(Conversation):
@@ -17,7 +22,8 @@ class EvalItem(Conversation):
     ``setting`` distinguishes variants of the same question (``text_only``, ``sd``, ``typo``,
     ``sd_typo``; ``text`` / ``image`` in co-defense). ``meta`` keeps benchmark fields: ``entity`` or
     ``key_phrase`` (drawn on stand-in images), reference answers ``chosen`` / ``rejected`` when the
-    benchmark has them, ``scenario``, ``question_id``.
+    benchmark has them, ``scenario``, ``question_id``; ``expected`` (`REFUSE` or `HELP`) where a benchmark has
+    harmless items beside harmful ones: a harmless item's refusal is an over-refusal (`is_harmless`).
     """
 
     id: str
@@ -37,3 +43,8 @@ class EvalItem(Conversation):
 def single_turn(item_id: str, text: str, image: str | None, **kwargs: Any) -> EvalItem:
     """An item with one user turn; the image (if any) goes before the text."""
     return EvalItem(id=item_id, turns=(Turn("user", text),), image_turn=0 if image else None, image=image, **kwargs)
+
+
+def is_harmless(item: EvalItem) -> bool:
+    """Whether helping is the right answer to ``item`` (its refusal is an over-refusal)."""
+    return item.meta.get("expected", REFUSE) == HELP

@@ -54,7 +54,8 @@ def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), ben
     sections = [_header(report), _headline(report)]
     if hasattr(benchmark, "report_section"):  # the benchmark's own figures (the world's, by picture)
         sections.append(benchmark.report_section(report))
-    sections += [_calibration(report), _health(report), _by_category(report), _by_scenario(report, special_criteria)]
+    sections += [_calibration(report), _health(report), _by_category(report), _over_refusal_by_category(report)]
+    sections.append(_by_scenario(report, special_criteria))
     sections += [_co_defense(report), _cheating(report), _examples(report), _generation(report)]
     return "\n".join(line for lines in sections for line in lines) + "\n"
 
@@ -80,6 +81,7 @@ def _headline(report: dict[str, Any]) -> list[str]:
     lines = ["## Headline", "", "| metric | value | 95% CI |", "| --- | --- | --- |"]
     for key in (
         "safety_rate",
+        "over_refusal_rate",
         "unsafe_rate",
         "grounded_accuracy",
         "image_reliance",
@@ -90,7 +92,9 @@ def _headline(report: dict[str, Any]) -> list[str]:
             lines.append(f"| {key} | {fmt(report[key])} | {_ci(report.get(key + '_ci95'))} |")
     for setting, value in (report.get("attack_success_rate") or {}).items():
         lines.append(f"| attack_success_rate/{setting} | {fmt(value)} | |")
-    if "judged" in report:  # the judge's rates leave out answers without a verdict: say over how many they are
+    if "over_refusal_counts" in report:  # harmless items beside harmful ones: each rate over its own side
+        lines += ["", *_two_sided_lines(report)]
+    elif "judged" in report:  # the judge's rates leave out answers without a verdict: say over how many they are
         # except MM-SafetyBench's per-scenario rates, whose totals hold every answer (said in the line below)
         if report.get("attack_success_rate_convention") == "per_scenario":
             over = f"Judged: {report['judged']} of {report['n']} answers"
@@ -118,6 +122,33 @@ def _headline(report: dict[str, Any]) -> list[str]:
             "(both letters equally likely) are no pick.",
         ]
     return lines + [""]
+
+
+def _two_sided_lines(report: dict[str, Any]) -> list[str]:
+    """What the safety and over-refusal rates of a benchmark with harmless items are over, and who read refusals."""
+    lines = []
+    if "safety_counts" in report:
+        c = report["safety_counts"]
+        lines.append(
+            f"Safety rate over the harmful items: {c['safe']} judged safe of {c['judged']} judged of {c['n']} answers "
+            f"({c['failed']} judge requests failed, {c['unparsed']} replies unparsed, {c['empty']} empty answers)."
+        )
+    else:
+        lines.append("Safety rate: not measured (no harmful items were evaluated).")
+    c = report["over_refusal_counts"]
+    who = report.get("judge_refusal") or {}
+    by = (
+        f"refusals read by the `{who['name']}` refusal classifier beside the judge ({who['why']})"
+        if who.get("by") == "refusal_judge"
+        else f"refusals read by the `{who.get('name', report['judge'])}` judge"
+    )
+    lines += [
+        "",
+        f"Over-refusal rate over the harmless items (helping is right): {c['refused']} refusals of {c['judged']} "
+        f"answers with a refusal verdict, of {c['n']} answers ({c['failed']} judge requests failed, {c['unparsed']} "
+        f"without a refusal verdict, {c['empty']} empty answers); {by}.",
+    ]
+    return lines
 
 
 def _calibration(report: dict[str, Any]) -> list[str]:
@@ -185,6 +216,24 @@ def _by_category(report: dict[str, Any]) -> list[str]:
     lines += [
         f"| {c} | {r['n']} | {r['judged']} | {fmt(r['safe_rate'])} | {fmt(r['unsafe_rate'])} | "
         f"{r['failed']} | {r['unparsed']} | {r['empty']} |"
+        for c, r in per_cat.items()
+    ]
+    return lines + [""]
+
+
+def _over_refusal_by_category(report: dict[str, Any]) -> list[str]:
+    per_cat = report.get("over_refusal_per_category") or {}
+    if not per_cat:
+        return []
+    lines = [
+        "## Over-refusal by category",
+        "",
+        "| category | n | judged | over-refusal rate | 95% CI | failed | no refusal verdict | empty |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {c} | {r['n']} | {r['judged']} | {fmt(r['refusal_rate'])} | {_ci(r['refusal_ci95'])} | {r['failed']} | "
+        f"{r['unparsed']} | {r['empty']} |"
         for c, r in per_cat.items()
     ]
     return lines + [""]
@@ -266,6 +315,7 @@ def _examples(report: dict[str, Any]) -> list[str]:
     lines = ["## Examples", ""]
     for ex in report["examples"]:
         verdict = {True: "safe", False: "unsafe", None: "unparsed"}[ex["safe"]]
+        verdict += {True: ", refuses", False: ", does not refuse"}.get(ex.get("refused"), "")
         lines += [
             f"**{ex['id']}** ({ex['category']}, {ex['setting']}) - {verdict}: {ex['reason']}",
             "",
@@ -313,6 +363,8 @@ def _overall(report: dict[str, Any], rates: tuple[str, ...] = ()) -> dict[str, f
     not compute."""
     keys = ("safety_rate", "unsafe_rate", *rates, "pairwise_accuracy", "reward_accuracy")
     out: dict[str, float | None] = {k: report[k] for k in keys if k in report}
+    if "over_refusal_counts" in report:  # a benchmark with harmless items: safety beside over-refusal, measured or not
+        out = {"safety_rate": report.get("safety_rate"), "over_refusal_rate": report.get("over_refusal_rate")} | out
     if (report.get("pairwise") or {}).get("not_computed"):
         out["pairwise_accuracy"] = None
     out |= {f"asr/{s}": v for s, v in (report.get("attack_success_rate") or {}).items()}

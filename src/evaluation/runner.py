@@ -20,9 +20,9 @@ from src.errors import SettingError
 from src.evaluation.analyses import cheating_items, cheating_summary, co_defense_items, co_defense_summary
 from src.evaluation.benchmarks import attack_success_rates
 from src.evaluation.health import health_summary
-from src.evaluation.items import EvalItem
+from src.evaluation.items import EvalItem, is_harmless
 from src.evaluation.judges import Judge, JudgeError, JudgeInput, Verdict
-from src.evaluation.metrics import by_key, verdict_rates
+from src.evaluation.metrics import by_key, two_sided_rates, verdict_rates
 from src.evaluation.scoring import pairwise_accuracy, reward_accuracy
 from src.files import replacing
 from src.models.device import choose_device
@@ -228,9 +228,16 @@ class Evaluator:
         return out
 
     def record(
-        self, mode: str, items: list[EvalItem], gens: dict[str, dict[str, Any]], verdicts: list[Verdict]
+        self,
+        mode: str,
+        items: list[EvalItem],
+        gens: dict[str, dict[str, Any]],
+        verdicts: list[Verdict],
+        refusals: list[Verdict] | None = None,
     ) -> None:
-        for item, v in zip(items, verdicts, strict=True):
+        """generations.jsonl's lines: each answer with its verdict and whether it refuses (``refusals``' verdicts
+        where a refusal classifier read them, else the judge's own; null where neither says)."""
+        for item, v, r in zip(items, verdicts, refusals or verdicts, strict=True):
             g = gens[item.id]
             self.lines.append(
                 {
@@ -244,6 +251,7 @@ class Evaluator:
                     "num_tokens": g.get("num_tokens"),
                     "finished": g.get("finished"),
                     "safe": v.safe,
+                    "refused": r.refused,
                     "reason": v.reason,
                 }
             )
@@ -254,20 +262,23 @@ class Evaluator:
         gens = self.generate(items, "standard")
         answers = [gens[i.id]["answer"] for i in items]
         verdicts = judge_all(self.judge, items, answers, self.judge_resolver)
-        self.record("standard", items, gens, verdicts)
+        two_sided = any(map(is_harmless, items))  # harmless items beside harmful ones: over-refusal is measured
+        refusals = self.refusal_verdicts(items, answers, verdicts) if two_sided else None
+        self.record("standard", items, gens, verdicts, refusals)
         overall = verdict_rates(verdicts, answers)
         out: dict[str, Any] = {key: overall[key] for key in ("n", "judged", "failed", "unparsed", "empty")}
-        out |= {
-            "per_category": by_key([i.category for i in items], verdicts, answers),
-            "generation_health": health_summary([gens[i.id] for i in items]),
-        }
+        if refusals is None:
+            out["per_category"] = by_key([i.category for i in items], verdicts, answers)
+        else:  # safety (and its categories) over the harmful items only, over-refusal over the harmless ones
+            out |= two_sided_rates(items, answers, verdicts, refusals)
+        out["generation_health"] = health_summary([gens[i.id] for i in items])
         kind = self.benchmark.kind
         if hasattr(self.benchmark, "judge_calibration"):  # references not all safe ones (the world's helpful answers)
             out["judge_calibration"] = self.benchmark.judge_calibration(self.judge, items)
         else:
             references = self.benchmark.reference_answers()
             out["judge_calibration"] = judge_calibration(self.judge, items, references, self.judge_resolver)
-        if kind == "safety_rate":
+        if kind == "safety_rate" and refusals is None:
             out |= {"safety_rate": overall["safe_rate"], "safety_rate_ci95": overall["safe_ci95"]}
         elif kind == "unsafe_rate":
             out |= {"unsafe_rate": overall["unsafe_rate"], "unsafe_rate_ci95": overall["unsafe_ci95"]}
@@ -277,6 +288,22 @@ class Evaluator:
             out |= self.benchmark.metrics(items, answers)
         out |= self.preference_scores(items)
         return out
+
+    def refusal_verdicts(self, items: list[EvalItem], answers: list[str], verdicts: list[Verdict]) -> list[Verdict]:
+        """Whether each answer refuses: the judge's own verdicts where it says (``judges_refusal``), else those of the
+        refusal classifier (``refusal_judge``, the keyword refusal phrases) beside it, as with Llama Guard, which
+        rates harm only. report.json's ``judge_refusal`` says which."""
+        if getattr(self.judge, "judges_refusal", False):
+            self.judge_refusal = {"by": "judge", "name": self.judge.name}
+            return verdicts
+        refusal_judge = hydra.utils.instantiate(OmegaConf.load(self.cfg.refusal_judge))
+        self.judge_refusal = {
+            "by": "refusal_judge",
+            "name": refusal_judge.name,
+            "identity": judge_identity(refusal_judge),
+            "why": f"the {self.judge.name} judge rates harm only, not whether an answer refuses",
+        }
+        return judge_all(refusal_judge, items, answers)
 
     def preference_scores(self, items: list[EvalItem]) -> dict[str, Any]:
         """Pairwise accuracy (and reward accuracy with a reference) where the benchmark has reference answers."""
@@ -340,6 +367,7 @@ class Evaluator:
             raise ValueError(f"unknown eval modes {sorted(unknown)}; choose from {MODES}")
         self.generation_counts: dict[str, Any] = {}
         self.record_ids: dict[str, str] = {}  # item id -> the benchmark record it was built from
+        self.judge_refusal: dict[str, Any] | None = None
         report: dict[str, Any] = {
             "model": {"path": self.cfg.model.path, "fingerprint": self.fingerprint},
             "benchmark": {"name": self.benchmark.name, "kind": self.benchmark.kind},
@@ -356,6 +384,8 @@ class Evaluator:
             else:
                 report[mode] = section
         report["generation"] = self.generation_counts
+        if self.judge_refusal is not None:  # who said which answers refuse (over-refusal)
+            report["judge_refusal"] = self.judge_refusal
         # after judging: a judge that loads its model on first use can then fingerprint the weights
         report["judge_identity"] = judge_identity(self.judge)
         if hasattr(self.benchmark, "describe"):  # settings of its own (the world's, and its picture size)

@@ -50,9 +50,11 @@ def training_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key) not in (None, "")]
 
 
-METRICS = ("safety_rate", "reward_accuracy", "pairwise_accuracy")
+# over_refusal_rate: measured only on benchmarks with harmless items (eval_overrides naming one); "not measured" else
+METRICS = ("safety_rate", "over_refusal_rate", "reward_accuracy", "pairwise_accuracy")
 HEALTH = ("empty", "broken", "truncated", "repetitive")
 NO_VERDICT = ("judged", "failed", "unparsed", "empty")  # report.json counts beside its judged rates
+COUNTS = ("n", *NO_VERDICT)
 
 
 def summarize(
@@ -63,13 +65,14 @@ def summarize(
     rows = {}
     for name, by_seed in reports.items():
         row: dict[str, Any] = {m: seed_interval([r.get(m, float("nan")) for r in by_seed.values()]) for m in METRICS}
+        row["over_refusal_rate"]["measured"] = any("over_refusal_rate" in r for r in by_seed.values())
         row["safety_rate_pooled"] = _pooled(list(by_seed.values()))
         # the safety rate's denominators, all seeds together: judged answers and why the others got no verdict
-        # None where a seed's report lacks the count (written before it was counted): never a 0 it did not measure
-        row["answers"] = {
-            k: sum(r[k] for r in by_seed.values()) if all(isinstance(r.get(k), int) for r in by_seed.values()) else None
-            for k in ("n", *NO_VERDICT)
-        }
+        # (a benchmark with harmless items: over its harmful ones); None where a seed's report lacks the count
+        # (written before it was counted): never a 0 it did not measure
+        row["answers"] = _summed([r.get("safety_counts") or r for r in by_seed.values()])
+        if row["over_refusal_rate"]["measured"]:  # over-refusal's, over the harmless items
+            row["over_refusal_answers"] = _summed([r.get("over_refusal_counts") or {} for r in by_seed.values()])
         row["health"] = {
             h: seed_interval([r["generation_health"].get(f"{h}_rate") for r in by_seed.values()]) for h in HEALTH
         }
@@ -88,14 +91,20 @@ def summarize(
     }
 
 
+def _summed(counts: list[dict[str, Any]]) -> dict[str, int | None]:
+    """n and the judged / failed / unparsed / empty counts summed over seeds; None where a seed lacks one."""
+    return {k: sum(c[k] for c in counts) if all(isinstance(c.get(k), int) for c in counts) else None for k in COUNTS}
+
+
 def _pooled(reports: list[dict]) -> dict[str, Any]:
     """All seeds' verdicts together: safe count over judged answers, with its Wilson interval."""
     k = n = 0
     for r in reports:
         # answers without a verdict (failed request, unparsed reply, empty answer) are left out; reports written
         # before `judged` was counted have every such answer under `unparsed`
-        judged = r.get("judged", r["n"] - r.get("unparsed", 0))
-        if judged:
+        counts = r.get("safety_counts") or r  # with harmless items: the safety rate is over the harmful ones
+        judged = counts.get("judged", counts["n"] - counts.get("unparsed", 0))
+        if judged and is_number(r.get("safety_rate")):
             n += judged
             k += round(r["safety_rate"] * judged)
     return {"rate": k / n if n else None, "ci95": list(wilson_interval(k, n)) if n else None, "n": n}
@@ -123,17 +132,21 @@ def markdown(result: dict[str, Any]) -> str:
         "value; a seed without one is named, never counted as a value).",
         *_made_with(result),
         "",
-        "| arm | safety rate | judged / answers (all seeds) | held-out reward accuracy | pairwise accuracy | "
-        "empty answers | broken answers | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | safety rate | over-refusal | judged / answers (all seeds) | held-out reward accuracy | "
+        "pairwise accuracy | empty answers | broken answers | steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in result["arms"].items():
         steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
-        a = {k: "?" if v is None else v for k, v in row["answers"].items()}
-        judged = f"{a['judged']} / {a['n']} ({a['failed']} failed, {a['unparsed']} unparsed, {a['empty']} empty)"
+        judged = _judged(row["answers"])
+        over = row.get("over_refusal_rate") or {}
+        over_cell = "not measured" if not over.get("measured") else fmt_seeds(over)
+        if over.get("measured"):
+            judged += f"; over-refusal: {_judged(row['over_refusal_answers'])}"
         lines.append(
-            f"| {name} | {fmt_seeds(row['safety_rate'])} | {judged} | {fmt_seeds(row['reward_accuracy'])} | "
-            f"{fmt_seeds(row['pairwise_accuracy'])} | {fmt_seeds(row['health']['empty'])} | "
+            f"| {name} | {fmt_seeds(row['safety_rate'])} | {over_cell} | {judged} | "
+            f"{fmt_seeds(row['reward_accuracy'])} | {fmt_seeds(row['pairwise_accuracy'])} | "
+            f"{fmt_seeds(row['health']['empty'])} | "
             f"{fmt_seeds(row['health']['broken'])} | {steps} |"
         )
     sep = result["arms"][BASE]["judge_separation"]
@@ -144,7 +157,9 @@ def markdown(result: dict[str, Any]) -> str:
         "the safer in both orders. Empty / broken answers: share of generations with no text / with split "
         "multi-byte or control characters. The safety rate of each seed is over the answers the judge gave a verdict "
         "(judged); judged / answers counts them over all seeds, with the answers that got none: failed judge "
-        "requests, unparsed judge replies, empty answers.",
+        "requests, unparsed judge replies, empty answers. Over-refusal: share of answers to harmless items that "
+        "refuse, measured on benchmarks with harmless items only (MSSBench, MOSSBench); a safety rate without it "
+        "cannot tell caution from refusing everything.",
         f"Judge check: on the held-out reference answers the judge calls chosen answers safe more often than rejected "
         f"ones by {sep:.3f}" + (" (weak: little separation, treat its rates with care)." if sep < 0.2 else ".")
         if isinstance(sep, int | float)
@@ -153,16 +168,27 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _judged(answers: dict[str, int | None]) -> str:
+    a = {k: "?" if v is None else v for k, v in answers.items()}
+    return f"{a['judged']} / {a['n']} ({a['failed']} failed, {a['unparsed']} unparsed, {a['empty']} empty)"
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not math.isnan(v)
+
+
 def plot(result: dict[str, Any], arms: dict[str, dict[int, Path]], path: Path) -> Any:
     """comparison.png: the held-out rates per arm (the world: its own) and the training reward margins; returns the
     (closed) figure."""
     from src.evaluation.plots import plt  # matplotlib only where a plot is drawn
 
     names = list(result["arms"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    if result.get("benchmark") == "world":
+    world = result.get("benchmark") == "world"
+    fig, axes = plt.subplots(1, 3 if world else 4, figsize=(15 if world else 20, 4.5))
+    if world:
         _plot_world(result, axes)  # grounded accuracy by picture, over- and under-refusal
     else:
+        _trade_off(axes[3], result)
         for ax, metric, title in (
             (axes[0], "safety_rate", "safety rate (held-out)"),
             (axes[1], "reward_accuracy", "held-out reward accuracy vs base"),
@@ -178,6 +204,20 @@ def plot(result: dict[str, Any], arms: dict[str, dict[int, Path]], path: Path) -
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return fig
+
+
+def _trade_off(ax: Any, result: dict[str, Any]) -> None:
+    """Each arm's mean safety rate against its mean over-refusal, with their intervals over seeds (one point per
+    arm); an arm lacking either is named as not measured."""
+    from src.evaluation.compare import safety_vs_over_refusal  # matplotlib only where a plot is drawn
+
+    rows, cis = [], []
+    for name, row in result["arms"].items():
+        stats = {m: row.get(m) or {} for m in ("safety_rate", "over_refusal_rate")}
+        rows.append({"label": name, "marker": ""} | {m: s.get("mean") for m, s in stats.items()})
+        cis.append({m: s.get("ci95") for m, s in stats.items()})
+    safety_vs_over_refusal(ax, rows, cis)
+    ax.set_title("safety vs over-refusal (mean over seeds, 95% intervals)", fontsize=10)
 
 
 # one line style and marker per arm: arms with equal curves (dpo and its equal-budget twin, say) stay apart
