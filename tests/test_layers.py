@@ -1,7 +1,7 @@
 """Imports run one way, floor by floor, and no modules import each other (read from the source with `ast`).
 
-    0  src/errors.py, src/files.py, src/settings.py, src/data   the errors every floor raises, files written whole,
-                                   setting ranges; records, readers,
+    0  src/errors.py, src/files.py, src/settings.py,   the errors every floor raises, files written whole,
+       src/environment.py, src/data   setting ranges, what a run ran on; records, readers,
                                    images, encoding
     1  src/models                     model factory, log-probs, objectives, generation, devices
     2  src/llm                        language-model clients shared by judges and the data builder
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE_FLOORS = {"data": 0, "models": 1, "llm": 2, "evaluation": 3, "databuilder": 3, "world": 4}
-MODULE_FLOORS = {"src.errors": 0, "src.files": 0, "src.settings": 0}  # a top-level module that is no entry point
+MODULE_FLOORS = {"src.errors": 0, "src.files": 0, "src.settings": 0, "src.environment": 0}  # a top-level module that is no entry point
 ENTRY_FLOOR = 5
 
 # Found here and not fixed yet: this set may only shrink (the test fails on an entry that no longer occurs, so it
