@@ -29,7 +29,8 @@ test-slow: setup
 test-all: setup
 	$(BIN)/python -m pytest $(ARGS)
 
-# training-step benchmark vs TRL's DPOTrainer (installs the `bench` extra once; ARGS="--quick", "--skip-trl", ...)
+# training-step benchmark vs TRL's DPOTrainer (installs the `bench` extra once; ARGS="--quick", "--skip-trl",
+# "--widths llava_1_5_7b --text-layers 1" for llava-1.5-7b's architecture at full width, ...)
 bench: setup
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -e ".[dev,bench]" -c constraints.txt
 	$(BIN)/python benchmarks/bench_step.py $(ARGS)
