@@ -52,8 +52,8 @@ notebook: setup
 	    for o in c.get('outputs', []) if o.get('name') == 'stdout']; print('executed notebook:', sys.argv[1])" "$$out"
 
 lint: setup
-	$(BIN)/ruff check src tests notebooks
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests notebooks benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf logs/train logs/debug logs/generate .pytest_cache

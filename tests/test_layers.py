@@ -22,7 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE_FLOORS = {"data": 0, "models": 1, "llm": 2, "evaluation": 3, "databuilder": 3, "world": 4}
-MODULE_FLOORS = {"src.errors": 0, "src.files": 0, "src.settings": 0, "src.environment": 0}  # a top-level module that is no entry point
+MODULE_FLOORS = {
+    "src.errors": 0,
+    "src.files": 0,
+    "src.settings": 0,
+    "src.environment": 0,
+}  # a top-level module that is no entry point
 ENTRY_FLOOR = 5
 
 # Found here and not fixed yet: this set may only shrink (the test fails on an entry that no longer occurs, so it
