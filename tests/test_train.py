@@ -1,5 +1,6 @@
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -277,6 +278,7 @@ def test_train_tokens_counts_the_prompt_once_and_each_answer_across_a_resume():
     m = module("raise")
     logged = []
     m.log = lambda name, value, **kw: logged.append(value) if name == "train/tokens" else None
+    m._trainer = SimpleNamespace()  # logs only under a Trainer (a bare loop counts without logging)
     b = batch(m.processor)
     n = int(b["prompt_lengths"].sum() + b["answer_lengths"].sum())
     assert b["prompt_ids"].shape == (1, int(b["prompt_lengths"][0]))  # one record: no padding in the prompt
@@ -288,3 +290,5 @@ def test_train_tokens_counts_the_prompt_once_and_each_answer_across_a_resume():
     resumed = module("raise")
     resumed.on_load_checkpoint(checkpoint)
     assert resumed.tokens_trained == 2 * n
+    resumed.training_step(b, 2)  # no Trainer: counted, not logged
+    assert resumed.tokens_trained == 3 * n and logged == [n, 2 * n]

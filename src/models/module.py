@@ -294,7 +294,8 @@ class PreferenceModule(LightningModule):
         self._batch_ids = list(batch["ids"])
         # the prompt once per record and each answer, padding excluded: the tokens the packed layout computes
         self.tokens_trained += int(batch["prompt_lengths"].sum()) + int(batch["answer_lengths"].sum())
-        self.log("train/tokens", float(self.tokens_trained), on_step=True, on_epoch=False, batch_size=size)
+        if self._trainer is not None:  # called outside a Trainer (a bare loop): counted, nothing to log to
+            self.log("train/tokens", float(self.tokens_trained), on_step=True, on_epoch=False, batch_size=size)
         if not torch.isfinite(loss):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"non-finite loss {loss.item()} on records {batch['ids']}")
