@@ -35,7 +35,7 @@ def read_mmsafe_po(path: str | Path, problems: list[str] | None = None) -> list[
     With a ``problems`` list, a bad record is described there and skipped instead of raising.
     """
     path = Path(path)
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of MMSafe-PO records, got {type(data).__name__}")
     records, seen = [], set()
@@ -150,7 +150,8 @@ def read_records(
     return records
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path) -> Any:
+    """A JSON file's content, with or without a byte-order mark; bad UTF-8 or JSON is a `DataError` naming it."""
     try:
         return json.loads(path.read_text(encoding="utf-8-sig"))  # with or without a byte-order mark
     except UnicodeDecodeError as e:

@@ -13,13 +13,13 @@ record named and never skip a record. Each item's ``meta["expected"]`` says whic
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from src.data.images import ImageResolver
-from src.data.records import DataError, invalid_json
+from src.data.readers import load_json
+from src.data.records import DataError
 from src.evaluation.benchmarks import check_images, keep_first
 from src.evaluation.items import HELP, REFUSE, EvalItem, is_harmless, single_turn
 from src.files import file_problem
@@ -37,12 +37,7 @@ def read_json(path: Path, what: str, setting: str) -> Any:
     problem = file_problem(path)  # looked at, not opened: a FIFO would block the read for ever
     if problem is not None:
         raise DataError(f"{path}: the {what} is {problem}; point {setting} at the benchmark's folder")
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))  # with or without a byte-order mark
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e})") from None
-    except json.JSONDecodeError as e:
-        raise invalid_json(str(path), e) from None
+    return load_json(path)
 
 
 def _text(record: dict[str, Any], key: str, where: str) -> str:
