@@ -63,6 +63,34 @@ def test_text_alone_cannot_tell_hazard(world):
     assert len({r.image for r in train}) == len(train)
 
 
+def phrasing_only_accuracy(world: World) -> tuple[float, float]:
+    """(accuracy on the held-out items of a predictor that reads only the phrasing: the majority hazard of that
+    phrasing in training, the overall majority on a tie, the majority rate of the held-out items)."""
+    train, held = world.train_records(), world.heldout_records()
+    votes: dict[int, list[int]] = {}
+    for r in train:
+        votes.setdefault(r.meta["phrasing"], [0, 0])[r.meta["hazardous"]] += 1
+    overall = 2 * sum(r.meta["hazardous"] for r in train) > len(train)
+
+    def predict(phrasing: int) -> bool:
+        harmless, hazardous = votes.get(phrasing, [0, 0])
+        return overall if harmless == hazardous else hazardous > harmless
+
+    accuracy = sum(predict(r.meta["phrasing"]) == r.meta["hazardous"] for r in held) / len(held)
+    share = sum(r.meta["hazardous"] for r in held) / len(held)
+    return accuracy, max(share, 1 - share)
+
+
+@pytest.mark.parametrize("rule", ["colour", "shape", "xor"])
+def test_a_held_out_phrasing_says_nothing_about_hazard(rule):
+    """Each phrasing is held out for hazardous and harmless kinds alike, so reading the phrasing alone scores the
+    majority rate on held-out items (it scored 0.24-0.57 in the colour world, 0.08-0.42 in xor, when the held-out
+    phrasings followed the kinds without regard to hazard)."""
+    for seed in range(10):
+        accuracy, majority = phrasing_only_accuracy(World(WorldSettings(seed=seed, hazard_rule=rule)))
+        assert abs(accuracy - majority) <= 0.05, (rule, seed, accuracy, majority)
+
+
 def test_cue_correlates_in_training_and_conflicts_in_half_the_heldout(world):
     train, held = world.train_records(), world.heldout_records()
     cue_given_hazard = np.mean([r.meta["cue"] for r in train if r.meta["hazardous"]])

@@ -179,15 +179,21 @@ class World:
                 hazardous = {"colour": c, "shape": h, "xor": c != h}[s.hazard_rule]
                 self.kinds.append(Kind(colour, shape, hazardous))
         self.phrasings = list(PHRASINGS[: s.phrasings])
-        # per kind, the phrasings asked only in held-out items: spread so every phrasing is held out for some kind
-        # and trained with others, which keeps the text of a held-out request uninformative on its own
+        # per kind, the phrasings asked only in held-out items. Hazardous and harmless kinds are given them
+        # separately, each group walking the same shuffled order of phrasings, so every phrasing is held out for
+        # as many hazardous kinds as harmless ones (when the groups are equal; in proportion as far as whole
+        # numbers allow when not) and trained with others: a held-out request's text carries no hazard
+        # information on its own (a predictor reading only the phrasing scores the majority rate)
         order = rng.sample(range(s.phrasings), s.phrasings)
         self.heldout_phrasings: dict[str, list[int]] = {}
-        for i, kind in enumerate(self.kinds):
-            start = (i * s.heldout_phrasings) % s.phrasings
-            self.heldout_phrasings[kind.name] = sorted(
-                order[(start + j) % s.phrasings] for j in range(s.heldout_phrasings)
-            )
+        for hazardous in (True, False):
+            group = [kind for kind in self.kinds if kind.hazardous == hazardous]
+            for i, kind in enumerate(group):
+                start = (i * s.heldout_phrasings) % s.phrasings
+                self.heldout_phrasings[kind.name] = sorted(
+                    order[(start + j) % s.phrasings] for j in range(s.heldout_phrasings)
+                )
+        self.heldout_phrasings = {kind.name: self.heldout_phrasings[kind.name] for kind in self.kinds}
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -200,8 +206,10 @@ class World:
     def _record(self, split: str, index: int, rng: random.Random, cue_prob: tuple[float, float]) -> PreferenceRecord:
         kind = self.kinds[index % len(self.kinds)]  # every kind equally often
         held = self.heldout_phrasings[kind.name]
-        allowed = held if split == "heldout" else [p for p in range(len(self.phrasings)) if p not in held]
-        phrasing = rng.choice(allowed)
+        if split == "heldout":  # a kind's held-out phrasings in turn: each equally often, no sampling noise
+            phrasing = held[(index // len(self.kinds)) % len(held)]
+        else:
+            phrasing = rng.choice([p for p in range(len(self.phrasings)) if p not in held])
         cue = rng.random() < (cue_prob[0] if kind.hazardous else cue_prob[1])
         texture = rng.choice(TEXTURES)
         instance = f"{self.settings.seed}-{split}-{index}"
