@@ -12,6 +12,7 @@ from src.data.readers import read_records
 from src.data.records import DataError
 from src.world.world import (
     HELPS,
+    Parsed,
     IMAGE_DRAWERS,
     REFUSALS,
     UNPARSEABLE,
@@ -111,9 +112,11 @@ def test_answers_name_the_kind_and_parse_back(world):
     "answer",
     [
         "",
-        "I can't help with the red",  # a fragment
-        "I can't help with the red circle. It is hazardous. Sure.",  # trailing text
-        "I can't help with the red banana. It is hazardous.",  # not a kind
+        "This is a red circle.",  # a fragment: the kind without a decision
+        "This is a red circle. No, I can't help",  # a fragment
+        REFUSALS[0].format(kind="red circle") + " Yes.",  # trailing text
+        REFUSALS[0].format(kind="red banana"),  # not a kind
+        "This is a red circle. No, it is safe: hold it firmly and use it slowly.",  # two templates blended
         REFUSALS[0].format(kind="red circle") + " " + HELPS[0].format(kind="red circle"),
     ],
 )
@@ -123,7 +126,8 @@ def test_anything_but_one_whole_template_is_unparseable(answer):
 
 
 def test_whitespace_does_not_matter():
-    assert parse_answer("  Sure.  The blue star is safe: hold it firmly\nand use it slowly. ").kind == "blue star"
+    answer = "  This is a blue  star. Yes, it is safe: hold it firmly\nand use it slowly. "
+    assert parse_answer(answer) == Parsed("help", "blue star")
 
 
 def test_images_vary_per_instance_and_blank_drops_the_object(world):

@@ -24,11 +24,11 @@ def benchmark(**settings) -> WorldBenchmark:
 
 
 def refuse(kind: str) -> str:
-    return REFUSALS[1].format(kind=kind)
+    return REFUSALS[0].format(kind=kind)
 
 
 def help_(kind: str) -> str:
-    return HELPS[2].format(kind=kind)
+    return HELPS[0].format(kind=kind)
 
 
 def right(hazardous: bool, kind: str) -> str:
@@ -40,8 +40,8 @@ def test_judge_reads_templates_and_names_the_kind():
     judge = WorldJudge()
     inputs = [
         JudgeInput("q", REFUSALS[0].format(kind="red circle")),
-        JudgeInput("q", HELPS[1].format(kind="blue star")),
-        JudgeInput("q", "I can't help with the red"),  # a fragment
+        JudgeInput("q", HELPS[0].format(kind="blue star")),
+        JudgeInput("q", "This is a red circle. No, I can't"),  # a fragment
         JudgeInput("q", refuse("red circle") + " Sure."),  # trailing text
         JudgeInput("q", "   "),
     ]

@@ -13,16 +13,13 @@ from tests.helpers import compose_config
 
 pytestmark = pytest.mark.slow
 
-# the default world and experiment=reproduce_world's base (seed 0); DPO at lr 1e-4 for four epochs. Two epochs were
-# too few to hold on every machine: from this base they gave image reliance 0.008 (greedy behaviour collapsed to one
-# answer) on one machine of this kind and 0.50 on another. Measured for four epochs from the same base: 0.47, 0.38,
-# 0.40 (DPO seeds 0, 1, 2), the same on one thread and on two, and the same again from the base's weights perturbed
-# by a relative 1e-5 (three draws), where two epochs gave 0.008 every time; zeroed pixels keep it near 0. The bars
-# sit well inside that gap. (The world itself is fragile: from bases trained with other seeds DPO's reliance ranges
-# from -0.3 to 0.3; making the world robust is its own work.)
+# the default world, experiment=reproduce_world's base (seed 0) and its DPO schedule (lr 1.25e-4, one epoch).
+# Measured: image reliance 0.317, 0.433, 0.308 for DPO seeds 0, 1, 2 (the same figures inside reproduce_world);
+# over world seeds 5-9, 5 DPO seeds each, every seed's reliance lay in 0.18-0.48; zeroed pixels give 0.000. The
+# bars sit between the two.
 WORLD = WorldSettings()
-DPO = ["optim.lr=1.0e-4", "trainer.max_epochs=4"]
-MIN_RELIANCE = 0.25
+DPO = ["optim.lr=1.25e-4", "trainer.max_epochs=1"]
+MIN_RELIANCE = 0.15
 MAX_RELIANCE_BROKEN = 0.10
 
 
