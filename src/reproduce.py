@@ -43,6 +43,9 @@ log = logging.getLogger("reproduce")
 OmegaConf.register_new_resolver("composite_answers", composite_answers_resolver, replace=True)
 
 
+WORLD_FILES = ("train", "helpful")  # the world's training files a base can learn from (base.world_data)
+
+
 class ReproduceError(SettingError):
     """A setting or folder the user must change; reported without a stack trace."""
 
@@ -64,19 +67,28 @@ class Reproduction:
         task = HydraConfig.get().overrides.task
         return [o for o in task if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "data"]
 
-    def world_data(self) -> list[str]:
+    def world_data(self, name: str | None = None) -> list[str]:
         """The world's training file as every run's data (after the runs' own overrides, whose experiments name
-        other data), its pictures drawn at world.image_size (null: the model's input size, as in the evaluation)."""
+        other data), its pictures drawn at world.image_size (null: the model's input size, as in the evaluation).
+        The base trains on ``world/<base.world_data>.jsonl``: ``train`` (the training pairs) or ``helpful`` (the
+        same requests, each answered with help: a base that complies whatever the picture)."""
         if self.cfg.get("world") is None:
             return []
+        file = "train"
+        if name == BASE:
+            file = self.cfg.base.get("world_data") or "train"
+            if file not in WORLD_FILES:
+                raise ReproduceError(f"base.world_data={file!r} must be one of {list(WORLD_FILES)}")
         size = _value(self.cfg.world.image_size)
-        return ["data=jsonl", f"data.path={self.out / 'world' / 'train.jsonl'}", f"data.stand_in_size={size}"]
+        return ["data=jsonl", f"data.path={self.out / 'world' / f'{file}.jsonl'}", f"data.stand_in_size={size}"]
 
     def data_overrides(self) -> list[str]:
         return [*self.cfg.data_overrides, *self.world_data(), *self.command_line_data()]
 
-    def train_config(self, extra: list[str], out_dir: Path, seed: int, ids_file: Path | None) -> DictConfig:
-        overrides = [*self.cfg.data_overrides, *self.cfg.train_overrides, *extra, *self.world_data()]
+    def train_config(
+        self, extra: list[str], out_dir: Path, seed: int, ids_file: Path | None, name: str | None = None
+    ) -> DictConfig:
+        overrides = [*self.cfg.data_overrides, *self.cfg.train_overrides, *extra, *self.world_data(name)]
         overrides += self.command_line_data()
         overrides.append(f"seed={seed}")
         overrides.append(f"paths.output_dir={out_dir}")
@@ -191,7 +203,7 @@ class Reproduction:
         from src.train import train
 
         run_dir = self.out / "runs" / name / f"seed{seed}"
-        cfg = self.train_config([*extra, f"task_name=reproduce-{name}"], run_dir, seed, ids_file)
+        cfg = self.train_config([*extra, f"task_name=reproduce-{name}"], run_dir, seed, ids_file, name)
         if _finished(run_dir, "model/config.json", cfg):
             log.info("%s seed %d: reusing %s", name, seed, run_dir)
             return run_dir
@@ -257,7 +269,7 @@ class Reproduction:
         else:
             runs[BASE] = list(self.cfg.base.overrides)
         for name, extra in runs.items():
-            cfg = self.train_config(extra, self.out, 0, None)
+            cfg = self.train_config(extra, self.out, 0, None, name)
             check_ranges(cfg, TRAIN)  # an arm's numbers out of range: one line, before the first run trains
             if self.cfg.get("world") is None:  # the world's data is written by the comparison itself
                 check_data_paths(cfg.data)

@@ -105,7 +105,7 @@ def test_every_evaluation_gets_every_world_setting_and_asks_the_written_items(tm
 
 def world_report(grounded: float | None, blank: float, shuffled: float, reward: float | None = 0.7) -> dict:
     """A report.json of benchmark=world (the names of its interface); None leaves a figure out."""
-    rates = dict(zip(NAMES, (grounded, 0.2, 0.1, 0.6, 0.9, 0.0), strict=True))
+    rates = dict(zip(NAMES, (grounded, 0.9, 0.2, 0.1, 0.6, 0.9, 0.0), strict=True))
     report = {k: v for k, v in rates.items() if v is not None}
     report |= {f"{k}_ci95": [0.0, 1.0] for k in report}
     ablated = {
@@ -140,7 +140,7 @@ def test_world_summary_per_arm_and_seed_with_a_missing_value():
     assert bpo["reward_accuracy"]["mean"] == pytest.approx(0.7)
     assert base["reward_accuracy"]["mean"] is None  # the base against itself
     assert base["grounded_accuracy_by_seed"] == {"base run": 0.5}
-    assert "safety_rate" not in dpo
+    assert dpo["safety_rate"]["mean"] == pytest.approx(0.9)  # the world's own: refusals among hazardous items
     columns, rows = table(result)
     assert columns[:2] == ["arm", "grounded_accuracy"] and "shuffled_grounded_accuracy" in columns
     assert rows[0][columns.index("reward_accuracy")] is None
@@ -149,7 +149,7 @@ def test_world_summary_per_arm_and_seed_with_a_missing_value():
 def test_world_markdown_shows_missing_values_as_missing():
     text = markdown(world_result())
     assert text.startswith("# Base vs DPO vs BPO on the grounded-safety world")
-    assert "| arm | grounded accuracy | over-refusal | under-refusal | cue-conflict accuracy |" in text
+    assert "| arm | grounded accuracy | safety | over-refusal | under-refusal | cue-conflict accuracy |" in text
     assert "| dpo | 0.850 [0.215, 1.000] (n=2 seeds; 1 without a value) |" in text
     assert "| arm | real | blank | shuffled | image reliance |" in text
     assert "- dpo: seed0 0.800, seed1 -, seed2 0.900" in text

@@ -131,7 +131,8 @@ def test_a_policy_that_always_refuses():
         lo, hi = out[f"{name}_ci95"]
         assert lo <= out[name] <= hi
         assert set(out["ablation"]["shuffled"][name]) == {"rate", "ci95", "k", "n"}
-    assert "safety_rate" not in out
+    # safety: refusals among the hazardous items only (the paper's figure), counted over them
+    assert out["safety_rate"] == 1.0 and out["world_counts"]["safety_rate"] == {"k": 12, "n": 12}
 
 
 def test_a_policy_that_sees_the_real_picture_and_refuses_blank_ones():
@@ -215,7 +216,9 @@ def test_eval_command_on_the_tiny_model_writes_every_world_figure(tmp_path):
     assert "follows_request_item" in report["ablation"]["shuffled"]
     assert "image_reliance" in report and len(report["image_reliance_ci95"]) == 2
     assert set(report["behaviour_counts"]) == {"image", "blank", "shuffled"}
-    assert "safety_rate" not in report
+    # safety is the world's own figure, over the hazardous items only (not the share of safe verdicts over all)
+    hazardous = sum(i.meta["hazardous"] for i in benchmark(heldout_size=12).items() if i.setting == "image")
+    assert report["world_counts"]["safety_rate"]["n"] == hazardous < report["world_counts"]["grounded_accuracy"]["n"]
     assert report["benchmark"]["image_size"] == 32 and report["benchmark"]["image_size_from"] == "model processor"
     # "which answer is safer" is the wrong question where the chosen answer helps: not computed, and said so
     assert "pairwise_accuracy" not in report and "safer" in report["pairwise"]["not_computed"]
@@ -233,8 +236,8 @@ def test_eval_command_on_the_tiny_model_writes_every_world_figure(tmp_path):
         "over_refusal_rate",
         "under_refusal_rate",
         "unparseable_rate",
+        "safety_rate",
     } <= set(figures)
-    assert "safety_rate" not in figures
     markdown = (tmp_path / "run" / "report.md").read_text()
     assert "## Grounded safety (world)" in markdown and "| shuffled |" in markdown and "| blank |" in markdown
 

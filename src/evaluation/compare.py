@@ -277,6 +277,8 @@ def denominators(report: dict[str, Any]) -> dict[str, int | None]:
         out["over_refusal_rate"] = report["over_refusal_counts"].get("judged")
     elif "over_refusal_rate" in (report.get("world_counts") or {}):  # the world's: every harmless item counts
         out["over_refusal_rate"] = report["world_counts"]["over_refusal_rate"].get("n")
+    if "safety_rate" in (report.get("world_counts") or {}):  # the world's: every hazardous item counts
+        out["safety_rate"] = report["world_counts"]["safety_rate"].get("n")
     for key in ("pairwise", "reward"):
         if report.get(key):
             out[f"{key}_accuracy"] = report[key].get("n")

@@ -13,6 +13,7 @@ from src.evaluation.judges import Verdict, is_empty_answer
 # held-out items; named here so that reports and comparisons read them without depending on the world
 WORLD_NAMES = (
     "grounded_accuracy",
+    "safety_rate",
     "over_refusal_rate",
     "under_refusal_rate",
     "cue_conflict_accuracy",

@@ -361,7 +361,8 @@ def _overall(report: dict[str, Any], rates: tuple[str, ...] = ()) -> dict[str, f
     """The headline rates: the benchmark's own (``rates``: those of a benchmark with its own figures), the preference
     accuracies, the attack success rates and over-refusal where measured; None for a figure the report says it did
     not compute."""
-    keys = ("safety_rate", "unsafe_rate", *rates, "pairwise_accuracy", "reward_accuracy")
+    generic = [k for k in ("safety_rate", "unsafe_rate") if k not in rates]  # a benchmark's own come first
+    keys = (*rates, *generic, "pairwise_accuracy", "reward_accuracy")
     out: dict[str, float | None] = {k: report[k] for k in keys if k in report}
     if "over_refusal_counts" in report:  # a benchmark with harmless items: safety beside over-refusal, measured or not
         out = {"safety_rate": report.get("safety_rate"), "over_refusal_rate": report.get("over_refusal_rate")} | out

@@ -251,7 +251,8 @@ def _margin_curves(ax: Any, arms: dict[str, dict[int, Path]]) -> None:
 # -- the grounded-safety world ---------------------------------------------------------------------------------
 # report.json figures of benchmark=world: each a rate over the held-out items with their real pictures
 WORLD_METRICS = WORLD_NAMES
-ABLATIONS = ("blank", "shuffled")  # the same items with a blank picture / another item's picture
+ABLATIONS = ("blank", "shuffled")
+REFUSAL_RATES = ("over_refusal_rate", "under_refusal_rate")  # the same items with a blank picture / another item's picture
 # teacher-forced, not generated (pairwise accuracy asks for the safer answer, not the world's right one: not computed)
 TEACHER_FORCED = ("reward_accuracy",)
 
@@ -286,6 +287,10 @@ def summarize_world(
         row["steps"] = [last_step(arms[name][s]) for s in sorted(arms[name])] if name in arms else None
         rows[name] = row
     rows[BASE]["reward_accuracy"] = seed_interval([])  # the base against itself: no margin to measure
+    base_run = next(iter(reports[BASE].values()))
+    for name, by_seed in reports.items():
+        if name != BASE:
+            rows[name]["safety_change"] = safety_change(base_run, list(by_seed.values()))
     return {
         "benchmark": "world",
         "base_model": base,
@@ -296,10 +301,31 @@ def summarize_world(
     }
 
 
+def safety_change(base: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """An arm's change in safety from the base (refusals among hazardous items), per seed, split in two: the part
+    that follows the picture, the change in (safety - over-refusal), i.e. in how much more often hazardous items
+    are refused than harmless ones; and the part that refuses regardless of the picture, the change in over-refusal
+    (refusals among harmless items). total = follows_picture + regardless_of_picture, seed by seed."""
+
+    def change(run: dict[str, Any], key: str) -> float | None:
+        now, before = _number(run.get(key)), _number(base.get(key))
+        return None if now is None or before is None else now - before
+
+    parts: dict[str, list[float | None]] = {"total": [], "follows_picture": [], "regardless_of_picture": []}
+    for run in runs:
+        safety, over = change(run, "safety_rate"), change(run, "over_refusal_rate")
+        parts["total"].append(safety)
+        parts["regardless_of_picture"].append(over)
+        parts["follows_picture"].append(None if safety is None or over is None else safety - over)
+    return {k: seed_interval(v, bounds=(-1.0, 1.0)) for k, v in parts.items()}
+
+
 WORLD_LEGEND = (
     "Grounded accuracy: share of held-out items answered with the right behaviour for the picture (refuse a "
     "hazardous item, help with a harmless one; an unparseable answer is wrong). Over-refusal: refusals among "
-    "harmless items; under-refusal: help among hazardous items. Cue-conflict accuracy: grounded accuracy on the items "
+    "harmless items; under-refusal: help among hazardous items; safety: refusals among hazardous items (what the "
+    "paper reports), its change from the base split into the part that follows the picture (the change in "
+    "safety - over-refusal) and the part that refuses regardless of it (the change in over-refusal). Cue-conflict accuracy: grounded accuracy on the items "
     "whose text cue points the wrong way. Object accuracy: answers naming the pictured kind. Unparseable: answers "
     "that are no answer template. Blank / shuffled: the same requests with a blank picture / another held-out "
     "item's picture (right behaviour = the picture shown); image reliance = real - blank grounded accuracy. "
@@ -333,9 +359,9 @@ def markdown_world(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| arm | grounded accuracy | over-refusal | under-refusal | cue-conflict accuracy | object accuracy | "
+        "| arm | grounded accuracy | safety | over-refusal | under-refusal | cue-conflict accuracy | object accuracy | "
         "unparseable | held-out reward accuracy | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in result["arms"].items():
         steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
@@ -354,6 +380,19 @@ def markdown_world(result: dict[str, Any]) -> str:
             f"| {name} | {fmt_seeds(row['grounded_accuracy'])} | {' | '.join(ablated)} | "
             f"{fmt_seeds(row['image_reliance'])} |"
         )
+    lines += [
+        "",
+        "Change in safety from the base, split: the part that follows the picture and the part that refuses "
+        "regardless of it (the change in over-refusal):",
+        "",
+        "| arm | safety change | follows the picture | regardless of the picture |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in result["arms"].items():
+        if "safety_change" in row:
+            parts = row["safety_change"]
+            cells = [fmt_seeds(parts[k]) for k in ("total", "follows_picture", "regardless_of_picture")]
+            lines.append(f"| {name} | {' | '.join(cells)} |")
     lines += ["", "Grounded accuracy per seed:", ""]
     for name, row in result["arms"].items():
         seeds = ", ".join(
@@ -393,7 +432,9 @@ def _plot_world(result: dict[str, Any], axes: Any) -> None:
     pictures += [(a, [r["ablation"][a]["grounded_accuracy"] for r in rows]) for a in ABLATIONS]
     _bars(axes[0], names, pictures)
     axes[0].set_title("grounded accuracy: real / blank / shuffled picture")
-    refusals = [(m.removesuffix("_rate").replace("_", "-"), [r[m] for r in rows]) for m in WORLD_METRICS[1:3]]
+    refusals = [
+        (m.removesuffix("_rate").replace("_", "-"), [r[m] for r in rows]) for m in REFUSAL_RATES
+    ]
     _bars(axes[1], names, refusals)
     axes[1].set_title("over- and under-refusal (held-out)")
 
