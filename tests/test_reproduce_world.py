@@ -227,3 +227,43 @@ def test_the_objectives_preset_adds_mdpo_and_bpo_conditional_to_the_same_compari
     assert list(arms["bpo_conditional"].data.answers) == ["chosen", "rejected", "blind", "chosen_corrupted"]
     assert arms["mdpo"].data.corruption.kind == "crop" and list(arms["mdpo"].data.corruption.keep) == [0.0, 0.2]
     assert {a.optim.lr for a in arms.values()} == {cfg.schedule.preference_lr}
+
+
+def test_the_paper_preset_trains_its_base_on_the_helpful_file_and_the_arms_on_the_pairs(tmp_path):
+    """reproduce_world_paper: the base learns the chosen answers of world/helpful.jsonl (help, whatever the picture),
+    every arm the world's pairs, from a mostly hazardous training mix."""
+    rep = reproduction(tmp_path, ["experiment=reproduce_world_paper", "world.train_size=40", "world.heldout_size=6"])
+    rep.split()
+    folder = tmp_path / "out" / "world"
+    base = rep.train_config(list(rep.cfg.base.overrides), tmp_path / "run", 0, None, "base")
+    assert base.data.path == str(folder / "helpful.jsonl") and list(base.data.answers) == ["chosen"]
+    for name, extra in rep.cfg.arms.items():
+        assert rep.train_config(list(extra), tmp_path / "run", 0, None, name).data.path == str(folder / "train.jsonl")
+    train = read_records(folder / "train.jsonl", "jsonl")
+    assert sum(r.meta["hazardous"] for r in train) == 32  # world.hazardous_share 0.8 of 40
+    assert rep.cfg.schedule == compose_reproduction(tmp_path / "w", ["experiment=reproduce_world"]).cfg.schedule
+
+
+def test_a_base_world_file_that_does_not_exist_is_refused_before_any_run(tmp_path):
+    with pytest.raises(ReproduceError, match=r"base.world_data='heldout' must be one of \['train', 'helpful'\]"):
+        reproduction(tmp_path, [*SMALL, "base.world_data=heldout"]).run()
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_safety_change_splits_into_following_the_picture_and_refusing_regardless():
+    from src.evaluation.seeds import safety_change
+
+    base = {"safety_rate": 0.1, "over_refusal_rate": 0.05}
+    runs = [
+        {"safety_rate": 0.9, "over_refusal_rate": 0.85},  # refuses everything more: none of it follows the picture
+        {"safety_rate": 0.9, "over_refusal_rate": 0.05},  # refuses only the hazardous items more: all of it does
+        {"safety_rate": None, "over_refusal_rate": 0.5},  # no safety figure: no change, counted as missing
+    ]
+    parts = safety_change(base, runs)
+    assert parts["total"]["values"] == pytest.approx([0.8, 0.8]) and parts["total"]["n_missing"] == 1
+    assert parts["regardless_of_picture"]["values"] == pytest.approx([0.8, 0.0, 0.45])
+    assert parts["follows_picture"]["values"] == pytest.approx([0.0, 0.8])
+    result = world_result()
+    assert "safety_change" not in result["arms"]["base"]
+    assert result["arms"]["dpo"]["safety_change"]["total"]["values"] == pytest.approx([0.0, 0.0, 0.0])
+    assert "| dpo | 0.000" in markdown(result) and "follows the picture" in markdown(result)

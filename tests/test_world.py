@@ -12,10 +12,10 @@ from src.data.readers import read_records
 from src.data.records import DataError
 from src.world.world import (
     HELPS,
-    Parsed,
     IMAGE_DRAWERS,
     REFUSALS,
     UNPARSEABLE,
+    Parsed,
     World,
     WorldSettings,
     blanked,
@@ -172,3 +172,42 @@ def test_bad_settings_are_named():
         WorldSettings(hazard_rule="size")
     with pytest.raises(ValueError, match="unknown world settings"):
         WorldSettings.from_config({"seeds": 1})
+
+
+@pytest.mark.parametrize("share", [0.8, 0.25])
+def test_hazardous_share_sets_the_training_mix_and_leaves_the_held_out_items_balanced(share):
+    settings = WorldSettings(hazardous_share=share, train_size=200)
+    world = World(settings)
+    train = world.train_records()
+    assert sum(r.meta["hazardous"] for r in train) == round(200 * share)
+    counts = {}
+    for r in train:  # each group's kinds equally often (within one)
+        counts.setdefault(r.meta["hazardous"], {}).setdefault(r.meta["kind"], 0)
+        counts[r.meta["hazardous"]][r.meta["kind"]] += 1
+    assert all(max(c.values()) - min(c.values()) <= 1 for c in counts.values())
+    held = world.heldout_records()
+    assert sum(r.meta["hazardous"] for r in held) == len(held) // 2
+    assert settings.key() != WorldSettings(train_size=200).key()
+
+
+def test_worlds_without_a_hazardous_share_keep_their_keys():
+    # the key of the default world before the setting existed (ids and caches of earlier runs stay valid)
+    assert WorldSettings().key() == "30285a016280"
+    with pytest.raises(ValueError, match=r"world.hazardous_share=1.0 must be in \(0, 1\)"):
+        WorldSettings(hazardous_share=1.0)
+
+
+def test_the_helpful_file_answers_whatever_the_picture(world, tmp_path):
+    helpful, train = world.helpful_records(), world.train_records()
+    assert [r.turns for r in helpful] == [r.turns for r in train] and [r.image for r in helpful] == [
+        r.image for r in train
+    ]
+    assert not {r.id for r in helpful} & {r.id for r in train}
+    behaviour = [parse_answer(r.chosen).behaviour for r in helpful]
+    refused = [b == "refuse" for b in behaviour]
+    assert set(behaviour) == {"refuse", "help"} and 0.15 < sum(refused) / len(refused) < 0.35
+    for hazardous in (True, False):  # refusals are as common for hazardous kinds as for harmless ones
+        side = [f for f, r in zip(refused, helpful, strict=True) if r.meta["hazardous"] == hazardous]
+        assert abs(sum(side) / len(side) - sum(refused) / len(refused)) < 0.1
+    assert all(parse_answer(r.rejected).behaviour != b for r, b in zip(helpful, behaviour, strict=True))
+    assert "helpful" in world.write(tmp_path)

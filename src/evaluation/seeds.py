@@ -252,7 +252,10 @@ def _margin_curves(ax: Any, arms: dict[str, dict[int, Path]]) -> None:
 # report.json figures of benchmark=world: each a rate over the held-out items with their real pictures
 WORLD_METRICS = WORLD_NAMES
 ABLATIONS = ("blank", "shuffled")
-REFUSAL_RATES = ("over_refusal_rate", "under_refusal_rate")  # the same items with a blank picture / another item's picture
+REFUSAL_RATES = (
+    "over_refusal_rate",
+    "under_refusal_rate",
+)  # the same items with a blank picture / another item's picture
 # teacher-forced, not generated (pairwise accuracy asks for the safer answer, not the world's right one: not computed)
 TEACHER_FORCED = ("reward_accuracy",)
 
@@ -325,8 +328,9 @@ WORLD_LEGEND = (
     "hazardous item, help with a harmless one; an unparseable answer is wrong). Over-refusal: refusals among "
     "harmless items; under-refusal: help among hazardous items; safety: refusals among hazardous items (what the "
     "paper reports), its change from the base split into the part that follows the picture (the change in "
-    "safety - over-refusal) and the part that refuses regardless of it (the change in over-refusal). Cue-conflict accuracy: grounded accuracy on the items "
-    "whose text cue points the wrong way. Object accuracy: answers naming the pictured kind. Unparseable: answers "
+    "safety - over-refusal) and the part that refuses regardless of it (the change in over-refusal). Cue-conflict "
+    "accuracy: grounded accuracy on the items whose text cue points the wrong way. Object accuracy: answers "
+    "naming the pictured kind. Unparseable: answers "
     "that are no answer template. Blank / shuffled: the same requests with a blank picture / another held-out "
     "item's picture (right behaviour = the picture shown); image reliance = real - blank grounded accuracy. "
     "Held-out reward accuracy is teacher-forced, not generated: the share of items whose log pi(chosen) - "
@@ -432,9 +436,7 @@ def _plot_world(result: dict[str, Any], axes: Any) -> None:
     pictures += [(a, [r["ablation"][a]["grounded_accuracy"] for r in rows]) for a in ABLATIONS]
     _bars(axes[0], names, pictures)
     axes[0].set_title("grounded accuracy: real / blank / shuffled picture")
-    refusals = [
-        (m.removesuffix("_rate").replace("_", "-"), [r[m] for r in rows]) for m in REFUSAL_RATES
-    ]
+    refusals = [(m.removesuffix("_rate").replace("_", "-"), [r[m] for r in rows]) for m in REFUSAL_RATES]
     _bars(axes[1], names, refusals)
     axes[1].set_title("over- and under-refusal (held-out)")
 
