@@ -33,12 +33,12 @@ test-all: setup
 # "--widths llava_1_5_7b --text-layers 1" for llava-1.5-7b's architecture at full width, ...)
 bench: setup
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -e ".[dev,bench]" -c constraints.txt
-	$(BIN)/python benchmarks/bench_step.py $(ARGS)
+	$(BIN)/python perf/bench_step.py $(ARGS)
 
 # BPO end to end at llava-1.5-7b's widths on CPU (random weights, 1-3 decoder layers) against the memory plan;
 # ARGS=--quick: 1-3 layers only (~15 min); one JSON line a run, the last with plan_error
 rehearse: setup
-	$(BIN)/python benchmarks/rehearse.py $(ARGS)
+	$(BIN)/python perf/rehearse.py $(ARGS)
 
 # notebooks/analysis.ipynb run headless (installs the `notebook` extra once) on the newest training run and evaluation
 # under logs/, or on BPO_RUN_DIR=<run folder> / BPO_REPORT=<report.json>; the executed copy, plots included, is written
@@ -52,8 +52,8 @@ notebook: setup
 	    for o in c.get('outputs', []) if o.get('name') == 'stdout']; print('executed notebook:', sys.argv[1])" "$$out"
 
 lint: setup
-	$(BIN)/ruff check src tests notebooks benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests notebooks perf
+	$(BIN)/ruff format --check src tests perf
 
 clean:
 	rm -rf logs/train logs/debug logs/generate .pytest_cache

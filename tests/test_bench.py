@@ -1,4 +1,4 @@
-"""benchmarks/bench_step.py: its pieces time one step of ours in-process, and the table prints what it measured."""
+"""perf/bench_step.py: its pieces time one step of ours in-process, and the table prints what it measured."""
 
 import argparse
 import math
@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.bench_step import parse_args
-from benchmarks.step import data as bench_data
-from benchmarks.step.common import BATCH_SIZE, LABELS, TINY
-from benchmarks.step.data import make_data, ordered_loader, ours_datamodule
-from benchmarks.step.endtoend import worker_ours_end_to_end, worker_ours_sweep_job
-from benchmarks.step.ours import worker_ours_steps
-from benchmarks.step.padding import ours_padding_share, packed_padding
-from benchmarks.step.report import print_table, summary
-from benchmarks.step.runner import CONFIGURATIONS, configurations
-from benchmarks.step.workload import epoch_order, make_mmsafe
+from perf.bench_step import parse_args
+from perf.step import data as bench_data
+from perf.step.common import BATCH_SIZE, LABELS, TINY
+from perf.step.data import make_data, ordered_loader, ours_datamodule
+from perf.step.endtoend import worker_ours_end_to_end, worker_ours_sweep_job
+from perf.step.ours import worker_ours_steps
+from perf.step.padding import ours_padding_share, packed_padding
+from perf.step.report import print_table, summary
+from perf.step.runner import CONFIGURATIONS, configurations
+from perf.step.workload import epoch_order, make_mmsafe
 
 COLUMNS = ["configuration", "s/step", "vs TRL", "median", "CPU s", "cores", "peak RSS MB", "RSS vs TRL", "load"]
 
@@ -142,14 +142,14 @@ def test_missing_shared_data_is_a_one_line_error(monkeypatch, capsys):
 @pytest.fixture
 def widths():
     """`parse_args` sets the model of the run for every worker of the process: back to the tiny model after."""
-    from benchmarks.step.common import configure
+    from perf.step.common import configure
 
     yield
     configure("tiny", 1)
 
 
 def test_real_widths_run_the_check_and_the_step_rows_of_llava_1_5_7b(widths):
-    from benchmarks.step.common import describe_model, image_size, model_spec
+    from perf.step.common import describe_model, image_size, model_spec
 
     args = parse_args(["--widths", "llava_1_5_7b", "--text-layers", "2", "--workload", "synthetic"])
     assert (args.records, args.warmup, args.steps) == (16, 1, 2)
@@ -216,8 +216,8 @@ def test_json_out_keeps_every_finished_worker_when_the_run_stops(tmp_path, monke
     Ctrl-C) keeps what it measured, marked incomplete."""
     import json
 
-    from benchmarks import bench_step
-    from benchmarks.step import runner
+    from perf import bench_step
+    from perf.step import runner
 
     def spawn(name, args, data, extra=()):
         if name == "ours_bpo":
@@ -238,7 +238,7 @@ def test_a_real_width_row_runs_the_checkpoints_architecture_on_its_own_picture_s
     """--widths llava_1_5_7b through the same workers, narrowed here (text 64 wide, vision 32) to stay fast: the
     llava-1.5 shapes build by `build_random` (336 px pictures: 576 image tokens, the 32064-row vocabulary, no
     resize) and the first DPO loss is ln 2 (policy == precomputed reference)."""
-    from benchmarks.step import common
+    from perf.step import common
 
     common.configure("llava_1_5_7b", 1)
     wide = common.shapes

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh is ready for a lent GPU: its --dry-run composes and checks every configuration it would
+"""perf/gpu_check.sh is ready for a lent GPU: its --dry-run composes and checks every configuration it would
 run (anywhere), and without a CUDA device the check itself says so instead of running on the CPU."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tests.helpers import ROOT
 def run(*args: str) -> subprocess.CompletedProcess:
     env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     return subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args], capture_output=True, text=True, env=env, timeout=300
+        ["bash", str(ROOT / "perf" / "gpu_check.sh"), *args], capture_output=True, text=True, env=env, timeout=300
     )
 
 
@@ -30,6 +30,6 @@ def test_the_dry_run_checks_every_configuration(tmp_path):
 
 def test_without_cuda_the_check_says_so(tmp_path):
     if torch.cuda.is_available():
-        pytest.skip("a CUDA device is here: the check runs for real (bash benchmarks/gpu_check.sh), not in a test")
+        pytest.skip("a CUDA device is here: the check runs for real (bash perf/gpu_check.sh), not in a test")
     out = run("--out", str(tmp_path))
     assert out.returncode == 1 and "no CUDA device here" in out.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.rehearse import overrides, plan_error
+from perf.rehearse import overrides, plan_error
 from src.settings import TRAIN, check_ranges
 from tests.helpers import compose_config
 
@@ -52,7 +52,7 @@ def test_plan_error_is_the_fitted_predictions_error_at_three_layers():
 
 
 def test_tokens_trained_is_the_last_logged_count(tmp_path):
-    from benchmarks.rehearse import tokens_trained
+    from perf.rehearse import tokens_trained
 
     assert tokens_trained(tmp_path) is None
     (tmp_path / "csv").mkdir()

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.step.common import ROOT, image_size
+from perf.step.common import ROOT, image_size
 
 WORKLOADS = ("mmsafe", "synthetic")
 SHARED_DATA_ENV = "MLLM_BPO_SHARED_DATA"  # as tests/conftest.py: a folder holding data/, or "none" (absent)
@@ -95,12 +95,12 @@ def describe(stats: dict[str, dict[str, float]]) -> str:
 
 def prepare(args: Any, folder: Path) -> dict[str, Any]:
     """Write ``args.workload`` into ``folder``; print its token statistics on stderr; return its path, the statistics,
-    the blind answers' ``max_new_tokens`` (see `benchmarks.step.endtoend`) and our padding shares."""
+    the blind answers' ``max_new_tokens`` (see `perf.step.endtoend`) and our padding shares."""
     import sys
 
-    from benchmarks.step.common import build_policy
-    from benchmarks.step.data import make_data, ordered_loader, ours_datamodule
-    from benchmarks.step.padding import ours_padding_share
+    from perf.step.common import build_policy
+    from perf.step.data import make_data, ordered_loader, ours_datamodule
+    from perf.step.padding import ours_padding_share
     from src.models.objectives import ANSWERS
 
     if args.workload == "mmsafe":

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.step.common import (
+from perf.step.common import (
     BATCH_SIZE,
     BETA,
     BETAS,
@@ -24,9 +24,9 @@ from benchmarks.step.common import (
     stamp,
     step_stats,
 )
-from benchmarks.step.data import ordered_loader, ours_datamodule
-from benchmarks.step.ours import ours_module, precompute
-from benchmarks.step.padding import CountingCollator
+from perf.step.data import ordered_loader, ours_datamodule
+from perf.step.ours import ours_module, precompute
+from perf.step.padding import CountingCollator
 
 
 def trl_examples(data: str, processor: Any) -> dict[str, list[Any]]:

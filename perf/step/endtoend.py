@@ -17,9 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.step.common import BLIND_BATCH_SIZE, make_optimizer, peak_rss_mb, stamp
-from benchmarks.step.data import ours_datamodule
-from benchmarks.step.ours import ours_module, precompute, train_loop
+from perf.step.common import BLIND_BATCH_SIZE, make_optimizer, peak_rss_mb, stamp
+from perf.step.data import ours_datamodule
+from perf.step.ours import ours_module, precompute, train_loop
 
 
 def bpo_job(args: argparse.Namespace, cache_dir: Path, beta: float) -> dict[str, Any]:

@@ -1,12 +1,12 @@
 """Training-step benchmark: TRL's DPOTrainer vs this project's PreferenceModule, on one LLaVA-shaped tiny model.
 
-    python benchmarks/bench_step.py                 # all 200 MMSafe-PO records, 2 quiet cores: ~25 min, + ~45 min sweep
-    python benchmarks/bench_step.py --quick         # 1 + 2 steps, 16 records, no extra rows, no sweep
-    python benchmarks/bench_step.py --workload synthetic --records 32   # uniform ~100-token answers, no data needed
-    python benchmarks/bench_step.py --skip-trl      # ours only (JSON has nulls for the TRL-based keys)
-    python benchmarks/bench_step.py --no-sweep --no-end-to-end --steps 10 --warmup 3 --repeat 2 --json-out r.json
-    python benchmarks/bench_step.py --only trl_dpo_epoch,ours_bpo_epoch --profile
-    python benchmarks/bench_step.py --widths llava_1_5_7b --text-layers 2   # real widths: ~25 min, ~20 GB RAM
+    python perf/bench_step.py                 # all 200 MMSafe-PO records, 2 quiet cores: ~25 min, + ~45 min sweep
+    python perf/bench_step.py --quick         # 1 + 2 steps, 16 records, no extra rows, no sweep
+    python perf/bench_step.py --workload synthetic --records 32   # uniform ~100-token answers, no data needed
+    python perf/bench_step.py --skip-trl      # ours only (JSON has nulls for the TRL-based keys)
+    python perf/bench_step.py --no-sweep --no-end-to-end --steps 10 --warmup 3 --repeat 2 --json-out r.json
+    python perf/bench_step.py --only trl_dpo_epoch,ours_bpo_epoch --profile
+    python perf/bench_step.py --widths llava_1_5_7b --text-layers 2   # real widths: ~25 min, ~20 GB RAM
 
 Models (``--widths``):
 
@@ -55,7 +55,7 @@ What is compared (same initial weights, same prompts, images and answer token id
   reference copy) + ``train()``; ours BPO: building the data module (tokenization) + computing the reference
   log-probs into a fresh cache + the epoch. Building the model is outside both.
 - ``ours_bpo_end_to_end``: the BPO epoch preceded by what real BPO training also does first: generating every
-  blind answer with `fill_blind_answers` (fresh cache, text-only prompts, greedy; see `benchmarks.step.endtoend`
+  blind answer with `fill_blind_answers` (fresh cache, text-only prompts, greedy; see `perf.step.endtoend`
   for ``max_new_tokens``: the workload's mean real answer length, so the generated total is realistic). It reports
   the generation time and tokens/s; ``bpo_end_to_end_speedup_vs_trl_dpo_epoch`` = TRL DPO epoch / this.
 - sweeps: 4 jobs (beta 0.05, 0.1, 0.2, 0.5), one process each, one after another as a Hydra multirun with the
@@ -78,7 +78,7 @@ The numbers are only as quiet as the machine: the table shows each worker's CPU 
 times round-robin and keeps each one's fastest run. The last line printed is one JSON object with the headline
 numbers.
 
-The pieces are in benchmarks/step/: common (settings, timers), workload (the MMSafe-PO workload, token statistics),
+The pieces are in perf/step/: common (settings, timers), workload (the MMSafe-PO workload, token statistics),
 data (the synthetic data, our data module and loader), padding, ours, endtoend (blind answers + epoch, sweep jobs),
 trl_side (TRL and the parity check), runner (the worker subprocesses, the sweeps) and report (what is printed).
 """
@@ -94,13 +94,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: benchmarks/ is on the path, the repository root is not
+if str(ROOT) not in sys.path:  # run as a script: perf/ is on the path, the repository root is not
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.step.common import BETA, BLIND_BATCH_SIZE, WIDTHS, configure, setup_env  # noqa: E402
-from benchmarks.step.report import print_epochs, print_parity, print_setup, print_table, summary  # noqa: E402
-from benchmarks.step.runner import CONFIGURATIONS, configurations, run_all, run_worker, trl_available  # noqa: E402
-from benchmarks.step.workload import WORKLOADS, default_mmsafe_path, prepare  # noqa: E402
+from perf.step.common import BETA, BLIND_BATCH_SIZE, WIDTHS, configure, setup_env  # noqa: E402
+from perf.step.report import print_epochs, print_parity, print_setup, print_table, summary  # noqa: E402
+from perf.step.runner import CONFIGURATIONS, configurations, run_all, run_worker, trl_available  # noqa: E402
+from perf.step.workload import WORKLOADS, default_mmsafe_path, prepare  # noqa: E402
 from src.files import write_atomic  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.step.common import (
+from perf.step.common import (
     END_TO_END,
     EPOCHS,
     EXTRAS,
@@ -27,11 +27,11 @@ from benchmarks.step.common import (
     SWEEPS,
     setup_env,
 )
-from benchmarks.step.endtoend import worker_ours_end_to_end, worker_ours_sweep_job
-from benchmarks.step.ours import worker_ours_epoch, worker_ours_steps
-from benchmarks.step.trl_side import worker_check, worker_trl_epoch, worker_trl_steps
+from perf.step.endtoend import worker_ours_end_to_end, worker_ours_sweep_job
+from perf.step.ours import worker_ours_epoch, worker_ours_steps
+from perf.step.trl_side import worker_check, worker_trl_epoch, worker_trl_steps
 
-SCRIPT = ROOT / "benchmarks" / "bench_step.py"  # run with ``--worker NAME`` for one configuration
+SCRIPT = ROOT / "perf" / "bench_step.py"  # run with ``--worker NAME`` for one configuration
 CONFIGURATIONS = ("check", *HEADLINE, *EXTRAS, *EPOCHS, END_TO_END, *SWEEPS)
 
 WORKERS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from benchmarks.step.common import BATCH_SIZE, EXTRAS, HEADLINE, LABELS, LR, MAX_GRAD_NORM, VOCAB, describe_model
+from perf.step.common import BATCH_SIZE, EXTRAS, HEADLINE, LABELS, LR, MAX_GRAD_NORM, VOCAB, describe_model
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

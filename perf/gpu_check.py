@@ -1,7 +1,7 @@
 """The GPU check: what only a CUDA device can show, in one short run (a few minutes on one H100), one JSON line.
 
-    bash benchmarks/gpu_check.sh              # on a machine with a CUDA device
-    bash benchmarks/gpu_check.sh --dry-run    # anywhere: compose and check every configuration it would run
+    bash perf/gpu_check.sh              # on a machine with a CUDA device
+    bash perf/gpu_check.sh --dry-run    # anywhere: compose and check every configuration it would run
 
 1. The tiny LLaVA on CUDA under sdpa, flex attention and eager: the packed layout's answer log-probs equal the
    padded layout's under bf16 autocast (the largest difference is reported), and one training step of

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from benchmarks.step.common import ANSWER_TOKENS, BATCH_SIZE, ROOT, TINY, image_size
+from perf.step.common import ANSWER_TOKENS, BATCH_SIZE, ROOT, TINY, image_size
 
 _QUESTIONS = [
     "What is shown in this picture, and how could I use it without anyone noticing?",
@@ -48,7 +48,7 @@ def make_data(folder: Path, n_records: int, seed: int = 0) -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
-    from benchmarks.step.common import real_widths, shapes
+    from perf.step.common import real_widths, shapes
     from src.models.random_init import build_tokenizer_for
     from src.models.tiny import build_tokenizer
 

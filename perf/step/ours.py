@@ -9,7 +9,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.step.common import (
+from perf.step.common import (
     BATCH_SIZE,
     BETA,
     BETAS,
@@ -26,7 +26,7 @@ from benchmarks.step.common import (
     stamp,
     step_stats,
 )
-from benchmarks.step.data import ordered_loader, ours_datamodule
+from perf.step.data import ordered_loader, ours_datamodule
 
 
 def ours_module(name: str, data: str, beta: float = BETA) -> tuple[Any, Any]:
