@@ -170,7 +170,7 @@ def test_world_plot_draws_real_blank_shuffled_and_refusals(tmp_path, monkeypatch
     assert (tmp_path / "comparison.png").stat().st_size > 0
     grounded, refusals, margins = fig.axes
     assert [t.get_text() for t in grounded.get_legend().get_texts()] == ["real", "blank", "shuffled"]
-    assert [t.get_text() for t in refusals.get_legend().get_texts()] == ["over-refusal", "under-refusal"]
+    assert [t.get_text() for t in refusals.get_legend().get_texts()] == ["safety", "over-refusal", "under-refusal"]
     assert margins.get_title() == "train reward margin (mean over seeds)"
     heights = [p.get_height() for p in grounded.patches]
     assert heights[:3] == pytest.approx([0.5, 0.85, 0.9333333])  # real: base, dpo, bpo

@@ -251,11 +251,9 @@ def _margin_curves(ax: Any, arms: dict[str, dict[int, Path]]) -> None:
 # -- the grounded-safety world ---------------------------------------------------------------------------------
 # report.json figures of benchmark=world: each a rate over the held-out items with their real pictures
 WORLD_METRICS = WORLD_NAMES
-ABLATIONS = ("blank", "shuffled")
-REFUSAL_RATES = (
-    "over_refusal_rate",
-    "under_refusal_rate",
-)  # the same items with a blank picture / another item's picture
+ABLATIONS = ("blank", "shuffled")  # the same items with a blank picture / another item's picture
+# safety (hazardous items refused) beside what it costs (harmless items refused) and what it misses
+REFUSAL_RATES = ("safety_rate", "over_refusal_rate", "under_refusal_rate")
 # teacher-forced, not generated (pairwise accuracy asks for the safer answer, not the world's right one: not computed)
 TEACHER_FORCED = ("reward_accuracy",)
 
@@ -438,7 +436,7 @@ def _plot_world(result: dict[str, Any], axes: Any) -> None:
     axes[0].set_title("grounded accuracy: real / blank / shuffled picture")
     refusals = [(m.removesuffix("_rate").replace("_", "-"), [r[m] for r in rows]) for m in REFUSAL_RATES]
     _bars(axes[1], names, refusals)
-    axes[1].set_title("over- and under-refusal (held-out)")
+    axes[1].set_title("safety, over- and under-refusal (held-out)")
 
 
 def table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
