@@ -249,3 +249,45 @@ def test_every_doc_page_is_linked_and_every_link_resolves():
 def test_readme_stays_short():
     """The README is the front page (what it is, set-up, tests, the commands used most); the rest is in docs/."""
     assert len(README.read_text(encoding="utf-8").splitlines()) <= 150
+
+
+def _source_map() -> dict[str, str]:
+    """docs/design.md's source map: each entry's path(s) -> its text (the path line and its indented lines)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = re.search(r"```\n(src/data/records\.py.*?)```", text, re.S).group(1)
+    entries: dict[str, str] = {}
+    current: list[str] = []
+    for line in block.splitlines():
+        if line and not line[0].isspace():
+            head = line.split("  ")[0]  # the path column: one path, or several separated by commas
+            current = re.findall(r"(?:src|perf)/[\w/]*(?:\.py|/)", head) or current
+            for path in current:
+                entries[path] = entries.get(path, "") + " " + line
+        else:
+            for path in current:
+                entries[path] += " " + line
+    return entries
+
+
+def test_design_source_map_matches_the_tree():
+    """Every module of src/ is in docs/design.md's source map (src/data and src/models file by file, the other
+    folders by name with each module named in its entry), and every path the map names exists."""
+    entries = _source_map()
+    missing = [p for p in entries if not (ROOT / p).exists()]
+    assert not missing, f"docs/design.md names paths that do not exist: {missing}"
+    src = ROOT / "src"
+    expected = [f"src/{f.name}" for f in src.glob("*.py") if f.name != "__init__.py"]
+    for folder in ("data", "models"):
+        expected += [f"src/{folder}/{f.name}" for f in (src / folder).glob("*.py") if f.name != "__init__.py"]
+    named = " ".join(entries.values())  # a module named inside another's entry (src/_bootstrap.py) counts
+    unlisted = sorted(p for p in expected if p not in entries and p not in named)
+    assert not unlisted, f"docs/design.md's source map leaves out {unlisted}"
+    for folder in sorted(d for d in src.iterdir() if d.is_dir() and d.name not in ("data", "models", "__pycache__")):
+        key = f"src/{folder.name}/"
+        assert key in entries, f"docs/design.md's source map leaves out {key}"
+        unnamed = [
+            f.stem
+            for f in folder.glob("*.py")
+            if f.name != "__init__.py" and not re.search(rf"\b{f.stem}\b", entries[key])
+        ]
+        assert not unnamed, f"docs/design.md's entry for {key} does not name {unnamed}"
