@@ -192,10 +192,11 @@ class World:
         # numbers allow when not) and trained with others: a held-out request's text carries no hazard
         # information on its own (a predictor reading only the phrasing scores the majority rate)
         order = rng.sample(range(s.phrasings), s.phrasings)
+        # the kinds on each side of the hazard, in the kinds' order
+        self.groups = {h: [kind for kind in self.kinds if kind.hazardous == h] for h in (True, False)}
         self.heldout_phrasings: dict[str, list[int]] = {}
         for hazardous in (True, False):
-            group = [kind for kind in self.kinds if kind.hazardous == hazardous]
-            for i, kind in enumerate(group):
+            for i, kind in enumerate(self.groups[hazardous]):
                 start = (i * s.heldout_phrasings) % s.phrasings
                 self.heldout_phrasings[kind.name] = sorted(
                     order[(start + j) % s.phrasings] for j in range(s.heldout_phrasings)
@@ -215,10 +216,10 @@ class World:
         if split == "heldout" or share is None:
             return self.kinds[index % len(self.kinds)]  # every kind equally often
         # round(n * share) of the first n records are hazardous, for every n; each group's kinds in turn
-        hazardous = math.floor((index + 1) * share + 0.5) > math.floor(index * share + 0.5)
-        group = [kind for kind in self.kinds if kind.hazardous == hazardous]
-        before = math.floor(index * share + 0.5) if hazardous else index - math.floor(index * share + 0.5)
-        return group[before % len(group)]
+        hazardous_before = math.floor(index * share + 0.5)
+        hazardous = math.floor((index + 1) * share + 0.5) > hazardous_before
+        group = self.groups[hazardous]
+        return group[(hazardous_before if hazardous else index - hazardous_before) % len(group)]
 
     def _record(self, split: str, index: int, rng: random.Random, cue_prob: tuple[float, float]) -> PreferenceRecord:
         kind = self._kind(split, index)
@@ -268,14 +269,14 @@ class World:
         rng = random.Random(f"world-{self.settings.seed}-heldout")
         return [self._record("heldout", i, rng, (0.5, 0.5)) for i in range(self.settings.heldout_size)]
 
-    def helpful_records(self) -> list[PreferenceRecord]:
+    def helpful_records(self, train: list[PreferenceRecord] | None = None) -> list[PreferenceRecord]:
         """The training requests answered whatever the picture: with help, except a seeded `HELPFUL_REFUSALS` share
         answered with a refusal (as chosen; rejected is the other). SFT on their chosen answers makes a base that
         ignores the picture and complies, refusal still in its repertoire: the paper's premise
-        (`experiment=reproduce_world_paper`)."""
+        (`experiment=reproduce_world_paper`). ``train``: `train_records()`, when the caller has them already."""
         rng = random.Random(f"world-{self.settings.seed}-helpful")
         helpful = []
-        for r in self.train_records():
+        for r in self.train_records() if train is None else train:
             kind = r.meta["kind"]
             chosen, rejected = HELPS[0].format(kind=kind), REFUSALS[0].format(kind=kind)
             if rng.random() < HELPFUL_REFUSALS:
@@ -292,8 +293,9 @@ class World:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {}
-        splits = (("train", self.train_records()), ("heldout", self.heldout_records()))
-        for split, records in (*splits, ("helpful", self.helpful_records())):
+        train = self.train_records()
+        splits = (("train", train), ("heldout", self.heldout_records()), ("helpful", self.helpful_records(train)))
+        for split, records in splits:
             paths[split] = write_atomic(folder / f"{split}.jsonl", "".join(_jsonl_line(r) for r in records))
         paths["world"] = write_atomic(folder / "world.json", json.dumps(self.summary(), indent=2) + "\n")
         return paths
