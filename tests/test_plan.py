@@ -75,7 +75,7 @@ def test_the_plan_command_is_quick_and_loads_no_weights(tmp_path):
 def test_training_writes_its_plan_and_stops_on_cuda_when_it_does_not_fit(tmp_path, monkeypatch):
     import torch
 
-    from src.train import check_memory
+    from src.models.training_run import check_memory
 
     cfg = compose_config("train", ["plan.device_memory_gb=0.01"])
     check_memory(cfg, tmp_path)  # no CUDA here: said, not enforced

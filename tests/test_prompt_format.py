@@ -31,6 +31,15 @@ VICUNA = (
 SETTINGS = GenerationSettings(max_new_tokens=3, batch_size=2, max_length=256)
 
 
+def precompute(model, datasets, *args, **kwargs):
+    """`precompute_reference_logps`, its values given to the datasets' pairs as a run's data module does; the
+    summary."""
+    values, summary = precompute_reference_logps(model, datasets, *args, **kwargs)
+    for dataset, rows in zip(datasets, values, strict=True):
+        dataset.set_reference_logps(rows)
+    return summary
+
+
 def wide_image() -> Image.Image:
     """64 x 32: a blue band on the left edge, a green band on the right edge, red between."""
     image = Image.new("RGB", (64, 32), (255, 0, 0))
@@ -228,7 +237,7 @@ def test_image_padding_changes_generation_and_reference_cache_keys(tiny, tmp_pat
     for ratio in ("crop", "pad", "pad"):
         dm = PreferenceDataModule(str(wide_data), val_fraction=0, image_aspect_ratio=ratio, processor=processor)
         dm.setup()
-        summaries.append(precompute_reference_logps(model, [dm.train_set], processor.tokenizer.pad_token_id, tmp_path))
+        summaries.append(precompute(model, [dm.train_set], processor.tokenizer.pad_token_id, tmp_path))
     # one cache file: the entries are keyed on the pixel inputs, which padding changes
     assert [s["computed"] for s in summaries] == [4, 4, 0] and [s["reused"] for s in summaries] == [0, 0, 4]
 

@@ -22,6 +22,15 @@ from tests.helpers import compose_config
 from tests.race import WAITING, held, race
 
 
+def precompute(model, datasets, *args, **kwargs):
+    """`precompute_reference_logps`, its values given to the datasets' pairs as a run's data module does; the
+    summary."""
+    values, summary = precompute_reference_logps(model, datasets, *args, **kwargs)
+    for dataset, rows in zip(datasets, values, strict=True):
+        dataset.set_reference_logps(rows)
+    return summary
+
+
 def write_data(tmp_path, n=6, text_only=False):
     """``n`` image records (images missing: drawn as stand-ins), and with ``text_only`` one record without an image."""
     lines = [
@@ -51,6 +60,21 @@ def datamodule(path, processor, blind=None, **kw):
     return dm
 
 
+def test_precompute_returns_the_values_and_the_data_module_takes_them(tiny, tmp_path):
+    """Nothing is written into the datasets by the computation: the data module is given the values, in order."""
+    model, processor = tiny
+    dm = datamodule(write_data(tmp_path), processor, missing_images="render")
+    values, summary = precompute_reference_logps(model, dm.fit_sets(), processor.tokenizer.pad_token_id, tmp_path)
+    assert summary["computed"] == 6 and all(p.reference_logps is None for p in dm.train_set.pairs)
+    assert [len(rows) for rows in values] == [6] and all(len(row) == 2 for row in values[0])
+    dm.set_reference_logps(values)
+    assert [p.reference_logps for p in dm.train_set.pairs] == values[0]
+    batch = next(iter(dm.train_dataloader()))  # the loader's batches carry them, by pair
+    by_id = {p.id: p.reference_logps for p in dm.train_set.pairs}
+    expected = torch.tensor([by_id[i] for i in batch["ids"]], dtype=torch.float32)
+    assert torch.equal(batch["reference_logps"], expected)
+
+
 def test_reference_cache_is_recomputed_for_other_images_and_precision(tiny, tmp_path):
     model, processor = tiny
     path = write_data(tmp_path)
@@ -58,7 +82,7 @@ def test_reference_cache_is_recomputed_for_other_images_and_precision(tiny, tmp_
     cache = tmp_path / "ref"
 
     def run(dm, dtype=None):
-        return precompute_reference_logps(model, [dm.train_set], pad, cache, autocast_dtype=dtype)
+        return precompute(model, [dm.train_set], pad, cache, autocast_dtype=dtype)
 
     stand_ins = datamodule(path, processor, missing_images="render")
     summary = run(stand_ins)
@@ -99,9 +123,7 @@ def test_precompute_streams_images_a_batch_at_a_time(tiny, tmp_path, monkeypatch
 
     monkeypatch.setattr(type(dataset), "__getitem__", counting_getitem)
     monkeypatch.setattr(reference_mod, "answer_logprobs", recording_logprobs)
-    summary = precompute_reference_logps(
-        model, [dataset], processor.tokenizer.pad_token_id, tmp_path / "ref", batch_size=4
-    )
+    summary = precompute(model, [dataset], processor.tokenizer.pad_token_id, tmp_path / "ref", batch_size=4)
     assert summary["computed"] == 20 and len(seen) == 5
     # images are read as batches are scored, never all before the first forward pass
     assert seen[0] <= 8 and seen == sorted(seen) and seen[-1] == 20
@@ -153,7 +175,7 @@ def test_entry_key_changes_with_every_input_of_the_value():
 def _precompute_first(model, dm, pad, cache_dir, started, release, queue):
     """A job of the sweep, in its own process: held in its first batch, then fills the cache."""
     reference_mod.answer_logprobs = held(reference_mod.answer_logprobs, started, release)
-    queue.put(precompute_reference_logps(model, [dm.train_set], pad, cache_dir))
+    queue.put(precompute(model, [dm.train_set], pad, cache_dir))
 
 
 def test_concurrent_jobs_compute_each_reference_logp_once(tiny, tmp_path, caplog):
@@ -165,7 +187,7 @@ def test_concurrent_jobs_compute_each_reference_logp_once(tiny, tmp_path, caplog
     first, second = race(
         _precompute_first,
         (model, dm, pad, tmp_path),
-        lambda: precompute_reference_logps(model, [dm.train_set], pad, tmp_path),
+        lambda: precompute(model, [dm.train_set], pad, tmp_path),
         caplog,
     )
     assert (first["computed"], second["computed"], second["reused"]) == (6, 0, 6)
@@ -189,7 +211,7 @@ def test_a_save_keeps_the_entries_another_writer_saved_meanwhile(tiny, tmp_path,
         return answer_logprobs(*args, **kw)
 
     monkeypatch.setattr(reference_mod, "answer_logprobs", meanwhile)
-    summary = precompute_reference_logps(model, [dm.train_set], processor.tokenizer.pad_token_id, tmp_path)
+    summary = precompute(model, [dm.train_set], processor.tokenizer.pad_token_id, tmp_path)
     stored = json.loads(cache.read_text())
     assert summary["computed"] == 6 and len(stored) == 12 + 2
     assert {k: stored[k] for k in other} == other
@@ -204,7 +226,7 @@ def test_a_damaged_cache_is_recomputed_and_an_intact_one_reused(tiny, tmp_path, 
 
     def run():
         dm = datamodule(path, processor, missing_images="render")
-        summary = precompute_reference_logps(model, [dm.train_set], pad, tmp_path / "ref")
+        summary = precompute(model, [dm.train_set], pad, tmp_path / "ref")
         return summary, [p.reference_logps for p in dm.train_set.pairs]
 
     summary, first = run()
@@ -269,7 +291,7 @@ def test_step_zero_rewards_are_exactly_zero(tmp_path, strategy, dtype, lora, pre
     amp_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
     if strategy == "precomputed":
         # scored in batches of another size than training's, as in a run
-        precompute_reference_logps(
+        precompute(
             module.policy, [dm.train_set], module.pad_token_id, tmp_path / "ref", batch_size=3, autocast_dtype=amp_dtype
         )
     module.train()  # as in a training step (dropout layers, LoRA dropout active)

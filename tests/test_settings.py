@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from src.errors import SettingError
+from src.models.training_run import check_settings, optimized_value
 from src.settings import EVALUATE, TRAIN, Range, check_ranges
-from src.train import check_settings, optimized_value
 from tests.helpers import CONFIGS, compose_config, run_entry
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml") if not p.stem.startswith("reproduce"))

@@ -108,8 +108,8 @@ def test_sft_run_has_no_reference_precompute_or_blind_answers(tmp_path, monkeypa
     def forbidden(*args, **kwargs):
         raise AssertionError("sft must not run this")
 
-    monkeypatch.setattr("src.train.precompute_reference_logps", forbidden)
-    monkeypatch.setattr("src.train.fill_blind_answers", forbidden)
+    monkeypatch.setattr("src.models.before_fit.precompute_reference_logps", forbidden)
+    monkeypatch.setattr("src.models.before_fit.fill_blind_answers", forbidden)
     refs = tmp_path / "ref"
     _, metrics = run_train(
         tmp_path,

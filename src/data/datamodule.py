@@ -334,6 +334,15 @@ class PreferenceDataModule(LightningDataModule):
                 raise ValueError(self._nothing_usable(name, len(records), problems[name]))
         self.train_set, self.val_set = train_set, val_set
 
+    def fit_sets(self) -> list[PreferenceDataset]:
+        """The encoded splits there are, train first (after `setup`)."""
+        return [d for d in (self.train_set, self.val_set) if d is not None]
+
+    def set_reference_logps(self, values: list[list[list[float]]]) -> None:
+        """Give every pair its reference log-probs: ``values[d][i]`` for item ``i`` of `fit_sets` ``d``."""
+        for dataset, rows in zip(self.fit_sets(), values, strict=True):
+            dataset.set_reference_logps(rows)
+
     def summary(self, limit: int | None = 100) -> dict[str, Any]:
         """Where every record of the data file(s) went, counted once; per-split encoding figures.
 

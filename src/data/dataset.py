@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -60,6 +61,10 @@ class PreferenceDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def set_reference_logps(self, rows: list[list[float]]) -> None:
+        """Give pair ``i`` the reference log-probs ``rows[i]`` (one per answer), computed before training."""
+        self.pairs = [replace(pair, reference_logps=row) for pair, row in zip(self.pairs, rows, strict=True)]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         pair = self.pairs[i]

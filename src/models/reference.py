@@ -91,12 +91,14 @@ def precompute_reference_logps(
     layout: str = "packed",
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
-) -> dict[str, Any]:
-    """Fill ``reference_logps`` of every pair in ``datasets`` from the cache, computing what is missing.
+) -> tuple[list[list[list[float]]], dict[str, Any]]:
+    """The reference log-probs of every answer of every item in ``datasets``, from the cache, computing what is
+    missing: ``values[d][i]`` holds those of item ``i`` of dataset ``d``, one per answer; and counts for the run
+    summary. Nothing is written into the datasets (the data module takes the values).
 
     ``model`` must hold the reference weights (the initial policy); ``autocast_dtype`` is the compute dtype
     of the training run (so reference and policy compute alike). Items are read a batch at a time: at most
-    ``2 * batch_size`` items' image inputs are held at once. Returns counts for the run summary.
+    ``2 * batch_size`` items' image inputs are held at once.
 
     The cache file is locked from reading to saving: a job of a sweep launched in parallel waits, then reuses
     what this one computed. Under DDP every process calls this before fitting; no collective runs while the
@@ -114,15 +116,16 @@ def precompute_reference_logps(
             else contextlib.nullcontext()
         )
         counts = {"computed": 0, "reused": 0}
-        pending: list[tuple[dict[str, Any], list[str]]] = []  # items still to score, with their entry keys
+        values: list[list[Any]] = [[None] * len(d) for d in datasets]
+        pending: list[tuple[dict[str, Any], list[str], list[Any], int]] = []  # items still to score: keys, slot
 
         def flush() -> None:
-            batch = collate([item for item, _ in pending])
+            batch = collate([item for item, *_ in pending])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with amp:
                 logps = answer_logprobs(model, batch, pad_token_id, layout).cpu().tolist()
-            for (item, keys), row in zip(pending, logps, strict=True):
-                item["pair"].reference_logps = row
+            for (_, keys, slots, i), row in zip(pending, logps, strict=True):
+                slots[i] = row
                 cached.update(zip(keys, row, strict=True))
             counts["computed"] += len(pending)
             pending.clear()
@@ -131,9 +134,10 @@ def precompute_reference_logps(
         model.eval()
         total = sum(len(d) for d in datasets)
         with tqdm(total=total, desc="reference log-probs") as bar:
-            for dataset in datasets:
+            for dataset, slots in zip(datasets, values, strict=True):
+                start = 0
                 for items in DataLoader(dataset, batch_size=batch_size, collate_fn=list):
-                    for item in items:
+                    for i, item in enumerate(items, start):
                         pair = item["pair"]
                         # each answer is keyed by the image it is scored under: the corrupted one for
                         # chosen_corrupted
@@ -144,10 +148,11 @@ def precompute_reference_logps(
                         answer_image = item.get("answer_image") or [0] * len(pair.answer_ids)
                         keys = [entry_key(pair, k, digests[answer_image[k]]) for k in range(len(pair.answer_ids))]
                         if all(key in cached for key in keys):
-                            pair.reference_logps = [cached[key] for key in keys]
+                            slots[i] = [cached[key] for key in keys]
                             counts["reused"] += 1
                         else:
-                            pending.append((item, keys))
+                            pending.append((item, keys, slots, i))
+                    start += len(items)
                     if len(pending) >= batch_size:
                         flush()
                     bar.update(len(items))
@@ -158,4 +163,4 @@ def precompute_reference_logps(
             _save(path, cached)
     summary = counts | {"cache": str(path)}
     log.info("reference log-probs: %s", summary)
-    return summary
+    return values, summary
