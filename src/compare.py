@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from src.errors import run_hydra, task_started
-from src.evaluation.compare import CompareError, compare_reports, find_reports, mapping, print_written
+from src.evaluation.comparison import CompareError, compare_reports, find_reports, mapping, print_written
 
 log = logging.getLogger("compare")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from src.evaluation.compare import compare_reports, find_reports
+from src.evaluation.comparison import compare_reports, find_reports
 from src.evaluation.metrics import wilson_interval
 
 
@@ -201,7 +201,7 @@ def test_a_figure_that_fails_half_way_leaves_the_previous_one_whole(tmp_path, mo
 
 
 def test_a_comparison_with_nothing_to_draw_removes_the_earlier_figure(tmp_path):
-    from src.evaluation.compare import write_comparison
+    from src.evaluation.comparison import write_comparison
 
     out = tmp_path / "out"
     write_plain_comparison(tmp_path / "reports", out)

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from src.environment import describe
-from src.evaluation.compare import write_comparison
+from src.evaluation.comparison import write_comparison
 from src.evaluation.metrics import WORLD_NAMES, t_quantile, wilson_interval
 
 BASE = "base"
@@ -209,7 +209,7 @@ def plot(result: dict[str, Any], arms: dict[str, dict[int, Path]], path: Path) -
 def _trade_off(ax: Any, result: dict[str, Any]) -> None:
     """Each arm's mean safety rate against its mean over-refusal, with their intervals over seeds (one point per
     arm); an arm lacking either is named as not measured."""
-    from src.evaluation.compare import safety_vs_over_refusal  # matplotlib only where a plot is drawn
+    from src.evaluation.comparison import safety_vs_over_refusal  # matplotlib only where a plot is drawn
 
     rows, cis = [], []
     for name, row in result["arms"].items():

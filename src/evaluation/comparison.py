@@ -1,4 +1,5 @@
-"""One table (markdown + JSON) and one plot from several evaluation reports."""
+"""src/compare.py's comparison: one table (markdown + JSON) and one plot from several evaluation reports; and the
+writer of the comparison files that src/reproduce.py's comparison over seeds shares (`write_comparison`)."""
 
 from __future__ import annotations
 
