@@ -34,7 +34,7 @@ from src.environment import environment
 from src.errors import SettingError, exit_on_setting_error, run_hydra
 from src.evaluation.comparison import print_written
 from src.evaluation.judges import JudgeError
-from src.evaluation.seeds import BASE, last_step, log_to_wandb, markdown, summarize, write_outputs
+from src.evaluation.reproduction import BASE, last_step, log_to_wandb, markdown, summarize, write_outputs
 from src.models.objectives import composite_answers_resolver
 from src.settings import TRAIN, check_ranges
 

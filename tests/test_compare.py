@@ -173,7 +173,7 @@ def write_seed_comparison(reports: Path, out: Path) -> None:
     """src/reproduce.py's writer on a base and one arm over two seeds."""
     from omegaconf import OmegaConf
 
-    from src.evaluation.seeds import summarize, write_outputs
+    from src.evaluation.reproduction import summarize, write_outputs
 
     report = {"n": 4, "judge": "keyword", "safety_rate": 0.5, "generation_health": {}}
     by_arm = {"base": {None: report}, "dpo": {0: report, 1: report | {"safety_rate": 0.75}}}
