@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+import src.plugins  # noqa: F401  (registers the plug-ins' picture drawers: world data's are drawn)
 from src.data.datamodule import check_data_paths, check_max_length
 from src.data.encoding import PROMPT_FORMAT_FILE
 from src.data.readers import HF_FORMATS
@@ -41,7 +42,6 @@ from src.models.objectives import composite_answers_resolver
 from src.models.reference import precompute_reference_logps
 from src.models.source import check_model_source
 from src.settings import TRAIN, check_ranges
-from src.world.world import IMAGE_DRAWERS
 
 log = logging.getLogger("train")
 # a frozen reference copy is in eval mode on purpose
@@ -257,7 +257,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         processor=module.processor,
         answers=list(module.answers),
         system_prompt=cfg.model.get("system_prompt"),
-        image_drawers=IMAGE_DRAWERS,  # world data: its pictures are drawn, not read
     )
     report: dict[str, Any] = {}
     if "blind" in module.answers:

@@ -20,7 +20,7 @@ from src.evaluation.judges import Judge
 from src.world.judge import WorldJudge, world_judge_calibration
 from src.world.metrics import NAMES, world_metrics
 from src.world.report import markdown_section, picture_panel
-from src.world.world import IMAGE_DRAWERS, World, WorldSettings, blanked, is_conflict
+from src.world.world import World, WorldSettings, blanked, is_conflict
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class WorldBenchmark:
         self.shows = derangement(len(self.heldout), self.settings.seed)  # shuffled item i shows heldout[shows[i]]
         self.image_size_from = "world.image_size" if self.settings.image_size else None
         # stand_in_size None until fit_image_size: drawing before then fails instead of using a guessed size
-        self.resolver = ImageResolver(stand_in_size=self.settings.image_size, drawers=IMAGE_DRAWERS)
+        self.resolver = ImageResolver(stand_in_size=self.settings.image_size)  # draws world: pictures (registered)
 
     def fit_image_size(self, processor: Any) -> None:
         """Draw at the model's own input size (``world.image_size=null``): its processor's crop size, or 336
