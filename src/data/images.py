@@ -223,8 +223,8 @@ class ImageResolver:
     the user gives as ``<prefix>.<root_key>`` and ``<prefix>.missing_images`` (training's ``data.image_root``, a
     benchmark's ``benchmark.image_root`` or ``benchmark.root``). References that start with a drawer's prefix are
     drawn at ``stand_in_size`` by the drawers registered when the resolver is built (`register_drawer`), and by
-    ``drawers`` (prefix -> function) beside them; a missing file whose reference names a prefix no drawer has is an
-    error that says so, under either policy. Files are read by `open_image` within ``limits``.
+    ``drawers`` (prefix -> function) beside them; the error for a missing file whose reference starts as a drawer's
+    would says that no drawer is registered for it. Files are read by `open_image` within ``limits``.
     """
 
     def __init__(
@@ -272,27 +272,26 @@ class ImageResolver:
         """
         # only what is not there is missing: a folder, FIFO or device is refused when the record is read
         missing = [r for r in records if (p := self.path_for(r)) is not None and file_problem(p) == NOT_FOUND]
-        for record in missing:
-            self._check_drawer(record)
         if missing and self.missing == "error":
             first = missing[0]
             raise DataError(
                 f"{len(missing)} of {len(records)} images not found; first: record {first.id}: "
                 f"{self.path_for(first)} ({self._root_note}). {self._advice} to draw the entity as a stand-in image."
+                + self._no_drawer(first)
             )
         return len(missing)
 
-    def _check_drawer(self, record: Conversation) -> None:
-        """A missing file whose reference names a drawer's prefix is a picture nobody registered a drawer for: an
-        error, never a file to look for nor a stand-in to draw in its place."""
+    def _no_drawer(self, record: Conversation) -> str:
+        """For a missing file whose reference starts like a drawer's (a word and a colon): that no drawer is
+        registered for it, in case it names one (file names hold colons too: MMSafe-PO's ``tbn:...``)."""
         found = DRAWER_PREFIX.match(record.image or "")
-        if found:
-            raise DataError(
-                f"record {record.id}: image reference {record.image!r} names the picture drawer {found.group()!r}, "
-                f"and none is registered for it (registered: {sorted(self.drawers) or 'none'}); the plug-in that "
-                "draws it registers its drawer when imported (src/plugins.py)",
-                reason=f"no picture drawer registered for {found.group()!r}",
-            )
+        if not found:
+            return ""
+        return (
+            f" If {found.group()!r} names a picture drawer, none is registered for it (registered: "
+            f"{', '.join(sorted(self.drawers)) or 'none'}): a plug-in registers its drawers when imported "
+            "(src/plugins.py)."
+        )
 
     def __call__(self, record: Conversation) -> Image.Image | None:
         if record.image and record.image.startswith(RENDER_PREFIX):
@@ -311,7 +310,6 @@ class ImageResolver:
                 return open_image(path, self.limits)
             except DataError as e:
                 raise DataError(f"record {record.id}: {e}", reason=e.reason) from None
-        self._check_drawer(record)
         if self.missing == "render":
             self.rendered.add(record.id)
             return render_stand_in(record.stand_in_text(), self.stand_in_size)
@@ -320,7 +318,7 @@ class ImageResolver:
         under = self.image_root if relative else path.parent
         raise DataError(
             f"record {record.id}: image file not found: {path} ({self._root_note}). {self._advice} to draw the entity "
-            "as a stand-in image.",
+            "as a stand-in image." + self._no_drawer(record),
             reason=f"image file not found under {under} ({self._root_note}). {self._advice}",
         )
 
