@@ -28,6 +28,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import src.plugins  # noqa: F401  (registers the plug-ins' benchmarks, drawers and comparison parts)
 from src.data.datamodule import check_data_paths, grouped_split
 from src.data.readers import HF_FORMATS, read_records
 from src.environment import environment
