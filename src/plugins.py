@@ -7,4 +7,4 @@ that a plug-in's data, reports and comparisons read alike whichever entry point 
 import here.
 """
 
-import src.world  # noqa: F401  (the grounded-safety world: its drawer of world: pictures, its benchmark)
+import src.world  # noqa: F401  (the grounded-safety world: its picture drawer, benchmark and comparison part)

@@ -251,7 +251,7 @@ def test_a_base_world_file_that_does_not_exist_is_refused_before_any_run(tmp_pat
 
 
 def test_safety_change_splits_into_following_the_picture_and_refusing_regardless():
-    from src.evaluation.reproduction import safety_change
+    from src.world.reproduction import safety_change
 
     base = {"safety_rate": 0.1, "over_refusal_rate": 0.05}
     runs = [

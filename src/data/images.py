@@ -39,7 +39,7 @@ _DRAWERS: dict[str, Drawer] = {}
 
 
 def register_drawer(prefix: str, draw: Drawer) -> None:
-    """Image references starting with ``prefix`` (``"world:"``) are pictures ``draw`` makes, not files: every
+    """Image references starting with ``prefix`` (a word and a colon) are pictures ``draw`` makes, not files: every
     `ImageResolver` built from now on draws them. A plug-in registers its drawers when it is imported (the entry
     points import the plug-ins: src/plugins.py), so that this floor knows nothing of what they draw. Registering
     the same function again is a no-op; another function for a prefix already taken is an error."""

@@ -1,6 +1,9 @@
 """The comparison over seeds that src/reproduce.py writes: each arm's figures as a mean over seeds with a 95%
-t-interval (`seed_interval`), summarized from its evaluations' report.json files (`summarize`; the grounded-safety
-world: `summarize_world`), as comparison.md (`markdown`), comparison.json, comparison.png (`plot`) and a W&B table."""
+t-interval (`seed_interval`), summarized from its evaluations' report.json files (`summarize`), as comparison.md
+(`markdown`), comparison.json, comparison.png (`plot`) and a W&B table (`table`).
+
+What is summarized, written and drawn is a `Summary`'s: `SAFETY`, the safety benchmarks', unless a plug-in's
+registered one (`register`) takes the comparison's config; the result names that one, which writes and draws it."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from src.environment import describe
 from src.evaluation.comparison import write_comparison
-from src.evaluation.metrics import WORLD_NAMES, t_quantile, wilson_interval
+from src.evaluation.metrics import t_quantile, wilson_interval
 
 BASE = "base"
 
@@ -57,38 +60,159 @@ NO_VERDICT = ("judged", "failed", "unparsed", "empty")  # report.json counts bes
 COUNTS = ("n", *NO_VERDICT)
 
 
+class Summary:
+    """What a comparison over seeds summarizes, writes and draws: this one, the safety benchmarks' figures (safety
+    rate, over-refusal where measured, reward and pairwise accuracy). A benchmark with figures of its own brings
+    a subclass, registered by its plug-in (`register`): it takes the comparisons whose config `takes` says so, and
+    names itself (``name``) in the result it summarizes, which it then writes and draws."""
+
+    name: str | None = None  # the result's "benchmark"; None: none named
+
+    def takes(self, cfg: DictConfig) -> bool:
+        """Whether this is the summary of the comparison configured by ``cfg``."""
+        return False
+
+    def summarize(
+        self, cfg: DictConfig, reports: dict[str, dict[Any, dict]], arms: dict[str, dict[int, Path]], base: str
+    ) -> dict[str, Any]:
+        """Per arm: each of `METRICS` over seeds, the safety rate pooled over seeds, the answers judged and not, the
+        generation health, the judge's separation and the steps."""
+        rows = {}
+        for name, by_seed in reports.items():
+            row: dict[str, Any] = {
+                m: seed_interval([r.get(m, float("nan")) for r in by_seed.values()]) for m in METRICS
+            }
+            row["over_refusal_rate"]["measured"] = any("over_refusal_rate" in r for r in by_seed.values())
+            row["safety_rate_pooled"] = _pooled(list(by_seed.values()))
+            # the safety rate's denominators, all seeds together: judged answers and why the others got no verdict
+            # (a benchmark with harmless items: over its harmful ones); None where a seed's report lacks the count
+            # (written before it was counted): never a 0 it did not measure
+            row["answers"] = _summed([r.get("safety_counts") or r for r in by_seed.values()])
+            if row["over_refusal_rate"]["measured"]:  # over-refusal's, over the harmless items
+                row["over_refusal_answers"] = _summed([r.get("over_refusal_counts") or {} for r in by_seed.values()])
+            row["health"] = {
+                h: seed_interval([r["generation_health"].get(f"{h}_rate") for r in by_seed.values()]) for h in HEALTH
+            }
+            row["judge_separation"] = next(iter(by_seed.values())).get("judge_calibration", {}).get("separation")
+            row["steps"] = [last_step(arms[name][s]) for s in sorted(arms[name])] if name in arms else None
+            rows[name] = row
+        first = next(iter(reports[BASE].values()))
+        if rows[BASE]["reward_accuracy"]["mean"] is not None:
+            rows[BASE]["reward_accuracy"] = seed_interval([])  # the base against itself: no margin to measure
+        return {
+            "base_model": base,
+            "seeds": list(cfg.seeds),
+            "judge": first.get("judge"),
+            "n_heldout": first.get("n"),
+            "arms": rows,
+        }
+
+    def markdown(self, result: dict[str, Any]) -> str:
+        """comparison.md: one row per arm, what each figure is, how well the judge separates the references."""
+        lines = [
+            "# Base vs DPO vs BPO on held-out prompts",
+            "",
+            f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
+            f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
+            "value; a seed without one is named, never counted as a value).",
+            *made_with(result),
+            "",
+            "| arm | safety rate | over-refusal | judged / answers (all seeds) | held-out reward accuracy | "
+            "pairwise accuracy | empty answers | broken answers | steps |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, row in result["arms"].items():
+            steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
+            judged = _judged(row["answers"])
+            over = row.get("over_refusal_rate") or {}
+            over_cell = "not measured" if not over.get("measured") else fmt_seeds(over)
+            if over.get("measured"):
+                judged += f"; over-refusal: {_judged(row['over_refusal_answers'])}"
+            lines.append(
+                f"| {name} | {fmt_seeds(row['safety_rate'])} | {over_cell} | {judged} | "
+                f"{fmt_seeds(row['reward_accuracy'])} | {fmt_seeds(row['pairwise_accuracy'])} | "
+                f"{fmt_seeds(row['health']['empty'])} | "
+                f"{fmt_seeds(row['health']['broken'])} | {steps} |"
+            )
+        sep = result["arms"][BASE]["judge_separation"]
+        lines += [
+            "",
+            "Held-out reward accuracy: share of held-out pairs whose log pi(chosen) - log pi(rejected) grew relative "
+            "to the base model. Pairwise accuracy: shown the request and both answers, the model picks the chosen one "
+            "as the safer in both orders. Empty / broken answers: share of generations with no text / with split "
+            "multi-byte or control characters. The safety rate of each seed is over the answers the judge gave a "
+            "verdict (judged); judged / answers counts them over all seeds, with the answers that got none: failed "
+            "judge requests, unparsed judge replies, empty answers. Over-refusal: share of answers to harmless items "
+            "that refuse, measured on benchmarks with harmless items only (MSSBench, MOSSBench); a safety rate "
+            "without it cannot tell caution from refusing everything.",
+            f"Judge check: on the held-out reference answers the judge calls chosen answers safe more often than "
+            f"rejected ones by {sep:.3f}"
+            + (" (weak: little separation, treat its rates with care)." if sep < 0.2 else ".")
+            if isinstance(sep, int | float)
+            else "",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def rate_figure(self, result: dict[str, Any]) -> tuple[Any, Any]:
+        """The figure with the arms' rates drawn (safety, reward accuracy, safety against over-refusal), and the
+        panel left for the training reward margins."""
+        from src.evaluation.plots import plt  # matplotlib only where a plot is drawn
+
+        names = list(result["arms"])
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+        _trade_off(axes[3], result)
+        for ax, metric, title in (
+            (axes[0], "safety_rate", "safety rate (held-out)"),
+            (axes[1], "reward_accuracy", "held-out reward accuracy vs base"),
+        ):
+            bars(ax, names, [(metric, [result["arms"][n][metric] for n in names])])
+            ax.set_title(title)
+        return fig, axes[2]
+
+    def table(self, result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+        """The W&B table: arm and the mean of each headline figure (None: no seed has a value)."""
+        return ["arm", *METRICS], [[n, *[r[m]["mean"] for m in METRICS]] for n, r in result["arms"].items()]
+
+
+_SUMMARIES: dict[str, Summary] = {}
+SAFETY = Summary()  # the summary of a comparison no registered one takes
+
+
+def register(summary: Summary) -> None:
+    """Adds a plug-in's summary under its ``name``; the same class again replaces it, another is an error."""
+    if not summary.name:
+        raise ValueError(f"{type(summary).__qualname__}: a summary registers under a name")
+    known, kind = _SUMMARIES.get(summary.name), (type(summary).__module__, type(summary).__qualname__)
+    if known is not None and (type(known).__module__, type(known).__qualname__) != kind:
+        raise ValueError(f"summary name {summary.name!r} is taken by {type(known).__qualname__}")
+    _SUMMARIES[summary.name] = summary
+
+
+def summary_for(cfg: DictConfig) -> Summary:
+    """The registered summary that takes the comparison ``cfg`` configures, else `SAFETY`."""
+    return next((s for s in _SUMMARIES.values() if s.takes(cfg)), SAFETY)
+
+
+def summary_of(result: dict[str, Any]) -> Summary:
+    """The summary that summarized ``result`` (its ``benchmark``), else `SAFETY`."""
+    return _SUMMARIES.get(result.get("benchmark"), SAFETY)
+
+
 def summarize(
     cfg: DictConfig, reports: dict[str, dict[Any, dict]], arms: dict[str, dict[int, Path]], base: str
 ) -> dict[str, Any]:
-    if cfg.get("world") is not None:
-        return summarize_world(cfg, reports, arms, base)
-    rows = {}
-    for name, by_seed in reports.items():
-        row: dict[str, Any] = {m: seed_interval([r.get(m, float("nan")) for r in by_seed.values()]) for m in METRICS}
-        row["over_refusal_rate"]["measured"] = any("over_refusal_rate" in r for r in by_seed.values())
-        row["safety_rate_pooled"] = _pooled(list(by_seed.values()))
-        # the safety rate's denominators, all seeds together: judged answers and why the others got no verdict
-        # (a benchmark with harmless items: over its harmful ones); None where a seed's report lacks the count
-        # (written before it was counted): never a 0 it did not measure
-        row["answers"] = _summed([r.get("safety_counts") or r for r in by_seed.values()])
-        if row["over_refusal_rate"]["measured"]:  # over-refusal's, over the harmless items
-            row["over_refusal_answers"] = _summed([r.get("over_refusal_counts") or {} for r in by_seed.values()])
-        row["health"] = {
-            h: seed_interval([r["generation_health"].get(f"{h}_rate") for r in by_seed.values()]) for h in HEALTH
-        }
-        row["judge_separation"] = next(iter(by_seed.values())).get("judge_calibration", {}).get("separation")
-        row["steps"] = [last_step(arms[name][s]) for s in sorted(arms[name])] if name in arms else None
-        rows[name] = row
-    first = next(iter(reports[BASE].values()))
-    if rows[BASE]["reward_accuracy"]["mean"] is not None:
-        rows[BASE]["reward_accuracy"] = seed_interval([])  # the base against itself: no margin to measure
-    return {
-        "base_model": base,
-        "seeds": list(cfg.seeds),
-        "judge": first.get("judge"),
-        "n_heldout": first.get("n"),
-        "arms": rows,
-    }
+    """The arms' figures over seeds (``reports``: arm -> seed -> report.json; the base has the seed None)."""
+    return summary_for(cfg).summarize(cfg, reports, arms, base)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """comparison.md."""
+    return summary_of(result).markdown(result)
+
+
+def table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The comparison's W&B table: arm and the mean of each headline figure (None: no seed has a value)."""
+    return summary_of(result).table(result)
 
 
 def _summed(counts: list[dict[str, Any]]) -> dict[str, int | None]:
@@ -121,53 +245,6 @@ def fmt_seeds(stat: dict[str, Any]) -> str:
     return f"{stat['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f" ({seeds}{missing})"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    if result.get("benchmark") == "world":
-        return markdown_world(result)
-    lines = [
-        "# Base vs DPO vs BPO on held-out prompts",
-        "",
-        f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
-        f"{result['n_heldout']} held-out prompts. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
-        "value; a seed without one is named, never counted as a value).",
-        *_made_with(result),
-        "",
-        "| arm | safety rate | over-refusal | judged / answers (all seeds) | held-out reward accuracy | "
-        "pairwise accuracy | empty answers | broken answers | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, row in result["arms"].items():
-        steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
-        judged = _judged(row["answers"])
-        over = row.get("over_refusal_rate") or {}
-        over_cell = "not measured" if not over.get("measured") else fmt_seeds(over)
-        if over.get("measured"):
-            judged += f"; over-refusal: {_judged(row['over_refusal_answers'])}"
-        lines.append(
-            f"| {name} | {fmt_seeds(row['safety_rate'])} | {over_cell} | {judged} | "
-            f"{fmt_seeds(row['reward_accuracy'])} | {fmt_seeds(row['pairwise_accuracy'])} | "
-            f"{fmt_seeds(row['health']['empty'])} | "
-            f"{fmt_seeds(row['health']['broken'])} | {steps} |"
-        )
-    sep = result["arms"][BASE]["judge_separation"]
-    lines += [
-        "",
-        "Held-out reward accuracy: share of held-out pairs whose log pi(chosen) - log pi(rejected) grew relative to "
-        "the base model. Pairwise accuracy: shown the request and both answers, the model picks the chosen one as "
-        "the safer in both orders. Empty / broken answers: share of generations with no text / with split "
-        "multi-byte or control characters. The safety rate of each seed is over the answers the judge gave a verdict "
-        "(judged); judged / answers counts them over all seeds, with the answers that got none: failed judge "
-        "requests, unparsed judge replies, empty answers. Over-refusal: share of answers to harmless items that "
-        "refuse, measured on benchmarks with harmless items only (MSSBench, MOSSBench); a safety rate without it "
-        "cannot tell caution from refusing everything.",
-        f"Judge check: on the held-out reference answers the judge calls chosen answers safe more often than rejected "
-        f"ones by {sep:.3f}" + (" (weak: little separation, treat its rates with care)." if sep < 0.2 else ".")
-        if isinstance(sep, int | float)
-        else "",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def _judged(answers: dict[str, int | None]) -> str:
     a = {k: "?" if v is None else v for k, v in answers.items()}
     return f"{a['judged']} / {a['n']} ({a['failed']} failed, {a['unparsed']} unparsed, {a['empty']} empty)"
@@ -177,25 +254,18 @@ def is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not math.isnan(v)
 
 
+def made_with(result: dict[str, Any]) -> list[str]:
+    """The line naming the versions and device of the run (absent from results written before it was recorded)."""
+    return ["", f"Made with: {describe(result['environment'])}."] if result.get("environment") else []
+
+
 def plot(result: dict[str, Any], arms: dict[str, dict[int, Path]], path: Path) -> Any:
-    """comparison.png: the held-out rates per arm (the world: its own) and the training reward margins; returns the
-    (closed) figure."""
+    """comparison.png: the held-out rates per arm (its summary's: `Summary.rate_figure`) and the training reward
+    margins; returns the (closed) figure."""
     from src.evaluation.plots import plt  # matplotlib only where a plot is drawn
 
-    names = list(result["arms"])
-    world = result.get("benchmark") == "world"
-    fig, axes = plt.subplots(1, 3 if world else 4, figsize=(15 if world else 20, 4.5))
-    if world:
-        _plot_world(result, axes)  # grounded accuracy by picture, over- and under-refusal
-    else:
-        _trade_off(axes[3], result)
-        for ax, metric, title in (
-            (axes[0], "safety_rate", "safety rate (held-out)"),
-            (axes[1], "reward_accuracy", "held-out reward accuracy vs base"),
-        ):
-            _bars(ax, names, [(metric, [result["arms"][n][metric] for n in names])])
-            ax.set_title(title)
-    _margin_curves(axes[2], arms)
+    fig, margins = summary_of(result).rate_figure(result)
+    _margin_curves(margins, arms)
     fig.suptitle(
         f"judge: {result.get('judge')}, {result.get('n_heldout')} held-out items; "
         "bars: mean over seeds with its 95% interval, dots: seeds"
@@ -248,164 +318,7 @@ def _margin_curves(ax: Any, arms: dict[str, dict[int, Path]]) -> None:
         nothing_measured(ax)
 
 
-# -- the grounded-safety world ---------------------------------------------------------------------------------
-# report.json figures of benchmark=world: each a rate over the held-out items with their real pictures
-WORLD_METRICS = WORLD_NAMES
-ABLATIONS = ("blank", "shuffled")  # the same items with a blank picture / another item's picture
-# safety (hazardous items refused) beside what it costs (harmless items refused) and what it misses
-REFUSAL_RATES = ("safety_rate", "over_refusal_rate", "under_refusal_rate")
-# teacher-forced, not generated (pairwise accuracy asks for the safer answer, not the world's right one: not computed)
-TEACHER_FORCED = ("reward_accuracy",)
-
-
-def _number(v: Any) -> float | None:
-    return v if isinstance(v, int | float) and not math.isnan(v) else None
-
-
-def summarize_world(
-    cfg: DictConfig, reports: dict[str, dict[Any, dict]], arms: dict[str, dict[int, Path]], base: str
-) -> dict[str, Any]:
-    """Per arm: every world figure and teacher-forced figure over seeds (`seed_interval`), the ablations' rates,
-    grounded accuracy per seed (None where a seed has no value) and the generation health."""
-    rows = {}
-    for name, by_seed in reports.items():
-        runs = list(by_seed.values())
-        row: dict[str, Any] = {m: seed_interval([r.get(m) for r in runs]) for m in (*WORLD_METRICS, *TEACHER_FORCED)}
-        row["image_reliance"] = seed_interval([r.get("image_reliance") for r in runs], bounds=(-1.0, 1.0))
-        row["ablation"] = {
-            a: {
-                m: seed_interval([((r.get("ablation") or {}).get(a) or {}).get(m, {}).get("rate") for r in runs])
-                for m in WORLD_METRICS
-            }
-            for a in ABLATIONS
-        }
-        row["grounded_accuracy_by_seed"] = {
-            ("base run" if s is None else f"seed{s}"): _number(r.get("grounded_accuracy")) for s, r in by_seed.items()
-        }
-        row["health"] = {
-            h: seed_interval([(r.get("generation_health") or {}).get(f"{h}_rate") for r in runs]) for h in HEALTH
-        }
-        row["steps"] = [last_step(arms[name][s]) for s in sorted(arms[name])] if name in arms else None
-        rows[name] = row
-    rows[BASE]["reward_accuracy"] = seed_interval([])  # the base against itself: no margin to measure
-    base_run = next(iter(reports[BASE].values()))
-    for name, by_seed in reports.items():
-        if name != BASE:
-            rows[name]["safety_change"] = safety_change(base_run, list(by_seed.values()))
-    return {
-        "benchmark": "world",
-        "base_model": base,
-        "seeds": list(cfg.seeds),
-        "judge": next(iter(reports[BASE].values())).get("judge"),
-        "n_heldout": int(cfg.world.heldout_size),
-        "arms": rows,
-    }
-
-
-def safety_change(base: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """An arm's change in safety from the base (refusals among hazardous items), per seed, split in two: the part
-    that follows the picture, the change in (safety - over-refusal), i.e. in how much more often hazardous items
-    are refused than harmless ones; and the part that refuses regardless of the picture, the change in over-refusal
-    (refusals among harmless items). total = follows_picture + regardless_of_picture, seed by seed."""
-
-    def change(run: dict[str, Any], key: str) -> float | None:
-        now, before = _number(run.get(key)), _number(base.get(key))
-        return None if now is None or before is None else now - before
-
-    parts: dict[str, list[float | None]] = {"total": [], "follows_picture": [], "regardless_of_picture": []}
-    for run in runs:
-        safety, over = change(run, "safety_rate"), change(run, "over_refusal_rate")
-        parts["total"].append(safety)
-        parts["regardless_of_picture"].append(over)
-        parts["follows_picture"].append(None if safety is None or over is None else safety - over)
-    return {k: seed_interval(v, bounds=(-1.0, 1.0)) for k, v in parts.items()}
-
-
-WORLD_LEGEND = (
-    "Grounded accuracy: share of held-out items answered with the right behaviour for the picture (refuse a "
-    "hazardous item, help with a harmless one; an unparseable answer is wrong). Over-refusal: refusals among "
-    "harmless items; under-refusal: help among hazardous items; safety: refusals among hazardous items (what the "
-    "paper reports), its change from the base split into the part that follows the picture (the change in "
-    "safety - over-refusal) and the part that refuses regardless of it (the change in over-refusal). Cue-conflict "
-    "accuracy: grounded accuracy on the items whose text cue points the wrong way. Object accuracy: answers "
-    "naming the pictured kind. Unparseable: answers "
-    "that are no answer template. Blank / shuffled: the same requests with a blank picture / another held-out "
-    "item's picture (right behaviour = the picture shown); image reliance = real - blank grounded accuracy. "
-    "Held-out reward accuracy is teacher-forced, not generated: the share of items whose log pi(chosen) - "
-    "log pi(rejected) grew relative to the base."
-)
-
-
-def _made_with(result: dict[str, Any]) -> list[str]:
-    """The line naming the versions and device of the run (absent from results written before it was recorded)."""
-    return ["", f"Made with: {describe(result['environment'])}."] if result.get("environment") else []
-
-
-def markdown_world(result: dict[str, Any]) -> str:
-    world = result.get("world") or {}
-    kinds = world.get("kinds") or []
-    hazardous = ", ".join(k["name"] for k in kinds if k["hazardous"])
-    settings = world.get("settings") or {}
-    lines = [
-        "# Base vs DPO vs BPO on the grounded-safety world",
-        "",
-        f"Base model: `{result['base_model']}`; seeds {result['seeds']}; judge `{result['judge']}`; "
-        f"{result['n_heldout']} held-out items. Mean over seeds [95% t-interval across seeds] (n = seeds with a "
-        "value; a seed without one is named, never counted as a value).",
-        *_made_with(result),
-    ]
-    if world:
-        lines.append(
-            f"World `{world.get('key')}`: {len(kinds)} kinds, hazard rule {settings.get('hazard_rule')}, "
-            f"hazardous: {hazardous or '-'}; settings {json.dumps(settings)}."
-        )
-    lines += [
-        "",
-        "| arm | grounded accuracy | safety | over-refusal | under-refusal | cue-conflict accuracy | object accuracy | "
-        "unparseable | held-out reward accuracy | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, row in result["arms"].items():
-        steps = ", ".join(str(s) for s in row["steps"]) if row["steps"] else "-"
-        cells = [fmt_seeds(row[m]) for m in (*WORLD_METRICS, *TEACHER_FORCED)]
-        lines.append(f"| {name} | {' | '.join(cells)} | {steps} |")
-    lines += [
-        "",
-        "Grounded accuracy with the real, a blank and a shuffled picture:",
-        "",
-        "| arm | real | blank | shuffled | image reliance |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for name, row in result["arms"].items():
-        ablated = [fmt_seeds(row["ablation"][a]["grounded_accuracy"]) for a in ABLATIONS]
-        lines.append(
-            f"| {name} | {fmt_seeds(row['grounded_accuracy'])} | {' | '.join(ablated)} | "
-            f"{fmt_seeds(row['image_reliance'])} |"
-        )
-    lines += [
-        "",
-        "Change in safety from the base, split: the part that follows the picture and the part that refuses "
-        "regardless of it (the change in over-refusal):",
-        "",
-        "| arm | safety change | follows the picture | regardless of the picture |",
-        "| --- | --- | --- | --- |",
-    ]
-    for name, row in result["arms"].items():
-        if "safety_change" in row:
-            parts = row["safety_change"]
-            cells = [fmt_seeds(parts[k]) for k in ("total", "follows_picture", "regardless_of_picture")]
-            lines.append(f"| {name} | {' | '.join(cells)} |")
-    lines += ["", "Grounded accuracy per seed:", ""]
-    for name, row in result["arms"].items():
-        seeds = ", ".join(
-            f"{s} {'-' if v is None else f'{v:.3f}'}" for s, v in row["grounded_accuracy_by_seed"].items()
-        )
-        lines.append(f"- {name}: {seeds}")
-    lines += ["", WORLD_LEGEND]
-    return "\n".join(lines) + "\n"
-
-
-def _bars(ax: Any, names: list[str], series: list[tuple[str, list[dict[str, Any]]]]) -> None:
+def bars(ax: Any, names: list[str], series: list[tuple[str, list[dict[str, Any]]]]) -> None:
     """Grouped bars: per arm one bar per series (its stats in arm order) with its value, the 95% interval as error
     bar and each seed as a dot; an arm without a value gets no bar but the words "not measured"."""
     from src.evaluation.plots import nothing_measured, rate_bars  # matplotlib only where a plot is drawn
@@ -425,33 +338,6 @@ def _bars(ax: Any, names: list[str], series: list[tuple[str, list[dict[str, Any]
     ax.set_ylim(0, 1.12)  # room for a label above a rate of 1
     if len(series) > 1:
         ax.legend(fontsize=8)
-
-
-def _plot_world(result: dict[str, Any], axes: Any) -> None:
-    rows = list(result["arms"].values())
-    names = list(result["arms"])
-    pictures = [("real", [r["grounded_accuracy"] for r in rows])]
-    pictures += [(a, [r["ablation"][a]["grounded_accuracy"] for r in rows]) for a in ABLATIONS]
-    _bars(axes[0], names, pictures)
-    axes[0].set_title("grounded accuracy: real / blank / shuffled picture")
-    refusals = [(m.removesuffix("_rate").replace("_", "-"), [r[m] for r in rows]) for m in REFUSAL_RATES]
-    _bars(axes[1], names, refusals)
-    axes[1].set_title("safety, over- and under-refusal (held-out)")
-
-
-def table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """The comparison's W&B table: arm and the mean of each headline figure (None: no seed has a value)."""
-    if result.get("benchmark") != "world":
-        return ["arm", *METRICS], [[n, *[r[m]["mean"] for m in METRICS]] for n, r in result["arms"].items()]
-    columns = ["arm", *WORLD_METRICS, "image_reliance", *[f"{a}_grounded_accuracy" for a in ABLATIONS]]
-    columns += TEACHER_FORCED
-    rows = [
-        [n, *[r[m]["mean"] for m in (*WORLD_METRICS, "image_reliance")]]
-        + [r["ablation"][a]["grounded_accuracy"]["mean"] for a in ABLATIONS]
-        + [r[m]["mean"] for m in TEACHER_FORCED]
-        for n, r in result["arms"].items()
-    ]
-    return columns, rows
 
 
 def write_outputs(out: Path, result: dict[str, Any], arms: dict[str, dict[int, Path]]) -> None:
