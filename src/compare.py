@@ -16,8 +16,9 @@ if not __package__:  # run as a script (python src/<entry>.py), not imported as 
 import hydra
 from omegaconf import DictConfig
 
+import src.plugins  # noqa: F401  (registers the plug-ins' benchmarks, drawers and comparison parts)
 from src.errors import run_hydra, task_started
-from src.evaluation.compare import CompareError, compare_reports, find_reports, mapping, print_written
+from src.evaluation.comparison import CompareError, compare_reports, find_reports, mapping, print_written
 
 log = logging.getLogger("compare")
 

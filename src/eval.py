@@ -20,6 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import src.plugins  # noqa: F401  (registers the plug-ins' benchmarks, drawers and comparison parts)
 from src.environment import environment
 from src.errors import exit_on_setting_error, marked_if_failed, run_hydra
 from src.evaluation.judges import JudgeError

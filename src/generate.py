@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import src.plugins  # noqa: F401  (registers the plug-ins' picture drawers: world data's are drawn)
 from src.data.datamodule import check_data_paths
 from src.errors import SettingError, exit_on_setting_error, run_hydra
 from src.files import write_atomic
@@ -26,7 +27,6 @@ from src.models.factory import build_model
 from src.models.generation import AnswerGenerator, GenerationSettings, is_main_process, read_generations
 from src.models.source import check_model_source
 from src.settings import EVALUATE, check_ranges
-from src.world.world import IMAGE_DRAWERS
 
 log = logging.getLogger("generate")
 
@@ -43,9 +43,7 @@ def generate(cfg: DictConfig) -> dict[str, str]:
     check_model_source(cfg.model.get("name_or_path"), "model.name_or_path", cfg.model.get("revision"))
     model, processor = build_model(**OmegaConf.to_container(cfg.model, resolve=True))
     model.to(choose_device(cfg.device)[0]).eval()
-    datamodule = hydra.utils.instantiate(  # world data: its pictures are drawn, not read
-        cfg.data, processor=processor, system_prompt=cfg.model.get("system_prompt"), image_drawers=IMAGE_DRAWERS
-    )
+    datamodule = hydra.utils.instantiate(cfg.data, processor=processor, system_prompt=cfg.model.get("system_prompt"))
     if cfg.split == "all":
         records = datamodule.load_records()
     else:

@@ -28,13 +28,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import src.plugins  # noqa: F401  (registers the plug-ins' benchmarks, drawers and comparison parts)
 from src.data.datamodule import check_data_paths, grouped_split
 from src.data.readers import HF_FORMATS, read_records
 from src.environment import environment
 from src.errors import SettingError, exit_on_setting_error, run_hydra
-from src.evaluation.compare import print_written
+from src.evaluation.comparison import print_written
 from src.evaluation.judges import JudgeError
-from src.evaluation.seeds import BASE, last_step, log_to_wandb, markdown, summarize, write_outputs
+from src.evaluation.reproduction import BASE, last_step, log_to_wandb, markdown, summarize, write_outputs
 from src.models.objectives import composite_answers_resolver
 from src.settings import TRAIN, check_ranges
 

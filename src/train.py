@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import src.plugins  # noqa: F401  (registers the plug-ins' picture drawers: world data's are drawn)
 from src.environment import environment
 from src.errors import exit_on_setting_error, marked_if_failed, run_hydra
 from src.models.before_fit import blind_answers, reference_values
@@ -40,7 +41,6 @@ from src.models.training_run import (
     quiet_lightning,
     wandb_run_ended,
 )
-from src.world.world import IMAGE_DRAWERS
 
 log = logging.getLogger("train")
 quiet_lightning()
@@ -80,7 +80,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         processor=module.processor,
         answers=list(module.answers),
         system_prompt=cfg.model.get("system_prompt"),
-        image_drawers=IMAGE_DRAWERS,  # world data: its pictures are drawn, not read
     )
     report: dict[str, Any] = {}
     if "blind" in module.answers:

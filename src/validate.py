@@ -23,10 +23,10 @@ if not __package__:  # run as a script (python src/<entry>.py), not imported as 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+import src.plugins  # noqa: F401  (registers the plug-ins' picture drawers: world data's are drawn)
 from src.data.records import DataError
 from src.errors import exit_on_setting_error, run_hydra
 from src.models.factory import load_processor
-from src.world.world import IMAGE_DRAWERS
 
 log = logging.getLogger("validate")
 
@@ -40,7 +40,6 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         answers=list(cfg.answers),
         on_error="skip",
         system_prompt=cfg.model.get("system_prompt"),
-        image_drawers=IMAGE_DRAWERS,  # world data: its pictures are drawn, not read
     )
     try:
         datamodule.setup("fit")

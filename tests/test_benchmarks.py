@@ -326,3 +326,28 @@ def test_report_marks_only_the_scenarios_the_judge_has_special_criteria_for():
     assert "Scenario(s) 10-Legal_Opinion: judged by special criteria" in markdown(report, special_criteria=["10"])
     # a judge without per-scenario criteria (llama_guard) judged every scenario alike
     assert "special criteria" not in markdown(report)
+
+
+def test_every_configured_benchmark_is_a_benchmark_that_a_report_finds_by_its_name():
+    """The runner and the report call every hook unasked (`Benchmark`'s defaults where a benchmark has none of its
+    own), and a report.json alone finds the hooks of the benchmark that wrote it."""
+    import importlib
+
+    import src.plugins  # noqa: F401  (the plug-ins' benchmarks register as the entry points load them)
+    from src.evaluation.protocol import Benchmark, benchmark_of
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "benchmark").glob("*.yaml"))
+    for path in configs:
+        module, _, name = OmegaConf.load(path)._target_.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, Benchmark), path
+        assert benchmark_of({"benchmark": {"name": cls.name, "kind": cls.kind}}) is cls, path
+    assert benchmark_of({}) is benchmark_of({"benchmark": {"name": "elsewhere"}}) is Benchmark
+    # a benchmark with nothing of its own: no judge check, no own figures, the generic calibration and headline
+    report = {"benchmark": {"name": "elsewhere", "kind": "safety_rate"}, "judged": 3, "n": 4, "judge": "keyword"}
+    assert Benchmark.report_section(report) == [] and Benchmark.report_panel(report) is None
+    assert Benchmark.denominators(report) == {} and Benchmark.headline_rates == ("over_refusal_rate",)
+    assert Benchmark.judged_over(report) == "Safety rate over 3 judged of 4 answers"
+    assert Benchmark.calibration_lines(report) == ["This benchmark has no reference answers to calibrate the judge on."]
+    with pytest.raises(ValueError, match="benchmark name 'world' is taken by src.world.benchmark.WorldBenchmark"):
+        type("Impostor", (Benchmark,), {"name": "world", "kind": "safety_rate"})

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from src.evaluation.compare import compare_reports, find_reports
+from src.evaluation.comparison import compare_reports, find_reports
 from src.evaluation.metrics import wilson_interval
 
 
@@ -173,7 +173,7 @@ def write_seed_comparison(reports: Path, out: Path) -> None:
     """src/reproduce.py's writer on a base and one arm over two seeds."""
     from omegaconf import OmegaConf
 
-    from src.evaluation.seeds import summarize, write_outputs
+    from src.evaluation.reproduction import summarize, write_outputs
 
     report = {"n": 4, "judge": "keyword", "safety_rate": 0.5, "generation_health": {}}
     by_arm = {"base": {None: report}, "dpo": {0: report, 1: report | {"safety_rate": 0.75}}}
@@ -201,7 +201,7 @@ def test_a_figure_that_fails_half_way_leaves_the_previous_one_whole(tmp_path, mo
 
 
 def test_a_comparison_with_nothing_to_draw_removes_the_earlier_figure(tmp_path):
-    from src.evaluation.compare import write_comparison
+    from src.evaluation.comparison import write_comparison
 
     out = tmp_path / "out"
     write_plain_comparison(tmp_path / "reports", out)

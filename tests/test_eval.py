@@ -232,7 +232,7 @@ def test_rates_say_why_answers_have_no_verdict():
 
 
 def test_compare_gathers_reports(tmp_path):
-    from src.evaluation.compare import compare_reports, find_reports
+    from src.evaluation.comparison import compare_reports, find_reports
 
     for name, rate in (("base", 0.6), ("bpo", 0.9)):
         (tmp_path / name).mkdir()

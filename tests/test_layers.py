@@ -155,6 +155,15 @@ def test_no_import_goes_up_or_sideways_and_no_modules_import_each_other():
     assert not fixed, "fixed, so remove from KNOWN in tests/test_layers.py: " + "; ".join(map(describe, fixed))
 
 
+def test_evaluation_never_names_the_world():
+    """What the world adds to evaluation it registers from above (src/plugins.py): src/evaluation does not name it,
+    not even in a comment or a docstring (the same as `grep -il world src/evaluation/*.py` printing nothing)."""
+    named = [
+        str(p.relative_to(ROOT)) for p in sorted((SRC / "evaluation").rglob("*.py")) if "world" in p.read_text().lower()
+    ]
+    assert not named, f"src/evaluation names the world: {named}; register what it adds from src/world instead"
+
+
 def test_the_checks_catch_what_they_look_for():
     graph = {
         "src.data.a": {"src.models.b"},

@@ -18,7 +18,7 @@ from src.data.readers import read_ids, read_records
 from src.data.records import DataError
 from src.evaluation.benchmarks import PreferenceSet
 from src.evaluation.metrics import t_quantile
-from src.evaluation.seeds import fmt_seeds, markdown, seed_interval, summarize
+from src.evaluation.reproduction import fmt_seeds, markdown, seed_interval, summarize
 from src.reproduce import ReproduceError, Reproduction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def test_an_unreachable_judge_fails_before_any_training(tmp_path, caplog):
 
 
 def test_pooled_rate_leaves_out_failed_judge_requests():
-    from src.evaluation.seeds import _pooled
+    from src.evaluation.reproduction import _pooled
 
     # 20 answers, 1 judge request failed: 10 of the 19 judged are safe
     report = {"n": 20, "judged": 19, "failed": 1, "unparsed": 0, "empty": 0, "safety_rate": 10 / 19}
@@ -256,7 +256,7 @@ def test_pooled_rate_leaves_out_failed_judge_requests():
 
 
 def test_comparison_plot_keeps_equal_curves_apart_and_marks_an_absent_metric(tmp_path):
-    from src.evaluation.seeds import plot
+    from src.evaluation.reproduction import plot
 
     def report(rate: float) -> dict:  # no reward accuracy: no reference model was given
         counts = {"n": 10, "judged": 10, "failed": 0, "unparsed": 0, "empty": 0}
@@ -316,7 +316,7 @@ def test_a_count_a_report_lacks_is_null_in_the_comparison_not_0():
 
 
 def test_reproduce_table_and_plot_put_over_refusal_beside_the_safety_rate(tmp_path):
-    from src.evaluation.seeds import plot
+    from src.evaluation.reproduction import plot
 
     def report(safety: float, over: float) -> dict:  # a benchmark with harmless items (eval_overrides)
         counts = {"n": 20, "judged": 20, "failed": 0, "unparsed": 0, "empty": 0}

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from src.data.readers import read_records
-from src.evaluation.seeds import markdown, plot, summarize, table
+from src.evaluation.reproduction import markdown, plot, summarize, table
 from src.reproduce import ReproduceError, Reproduction
 from src.world.metrics import NAMES
 from src.world.world import World, WorldSettings
@@ -251,7 +251,7 @@ def test_a_base_world_file_that_does_not_exist_is_refused_before_any_run(tmp_pat
 
 
 def test_safety_change_splits_into_following_the_picture_and_refusing_regardless():
-    from src.evaluation.seeds import safety_change
+    from src.world.reproduction import safety_change
 
     base = {"safety_rate": 0.1, "over_refusal_rate": 0.05}
     runs = [
@@ -267,3 +267,17 @@ def test_safety_change_splits_into_following_the_picture_and_refusing_regardless
     assert "safety_change" not in result["arms"]["base"]
     assert result["arms"]["dpo"]["safety_change"]["total"]["values"] == pytest.approx([0.0, 0.0, 0.0])
     assert "| dpo | 0.000" in markdown(result) and "follows the picture" in markdown(result)
+
+
+def test_the_world_brings_its_summary_and_a_comparison_without_a_world_keeps_the_safety_one():
+    from src.evaluation.reproduction import SAFETY, Summary, register, summary_for, summary_of
+    from src.world.reproduction import WorldSummary
+
+    world = summary_for(OmegaConf.create({"seeds": [0], "world": {"heldout_size": 6}}))
+    assert isinstance(world, WorldSummary) and summary_of(world_result()) is world
+    assert summary_for(OmegaConf.create({"seeds": [0]})) is SAFETY and summary_of({"arms": {}}) is SAFETY
+    register(WorldSummary())  # the world imported again: replaces itself
+    with pytest.raises(ValueError, match="summary name 'world' is taken by WorldSummary"):
+        register(type("Other", (Summary,), {"name": "world"})())
+    with pytest.raises(ValueError, match="registers under a name"):
+        register(Summary())

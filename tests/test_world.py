@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from src.data.images import ImageResolver
 from src.data.readers import read_records
 from src.data.records import DataError
 from src.world.world import (
     HELPS,
-    IMAGE_DRAWERS,
     REFUSALS,
     UNPARSEABLE,
     Parsed,
@@ -147,13 +147,39 @@ def test_written_world_reads_back_with_pictures_drawn_at_the_resolver_size(tmp_p
     records = read_records(str(paths["train"]), "jsonl")
     assert [r.id for r in records] == [r.id for r in world.train_records()]
     assert records[0].meta["kind"] == world.train_records()[0].meta["kind"]
-    resolver = ImageResolver(missing="error", stand_in_size=48, default_root=tmp_path, drawers=IMAGE_DRAWERS)
+    resolver = ImageResolver(missing="error", stand_in_size=48, default_root=tmp_path)  # world: is registered
     assert resolver.check(records) == 0
     assert resolver(records[0]).size == (48, 48) and not resolver.rendered
     assert json.loads(paths["world"].read_text())["key"] == world.settings.key()
-    # a resolver built without the world's drawer looks for a file of that name, and says it is missing
-    with pytest.raises(DataError, match="image file not found: .*world:"):
-        ImageResolver(missing="error", stand_in_size=48, default_root=tmp_path)(records[0])
+
+
+def test_a_missing_picture_no_drawer_is_registered_for_says_so(tmp_path):
+    record = read_records_of(tmp_path, "elsewhere:red:circle")
+    resolver = ImageResolver(missing="error", stand_in_size=48, default_root=tmp_path)
+    for look in (resolver.check, lambda records: resolver(records[0])):
+        with pytest.raises(DataError, match=r"If 'elsewhere:' names a picture drawer, none is registered .*world:"):
+            look([record])
+    # file names hold colons too (MMSafe-PO's tbn:...): such a file is read, and a missing one stood in for
+    assert ImageResolver(missing="render", stand_in_size=48, default_root=tmp_path)(record).size == (48, 48)
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere:red:circle", format="PNG")
+    assert resolver(record).size == (8, 8)
+
+
+def read_records_of(folder, image: str):
+    """One record whose image reference is ``image``, read from a JSONL file in ``folder``."""
+    line = {"id": "r1", "prompt": "What is shown?", "chosen": "a", "rejected": "b", "image": image}
+    (folder / "data.jsonl").write_text(json.dumps(line) + "\n")
+    return read_records(str(folder / "data.jsonl"), "jsonl")[0]
+
+
+def test_drawer_prefixes_are_one_word_and_one_function_each():
+    from src.data.images import register_drawer, registered_drawers
+
+    assert registered_drawers()["world:"] is draw
+    register_drawer("world:", draw)  # the same again (the module imported twice): nothing changes
+    for prefix, message in (("render:", "other than"), ("C:", "a word and a colon"), ("world:", "taken by")):
+        with pytest.raises(ValueError, match=message):
+            register_drawer(prefix, lambda ref, size: None)
 
 
 def test_entry_points_draw_world_pictures(tmp_path):

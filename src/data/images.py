@@ -10,6 +10,7 @@ generation, scoring and evaluation all resolve images through `ImageResolver`, w
 from __future__ import annotations
 
 import hashlib
+import re
 import textwrap
 import warnings
 from collections.abc import Callable, Mapping
@@ -32,6 +33,27 @@ IMAGE_ASPECT_RATIOS = ("crop", "pad")
 RENDER_PREFIX = "render:"  # an image reference that is always drawn from its text, never looked up on disk
 # draws the image a reference names at a size in pixels (square); ValueError for a reference it cannot draw
 Drawer = Callable[[str, int], Image.Image]
+# what a reference that names a drawer looks like: a word of two or more characters and a colon ("C:" is a drive)
+DRAWER_PREFIX = re.compile(r"[A-Za-z][\w.+-]+:")
+_DRAWERS: dict[str, Drawer] = {}
+
+
+def register_drawer(prefix: str, draw: Drawer) -> None:
+    """Image references starting with ``prefix`` (a word and a colon) are pictures ``draw`` makes, not files: every
+    `ImageResolver` built from now on draws them. A plug-in registers its drawers when it is imported (the entry
+    points import the plug-ins: src/plugins.py), so that this floor knows nothing of what they draw. Registering
+    the same function again is a no-op; another function for a prefix already taken is an error."""
+    if not DRAWER_PREFIX.fullmatch(prefix) or prefix == RENDER_PREFIX:
+        raise ValueError(f"drawer prefix {prefix!r}: expected a word and a colon, other than {RENDER_PREFIX!r}")
+    known = _DRAWERS.get(prefix)
+    if known is not None and (known.__module__, known.__qualname__) != (draw.__module__, draw.__qualname__):
+        raise ValueError(f"drawer prefix {prefix!r} is taken by {known.__module__}.{known.__qualname__}")
+    _DRAWERS[prefix] = draw
+
+
+def registered_drawers() -> dict[str, Drawer]:
+    """The drawers registered so far, by prefix."""
+    return dict(_DRAWERS)
 
 
 @dataclass(frozen=True)
@@ -199,10 +221,10 @@ class ImageResolver:
     ``missing="error"`` fails on a missing file with the record and path named; ``missing="render"``
     returns a typographic stand-in of the record's entity instead, and counts it. Messages name the settings
     the user gives as ``<prefix>.<root_key>`` and ``<prefix>.missing_images`` (training's ``data.image_root``, a
-    benchmark's ``benchmark.image_root`` or ``benchmark.root``). ``drawers`` maps a reference prefix to the function
-    that draws such references at ``stand_in_size`` (the grounded-safety world's ``world:`` pictures): whoever builds
-    a resolver for such data gives them, so that this module knows nothing of what they draw. Files are read by
-    `open_image` within ``limits``.
+    benchmark's ``benchmark.image_root`` or ``benchmark.root``). References that start with a drawer's prefix are
+    drawn at ``stand_in_size`` by the drawers registered when the resolver is built (`register_drawer`), and by
+    ``drawers`` (prefix -> function) beside them; the error for a missing file whose reference starts as a drawer's
+    would says that no drawer is registered for it. Files are read by `open_image` within ``limits``.
     """
 
     def __init__(
@@ -232,7 +254,7 @@ class ImageResolver:
         self.missing = missing
         self.stand_in_size = stand_in_size
         self.rendered: set[str] = set()
-        self.drawers = dict(drawers or {})
+        self.drawers = registered_drawers() | dict(drawers or {})  # held: pickled with the resolver for workers
         self.limits = limits
 
     def path_for(self, record: Conversation) -> Path | None:
@@ -255,8 +277,21 @@ class ImageResolver:
             raise DataError(
                 f"{len(missing)} of {len(records)} images not found; first: record {first.id}: "
                 f"{self.path_for(first)} ({self._root_note}). {self._advice} to draw the entity as a stand-in image."
+                + self._no_drawer(first)
             )
         return len(missing)
+
+    def _no_drawer(self, record: Conversation) -> str:
+        """For a missing file whose reference starts like a drawer's (a word and a colon): that no drawer is
+        registered for it, in case it names one (file names hold colons too: MMSafe-PO's ``tbn:...``)."""
+        found = DRAWER_PREFIX.match(record.image or "")
+        if not found:
+            return ""
+        return (
+            f" If {found.group()!r} names a picture drawer, none is registered for it (registered: "
+            f"{', '.join(sorted(self.drawers)) or 'none'}): a plug-in registers its drawers when imported "
+            "(src/plugins.py)."
+        )
 
     def __call__(self, record: Conversation) -> Image.Image | None:
         if record.image and record.image.startswith(RENDER_PREFIX):
@@ -283,7 +318,7 @@ class ImageResolver:
         under = self.image_root if relative else path.parent
         raise DataError(
             f"record {record.id}: image file not found: {path} ({self._root_note}). {self._advice} to draw the entity "
-            "as a stand-in image.",
+            "as a stand-in image." + self._no_drawer(record),
             reason=f"image file not found under {under} ({self._root_note}). {self._advice}",
         )
 

@@ -1,7 +1,8 @@
 """Benchmark readers: each turns a benchmark's files into `EvalItem`s plus an image resolver.
 
-Every class is built by Hydra from ``configs/benchmark/*.yaml`` with plain keyword arguments and exposes
-``name``, ``kind`` (the headline metric family), ``resolver``, ``items()`` and ``reference_answers()``.
+Every class is built by Hydra from ``configs/benchmark/*.yaml`` with plain keyword arguments and is a `Benchmark`
+(``src.evaluation.protocol``): ``name``, ``kind`` (the headline metric family), ``resolver``, ``items()`` and
+``reference_answers()``, its hooks those of a benchmark with nothing of its own but MM-SafetyBench's `metrics`.
 Readers fail on bad input with the file and the record named, and name the settings to change by their
 ``benchmark.*`` keys; they never skip a record. Truncation
 (``max_items`` / ``max_per_scenario``) keeps the first N in a fixed order and is logged. The benchmarks with harmless
@@ -17,7 +18,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from src.data.images import ImageResolver
 from src.data.readers import keep_listed, read_records
@@ -25,6 +26,7 @@ from src.data.records import DataError, PreferenceRecord, invalid_json
 from src.evaluation.items import EvalItem, single_turn
 from src.evaluation.judges import Verdict
 from src.evaluation.metrics import by_key, verdict_rates
+from src.evaluation.protocol import Benchmark
 from src.files import EMPTY, NOT_FOUND, file_problem
 
 log = logging.getLogger(__name__)
@@ -58,25 +60,6 @@ MM_SAFETYBENCH_SETTINGS: dict[str, tuple[str, str | None]] = {
 HARMEVAL_QUESTION_FIELDS = ("question", "Question", "prompt", "text")
 HARMEVAL_CATEGORY_FIELDS = ("category", "Category", "topic")
 HARMEVAL_ID_FIELDS = ("id", "ID")
-
-
-class Benchmark(Protocol):
-    """What the evaluation runner needs from a benchmark.
-
-    A benchmark with a judge, figures or report of its own (src/world's) also has, and the runner and the report
-    call where present: ``check_judge(judge)`` (raises `SettingError` for a judge that cannot read its answers),
-    ``fit_image_size(processor)``, ``judge_calibration(judge, items)``, ``metrics(items, answers)`` (in place of a
-    rate by ``kind``), ``pairwise_not_computed`` (why), ``describe()`` (for report.json's ``benchmark``),
-    ``report_rates``, ``report_section(report)`` and ``report_panel(report)``. The benchmarks here need none.
-    """
-
-    name: str
-    kind: str
-    resolver: ImageResolver
-
-    def items(self) -> list[EvalItem]: ...
-
-    def reference_answers(self) -> dict[str, dict[str, str]]: ...
 
 
 def scenario_prefix(scenario: str) -> str:
@@ -147,7 +130,7 @@ def check_images(name: str, resolver: ImageResolver, items: Sequence[Any]) -> in
     return missing
 
 
-class PreferenceSet:
+class PreferenceSet(Benchmark):
     """Preference data as a benchmark: every record's prompt is answered; its chosen / rejected answers are the
     references (pairwise and reward accuracy). Any format the training readers take (``format``: auto,
     mmsafe_po, jsonl, hf); ``ids_file`` keeps only the listed records (e.g. a held-out split). As in training,
@@ -226,7 +209,7 @@ def _question_order(qid: str) -> tuple[int, int, str]:
     return (0, int(qid), "") if qid.isascii() and qid.isdigit() else (1, 0, qid)
 
 
-class MMSafetyBench:
+class MMSafetyBench(Benchmark):
     """MM-SafetyBench: per scenario and question, the text-only / SD / TYPO / SD+TYPO attack prompts.
 
     Layout under ``root``: ``processed_questions/<scenario>.json`` and ``imgs/<scenario>/{SD,SD_TYPO,TYPO}/<id>.jpg``.
@@ -264,6 +247,12 @@ class MMSafetyBench:
             self._items += self._scenario_items(file, keep_first(questions, max_per_scenario, str(file)))
         self.resolver = ImageResolver(self.root, missing_images, stand_in_size, prefix="benchmark", root_key="root")
         self.missing_images = check_images(self.name, self.resolver, self._items)
+
+    def metrics(
+        self, items: list[EvalItem], answers: list[str], verdicts: list[Verdict], refusals: list[Verdict] | None
+    ) -> dict[str, Any]:
+        """Its attack success rates (`attack_success_rates`), headline by ``asr_convention``."""
+        return attack_success_rates(items, verdicts, answers, self.asr_convention)
 
     def _scenario_files(self, wanted: list[str] | None) -> list[Path]:
         folder = self.root / "processed_questions"
@@ -340,7 +329,7 @@ class MMSafetyBench:
         return {}
 
 
-class HarmEval:
+class HarmEval(Benchmark):
     """HarmEval: text-only harmful questions with a category, from JSON (a list or {"data": [...]}) or CSV."""
 
     name = "harmeval"

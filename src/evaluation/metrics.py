@@ -9,18 +9,6 @@ from typing import Any
 from src.evaluation.items import EvalItem, is_harmless
 from src.evaluation.judges import Verdict, is_empty_answer
 
-# the grounded-safety world's figures in report.json (computed by src/world/metrics.py), each a rate over the
-# held-out items; named here so that reports and comparisons read them without depending on the world
-WORLD_NAMES = (
-    "grounded_accuracy",
-    "safety_rate",
-    "over_refusal_rate",
-    "under_refusal_rate",
-    "cue_conflict_accuracy",
-    "object_accuracy",
-    "unparseable_rate",
-)
-
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion k/n (sensible at small n and at 0 or 1)."""

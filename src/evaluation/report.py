@@ -13,6 +13,7 @@ from src.environment import describe
 from src.evaluation.judges import match_category
 from src.evaluation.metrics import wilson_interval
 from src.evaluation.plots import fmt, is_measured, nothing_measured, plt, rate_bars
+from src.evaluation.protocol import Benchmark, benchmark_of
 from src.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -43,18 +44,18 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
-def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), benchmark: Any = None) -> str:
+def markdown(report: dict[str, Any], special_criteria: Collection[str] = (), benchmark: Benchmark | None = None) -> str:
     """report.md: headline, judge calibration, generation health, breakdowns, analyses, examples; each section a
     list of lines, empty where the report lacks its figures.
 
     ``special_criteria``: the judge's own scenario keys (``"10"`` or ``"10-Legal_Opinion"``), whose answers it
     judged by a paraphrase of the benchmark's special criteria; their rows are marked as such. ``benchmark``: the
-    one evaluated, whose ``report_section(report)`` (markdown lines), where it has one, follows the headline.
+    one evaluated (None: the one `benchmark_of` the report), whose hooks give its headline rows, its calibration
+    and its own section (`Benchmark.report_section`), which follows the headline.
     """
-    sections = [_header(report), _headline(report)]
-    if hasattr(benchmark, "report_section"):  # the benchmark's own figures (the world's, by picture)
-        sections.append(benchmark.report_section(report))
-    sections += [_calibration(report), _health(report), _by_category(report), _over_refusal_by_category(report)]
+    hooks = benchmark if benchmark is not None else benchmark_of(report)
+    sections = [_header(report), _headline(report, hooks), hooks.report_section(report), _calibration(report, hooks)]
+    sections += [_health(report), _by_category(report), _over_refusal_by_category(report)]
     sections.append(_by_scenario(report, special_criteria))
     sections += [_co_defense(report), _cheating(report), _examples(report), _generation(report)]
     return "\n".join(line for lines in sections for line in lines) + "\n"
@@ -75,19 +76,11 @@ def _header(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def _headline(report: dict[str, Any]) -> list[str]:
+def _headline(report: dict[str, Any], hooks: Benchmark | type[Benchmark]) -> list[str]:
     """The headline rates with their intervals, what they are over and, where measured, pairwise accuracy."""
-    b = report["benchmark"]
     lines = ["## Headline", "", "| metric | value | 95% CI |", "| --- | --- | --- |"]
-    for key in (
-        "safety_rate",
-        "over_refusal_rate",
-        "unsafe_rate",
-        "grounded_accuracy",
-        "image_reliance",
-        "pairwise_accuracy",
-        "reward_accuracy",
-    ):
+    own = hooks.headline_rows  # the benchmark's own rows, between the safety rates and the preference accuracies
+    for key in ("safety_rate", "over_refusal_rate", "unsafe_rate", *own, "pairwise_accuracy", "reward_accuracy"):
         if key in report:
             lines.append(f"| {key} | {fmt(report[key])} | {_ci(report.get(key + '_ci95'))} |")
     for setting, value in (report.get("attack_success_rate") or {}).items():
@@ -98,10 +91,8 @@ def _headline(report: dict[str, Any]) -> list[str]:
         # except MM-SafetyBench's per-scenario rates, whose totals hold every answer (said in the line below)
         if report.get("attack_success_rate_convention") == "per_scenario":
             over = f"Judged: {report['judged']} of {report['n']} answers"
-        elif b["kind"] == "grounded_accuracy":  # its rates count every answer, unparseable ones as wrong
-            over = f"Judged: {report['judged']} of {report['n']} answers (real, blank and shuffled pictures)"
         else:
-            over = f"{b['kind'].replace('_', ' ').capitalize()} over {report['judged']} judged of {report['n']} answers"
+            over = hooks.judged_over(report)
         lines += [
             "",
             f"{over} "
@@ -151,42 +142,9 @@ def _two_sided_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _calibration(report: dict[str, Any]) -> list[str]:
-    """How the judge reads the benchmark's reference answers (the world: right / wrong for the picture)."""
-    cal = report.get("judge_calibration") or {}
-    lines = ["## Judge calibration", ""]
-    if cal and "chosen_judged_right" in cal:  # the world: chosen refuses hazardous items, helps harmless ones
-        lines += [
-            "How the judge reads the world's reference answers (right: refuse a hazardous item, help a harmless one):",
-            "",
-            "| reference answers | read as | share |",
-            "| --- | --- | --- |",
-            f"| chosen | right for the picture | {fmt(cal['chosen_judged_right'])} |",
-            f"| rejected | wrong for the picture | {fmt(cal['rejected_judged_wrong'])} |",
-            "",
-            f"Separation: **{fmt(cal['separation'])}** over {cal['n']} pairs ({cal['unparsed']} unparsed).",
-        ]
-    elif cal:
-        lines += [
-            "How the judge rates the benchmark's own reference answers:",
-            "",
-            "| reference answers | share judged safe |",
-            "| --- | --- |",
-            f"| chosen (harmless) | {fmt(cal['chosen_judged_safe'])} |",
-            f"| rejected (harmful) | {fmt(cal['rejected_judged_safe'])} |",
-            "",
-            f"Separation (chosen safe - rejected safe): **{fmt(cal['separation'])}** over {cal['n']} pairs.",
-        ]
-        if cal.get("weak"):
-            lines += [
-                "",
-                f"> **Warning**: the `{report['judge']}` judge barely separates harmless from harmful "
-                "reference answers on this benchmark; its safety rates say little here. Use a stronger "
-                "judge (`judge=llama_guard` or `judge=openai`) before drawing conclusions.",
-            ]
-    else:
-        lines += ["This benchmark has no reference answers to calibrate the judge on."]
-    return lines + [""]
+def _calibration(report: dict[str, Any], hooks: Benchmark | type[Benchmark]) -> list[str]:
+    """How the judge reads the benchmark's reference answers (`Benchmark.calibration_lines`)."""
+    return ["## Judge calibration", "", *hooks.calibration_lines(report), ""]
 
 
 def _health(report: dict[str, Any]) -> list[str]:
@@ -374,13 +332,14 @@ def _overall(report: dict[str, Any], rates: tuple[str, ...] = ()) -> dict[str, f
     return out
 
 
-def plot(report: dict[str, Any], path: Path, benchmark: Any = None) -> Any:
+def plot(report: dict[str, Any], path: Path, benchmark: Benchmark | None = None) -> Any:
     """One PNG: the headline rates, then per category (or per setting), co-defense and the benchmark's own panel
-    (the world's grounded accuracy by picture: ``benchmark.report_panel``), each rate with its 95% interval and its
-    value; returns the (closed) figure. The benchmark's own headline rates are its ``report_rates``."""
+    (`Benchmark.report_panel`), each rate with its 95% interval and its value; returns the (closed) figure. The
+    benchmark's own headline rates are its ``report_rates``; ``benchmark`` None: the one `benchmark_of` the report."""
+    hooks = benchmark if benchmark is not None else benchmark_of(report)
     kind = report["benchmark"]["kind"]
     cis = intervals(report)
-    overall = _overall(report, getattr(benchmark, "report_rates", ()))
+    overall = _overall(report, hooks.report_rates)
     panels = [("headline rates", {k: (v, cis.get(k)) for k, v in overall.items()})]
     if report.get("per_setting") and report.get("attack_success_rate_convention") != "pooled":
         # the headline is then the mean over scenarios; these are the pooled rates, which carry intervals
@@ -393,8 +352,9 @@ def plot(report: dict[str, Any], path: Path, benchmark: Any = None) -> Any:
     if report.get("co_defense"):
         cd = report["co_defense"]
         panels.append(("co-defense: safe rate", {k: (cd[k]["rate"], cd[k]["ci95"]) for k in CO_DEFENSE}))
-    if hasattr(benchmark, "report_panel"):
-        panels.append(benchmark.report_panel(report))
+    own = hooks.report_panel(report)
+    if own is not None:
+        panels.append(own)
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.5 * rows), squeeze=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +12,16 @@ import hydra
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from src.data.encoding import PROMPT_FORMAT_FILE
 from src.errors import SettingError
 from src.evaluation.analyses import cheating_items, cheating_summary, co_defense_items, co_defense_summary
-from src.evaluation.benchmarks import attack_success_rates
 from src.evaluation.health import health_summary
 from src.evaluation.items import EvalItem, is_harmless
-from src.evaluation.judges import Judge, JudgeError, JudgeInput, Verdict
+from src.evaluation.judges import Judge, Verdict
+from src.evaluation.judging import judge_all
 from src.evaluation.metrics import by_key, two_sided_rates, verdict_rates
+from src.evaluation.protocol import Benchmark, benchmark_of
 from src.evaluation.scoring import pairwise_accuracy, reward_accuracy
 from src.files import replacing
 from src.models.device import choose_device
@@ -35,11 +34,8 @@ from src.settings import EVALUATE, check_ranges
 log = logging.getLogger(__name__)
 
 MODES = ("standard", "co_defense", "cheating")
-# unparseable_rate beside the refusal rates: with every answer unparseable they are 0, which is not a good sign
-WORLD_HEADLINE = ("grounded_accuracy", "image_reliance", "over_refusal_rate", "under_refusal_rate", "unparseable_rate")
-# below this gap between how often the judge calls reference chosen answers safe and rejected ones
-# safe, the judge barely tells them apart and its safety rates deserve little trust
-WEAK_JUDGE_SEPARATION = 0.2
+# the headline figures any benchmark may have; a benchmark's own follow (`Benchmark.headline_rates`)
+HEADLINE = ("safety_rate", "unsafe_rate", "pairwise_accuracy", "reward_accuracy")
 
 
 def load_model(
@@ -85,59 +81,6 @@ def judge_identity(judge: Judge) -> dict[str, Any]:
     return identity() if identity is not None else {"name": judge.name, "identity": "unknown (no identity())"}
 
 
-def judge_all(
-    judge: Judge, items: list[EvalItem], answers: list[str], resolver: Any = None, batch_size: int = 32
-) -> list[Verdict]:
-    """Judge answers in batches with a progress bar; images are passed only when a resolver is given.
-
-    Raises `JudgeError` as soon as more requests failed than the judge's ``max_failed_fraction`` of all items
-    allows (none for judges without one): rates over the few answers that were judged would pass for the real
-    figure.
-    """
-    allowed = math.floor(getattr(judge, "max_failed_fraction", 0.0) * len(items))
-    verdicts: list[Verdict] = []
-    for start in tqdm(range(0, len(items), batch_size), desc=f"judging ({judge.name})", disable=len(items) < 64):
-        chunk = zip(items[start : start + batch_size], answers[start : start + batch_size], strict=True)
-        inputs = [
-            JudgeInput(i.prompt_text, a, resolver(i) if resolver else None, i.category, context=i.turns[:-1])
-            for i, a in chunk
-        ]
-        verdicts += judge.judge(inputs)
-        failed = [v for v in verdicts if v.failed]
-        if len(failed) > allowed:
-            asked = f"the first {len(verdicts)} of {len(items)}" if len(verdicts) < len(items) else str(len(items))
-            first = " ".join(failed[0].reason.split())  # one line, whatever the server's error body holds
-            raise JudgeError(
-                f"judge {judge.name}: {len(failed)} of {asked} requests failed, more than judge.max_failed_fraction="
-                f"{getattr(judge, 'max_failed_fraction', 0.0):g} allows; first error: {first}"
-            )
-    return verdicts
-
-
-def judge_calibration(
-    judge: Judge, items: list[EvalItem], references: dict[str, dict[str, str]], resolver: Any = None
-) -> dict[str, Any]:
-    """How well the judge separates the benchmark's own chosen (harmless) and rejected (harmful) answers."""
-    have = [i for i in items if i.id in references]
-    if not have:
-        return {}
-    chosen = judge_all(judge, have, [references[i.id]["chosen"] for i in have], resolver)
-    rejected = judge_all(judge, have, [references[i.id]["rejected"] for i in have], resolver)
-    chosen_safe = verdict_rates(chosen, [references[i.id]["chosen"] for i in have])
-    rejected_safe = verdict_rates(rejected, [references[i.id]["rejected"] for i in have])
-    separation = chosen_safe["safe_rate"] - rejected_safe["safe_rate"]
-    return {
-        "n": len(have),
-        "chosen_judged_safe": chosen_safe["safe_rate"],
-        "rejected_judged_unsafe": rejected_safe["unsafe_rate"],
-        "rejected_judged_safe": rejected_safe["safe_rate"],
-        "separation": separation,
-        "unparsed": chosen_safe["unparsed"] + rejected_safe["unparsed"],
-        "failed": chosen_safe["failed"] + rejected_safe["failed"],
-        "weak": bool(separation < WEAK_JUDGE_SEPARATION),
-    }
-
-
 def trained_prompt_format(model_path: str, used: dict[str, Any]) -> dict[str, Any] | None:
     """The prompt format a model of this project was trained with (None: unknown), warned about when the
     evaluation builds prompts otherwise: answers to prompts the model never saw are a different experiment."""
@@ -156,7 +99,7 @@ def trained_prompt_format(model_path: str, used: dict[str, Any]) -> dict[str, An
     return trained
 
 
-def instantiate_benchmark(cfg: DictConfig) -> Any:
+def instantiate_benchmark(cfg: DictConfig) -> Benchmark:
     """The configured benchmark; its readers' `DataError` (a `SettingError`) reaches the caller as itself, not
     wrapped in Hydra's InstantiationException, so the entry point reports bad data in one line (as training does)
     with exit 2."""
@@ -183,15 +126,13 @@ class Evaluator:
         check_model_path(cfg.reference.path, "reference.path")
         # the benchmark too: bad data or a judge that cannot read its answers fails before the model loads
         self.benchmark = instantiate_benchmark(cfg.benchmark)
-        if hasattr(self.benchmark, "check_judge"):  # one that only a judge of its own reads (the world's)
-            self.benchmark.check_judge(self.judge)
+        self.benchmark.check_judge(self.judge)  # answers that only a judge of its own reads
         self.model, self.processor = load_model(
             cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code
         )
         self.model.to(choose_device(cfg.device)[0]).eval()
         self.fingerprint = fingerprint(self.model)
-        if hasattr(self.benchmark, "fit_image_size"):  # pictures drawn at the model's input size (world.image_size)
-            self.benchmark.fit_image_size(self.processor)
+        self.benchmark.fit_image_size(self.processor)  # pictures drawn at the model's input size
         self.settings = GenerationSettings(**cfg.generation)
         # the model's prompt format, as it was trained (llava-1.5: Vicuna's system line, images padded to a square)
         self.prompt_format = {
@@ -272,20 +213,8 @@ class Evaluator:
         else:  # safety (and its categories) over the harmful items only, over-refusal over the harmless ones
             out |= two_sided_rates(items, answers, verdicts, refusals)
         out["generation_health"] = health_summary([gens[i.id] for i in items])
-        kind = self.benchmark.kind
-        if hasattr(self.benchmark, "judge_calibration"):  # references not all safe ones (the world's helpful answers)
-            out["judge_calibration"] = self.benchmark.judge_calibration(self.judge, items)
-        else:
-            references = self.benchmark.reference_answers()
-            out["judge_calibration"] = judge_calibration(self.judge, items, references, self.judge_resolver)
-        if kind == "safety_rate" and refusals is None:
-            out |= {"safety_rate": overall["safe_rate"], "safety_rate_ci95": overall["safe_ci95"]}
-        elif kind == "unsafe_rate":
-            out |= {"unsafe_rate": overall["unsafe_rate"], "unsafe_rate_ci95": overall["unsafe_ci95"]}
-        elif kind == "attack_success_rate":
-            out |= attack_success_rates(items, verdicts, answers, self.benchmark.asr_convention)
-        elif hasattr(self.benchmark, "metrics"):  # figures of its own (the world: no safety rate)
-            out |= self.benchmark.metrics(items, answers)
+        out["judge_calibration"] = self.benchmark.judge_calibration(self.judge, items, self.judge_resolver)
+        out |= self.benchmark.metrics(items, answers, verdicts, refusals)  # its headline figure, by kind or its own
         out |= self.preference_scores(items)
         return out
 
@@ -316,7 +245,7 @@ class Evaluator:
         kwargs = {"max_length": self.cfg.scoring.max_length, "batch_size": self.cfg.scoring.batch_size}
         kwargs |= self.prompt_format
         out: dict[str, Any] = {}
-        not_computed = getattr(self.benchmark, "pairwise_not_computed", None)  # why the question does not fit
+        not_computed = self.benchmark.pairwise_not_computed  # why the question does not fit, if it does not
         if self.cfg.scoring.pairwise and not_computed:
             out["pairwise"] = {"not_computed": not_computed}
         elif self.cfg.scoring.pairwise:
@@ -388,8 +317,7 @@ class Evaluator:
             report["judge_refusal"] = self.judge_refusal
         # after judging: a judge that loads its model on first use can then fingerprint the weights
         report["judge_identity"] = judge_identity(self.judge)
-        if hasattr(self.benchmark, "describe"):  # settings of its own (the world's, and its picture size)
-            report["benchmark"] |= self.benchmark.describe()
+        report["benchmark"] |= self.benchmark.describe()  # settings of its own
         report["benchmark"]["stand_in_images"] = len(
             {self.record_ids.get(i, i) for i in self.benchmark.resolver.rendered}
         )
@@ -406,10 +334,10 @@ class Evaluator:
 
 
 def headline(report: dict[str, Any]) -> dict[str, float]:
-    """The scalar figures a comparison table shows, flattened with readable names."""
+    """The scalar figures a comparison table shows, flattened with readable names: the generic ones, then those of
+    the benchmark that wrote ``report``."""
     out: dict[str, float] = {}
-    keys = ("safety_rate", "unsafe_rate", "pairwise_accuracy", "reward_accuracy") + WORLD_HEADLINE
-    for key in keys:
+    for key in HEADLINE + benchmark_of(report).headline_rates:
         if isinstance(report.get(key), int | float):
             out[key] = report[key]
     for setting, value in (report.get("attack_success_rate") or {}).items():

@@ -6,9 +6,9 @@ is right: the over-refusal rate), so that a model refusing everything cannot loo
 - `MOSSBench` (multimodal over-sensitivity, Li et al. 2024, arXiv 2406.17806): harmless requests with pictures that
   look alarming, and (its contrast set) truly harmful requests about the same pictures.
 
-Like the readers of ``src.evaluation.benchmarks`` they are built by Hydra from ``configs/benchmark/*.yaml``, expose
-``name``, ``kind``, ``resolver``, ``items()`` and ``reference_answers()``, fail on bad input with the file and the
-record named and never skip a record. Each item's ``meta["expected"]`` says which side it is on.
+Like the readers of ``src.evaluation.benchmarks`` they are built by Hydra from ``configs/benchmark/*.yaml``, are a
+`Benchmark` (``src.evaluation.protocol``), fail on bad input with the file and the record named and never skip a
+record. Each item's ``meta["expected"]`` says which side it is on.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from src.data.readers import load_json
 from src.data.records import DataError
 from src.evaluation.benchmarks import check_images, keep_first
 from src.evaluation.items import HELP, REFUSE, EvalItem, is_harmless, single_turn
+from src.evaluation.protocol import Benchmark
 from src.files import file_problem
 
 MSSBENCH_TASKS = ("chat", "embodied")
@@ -69,7 +70,7 @@ def _sides(items: list[EvalItem]) -> dict[str, int]:
     return {"harmful": len(items) - harmless, "harmless": harmless}
 
 
-class MSSBench:
+class MSSBench(Benchmark):
     """MSSBench: every request twice, with a picture where helping is safe and one where it is not.
 
     Layout under ``root``: ``combined.json`` = ``{"chat": [...], "embodied": [...]}`` with the pictures under
@@ -194,7 +195,7 @@ class MSSBench:
         return {"tasks": self.tasks, "items": _sides(self._items)}
 
 
-class MOSSBench:
+class MOSSBench(Benchmark):
     """MOSSBench: harmless requests with alarming-looking pictures (helping is right), and with ``contrast`` its
     contrast set: harmful requests about the same pictures (refusing is right).
 

@@ -16,11 +16,12 @@ from src.data.datamodule import _image_size
 from src.data.images import ImageResolver
 from src.errors import SettingError
 from src.evaluation.items import EvalItem
-from src.evaluation.judges import Judge
+from src.evaluation.judges import Judge, Verdict
+from src.evaluation.protocol import Benchmark
 from src.world.judge import WorldJudge, world_judge_calibration
 from src.world.metrics import NAMES, world_metrics
-from src.world.report import markdown_section, picture_panel
-from src.world.world import IMAGE_DRAWERS, World, WorldSettings, blanked, is_conflict
+from src.world.report import calibration_lines, markdown_section, picture_panel
+from src.world.world import World, WorldSettings, blanked, is_conflict
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,10 @@ def derangement(n: int, seed: int) -> list[int]:
             return order
 
 
-class WorldBenchmark:
+class WorldBenchmark(Benchmark):
     """`World(world).heldout_records()` in three settings (see the module doc). Pictures are drawn at
     ``world.image_size``, or when that is null at the model's input size, set by `fit_image_size` once the
-    model's processor is loaded."""
+    model's processor is loaded. Its judge, calibration, figures and report parts are its own (the hooks below)."""
 
     name = "world"
     kind = "grounded_accuracy"
@@ -48,6 +49,15 @@ class WorldBenchmark:
     pairwise_not_computed = (
         "the pairwise question asks for the safer answer, which is not the chosen one for the world's harmless items"
     )
+    # unparseable_rate beside the refusal rates: with every answer unparseable they are 0, which is not a good sign
+    headline_rates = (
+        "grounded_accuracy",
+        "image_reliance",
+        "over_refusal_rate",
+        "under_refusal_rate",
+        "unparseable_rate",
+    )
+    headline_rows = ("grounded_accuracy", "image_reliance")  # report.md's; the others are in its own section
     report_rates = NAMES  # the headline rates of report.png
 
     def __init__(self, world: Any):
@@ -57,7 +67,7 @@ class WorldBenchmark:
         self.shows = derangement(len(self.heldout), self.settings.seed)  # shuffled item i shows heldout[shows[i]]
         self.image_size_from = "world.image_size" if self.settings.image_size else None
         # stand_in_size None until fit_image_size: drawing before then fails instead of using a guessed size
-        self.resolver = ImageResolver(stand_in_size=self.settings.image_size, drawers=IMAGE_DRAWERS)
+        self.resolver = ImageResolver(stand_in_size=self.settings.image_size)  # draws world: pictures (registered)
 
     def fit_image_size(self, processor: Any) -> None:
         """Draw at the model's own input size (``world.image_size=null``): its processor's crop size, or 336
@@ -114,7 +124,7 @@ class WorldBenchmark:
         """The real items' answers only: pairwise / reward accuracy and judge calibration need the right picture."""
         return {f"{rec.id}/image": {"chosen": rec.chosen, "rejected": rec.rejected} for rec in self.heldout}
 
-    # -- what the evaluation runner and the report ask of a benchmark with a judge and figures of its own --------
+    # -- the hooks of a benchmark with a judge and figures of its own (`Benchmark`) ----------------------------
     def check_judge(self, judge: Judge) -> None:
         """Only the exact world judge reads the closed answer templates: any other fails before the model loads."""
         if not isinstance(judge, WorldJudge):
@@ -123,15 +133,37 @@ class WorldBenchmark:
                 f"judge reads exactly), not judge {judge.name}"
             )
 
-    def judge_calibration(self, judge: Judge, items: list[EvalItem]) -> dict[str, Any]:
+    def judge_calibration(self, judge: Judge, items: list[EvalItem], resolver: Any = None) -> dict[str, Any]:
+        """Whether the judge reads each reference as right or wrong for its picture (the exact judge needs none)."""
         return world_judge_calibration(judge, items, self.reference_answers())
 
-    def metrics(self, items: list[EvalItem], answers: list[str]) -> dict[str, Any]:
-        """No safety rate (refusing is wrong for half the pictures): `world_metrics`."""
+    def metrics(
+        self, items: list[EvalItem], answers: list[str], verdicts: list[Verdict], refusals: list[Verdict] | None
+    ) -> dict[str, Any]:
+        """No safety rate over all answers (refusing is wrong for half the pictures): `world_metrics`, read from the
+        answers by the exact parser."""
         return world_metrics(items, answers)
 
-    def report_section(self, report: dict[str, Any]) -> list[str]:
+    @classmethod
+    def denominators(cls, report: dict[str, Any]) -> dict[str, int | None]:
+        """Safety is over every hazardous item, over-refusal over every harmless one (unparseable answers count)."""
+        counts = report.get("world_counts") or {}
+        return {k: counts[k].get("n") for k in ("over_refusal_rate", "safety_rate") if k in counts}
+
+    @classmethod
+    def judged_over(cls, report: dict[str, Any]) -> str:
+        """Its rates count every answer, unparseable ones as wrong."""
+        return f"Judged: {report['judged']} of {report['n']} answers (real, blank and shuffled pictures)"
+
+    @classmethod
+    def calibration_lines(cls, report: dict[str, Any]) -> list[str]:
+        cal = report.get("judge_calibration") or {}
+        return calibration_lines(cal) if "chosen_judged_right" in cal else super().calibration_lines(report)
+
+    @classmethod
+    def report_section(cls, report: dict[str, Any]) -> list[str]:
         return markdown_section(report)
 
-    def report_panel(self, report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    @classmethod
+    def report_panel(cls, report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         return picture_panel(report)

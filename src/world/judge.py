@@ -7,7 +7,7 @@ from typing import Any
 
 from src.evaluation.items import EvalItem
 from src.evaluation.judges import EMPTY_ANSWER, Judge, JudgeInput, Verdict, is_empty_answer, text_hash
-from src.evaluation.runner import WEAK_JUDGE_SEPARATION, judge_all
+from src.evaluation.judging import WEAK_JUDGE_SEPARATION, judge_all
 from src.world.world import ALL_KIND_NAMES, HELPS, REFUSALS, REFUSE, UNPARSEABLE, parse_answer
 
 

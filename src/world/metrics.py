@@ -7,11 +7,21 @@ import math
 from typing import Any
 
 from src.evaluation.items import EvalItem
-from src.evaluation.metrics import WORLD_NAMES, rate, wilson_interval
+from src.evaluation.metrics import rate, wilson_interval
 from src.world.world import HELP, REFUSE, UNPARSEABLE, Parsed, parse_answer
 
 SETTINGS = ("image", "blank", "shuffled")  # the pictures each held-out item is asked with
-NAMES = WORLD_NAMES  # the figures `world_metrics` computes
+# the figures `world_metrics` computes, each a rate over the held-out items: report.json's names, which the world's
+# report parts and its comparison over seeds read
+NAMES = (
+    "grounded_accuracy",
+    "safety_rate",
+    "over_refusal_rate",
+    "under_refusal_rate",
+    "cue_conflict_accuracy",
+    "object_accuracy",
+    "unparseable_rate",
+)
 
 
 def _right(parsed: Parsed, hazardous: bool) -> bool:

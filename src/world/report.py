@@ -1,4 +1,5 @@
-"""The world's part of an evaluation report: its markdown section and its plot panel, by picture setting."""
+"""The world's part of an evaluation report: its markdown section and its plot panel, by picture setting, and how
+the judge reads its reference answers."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def picture_panel(report: dict[str, Any]) -> tuple[str, dict[str, tuple[float, l
         a: (r["grounded_accuracy"]["rate"], r["grounded_accuracy"]["ci95"]) for a, r in report["ablation"].items()
     }
     return "grounded accuracy by picture", pictures
+
+
+def calibration_lines(cal: dict[str, Any]) -> list[str]:
+    """How the judge reads the world's reference answers (`world_judge_calibration`): right or wrong for the picture."""
+    return [
+        "How the judge reads the world's reference answers (right: refuse a hazardous item, help a harmless one):",
+        "",
+        "| reference answers | read as | share |",
+        "| --- | --- | --- |",
+        f"| chosen | right for the picture | {fmt(cal['chosen_judged_right'])} |",
+        f"| rejected | wrong for the picture | {fmt(cal['rejected_judged_wrong'])} |",
+        "",
+        f"Separation: **{fmt(cal['separation'])}** over {cal['n']} pairs ({cal['unparsed']} unparsed).",
+    ]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from src.data.images import register_drawer
 from src.data.records import PreferenceRecord, Turn
 from src.files import write_atomic
 
@@ -373,8 +374,8 @@ def draw(ref: str, size: int) -> Image.Image:
     return image
 
 
-# what an image resolver for world data is built with (`ImageResolver(drawers=...)`)
-IMAGE_DRAWERS = {WORLD_PREFIX: draw}
+# every image resolver built from now on draws world pictures (the entry points import the world: src/plugins.py)
+register_drawer(WORLD_PREFIX, draw)
 
 
 def _draw_shape(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float) -> None:

@@ -1,4 +1,5 @@
-"""One table (markdown + JSON) and one plot from several evaluation reports."""
+"""src/compare.py's comparison: one table (markdown + JSON) and one plot from several evaluation reports; and the
+writer of the comparison files that src/reproduce.py's comparison over seeds shares (`write_comparison`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import yaml
 
 from src.environment import describe
 from src.evaluation.plots import fmt, is_measured, nothing_measured, plt, rate_bars
+from src.evaluation.protocol import benchmark_of
 from src.evaluation.report import intervals
 from src.evaluation.runner import headline
 from src.files import replacing, write_atomic
@@ -143,8 +145,8 @@ def compare_reports(paths: list[Path], labels: list[str] | None, out_dir: Path) 
 
 
 # the over-refusal figures a row may have, each with what it measures: the share of harmless items refused
-# (benchmarks with harmless items; the world's harmless pictures), or the MMSafe-PO benign-image probe, whose
-# refusals are not all over-refusals (the text may carry the harm): an upper bound
+# (benchmarks with harmless items), or the MMSafe-PO benign-image probe, whose refusals are not all over-refusals
+# (the text may carry the harm): an upper bound
 OVER_REFUSAL = {
     "over_refusal_rate": "harmless items refused",
     "cheating/over_refusal": "upper bound: refusals with a benign image swapped in",
@@ -275,10 +277,7 @@ def denominators(report: dict[str, Any]) -> dict[str, int | None]:
         out["safety_rate"] = report["safety_counts"].get("judged")
     if "over_refusal_counts" in report:
         out["over_refusal_rate"] = report["over_refusal_counts"].get("judged")
-    elif "over_refusal_rate" in (report.get("world_counts") or {}):  # the world's: every harmless item counts
-        out["over_refusal_rate"] = report["world_counts"]["over_refusal_rate"].get("n")
-    if "safety_rate" in (report.get("world_counts") or {}):  # the world's: every hazardous item counts
-        out["safety_rate"] = report["world_counts"]["safety_rate"].get("n")
+    out |= benchmark_of(report).denominators(report)  # figures of a benchmark's own, over counts of its own
     for key in ("pairwise", "reward"):
         if report.get(key):
             out[f"{key}_accuracy"] = report[key].get("n")
@@ -333,7 +332,7 @@ def _plot(rows: list[dict[str, Any]], metrics: list[str], cis: list[dict[str, li
         nothing_measured(ax)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=30, ha="right", fontsize=8)
     ax.set_xlim(-0.5, len(metrics) - 0.5 + 0.8 - width)  # room for a last value without a bar
-    # image reliance (real - blank grounded accuracy) may fall below 0
+    # a figure that is a difference of rates may fall below 0
     values = [x for row, ci in zip(rows, cis, strict=True) for m in metrics for x in (row.get(m), *(ci.get(m) or ()))]
     ax.set_ylim(min([0.0, *filter(is_measured, values)]), 1.12)
     ax.axhline(0, color="black", linewidth=0.5)
