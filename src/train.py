@@ -26,8 +26,8 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from src.data.datamodule import check_data_paths, check_max_length
-from src.data.encoding import PROMPT_FORMAT_FILE
+from src.data.datamodule import PreferenceDataModule, check_data_paths, check_max_length
+from src.data.prompt_format import PromptFormat
 from src.data.readers import HF_FORMATS
 from src.environment import environment
 from src.errors import SettingError, exit_on_setting_error, marked_if_failed, run_hydra
@@ -37,7 +37,7 @@ from src.models.generation import GenerationSettings, fill_blind_answers
 from src.models.lora import adapters_disabled, is_peft, save_adapter_and_merged
 from src.models.memory import device_memory, plan_memory, write_plan
 from src.models.module import PreferenceModule
-from src.models.objectives import composite_answers_resolver
+from src.models.objectives import data_needs
 from src.models.reference import precompute_reference_logps
 from src.models.source import check_model_source
 from src.settings import TRAIN, check_ranges
@@ -80,8 +80,6 @@ def multirun_dir() -> str:
 
 
 OmegaConf.register_new_resolver("multirun_dir", multirun_dir, replace=True)
-# configs/objective/composite.yaml: the answer columns its terms need, which data.answers reads
-OmegaConf.register_new_resolver("composite_answers", composite_answers_resolver, replace=True)
 
 
 def finish_wandb_run(loggers: list[Any], exit_code: int) -> None:
@@ -152,7 +150,7 @@ def add_blind_answers(cfg: DictConfig, module: PreferenceModule, datamodule: Any
             settings,
             cfg.blind.cache_dir,
             devices,
-            system_prompt=datamodule.hparams.system_prompt,
+            prompt_format=datamodule.prompt_format,
         )
     datamodule.set_records(records)
     return summary
@@ -181,7 +179,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_data_paths(cfg.data)
     check_model_source(cfg.model.get("name_or_path"), "model.name_or_path", cfg.model.get("revision"))
     # the processor alone (no weights): does data.max_length leave room for an answer after a picture?
-    check_max_length(cfg.data, load_processor(**cfg.model), cfg.model.get("system_prompt"))
+    check_max_length(cfg.data, load_processor(**cfg.model), PromptFormat.from_config(cfg.prompt_format))
 
 
 def check_memory(cfg: DictConfig, out_dir: Path) -> None:
@@ -252,11 +250,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         nonfinite=cfg.get("nonfinite", "raise"),
     )
     check_optimized_metric(cfg.get("optimized_metric"), module)
-    datamodule = hydra.utils.instantiate(
+    datamodule = PreferenceDataModule.from_config(
         cfg.data,
+        prompt_format=PromptFormat.from_config(cfg.prompt_format),
+        needs=data_needs(container["objective"]),  # the answers the objective scores, as the module resolved them
         processor=module.processor,
-        answers=list(module.answers),
-        system_prompt=cfg.model.get("system_prompt"),
         image_drawers=IMAGE_DRAWERS,  # world data: its pictures are drawn, not read
     )
     report: dict[str, Any] = {}
@@ -305,8 +303,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             module.policy.save_pretrained(model_dir, state_dict=state)
             module.processor.save_pretrained(model_dir)
         # how prompts were built in training, so an evaluation can check it builds them the same way
-        fmt = {k: datamodule.hparams[k] for k in ("system_prompt", "image_aspect_ratio")}
-        (model_dir / PROMPT_FORMAT_FILE).write_text(json.dumps(fmt, indent=2))
+        datamodule.prompt_format.write(model_dir)
         (out_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
         data = report["data"]
         log.info("saved policy and processor to %s", model_dir)

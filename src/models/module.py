@@ -158,7 +158,7 @@ class PreferenceModule(LightningModule):
         self.save_hyperparameters()
         objective = dict(objective)
         name = objective.pop("name")
-        objective.pop("corruption", None)  # the conditional term's image: a data setting (data.corruption reads it)
+        objective.pop("corruption", None)  # the conditional term's image: what the data needs (`data_needs`)
         if name not in OBJECTIVES:
             raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
         self.objective_name = name
@@ -170,7 +170,8 @@ class PreferenceModule(LightningModule):
         self.likelihood = name in LIKELIHOOD
         self.answers, self.term_names = self._check_objective(name, objective)
         self.objective_kwargs = objective
-        self.policy, self.processor = build_model(**model)
+        # checkpoints of runs from before the prompt format had a config node of its own hold model.system_prompt
+        self.policy, self.processor = build_model(**{k: v for k, v in model.items() if k != "system_prompt"})
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.pad_token_id = tok.pad_token_id
         self.layout = layout

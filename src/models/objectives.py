@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from src.data.data_settings import DataNeeds
+from src.data.encoding import ANSWER_KEYS
 
 CHOSEN, REJECTED, BLIND = 0, 1, 2
-# every answer column an objective may score, in the order they are scored
-COLUMNS = ("chosen", "rejected", "blind", "chosen_corrupted")
 
 
 @dataclass
@@ -224,18 +227,9 @@ def active_terms(terms: Mapping[str, float] | None) -> dict[str, float]:
 
 
 def composite_answers(terms: Mapping[str, float] | None) -> list[str]:
-    """The columns the composite's nonzero terms need, in `COLUMNS` order."""
+    """The columns the composite's nonzero terms need, in `ANSWER_KEYS` order."""
     needed = {column for name in active_terms(terms) for column in TERMS[name][1]}
-    return [column for column in COLUMNS if column in needed]
-
-
-def composite_answers_resolver(terms: Mapping[str, float] | None) -> list[str] | None:
-    """`composite_answers` for the config's resolver, or None for terms it refuses: the module then stops the run
-    naming the fault as a setting error (raised inside a resolver, it would reach the user as a stack trace)."""
-    try:
-        return composite_answers(terms)
-    except ValueError:
-        return None
+    return [column for column in ANSWER_KEYS if column in needed]
 
 
 def composite(
@@ -337,3 +331,16 @@ def resolve_answers(
             f"objective.answers of {name} must be distinct answers among {list(allowed)}; got {list(answers)}"
         )
     return answers
+
+
+def data_needs(objective: Mapping[str, Any] | DictConfig) -> DataNeeds:
+    """What the data must carry for ``objective`` (the ``objective`` config node): the answers it scores
+    (`resolve_answers`: ``objective.answers`` checked, or the objective's own; a composite's follow from its terms)
+    and ``objective.corruption``, the corrupted image of ``chosen_corrupted``. The one place the data's columns are
+    derived from the objective; raises ValueError for a setting the objective refuses."""
+    if isinstance(objective, DictConfig):
+        objective = OmegaConf.to_container(objective, resolve=True)
+    if objective.get("name") not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective.get('name')!r}; available: {sorted(OBJECTIVES)}")
+    answers = resolve_answers(objective["name"], objective.get("answers"), objective.get("terms"))
+    return DataNeeds(answers, objective.get("corruption"))
