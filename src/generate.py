@@ -19,7 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import src.plugins  # noqa: F401  (registers the plug-ins' picture drawers: world data's are drawn)
-from src.data.datamodule import check_data_paths
+from src.data.datamodule import PreferenceDataModule, check_data_paths
+from src.data.prompt_format import PromptFormat
 from src.errors import SettingError, exit_on_setting_error, run_hydra
 from src.files import write_atomic
 from src.models.device import choose_device
@@ -40,24 +41,18 @@ def generate(cfg: DictConfig) -> dict[str, str]:
     if cfg.mode not in ("blind", "image"):
         raise SettingError(f"mode must be 'blind' (image removed) or 'image'; got {cfg.mode!r}")
     check_data_paths(cfg.data)
+    prompt_format = PromptFormat.from_config(cfg.prompt_format)
     check_model_source(cfg.model.get("name_or_path"), "model.name_or_path", cfg.model.get("revision"))
     model, processor = build_model(**OmegaConf.to_container(cfg.model, resolve=True))
     model.to(choose_device(cfg.device)[0]).eval()
-    datamodule = hydra.utils.instantiate(cfg.data, processor=processor, system_prompt=cfg.model.get("system_prompt"))
+    datamodule = PreferenceDataModule.from_config(cfg.data, prompt_format=prompt_format, processor=processor)
     if cfg.split == "all":
         records = datamodule.load_records()
     else:
         records = dict(zip(("train", "val"), datamodule.split(), strict=True))[cfg.split]
     devices = OmegaConf.to_container(cfg.devices, resolve=True) if cfg.get("devices") else None
-    hp = datamodule.hparams
     generator = AnswerGenerator(
-        model,
-        processor,
-        GenerationSettings(**cfg.generation),
-        datamodule.resolver,
-        devices,
-        system_prompt=hp.system_prompt,
-        image_aspect_ratio=hp.image_aspect_ratio,
+        model, processor, GenerationSettings(**cfg.generation), datamodule.resolver, devices, prompt_format
     )
     answers = generator.run(records, cfg.output, with_image=cfg.mode == "image", desc=f"{cfg.mode} answers")
     if is_main_process():  # one process writes

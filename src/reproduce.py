@@ -30,18 +30,17 @@ from omegaconf import DictConfig, OmegaConf
 
 import src.plugins  # noqa: F401  (registers the plug-ins' benchmarks, drawers and comparison parts)
 from src.data.datamodule import check_data_paths, grouped_split
+from src.data.prompt_format import PromptFormat
 from src.data.readers import HF_FORMATS, read_records
 from src.environment import environment
 from src.errors import SettingError, exit_on_setting_error, run_hydra
 from src.evaluation.comparison import print_written
 from src.evaluation.judges import JudgeError
 from src.evaluation.reproduction import BASE, last_step, log_to_wandb, markdown, summarize, write_outputs
-from src.models.objectives import composite_answers_resolver
+from src.models.objectives import data_needs
 from src.settings import TRAIN, check_ranges
 
 log = logging.getLogger("reproduce")
-# the train configs composed here, before src.train is imported, resolve data.answers of objective=composite
-OmegaConf.register_new_resolver("composite_answers", composite_answers_resolver, replace=True)
 
 
 WORLD_FILES = ("train", "helpful")  # the world's training files a base can learn from (base.world_data)
@@ -100,7 +99,7 @@ class Reproduction:
             cfg.logger.wandb.group = self.group
         return cfg
 
-    def prompt_format(self) -> dict[str, Any]:
+    def prompt_format(self) -> PromptFormat:
         """The prompt format (system prompt, image fitting) the runs train with; every evaluation uses it.
 
         Runs that train with different formats cannot be compared on one set of prompts: that is an error.
@@ -111,13 +110,11 @@ class Reproduction:
         formats = {}
         for name, extra in runs.items():
             cfg = self.train_config(list(extra), self.out, 0, None)
-            formats[name] = {
-                "system_prompt": cfg.model.get("system_prompt"),
-                "image_aspect_ratio": cfg.data.image_aspect_ratio,
-            }
-        if len({json.dumps(f, sort_keys=True) for f in formats.values()}) > 1:
-            raise ReproduceError(f"the runs train with different prompt formats, so no evaluation fits all: {formats}")
-        return next(iter(formats.values()), {"system_prompt": None, "image_aspect_ratio": "crop"})
+            formats[name] = PromptFormat.from_config(cfg.prompt_format)
+        if len(set(formats.values())) > 1:
+            shown = {name: f.to_dict() for name, f in formats.items()}
+            raise ReproduceError(f"the runs train with different prompt formats, so no evaluation fits all: {shown}")
+        return next(iter(formats.values()), PromptFormat())
 
     # -- stages ----------------------------------------------------------------------------------
     def split(self) -> tuple[Path | None, dict[str, Any]]:
@@ -234,8 +231,7 @@ class Reproduction:
         overrides += [f"judge={self.cfg.judge_name}", *self.cfg.eval_overrides]
         cfg = self.compose("eval", overrides)
         # the prompts as the models were trained (set here, not as overrides: a system prompt is free text)
-        cfg.model.system_prompt = self.format["system_prompt"]
-        cfg.image_aspect_ratio = self.format["image_aspect_ratio"]
+        cfg.prompt_format = self.format.to_dict()
         if _finished(out_dir, "report.json", cfg):
             report = json.loads((out_dir / "report.json").read_text())
         else:
@@ -295,7 +291,7 @@ class Reproduction:
         self.check_judge()
         self.check_settings()
         self.format = self.prompt_format()
-        log.info("prompt format of every run and evaluation: %s", self.format)
+        log.info("prompt format of every run and evaluation: %s", self.format.to_dict())
         ids_file, bench = self.split()
         base = self.base_model(ids_file)
         arms: dict[str, dict[int, Path]] = {}
@@ -390,7 +386,7 @@ def _value(v: Any) -> str:
 
 def scored_answers(run_dir: Path) -> int:
     """How many answers per pair a run's objective scored each step (dpo 2, bpo 3)."""
-    return len(OmegaConf.load(run_dir / "config.yaml").objective.answers)
+    return len(data_needs(OmegaConf.load(run_dir / "config.yaml").objective).answers)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="reproduce")

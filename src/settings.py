@@ -3,7 +3,9 @@
 A setting out of range does not fail loudly later: ``objective.beta=-1`` trains toward the rejected answers and
 reports perfect accuracy, ``trainer.max_steps=-5`` fails only after the data and the reference log-probs were
 loaded. Each rule names a key and what its value must be; a key the config does not hold (another objective's
-setting, say) is not checked. The first value out of range raises a `SettingError` (one line, exit 2).
+setting, say) is not checked. The first value out of range raises a `SettingError` (one line, exit 2). A key that
+moved (`MOVED`) is refused wherever it is still given (a ``+key=...`` override, a config file of one's own), naming
+the key that holds it now.
 """
 
 from __future__ import annotations
@@ -55,6 +57,24 @@ class Range:
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
             return False
         return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A key that is no setting any more: ``to``, the key that holds the setting now; ``why``, said after it."""
+
+    to: str
+    why: str = ""
+
+
+# old key -> where its setting is now
+MOVED = {
+    "model.system_prompt": Moved("prompt_format.system_prompt", "(the prompt format has a config node of its own)"),
+    "image_aspect_ratio": Moved("prompt_format.image_aspect_ratio"),
+    "data.image_aspect_ratio": Moved("prompt_format.image_aspect_ratio"),
+    "data.answers": Moved("objective.answers", "(the objective says what it scores; src/validate.py: answers)"),
+    "data.corruption": Moved("objective.corruption", "(the objective says what its conditional term compares)"),
+}
 
 
 def _fmt(x: float) -> str:
@@ -117,6 +137,7 @@ TRAIN = {
     "model.lora.dropout": Range(lo=0, hi=1, hi_open=True),
     **{f"blind.generation.{key}": rule for key, rule in GENERATION.items()},
     "plan.device_memory_gb": Range(lo=0, lo_open=True, null_ok=True, why="(null: the CUDA device's)"),
+    **MOVED,
 }
 
 # keys of eval.yaml and generate.yaml
@@ -127,6 +148,7 @@ EVALUATE = {
     "scoring.batch_size": COUNT,
     "report.examples": Range(lo=0, integer=True),
     **{k: v for k, v in TRAIN.items() if k.startswith("data.")},
+    **MOVED,
 }
 
 
@@ -160,10 +182,14 @@ def _select(cfg: Mapping[str, Any], key: str) -> Any:
     return cfg
 
 
-def check_ranges(cfg: Any, rules: Mapping[str, Range]) -> None:
-    """Raise a `SettingError` naming the first setting of ``cfg`` (a config or a nested mapping) out of its range."""
+def check_ranges(cfg: Any, rules: Mapping[str, Range | Moved]) -> None:
+    """Raise a `SettingError` naming the first setting of ``cfg`` (a config or a nested mapping) out of its range,
+    or the first key it holds that moved (a `Moved` rule)."""
     for key, rule in rules.items():
         for name, value in _values(cfg, key):
+            if isinstance(rule, Moved):
+                why = f" {rule.why}" if rule.why else ""
+                raise SettingError(f"{name} is no setting any more: set {rule.to} instead{why}")
             if not rule.admits(value):
                 why = f" {rule.why}" if rule.why else ""
                 numeric = isinstance(value, int if rule.integer else (int, float)) and not isinstance(value, bool)

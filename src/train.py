@@ -23,11 +23,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import src.plugins  # noqa: F401  (registers the plug-ins' picture drawers: world data's are drawn)
+from src.data.datamodule import PreferenceDataModule
+from src.data.prompt_format import PromptFormat
 from src.environment import environment
 from src.errors import exit_on_setting_error, marked_if_failed, run_hydra
 from src.models.before_fit import blind_answers, reference_values
 from src.models.module import PreferenceModule
-from src.models.objectives import composite_answers_resolver
+from src.models.objectives import data_needs
 from src.models.saving import save_trained
 from src.models.training_run import (
     build_trainer,
@@ -54,8 +56,6 @@ def multirun_dir() -> str:
 
 
 OmegaConf.register_new_resolver("multirun_dir", multirun_dir, replace=True)
-# configs/objective/composite.yaml: the answer columns its terms need, which data.answers reads
-OmegaConf.register_new_resolver("composite_answers", composite_answers_resolver, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -75,11 +75,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         nonfinite=cfg.get("nonfinite", "raise"),
     )
     check_optimized_metric(cfg.get("optimized_metric"), module)
-    datamodule = hydra.utils.instantiate(
+    datamodule = PreferenceDataModule.from_config(
         cfg.data,
+        prompt_format=PromptFormat.from_config(cfg.prompt_format),
+        needs=data_needs(container["objective"]),  # the answers the objective scores, as the module resolved them
         processor=module.processor,
-        answers=list(module.answers),
-        system_prompt=cfg.model.get("system_prompt"),
     )
     report: dict[str, Any] = {}
     if "blind" in module.answers:
@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             datamodule.load_records(),
             container["blind"],
             container["trainer"],
-            datamodule.hparams.system_prompt,
+            datamodule.prompt_format,
         )
         datamodule.set_records(records)
         log.info("blind answers: %s", report["blind_answers"])
@@ -115,9 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report |= {"final_metrics": metrics, "optimizer_steps": trainer.global_step, "environment": environment()}
-    # how prompts were built in training, so an evaluation can check it builds them the same way
-    prompt_format = {k: datamodule.hparams[k] for k in ("system_prompt", "image_aspect_ratio")}
-    model_dir = save_trained(trainer, module, out_dir, prompt_format)
+    model_dir = save_trained(trainer, module, out_dir, datamodule.prompt_format)
     if model_dir is not None:  # the process that saved (global rank 0)
         (out_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
         log_run_end(report, model_dir)

@@ -24,22 +24,27 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import src.plugins  # noqa: F401  (registers the plug-ins' picture drawers: world data's are drawn)
+from src.data.data_settings import DataNeeds
+from src.data.datamodule import PreferenceDataModule
+from src.data.prompt_format import PromptFormat
 from src.data.records import DataError
 from src.errors import exit_on_setting_error, run_hydra
 from src.models.factory import load_processor
+from src.settings import MOVED, check_ranges
 
 log = logging.getLogger("validate")
 
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
     """The data summary of `PreferenceDataModule` with every bad record described instead of raised."""
+    check_ranges(cfg, MOVED)  # a key that moved (+model.system_prompt=..., say): where it is now
+    prompt_format = PromptFormat.from_config(cfg.prompt_format)
     processor = load_processor(**OmegaConf.to_container(cfg.model, resolve=True))
-    datamodule = hydra.utils.instantiate(
-        cfg.data,
+    datamodule = PreferenceDataModule.from_config(
+        {**OmegaConf.to_container(cfg.data, resolve=True), "on_error": "skip"},
+        prompt_format=prompt_format,
+        needs=DataNeeds(tuple(cfg.answers)),
         processor=processor,
-        answers=list(cfg.answers),
-        on_error="skip",
-        system_prompt=cfg.model.get("system_prompt"),
     )
     try:
         datamodule.setup("fit")

@@ -6,11 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
+from src.data.data_settings import DataNeeds, LoaderSettings, ReaderSettings
 from src.data.datamodule import PreferenceDataModule
 from src.data.encoding import PromptEncoder, collate_pairs, inputs_digest
 from src.data.images import check_corruption, corrupt_image, crop_box, render_stand_in
 from src.data.records import PreferenceRecord, Turn
 from src.errors import SettingError
+from src.models.objectives import data_needs
 from src.models.reference import precompute_reference_logps
 from tests.helpers import compose_config
 from tests.test_reference import write_data as write_reference_data
@@ -58,15 +60,15 @@ def test_crop_keeps_an_area_in_range():
 @pytest.mark.parametrize(
     ("settings", "key"),
     [
-        ({"kind": "blur"}, "data.corruption.kind"),
-        ({}, "data.corruption.kind"),
-        ({"kind": "crop", "keep": [0.3, 0.1]}, "data.corruption.keep"),
-        ({"kind": "crop", "keep": 0.2}, "data.corruption.keep"),
-        ({"kind": "crop", "keep": [0.0, 1.5]}, "data.corruption.keep"),
-        ({"kind": "crop", "std": 0}, "data.corruption.std"),  # another kind's setting, checked all the same
-        ({"kind": "crop", "strength": 0.2}, "data.corruption.strength"),
-        ({"kind": "noise", "std": 0}, "data.corruption.std"),
-        ({"kind": "noise", "seed": "x"}, "data.corruption.seed"),
+        ({"kind": "blur"}, "objective.corruption.kind"),
+        ({}, "objective.corruption.kind"),
+        ({"kind": "crop", "keep": [0.3, 0.1]}, "objective.corruption.keep"),
+        ({"kind": "crop", "keep": 0.2}, "objective.corruption.keep"),
+        ({"kind": "crop", "keep": [0.0, 1.5]}, "objective.corruption.keep"),
+        ({"kind": "crop", "std": 0}, "objective.corruption.std"),  # another kind's setting, checked all the same
+        ({"kind": "crop", "strength": 0.2}, "objective.corruption.strength"),
+        ({"kind": "noise", "std": 0}, "objective.corruption.std"),
+        ({"kind": "noise", "seed": "x"}, "objective.corruption.seed"),
     ],
 )
 def test_bad_settings_name_the_key(settings, key):
@@ -89,13 +91,10 @@ ANSWERS = ["chosen", "rejected", "chosen_corrupted"]
 
 def datamodule(path, processor, corruption, answers=ANSWERS):
     dm = PreferenceDataModule(
-        str(path),
-        missing_images="render",
-        val_fraction=0.0,
-        batch_size=5,
+        ReaderSettings(str(path), missing_images="render", val_fraction=0.0),
+        loader=LoaderSettings(batch_size=5),
+        needs=DataNeeds(answers, corruption),
         processor=processor,
-        answers=answers,
-        corruption=corruption,
     )
     dm.setup("fit")
     return dm
@@ -140,16 +139,19 @@ def test_corrupted_image_keeps_the_prompt_tokens():
 
 def test_chosen_corrupted_needs_corruption_settings(tiny, tmp_path):
     _, processor = tiny
-    with pytest.raises(SettingError, match="data.corruption"):
-        PreferenceDataModule(str(write_data(tmp_path)), processor=processor, answers=ANSWERS)
-    with pytest.raises(SettingError, match=r"data\.corruption\.kind"):
-        PreferenceDataModule(str(write_data(tmp_path)), processor=processor, corruption={"kind": "x"})
+    with pytest.raises(SettingError, match="set objective.corruption"):
+        DataNeeds(ANSWERS)
+    with pytest.raises(SettingError, match=r"objective\.corruption\.kind"):
+        DataNeeds(ANSWERS[:2], {"kind": "x"})  # checked even when no answer needs it
+    needs = DataNeeds(ANSWERS[:2], {"kind": "blank"})
+    dm = PreferenceDataModule(ReaderSettings(str(write_data(tmp_path))), needs=needs, processor=processor)
+    assert dm.corruption == {"kind": "blank"} and dm.answers == ("chosen", "rejected")
 
 
 def test_data_corruption_follows_the_objective():
     cfg = compose_config("train", ["+objective.corruption={kind: blank}"])
-    assert cfg.data.corruption == {"kind": "blank"}
-    assert compose_config("train", []).data.corruption is None
+    assert data_needs(cfg.objective).corruption == {"kind": "blank"}
+    assert data_needs(compose_config("train", []).objective).corruption is None
 
 
 def test_reference_cache_key_follows_the_corrupted_image(tiny, tmp_path):

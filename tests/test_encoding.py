@@ -150,9 +150,8 @@ def test_datamodule_counts_skips_and_reports(tiny, tmp_path):
     ]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines))
-    dm = PreferenceDataModule(
-        str(path), missing_images="render", max_length=128, val_fraction=0.0, batch_size=4, processor=processor
-    )
+    data = {"path": str(path), "missing_images": "render", "max_length": 128, "val_fraction": 0.0, "batch_size": 4}
+    dm = PreferenceDataModule.from_config(data, processor=processor)
     dm.setup("fit")
     summary = dm.summary()
     assert summary["records_read"] == 6

@@ -525,9 +525,10 @@ def test_eval_command_finds_benchmark_images_beside_the_file_as_training_does(tm
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["n"] == 2 and report["benchmark"]["stand_in_images"] == 0
     # training's default reads the same file's images from the same place
+    from src.data.data_settings import ReaderSettings
     from src.data.datamodule import PreferenceDataModule
 
-    train_data = PreferenceDataModule(str(data), format="mmsafe_po", stand_in_size=336)
+    train_data = PreferenceDataModule(ReaderSettings(str(data), format="mmsafe_po", stand_in_size=336))
     assert train_data.resolver.check(train_data.load_records()) == 0
 
 

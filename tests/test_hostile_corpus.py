@@ -98,7 +98,7 @@ def data_settings(data: Path, img: Path) -> list[str]:
         "data=jsonl",
         f"data.path={data}",
         f"data.image_root={img}",
-        "data.image_aspect_ratio=pad",  # the paper's presets: the 30000 x 1 strip would be padded to a square
+        "prompt_format.image_aspect_ratio=pad",  # the paper's presets: the 30000 x 1 strip would be padded to a square
         "data.max_length=512",
     ]
 

@@ -75,7 +75,7 @@ folder = sys.argv[1]
 Image.new("RGB", (30000, 1), (9, 9, 9)).save(folder + "/wide.png")
 record = PreferenceRecord("wide", (Turn("user", "q"),), 0, "wide.png", "no", "yes")
 try:
-    image = pad_to_square(ImageResolver(folder)(record), (122, 116, 104))  # data.image_aspect_ratio=pad
+    image = pad_to_square(ImageResolver(folder)(record), (122, 116, 104))  # prompt_format.image_aspect_ratio=pad
     print("padded", image.size)
 except DataError as e:
     print("refused", e)
@@ -323,12 +323,13 @@ def test_validate_counts_each_hostile_picture_as_a_rejection_with_its_reason(tmp
 
 
 def test_training_stops_at_a_hostile_picture_with_one_line_naming_record_and_path(tiny, tmp_path):
+    from src.data.data_settings import ReaderSettings
     from src.data.datamodule import PreferenceDataModule
 
     os.mkfifo(tmp_path / "pipe.png")
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(_generic("pipe") | {"image": "pipe.png"}) + "\n")
-    dm = PreferenceDataModule(str(path), image_root=str(tmp_path), val_fraction=0, processor=tiny[1])
+    dm = PreferenceDataModule(ReaderSettings(str(path), image_root=str(tmp_path), val_fraction=0), processor=tiny[1])
     with pytest.raises(DataError) as e:
         within(60, dm.setup, "fit")
     assert (

@@ -34,9 +34,11 @@ def test_model_configs_hold_only_what_differs_from_the_base():
     names = {p.stem for p in models}
     for path in models:
         cfg = OmegaConf.load(path)
-        parent, last = cfg.pop("defaults")
+        parent, *choices, last = cfg.pop("defaults")
         # a preset starts from the base, or from another preset (the *_random ones: a checkpoint's architecture)
         assert last == "_self_" and (parent == "_base" or parent in names), path.name
+        # besides, it may choose the prompt format its checkpoint was trained with (llava-1.5: Vicuna's system line)
+        assert all(list(c) == ["override /prompt_format@_global_.prompt_format"] for c in choices), path.name
         start = base if parent == "_base" else OmegaConf.merge(base, OmegaConf.load(path.parent / f"{parent}.yaml"))
         assert [k for k, v in cfg.items() if k in start and v == start[k]] == [], path.name
 

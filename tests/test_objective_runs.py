@@ -3,6 +3,7 @@ configs/objective/*.yaml trains."""
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from src.errors import SettingError
 from src.models.logprobs import answer_logprobs
@@ -120,11 +121,20 @@ def test_every_objective_config_trains_from_the_command_line(name, tmp_path):
 
 
 def test_composite_config_derives_data_answers_from_its_terms():
+    from src.data.encoding import ANSWER_KEYS
+    from src.models.objectives import data_needs
     from tests.helpers import compose_config
 
-    assert list(compose_config("train", ["objective=composite"]).data.answers) == ["chosen", "rejected", "blind"]
+    cfg = compose_config("train", ["objective=composite"])
+    assert data_needs(cfg.objective).answers == ("chosen", "rejected", "blind")
+    assert data_needs(cfg.objective).corruption == OmegaConf.to_container(cfg.objective.corruption)
     cfg = compose_config("train", ["objective=composite", "objective.terms={dpo: 0, nll: 0.1, anchor: 1.0}"])
-    assert list(cfg.data.answers) == ["chosen", "blind"]  # blind: 1.0 from composite.yaml is kept
+    assert data_needs(cfg.objective).answers == ("chosen", "blind")  # blind: 1.0 from composite.yaml is kept
+    every = "objective.terms={dpo: 1, blind: 1, conditional: 1, anchor: 1, nll: 1}"
+    assert data_needs(compose_config("train", ["objective=composite", every]).objective).answers == ANSWER_KEYS
+    # the data config reads nothing of the objective: what the data needs is derived in code, in one place
+    assert "answers" not in cfg.data and "corruption" not in cfg.data
+    assert data_needs(compose_config("train", ["objective=dpo"]).objective).corruption is None
 
 
 def test_composite_terms_without_a_reward_are_a_setting_error_not_a_resolver_trace(tmp_path):

@@ -68,13 +68,14 @@ def test_fresh_run_and_resume_print_no_false_alarms(tmp_path):
 
 
 def test_missing_images_of_a_real_data_set_are_a_warning(tmp_path, caplog, tiny):
+    from src.data.data_settings import ReaderSettings
     from src.data.datamodule import PreferenceDataModule
 
     data = tmp_path / "pairs.jsonl"
     text = (ROOT / "src/data/embedded/safety_pairs.jsonl").read_text().splitlines()[:4]
     data.write_text("\n".join(text) + "\n")
     with caplog.at_level(logging.INFO, logger="src.data.datamodule"):
-        PreferenceDataModule(str(data), missing_images="render", processor=tiny[1]).load_records()
+        PreferenceDataModule(ReaderSettings(str(data), missing_images="render"), processor=tiny[1]).load_records()
     (record,) = [r for r in caplog.records if "images not found" in r.getMessage()]
     assert record.levelno == logging.WARNING and record.getMessage().startswith("4 images not found")
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from src.data.datamodule import check_max_length
 from src.data.encoding import PromptEncoder
+from src.data.prompt_format import PromptFormat
 from src.data.readers import read_jsonl
 from src.errors import SettingError
 from src.models.factory import build_model, fingerprint, load_processor
@@ -74,7 +75,7 @@ def test_llava_widths_are_the_checkpoints(llava):
 @pytest.mark.parametrize("aspect", ["crop", "pad"])
 def test_llava_576_image_tokens_a_picture(llava, aspect):
     model, processor = llava
-    encoder = PromptEncoder(processor, max_length=768, image_aspect_ratio=aspect)
+    encoder = PromptEncoder(processor, max_length=768, prompt_format=PromptFormat(image_aspect_ratio=aspect))
     record = read_jsonl(EMBEDDED)[0]
     for size in [(336, 336), (1000, 300)]:  # a stand-in at the tower's size, and a wide one
         image = Image.new("RGB", size, (200, 30, 30))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from src.data.data_settings import DataNeeds, ReaderSettings
 from src.data.datamodule import PreferenceDataModule
 from src.data.encoding import EncodedPair, PromptEncoder
 from src.data.images import render_stand_in
@@ -51,9 +52,11 @@ def write_data(tmp_path, n=6, text_only=False):
     return path
 
 
-def datamodule(path, processor, blind=None, **kw):
-    """A set-up data module; ``blind(record)`` gives each record's blind answer (as generation would)."""
-    dm = PreferenceDataModule(str(path), val_fraction=0.0, batch_size=4, processor=processor, **kw)
+def datamodule(path, processor, blind=None, answers=("chosen", "rejected"), **kw):
+    """A set-up data module of the data settings ``kw``; ``blind(record)`` gives each record's blind answer (as
+    generation would)."""
+    data = {"path": str(path), "val_fraction": 0.0, "batch_size": 4} | kw
+    dm = PreferenceDataModule.from_config(data, needs=DataNeeds(answers), processor=processor)
     if blind is not None:
         dm.set_records([r.with_blind(blind(r)) for r in dm.load_records()])
     dm.setup("fit")
@@ -369,7 +372,8 @@ def test_unfinished_answers_are_scored_without_eos(tiny):
 def test_blind_answers_cut_by_the_token_limit_carry_no_eos(tiny, tmp_path):
     model, processor = tiny
     path = write_data(tmp_path, n=4)
-    unanswered = PreferenceDataModule(str(path), missing_images="render", processor=processor).load_records()
+    reader = ReaderSettings(str(path), missing_images="render")
+    unanswered = PreferenceDataModule(reader, processor=processor).load_records()
     settings = GenerationSettings(max_new_tokens=2, batch_size=4, max_length=256)  # too few to reach EOS
     records, summary = fill_blind_answers(unanswered, model, processor, settings, tmp_path / "blind")
     assert summary["generated"] == 4 and summary["unfinished"] == 4 and all(not r.blind_finished for r in records)

@@ -14,6 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from src.data.prompt_format import PromptFormat
 from src.data.readers import read_ids, read_records
 from src.data.records import DataError
 from src.evaluation.benchmarks import PreferenceSet
@@ -108,7 +109,7 @@ def test_changed_judge_prompt_redoes_the_evaluation(tmp_path, monkeypatch):
             cfg.hydra.job.num = 0
         HydraConfig.instance().set_config(cfg)
         rep = Reproduction(cfg)
-        rep.format = {"system_prompt": None, "image_aspect_ratio": "pad"}
+        rep.format = PromptFormat(image_aspect_ratio="pad")
         bench = {"path": str(EMBEDDED), "format": "jsonl"}
         assert rep.evaluate("dpo", 0, "runs/dpo/model", "base", bench) == {"n": 1}
         assert rep.evaluate("dpo", 0, "runs/dpo/model", "base", bench) == {"n": 1}  # same settings and files: reused
@@ -132,9 +133,10 @@ def test_heldout_split_is_grouped_and_feeds_data_and_benchmark(tmp_path):
     assert {i.id for i in benchmark.items()} == held_ids
     assert set(benchmark.reference_answers()) == held_ids
 
+    from src.data.data_settings import ReaderSettings
     from src.data.datamodule import PreferenceDataModule
 
-    dm = PreferenceDataModule(path=str(EMBEDDED), format="jsonl", ids_file=str(ids_file), missing_images="render")
+    dm = PreferenceDataModule(ReaderSettings(str(EMBEDDED), "jsonl", ids_file=str(ids_file), missing_images="render"))
     assert {r.id for r in dm.load_records()} == train_ids
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from src.data.prompt_format import PromptFormat
 from src.data.readers import read_records
 from src.evaluation.reproduction import markdown, plot, summarize, table
+from src.models.objectives import data_needs
 from src.reproduce import ReproduceError, Reproduction
 from src.world.metrics import NAMES
 from src.world.world import World, WorldSettings
@@ -86,7 +88,7 @@ def test_every_evaluation_gets_every_world_setting_and_asks_the_written_items(tm
     monkeypatch.setattr(src.eval, "evaluate", fake_evaluate)
     world = [*SMALL, "world.hazard_rule=xor", "world.cue_rate=0.6", "world.image_size=40", "world.phrasings=8"]
     rep = reproduction(tmp_path, [*world, "wandb.enabled=false"])
-    rep.format = {"system_prompt": None, "image_aspect_ratio": "crop"}
+    rep.format = PromptFormat()
     _, settings = rep.split()
     assert rep.evaluate("dpo", 0, "runs/dpo/model", "base", settings) == {"grounded_accuracy": 0.5}
     cfg = seen[0]
@@ -223,9 +225,10 @@ def test_the_objectives_preset_adds_mdpo_and_bpo_conditional_to_the_same_compari
         "mdpo": "composite",
         "bpo_conditional": "composite",
     }
-    assert list(arms["mdpo"].data.answers) == ["chosen", "rejected", "chosen_corrupted"]
-    assert list(arms["bpo_conditional"].data.answers) == ["chosen", "rejected", "blind", "chosen_corrupted"]
-    assert arms["mdpo"].data.corruption.kind == "crop" and list(arms["mdpo"].data.corruption.keep) == [0.0, 0.2]
+    needs = {name: data_needs(arm.objective) for name, arm in arms.items()}
+    assert needs["mdpo"].answers == ("chosen", "rejected", "chosen_corrupted")
+    assert needs["bpo_conditional"].answers == ("chosen", "rejected", "blind", "chosen_corrupted")
+    assert needs["mdpo"].corruption["kind"] == "crop" and list(needs["mdpo"].corruption["keep"]) == [0.0, 0.2]
     assert {a.optim.lr for a in arms.values()} == {cfg.schedule.preference_lr}
 
 
@@ -236,7 +239,7 @@ def test_the_paper_preset_trains_its_base_on_the_helpful_file_and_the_arms_on_th
     rep.split()
     folder = tmp_path / "out" / "world"
     base = rep.train_config(list(rep.cfg.base.overrides), tmp_path / "run", 0, None, "base")
-    assert base.data.path == str(folder / "helpful.jsonl") and list(base.data.answers) == ["chosen"]
+    assert base.data.path == str(folder / "helpful.jsonl") and data_needs(base.objective).answers == ("chosen",)
     for name, extra in rep.cfg.arms.items():
         assert rep.train_config(list(extra), tmp_path / "run", 0, None, name).data.path == str(folder / "train.jsonl")
     train = read_records(folder / "train.jsonl", "jsonl")

@@ -10,6 +10,7 @@ import pytest
 
 from src.data.encoding import MAX_TEXT_CHARS, PromptEncoder
 from src.data.images import render_stand_in
+from src.data.prompt_format import PromptFormat
 from src.data.readers import read_records
 from src.data.records import DataError, PreferenceRecord, Turn
 from src.models.generation import AnswerGenerator, GenerationSettings
@@ -62,7 +63,7 @@ def test_ordinary_text_keeps_the_processors_ids(family):
     """On the embedded data, with and without the image and a system line: the same ids as the processor's own
     tokenization; and the split path that text with control strings takes gives them too."""
     _, _, processor = family
-    enc = PromptEncoder(processor, max_length=4096, system_prompt="You are a careful assistant.")
+    enc = PromptEncoder(processor, max_length=4096, prompt_format=PromptFormat("You are a careful assistant."))
     tok = processor.tokenizer
     for r in read_records(str(EMBEDDED), "jsonl")[:24]:
         for image in (IMAGE, None):
@@ -165,9 +166,8 @@ def three_records_one_changed(tmp_path, processor, index: int, **change: str) ->
     lines[index] |= change
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    dm = PreferenceDataModule(
-        str(path), missing_images="render", val_fraction=0.0, on_error="skip", processor=processor, batch_size=2
-    )
+    data = {"path": str(path), "missing_images": "render", "val_fraction": 0.0, "on_error": "skip", "batch_size": 2}
+    dm = PreferenceDataModule.from_config(data, processor=processor)
     dm.setup("fit")
     return dm.summary()
 

@@ -154,20 +154,21 @@ def test_every_record_is_counted_once(tmp_path, hostile, monkeypatch, missing, u
 
 def test_selected_records_and_a_bookkeeping_bug(tmp_path, tiny):
     """ids_file / max_records leave records out on purpose: counted apart; a mismatch raises, never prints."""
+    from src.data.data_settings import ReaderSettings
     from src.data.datamodule import PreferenceDataModule
 
     lines = [rec(f"r{i}", group=f"g{i}") for i in range(6)] + ['{"id": "broken"']
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "ids.txt").write_text("r0\nr1\nr2\nr3\n")
-    dm = PreferenceDataModule(
+    reader = ReaderSettings(
         str(tmp_path / "d.jsonl"),
         missing_images="render",
         ids_file=str(tmp_path / "ids.txt"),
         max_records=3,
         val_fraction=0.0,
         on_error="skip",
-        processor=tiny[1],
     )
+    dm = PreferenceDataModule(reader, processor=tiny[1])
     dm.setup("fit")
     summary = dm.summary()
     assert summary["records_in_file"] == 7 and summary["not_selected"] == {"ids_file": 2, "max_records": 1}
@@ -232,6 +233,7 @@ def test_training_skips_and_counts_or_stops_with_a_clear_message(tmp_path, hosti
 
 
 def test_duplicate_ids_across_train_and_validation_files(tmp_path):
+    from src.data.data_settings import ReaderSettings
     from src.data.datamodule import PreferenceDataModule
     from src.data.records import DataError
     from src.models.tiny import build_tiny_llava
@@ -243,11 +245,10 @@ def test_duplicate_ids_across_train_and_validation_files(tmp_path):
         "path": str(tmp_path / "train.jsonl"),
         "val_path": str(tmp_path / "val.jsonl"),
         "missing_images": "render",
-        "processor": processor,
     }
     with pytest.raises(DataError, match=r"val.jsonl: record id 'b' is also in .*train.jsonl"):
-        PreferenceDataModule(**kwargs).load_records()
-    dm = PreferenceDataModule(**kwargs, on_error="skip")
+        PreferenceDataModule(ReaderSettings(**kwargs), processor=processor).load_records()
+    dm = PreferenceDataModule(ReaderSettings(**kwargs, on_error="skip"), processor=processor)
     assert [r.id for r in dm.load_records()] == ["a", "b", "c"] and len(dm.problems) == 1
 
 
@@ -295,8 +296,8 @@ def test_nothing_usable_names_the_reasons(tmp_path, tiny):
     from src.data.datamodule import PreferenceDataModule
 
     (tmp_path / "d.jsonl").write_text("\n".join(rec(f"r{i}", image=f"gone{i}.png") for i in range(4)) + "\n")
-    kwargs = {"path": str(tmp_path / "d.jsonl"), "val_fraction": 0.0, "on_error": "skip", "processor": tiny[1]}
-    dm = PreferenceDataModule(**kwargs, image_root=str(tmp_path / "img"))
+    data = {"path": str(tmp_path / "d.jsonl"), "val_fraction": 0.0, "on_error": "skip"}
+    dm = PreferenceDataModule.from_config(data | {"image_root": str(tmp_path / "img")}, processor=tiny[1])
     with pytest.raises(
         ValueError, match=r"none of the 4 records is usable: 4 records: image file not found under"
     ) as e:
@@ -305,6 +306,6 @@ def test_nothing_usable_names_the_reasons(tmp_path, tiny):
     assert dm.summary()["problems_by_reason"] == [
         {"reason": dm.problem_groups()[0]["reason"], "records": 4, "first": ["r0", "r1", "r2", "r3"]}
     ]
-    dm = PreferenceDataModule(**kwargs, missing_images="render", max_length=8)
+    dm = PreferenceDataModule.from_config(data | {"missing_images": "render", "max_length": 8}, processor=tiny[1])
     with pytest.raises(ValueError, match=r"4 records skipped: prompt_too_long .*; raise data.max_length \(now 8\)"):
         dm.setup("fit")

@@ -89,19 +89,23 @@ def ours_datamodule(
 ) -> Any:
     """`PreferenceDataModule` over (the first ``max_records`` of) ``data``, set up; ``fill`` (records -> records)
     runs on the records before they are encoded, as training adds its blind answers."""
+    from src.data.data_settings import DataNeeds, EncodingSettings, LoaderSettings, ReaderSettings
     from src.data.datamodule import PreferenceDataModule
 
-    dm = PreferenceDataModule(
-        path=data,
+    reader = ReaderSettings(
+        data,
         format="jsonl",
         image_root=str(Path(data).parent),
         missing_images="error",
-        answers=answers,
-        max_length=2048,
-        batch_size=BATCH_SIZE,
         val_fraction=0.0,
-        processor=processor,
         max_records=max_records,
+    )
+    dm = PreferenceDataModule(
+        reader,
+        EncodingSettings(max_length=2048),
+        LoaderSettings(batch_size=BATCH_SIZE),
+        needs=DataNeeds(answers),
+        processor=processor,
     )
     if fill is not None:
         dm.set_records(fill(dm.load_records()))

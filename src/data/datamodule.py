@@ -6,19 +6,21 @@ import hashlib
 import logging
 import re
 from collections import Counter
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from lightning import LightningDataModule
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from src.data.convert import collect_problem
+from src.data.data_settings import DataNeeds, EncodingSettings, LoaderSettings, ReaderSettings, data_settings, flat
 from src.data.dataset import EpochShuffle, PreferenceDataset
-from src.data.encoding import ANSWER_KEYS, CORRUPTED, EncodeStats, PromptEncoder, collate_pairs
-from src.data.images import IMAGE_ASPECT_RATIOS, Drawer, ImageResolver, check_corruption
+from src.data.encoding import EncodeStats, PromptEncoder, collate_pairs
+from src.data.images import Drawer, ImageResolver, check_corruption
+from src.data.prompt_format import PromptFormat
 from src.data.readers import HF_FORMATS, keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord, Turn
 from src.errors import SettingError
@@ -73,11 +75,12 @@ def check_data_paths(data: Any) -> None:
         raise DataError(f"{image_root}: no such image folder (data.image_root)")
 
 
-def check_max_length(data: Any, processor: Any, system_prompt: str | None = None) -> None:
+def check_max_length(data: Any, processor: Any, prompt_format: PromptFormat | None = None) -> None:
     """``data.max_length`` leaves room for an answer after the shortest prompt with a picture (the template and the
-    image tokens alone); else every record with an image would be skipped as too long, after the model loaded."""
+    image tokens alone) in ``prompt_format``; else every record with an image would be skipped as too long, after
+    the model loaded."""
     size = data.get("stand_in_size") or _image_size(processor)
-    encoder = PromptEncoder(processor, data.max_length, data.min_answer_tokens, system_prompt, data.image_aspect_ratio)
+    encoder = PromptEncoder(processor, data.max_length, data.min_answer_tokens, prompt_format)
     record = PreferenceRecord("shortest", (Turn("user", "?"),), 0, "render:?", chosen="", rejected="")
     shortest = len(encoder.prompt_ids(record, Image.new("RGB", (size, size))))
     if data.max_length < shortest + data.min_answer_tokens:
@@ -106,73 +109,50 @@ def grouped_split(
 class PreferenceDataModule(LightningDataModule):
     """Reads a preference data set, splits it by source conversation, encodes it with the processor.
 
-    ``answers`` lists the answers each example carries, in order (``[chosen, rejected]`` for DPO,
-    ``[chosen, rejected, blind]`` for BPO; ``chosen_corrupted``, the chosen text under the image corrupted by
-    ``corruption`` (`check_corruption`), for mDPO's conditional term). Every record in the data file(s) is
-    counted exactly once (see `summary`): left out by ``ids_file`` / ``max_records``, usable, rejected as bad
-    input (``on_error=skip``), or skipped because it does not fit ``max_length``; nothing is dropped silently.
-    ``system_prompt`` opens every prompt that has no system turn; ``image_aspect_ratio`` (crop | pad) is how
-    non-square images reach the model; ``image_drawers`` are the resolver's drawers of image references that are
-    no files (`ImageResolver`).
+    Its settings come in groups, each one value (`src.data.data_settings`): ``reader`` (which records, from where,
+    split how), ``encoding`` (``max_length``), ``loader`` (batches), ``prompt_format`` (the model's system prompt and
+    how non-square images reach it, `PromptFormat`) and ``needs``: the answers each example carries, in order, and
+    the corruption of ``chosen_corrupted``'s image, as the objective says (`DataNeeds`). Every record in the data
+    file(s) is counted exactly once (see `summary`): left out by ``ids_file`` / ``max_records``, usable, rejected
+    as bad input (``on_error=skip``), or skipped because it does not fit ``max_length``; nothing is dropped
+    silently. ``image_drawers`` are the resolver's drawers of image references that are no files (`ImageResolver`).
+    `from_config` builds one from the flat ``data`` config node.
     """
 
     def __init__(
         self,
-        path: str,
-        format: str = "auto",
-        split: str | None = None,
-        val_split: str | None = None,
-        image_dir: str | None = None,
-        revision: str | None = None,
-        image_root: str | None = None,
-        missing_images: str = "error",
-        stand_in_size: int | None = None,
-        answers: tuple[str, ...] = ANSWER_KEYS[:2],
-        corruption: dict[str, Any] | None = None,
-        max_length: int = 512,
-        min_answer_tokens: int = 4,
-        system_prompt: str | None = None,
-        image_aspect_ratio: str = "crop",
-        val_fraction: float = 0.1,
-        val_path: str | None = None,
-        split_seed: int = 0,
-        shuffle_seed: int = 0,
-        max_records: int | None = None,
-        ids_file: str | None = None,
-        on_error: str = "raise",
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        reader: ReaderSettings,
+        encoding: EncodingSettings | None = None,
+        loader: LoaderSettings | None = None,
+        prompt_format: PromptFormat | None = None,
+        needs: DataNeeds | None = None,
         processor: Any = None,
         image_drawers: dict[str, Drawer] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["processor", "image_drawers"])
-        for key, value in list(self.hparams.items()):  # plain containers: checkpoints load with weights_only
-            if isinstance(value, (DictConfig, ListConfig)):
-                self.hparams[key] = OmegaConf.to_container(value, resolve=True)
-        unknown = set(answers) - set(ANSWER_KEYS)
-        if unknown:
-            raise ValueError(f"data.answers may hold {ANSWER_KEYS}; got unknown {sorted(unknown)}")
-        self.answers = tuple(answers)
+        # a group left out (None) takes its defaults
+        self.reader, self.encoding, self.loader = reader, encoding or EncodingSettings(), loader or LoaderSettings()
+        self.prompt_format, self.needs = prompt_format or PromptFormat(), needs or DataNeeds()
+        # logged and checkpointed flat, as the data config names them; plain containers (checkpoints load with
+        # weights_only)
+        hparams = flat(self.reader, self.encoding, self.loader) | self.prompt_format.to_dict()
+        self.save_hyperparameters(hparams | {"answers": list(self.needs.answers), "corruption": self.needs.corruption})
+        self.answers = self.needs.answers
         # the corrupted image of chosen_corrupted (mDPO's conditional term); checked even when no answer needs it
-        self.corruption = None if corruption is None else check_corruption(self.hparams.corruption)
-        if CORRUPTED in self.answers and self.corruption is None:
-            raise SettingError(f"data.answers holds {CORRUPTED}: set data.corruption (e.g. {{kind: crop}})")
-        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
-            raise ValueError(f"data.image_aspect_ratio must be crop or pad, got {image_aspect_ratio!r}")
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.corruption = None if self.needs.corruption is None else check_corruption(self.needs.corruption)
         # with on_error=skip, bad records are described here, skipped and counted, never dropped silently
-        self.problems: list[str] | None = [] if on_error == "skip" else None
+        self.problems: list[str] | None = [] if reader.on_error == "skip" else None
         self.problem_reasons: dict[int, str] = {}  # index in problems -> DataError.reason, where it has one
         self.skipped_records: list[str] = []  # one line per record skipped at encoding, naming it and why
         self.records_in_file = 0  # every record of data.path and data.val_path, kept or rejected
         self.not_selected: Counter = Counter()  # records left out on purpose, by the setting that did it
         self.processor = processor
+        path = reader.path
         data_folder = Path(path).parent if Path(path).is_file() else None
-        size = stand_in_size or _image_size(processor)
-        self.resolver = ImageResolver(image_root, missing_images, size, data_folder, drawers=image_drawers)
+        size = reader.stand_in_size or _image_size(processor)
+        self.resolver = ImageResolver(
+            reader.image_root, reader.missing_images, size, data_folder, drawers=image_drawers
+        )
         self.records: list[PreferenceRecord] | None = None
         self.val_records_given: list[PreferenceRecord] | None = None
         self.stats: dict[str, EncodeStats] = {}
@@ -180,28 +160,41 @@ class PreferenceDataModule(LightningDataModule):
         self.train_set: PreferenceDataset | None = None
         self.val_set: PreferenceDataset | None = None
 
+    @classmethod
+    def from_config(
+        cls,
+        data: Mapping[str, Any],
+        prompt_format: PromptFormat | None = None,
+        needs: DataNeeds | None = None,
+        processor: Any = None,
+        image_drawers: dict[str, Drawer] | None = None,
+    ) -> PreferenceDataModule:
+        """From the flat ``data`` config node (`data_settings` sorts its keys into the groups)."""
+        reader, encoding, loader = data_settings(data)
+        return cls(reader, encoding, loader, prompt_format, needs, processor, image_drawers)
+
     # -- records -------------------------------------------------------------------------------
     def load_records(self) -> list[PreferenceRecord]:
         """Read the data file(s) once; returns every record (train and validation)."""
         if self.records is None:
-            hp = self.hparams
-            records = self._read(hp.path, hp.split)
-            if hp.ids_file:
+            reader = self.reader
+            records = self._read(reader.path, reader.split)
+            if reader.ids_file:
                 n = len(records)
-                records = keep_listed(records, hp.ids_file, hp.path)
+                records = keep_listed(records, reader.ids_file, reader.path)
                 self.not_selected["ids_file"] = n - len(records)
-                log.info("kept the %d of %d records listed in %s", len(records), n, hp.ids_file)
-            if hp.max_records and len(records) > hp.max_records:
-                self.not_selected["max_records"] = len(records) - hp.max_records
-                records = records[: hp.max_records]
+                log.info("kept the %d of %d records listed in %s", len(records), n, reader.ids_file)
+            if reader.max_records and len(records) > reader.max_records:
+                self.not_selected["max_records"] = len(records) - reader.max_records
+                records = records[: reader.max_records]
             self.records = records
-            if hp.val_path:
-                self.val_records_given = self._drop_shared_ids(records, self._read(hp.val_path, hp.val_split))
-            log.info("read %d records from %s", len(records), hp.path)
+            if reader.val_path:
+                self.val_records_given = self._drop_shared_ids(records, self._read(reader.val_path, reader.val_split))
+            log.info("read %d records from %s", len(records), reader.path)
             # fail fast on missing images; with on_error=skip each one is described when encoding instead
             missing = 0 if self.problems is not None else self.resolver.check(records + (self.val_records_given or []))
             if missing:
-                shipped_without = Path(hp.path).resolve().parent == EMBEDDED_DIR
+                shipped_without = Path(reader.path).resolve().parent == EMBEDDED_DIR
                 log.log(
                     logging.INFO if shipped_without else logging.WARNING,
                     "%d images not found: a stand-in is drawn for each where an image is used "
@@ -213,10 +206,15 @@ class PreferenceDataModule(LightningDataModule):
 
     def _read(self, path: str, split: str | None) -> list[PreferenceRecord]:
         """The good records of one file; all of its records are counted, the rejected ones included."""
-        hp = self.hparams
+        reader = self.reader
         rejected_before = len(self.problems or [])
         records = read_records(
-            path, hp.format, split=split, image_dir=hp.image_dir, revision=hp.revision, problems=self.problems
+            path,
+            reader.format,
+            split=split,
+            image_dir=reader.image_dir,
+            revision=reader.revision,
+            problems=self.problems,
         )
         # the readers describe each rejected record by exactly one problem
         self.records_in_file += len(records) + len(self.problems or []) - rejected_before
@@ -229,7 +227,7 @@ class PreferenceDataModule(LightningDataModule):
         for r in val:
             if r.id in train_ids:
                 error = DataError(
-                    f"{self.hparams.val_path}: record id {r.id!r} is also in {self.hparams.path}; "
+                    f"{self.reader.val_path}: record id {r.id!r} is also in {self.reader.path}; "
                     "ids must be unique across the training and validation files"
                 )
                 self._collect(error)
@@ -249,7 +247,7 @@ class PreferenceDataModule(LightningDataModule):
         self.load_records()
         if self.val_records_given is not None:
             return self.records, self.val_records_given
-        return grouped_split(self.records, self.hparams.val_fraction, self.hparams.split_seed)
+        return grouped_split(self.records, self.reader.val_fraction, self.reader.split_seed)
 
     # -- problems ------------------------------------------------------------------------------
     def _collect(self, error: DataError) -> None:
@@ -269,10 +267,8 @@ class PreferenceDataModule(LightningDataModule):
 
     # -- encoding ------------------------------------------------------------------------------
     def _encode(self, records: list[PreferenceRecord], name: str) -> PreferenceDataset:
-        hp = self.hparams
-        encoder = PromptEncoder(
-            self.processor, hp.max_length, hp.min_answer_tokens, hp.system_prompt, hp.image_aspect_ratio
-        )
+        enc = self.encoding
+        encoder = PromptEncoder(self.processor, enc.max_length, enc.min_answer_tokens, self.prompt_format)
         stats = EncodeStats()
         pairs = []
         for record in records:
@@ -284,7 +280,7 @@ class PreferenceDataModule(LightningDataModule):
                 continue
             if isinstance(result, str):
                 stats.skipped[result] += 1
-                self.skipped_records.append(f"{name}: record {record.id}: {result} (data.max_length={hp.max_length})")
+                self.skipped_records.append(f"{name}: record {record.id}: {result} (data.max_length={enc.max_length})")
                 log.debug("%s: skipping record %s (%s)", name, record.id, result)
                 continue
             stats.encoded += 1
@@ -302,7 +298,7 @@ class PreferenceDataModule(LightningDataModule):
                 name,
                 sum(stats.skipped.values()),
                 dict(stats.skipped),
-                hp.max_length,
+                self.encoding.max_length,
             )
         return dataset
 
@@ -311,10 +307,10 @@ class PreferenceDataModule(LightningDataModule):
         stats = self.stats[name]
         reasons = [f"{g['records']} records: {g['reason']}" for g in self.problem_groups(*problems)]
         reasons += [
-            f"{n} records skipped: {why} (data.max_length={self.hparams.max_length})"
+            f"{n} records skipped: {why} (data.max_length={self.encoding.max_length})"
             for why, n in stats.skipped.items()
         ]
-        hint = f"; raise data.max_length (now {self.hparams.max_length})" if stats.skipped else ""
+        hint = f"; raise data.max_length (now {self.encoding.max_length})" if stats.skipped else ""
         return f"{name}: none of the {records} records is usable: {'; '.join(reasons)}{hint}"
 
     def setup(self, stage: str | None = None) -> None:
@@ -365,7 +361,7 @@ class PreferenceDataModule(LightningDataModule):
             )
         usable_ids = {p.id for d in self.encoded.values() for p in d.pairs}
         out: dict[str, Any] = {
-            "path": str(self.hparams.path),
+            "path": str(self.reader.path),
             "records_in_file": self.records_in_file,
             "not_selected": dict(self.not_selected),
             "records_read": records_read,
@@ -386,15 +382,15 @@ class PreferenceDataModule(LightningDataModule):
     def _loader(self, dataset: PreferenceDataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = None
         if shuffle:
-            sampler = self.train_sampler = EpochShuffle(len(dataset), self.hparams.shuffle_seed, self._epoch)
+            sampler = self.train_sampler = EpochShuffle(len(dataset), self.loader.shuffle_seed, self._epoch)
             sampler.skip, self._pending_skip = getattr(self, "_pending_skip", 0), 0
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            num_workers=self.hparams.num_workers,
+            num_workers=self.loader.num_workers,
             collate_fn=partial(collate_pairs, pad_token_id=_pad_id(self.processor)),
-            persistent_workers=self.hparams.num_workers > 0,
+            persistent_workers=self.loader.num_workers > 0,
         )
 
     def _epoch(self) -> int:
@@ -403,7 +399,7 @@ class PreferenceDataModule(LightningDataModule):
 
     def resume_within_epoch(self, batches_done: int, world_size: int = 1) -> None:
         """After a restart in the middle of an epoch: leave out the batches already trained on."""
-        skip = batches_done * self.hparams.batch_size * world_size
+        skip = batches_done * self.loader.batch_size * world_size
         if self.train_set is not None and skip >= len(self.train_set):
             skip = 0  # saved at the end of an epoch: the next one starts whole
         if getattr(self, "train_sampler", None) is not None:
@@ -411,12 +407,13 @@ class PreferenceDataModule(LightningDataModule):
         self._pending_skip = skip  # the loader may be built after the checkpoint is read
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        return self._loader(self.train_set, self.loader.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None or len(self.val_set) == 0:
             return []
-        return self._loader(self.val_set, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+        batch_size = self.loader.eval_batch_size or self.loader.batch_size
+        return self._loader(self.val_set, batch_size, shuffle=False)
 
 
 def _pad_id(processor: Any) -> int:

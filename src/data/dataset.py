@@ -56,7 +56,7 @@ class PreferenceDataset(Dataset):
         self.encoder = encoder
         self.answer_image = [int(key == CORRUPTED) for key in answers] if CORRUPTED in answers else None
         if self.answer_image and corruption is None:
-            raise ValueError(f"data.answers holds {CORRUPTED} but data.corruption is not set")
+            raise ValueError(f"the answers hold {CORRUPTED} but no corruption is set (objective.corruption)")
         self.corruption = corruption
 
     def __len__(self) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from src.data.images import IMAGE_ASPECT_RATIOS, mean_colour, pad_to_square
+from src.data.prompt_format import PromptFormat
 from src.data.records import Conversation, DataError, PreferenceRecord
 
 IGNORE_INDEX = -100
@@ -46,8 +46,6 @@ MAX_TEXT_CHARS = 100_000
 # stand-ins for data text while the chat template is rendered: private-use characters, which no template writes and
 # no control token holds, so the rendered string says where the template put its own text and where the data's
 _SLOT = re.compile("\ue000(\\d+)\ue001")
-# written beside a trained model: the PromptEncoder settings (system_prompt, image_aspect_ratio) it was trained with
-PROMPT_FORMAT_FILE = "prompt_format.json"
 
 
 @dataclass
@@ -138,36 +136,33 @@ class Rendered:
 
 
 class PromptEncoder:
-    """Render and tokenize prompts and answers of `PreferenceRecord`s with a model's processor."""
+    """Render and tokenize prompts and answers of `PreferenceRecord`s with a model's processor, in the model's
+    ``prompt_format`` (its system message, how its images are fitted; None: `PromptFormat`'s defaults)."""
 
     def __init__(
         self,
         processor: Any,
         max_length: int = 512,
         min_answer_tokens: int = 4,
-        system_prompt: str | None = None,
-        image_aspect_ratio: str = "crop",
+        prompt_format: PromptFormat | None = None,
     ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; answers must end with one to be scored")
-        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
         self.max_length = max_length
         self.min_answer_tokens = min_answer_tokens
-        # the system message of records that bring none (LLaVA-1.5 was trained with Vicuna's system line)
-        self.system_prompt = system_prompt
-        self.image_aspect_ratio = image_aspect_ratio
+        self.prompt_format = prompt_format or PromptFormat()  # None: the defaults
         self._controls: tuple[dict[str, Any], re.Pattern | None, re.Pattern | None] | None = None
         self._special_added: tuple[list[int], list[int]] | None = None
 
     # -- prompts -------------------------------------------------------------------------------
     def messages(self, record: Conversation, with_image: bool = True, first_turn: int = 0) -> list[dict[str, Any]]:
-        """The record's chat-template messages, opened by ``system_prompt`` when it has no system turn."""
+        """The record's chat-template messages, opened by the format's system prompt when it has no system turn."""
         messages = record.messages(with_image=with_image, first_turn=first_turn)
-        if self.system_prompt and not (messages and messages[0]["role"] == "system"):
-            messages = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}, *messages]
+        system = self.prompt_format.system_prompt
+        if system and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
         return messages
 
     def prompt_text(self, record: Conversation, with_image: bool = True, first_turn: int = 0) -> str:
@@ -363,9 +358,7 @@ class PromptEncoder:
         return dict(self.processor.image_processor(images=self._fit(image), return_tensors="pt"))
 
     def _fit(self, image: Any) -> Any:
-        if self.image_aspect_ratio == "pad":
-            return pad_to_square(image, mean_colour(self.processor.image_processor))
-        return image
+        return self.prompt_format.fit_image(image, getattr(self.processor, "image_processor", None))
 
     def prompt_ids(self, record: Conversation, image: Any, first_turn: int = 0) -> list[int]:
         """Token ids of the prompt, image tokens expanded by the processor (``image=None``: blind).

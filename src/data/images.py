@@ -27,9 +27,6 @@ from src.errors import SettingError
 from src.files import NOT_FOUND, FileRefused, file_problem, open_regular
 
 MISSING_POLICIES = ("error", "render")
-# how a non-square image reaches the model: crop (the processor's resize and centre crop, which cuts the long
-# side's edges) | pad (first padded to a square with the processor's mean colour, as LLaVA-1.5 was trained)
-IMAGE_ASPECT_RATIOS = ("crop", "pad")
 RENDER_PREFIX = "render:"  # an image reference that is always drawn from its text, never looked up on disk
 # draws the image a reference names at a size in pixels (square); ValueError for a reference it cannot draw
 Drawer = Callable[[str, int], Image.Image]
@@ -63,9 +60,9 @@ class ImageLimits:
     ``max_bytes``: the file's size, looked at before it is opened. ``max_pixels``: width x height, read from the
     header before any pixel is decoded (PIL's own decompression-bomb check allows ~179 M and is a global the
     user may change). ``max_aspect``: longer side / shorter side; beyond it a picture is refused, since padding
-    it to a square (``image_aspect_ratio=pad``) or resizing its short side to the model's (``crop``) makes a
-    canvas of its long side squared. ``max_side``: a larger picture is shrunk to this longest side before it is
-    converted or padded (JPEGs are decoded shrunk); no model here looks at more.
+    it to a square (``prompt_format.image_aspect_ratio=pad``) or resizing its short side to the model's
+    (``crop``) makes a canvas of its long side squared. ``max_side``: a larger picture is shrunk to this longest
+    side before it is converted or padded (JPEGs are decoded shrunk); no model here looks at more.
     """
 
     max_bytes: int = 128 * 2**20
@@ -329,35 +326,35 @@ _DEFAULTS = {"crop": {"keep": [0.0, 0.2], "seed": 0}, "blank": {}, "noise": {"st
 
 
 def check_corruption(corruption: Mapping[str, Any]) -> dict[str, Any]:
-    """``data.corruption`` checked, its defaults filled in; a `SettingError` names the setting that is wrong.
+    """``objective.corruption`` checked, its defaults filled in; a `SettingError` names the setting that is wrong.
 
     ``crop``: ``keep`` [lo, hi], the range of the kept area's fraction (mDPO: [0, 0.2]); ``blank``: no setting;
     ``noise``: ``std``, the standard deviation of the Gaussian noise as a fraction of the 0-255 range.
     """
     if not isinstance(corruption, Mapping):
-        raise SettingError(f"data.corruption must be a mapping with a kind, got {corruption!r}")
+        raise SettingError(f"objective.corruption must be a mapping with a kind, got {corruption!r}")
     kind = corruption.get("kind")
     if kind not in CORRUPTIONS:
-        raise SettingError(f"data.corruption.kind must be one of {CORRUPTIONS}, got {kind!r}")
+        raise SettingError(f"objective.corruption.kind must be one of {CORRUPTIONS}, got {kind!r}")
     settings = {key for defaults in _DEFAULTS.values() for key in defaults}
     unknown = set(corruption) - {"kind", *settings}
     if unknown:
-        raise SettingError(f"data.corruption.{sorted(unknown)[0]} is not a corruption setting {sorted(settings)}")
+        raise SettingError(f"objective.corruption.{sorted(unknown)[0]} is not a corruption setting {sorted(settings)}")
     # every value given is checked, but only the kind's own are kept: a config that lists the settings of all kinds
     # (hydra merges an override into it) switches kind with one override, objective.corruption.kind=blank
     given = {"kind": kind} | _DEFAULTS[kind] | dict(corruption)
     out = {key: given[key] for key in ("kind", *_DEFAULTS[kind])}
     keep = given.get("keep", [0.0, 1.0])
     if not (isinstance(keep, (list, tuple)) and len(keep) == 2 and all(isinstance(x, (int, float)) for x in keep)):
-        raise SettingError(f"data.corruption.keep must be [lo, hi], got {keep!r}")
+        raise SettingError(f"objective.corruption.keep must be [lo, hi], got {keep!r}")
     if not 0 <= keep[0] <= keep[1] <= 1 or keep[1] == 0:
-        raise SettingError(f"data.corruption.keep must have 0 <= lo <= hi <= 1 and hi > 0, got {list(keep)}")
+        raise SettingError(f"objective.corruption.keep must have 0 <= lo <= hi <= 1 and hi > 0, got {list(keep)}")
     if "keep" in out:
         out["keep"] = [float(x) for x in keep]
     if not isinstance(given.get("std", 1), (int, float)) or given.get("std", 1) <= 0:
-        raise SettingError(f"data.corruption.std must be a positive number, got {given['std']!r}")
+        raise SettingError(f"objective.corruption.std must be a positive number, got {given['std']!r}")
     if not isinstance(given.get("seed", 0), int):
-        raise SettingError(f"data.corruption.seed must be an integer, got {given['seed']!r}")
+        raise SettingError(f"objective.corruption.seed must be an integer, got {given['seed']!r}")
     return out
 
 

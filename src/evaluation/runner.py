@@ -13,7 +13,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from src.data.encoding import PROMPT_FORMAT_FILE
+from src.data.prompt_format import PromptFormat
 from src.errors import SettingError
 from src.evaluation.analyses import cheating_items, cheating_summary, co_defense_items, co_defense_summary
 from src.evaluation.health import health_summary
@@ -81,18 +81,18 @@ def judge_identity(judge: Judge) -> dict[str, Any]:
     return identity() if identity is not None else {"name": judge.name, "identity": "unknown (no identity())"}
 
 
-def trained_prompt_format(model_path: str, used: dict[str, Any]) -> dict[str, Any] | None:
+def trained_prompt_format(model_path: str, used: PromptFormat) -> dict[str, Any] | None:
     """The prompt format a model of this project was trained with (None: unknown), warned about when the
     evaluation builds prompts otherwise: answers to prompts the model never saw are a different experiment."""
-    path = Path(str(model_path)) / PROMPT_FORMAT_FILE
-    if not path.is_file():
+    stored = PromptFormat.read(model_path)
+    if stored is None:
         return None
-    trained = json.loads(path.read_text())
-    differ = {k: (trained.get(k), v) for k, v in used.items() if trained.get(k) != v}
+    trained, using = stored.to_dict(), used.to_dict()
+    differ = {k: (trained.get(k), v) for k, v in using.items() if trained.get(k) != v}
     if differ:
         log.warning(
             "%s was trained with another prompt format than this evaluation uses (trained, used): %s; set "
-            "model.system_prompt / image_aspect_ratio to match unless that is the point",
+            "prompt_format.system_prompt / prompt_format.image_aspect_ratio to match unless that is the point",
             model_path,
             differ,
         )
@@ -118,6 +118,8 @@ class Evaluator:
         self.cfg = cfg
         self.out_dir = out_dir
         check_ranges(cfg, EVALUATE)  # numbers out of range: one line before anything loads
+        # the model's prompt format, as it was trained (llava-1.5: Vicuna's system line, images padded to a square)
+        self.prompt_format = PromptFormat.from_config(cfg.get("prompt_format"))
         # the judge first: an unreachable one fails the run before the model loads and anything is generated
         self.judge: Judge = hydra.utils.instantiate(cfg.judge)
         check_judge(self.judge)
@@ -134,11 +136,6 @@ class Evaluator:
         self.fingerprint = fingerprint(self.model)
         self.benchmark.fit_image_size(self.processor)  # pictures drawn at the model's input size
         self.settings = GenerationSettings(**cfg.generation)
-        # the model's prompt format, as it was trained (llava-1.5: Vicuna's system line, images padded to a square)
-        self.prompt_format = {
-            "system_prompt": cfg.model.get("system_prompt"),
-            "image_aspect_ratio": cfg.get("image_aspect_ratio", "crop"),
-        }
         self.trained_prompt_format = trained_prompt_format(cfg.model.path, self.prompt_format)
         # judges see the prompt's image only when asked (Llama Guard Vision); text judges ignore it
         self.judge_resolver = self.benchmark.resolver if cfg.get("judge_images") else None
@@ -152,7 +149,7 @@ class Evaluator:
         cache = Path(self.cfg.cache_dir) / f"{self.benchmark.name}-{mode}-{key}.jsonl"
         devices = OmegaConf.to_container(self.cfg.devices, resolve=True) if self.cfg.get("devices") else None
         generator = AnswerGenerator(
-            self.model, self.processor, self.settings, self.benchmark.resolver, devices, **self.prompt_format
+            self.model, self.processor, self.settings, self.benchmark.resolver, devices, self.prompt_format
         )
         # one record can be asked in several modes: stand-in images are counted per record, not per item
         self.record_ids |= {i.id: i.meta.get("record_id", i.id) for i in items}
@@ -243,7 +240,7 @@ class Evaluator:
         chosen = [refs[i.id]["chosen"] for i in have]
         rejected = [refs[i.id]["rejected"] for i in have]
         kwargs = {"max_length": self.cfg.scoring.max_length, "batch_size": self.cfg.scoring.batch_size}
-        kwargs |= self.prompt_format
+        kwargs["prompt_format"] = self.prompt_format
         out: dict[str, Any] = {}
         not_computed = self.benchmark.pairwise_not_computed  # why the question does not fit, if it does not
         if self.cfg.scoring.pairwise and not_computed:
@@ -302,7 +299,7 @@ class Evaluator:
             "benchmark": {"name": self.benchmark.name, "kind": self.benchmark.kind},
             "judge": self.judge.name,
             "generation_settings": json.loads(self.settings.key()),
-            "prompt_format": self.prompt_format,
+            "prompt_format": self.prompt_format.to_dict(),
             "trained_prompt_format": self.trained_prompt_format,
         }
         for mode in modes:

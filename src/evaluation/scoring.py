@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from src.data.encoding import PromptEncoder, collate_pairs
 from src.data.images import ImageResolver
+from src.data.prompt_format import PromptFormat
 from src.data.records import Conversation, Turn
 from src.models.logprobs import answer_logprobs
 
@@ -33,17 +34,14 @@ def score_answers(
     max_length: int = 2048,
     batch_size: int = 8,
     desc: str = "scoring",
-    system_prompt: str | None = None,
-    image_aspect_ratio: str = "crop",
+    prompt_format: PromptFormat | None = None,
 ) -> torch.Tensor:
     """Summed log-prob of each answer given its prompt: (N, K) float32, NaN rows for skipped prompts.
 
     A prompt is skipped (NaN) only when it cannot fit ``max_length`` even after dropping history.
-    ``system_prompt`` and ``image_aspect_ratio`` are the model's prompt format, as in training.
+    ``prompt_format`` is the model's, as in training (None: the defaults).
     """
-    encoder = PromptEncoder(
-        processor, max_length=max_length, system_prompt=system_prompt, image_aspect_ratio=image_aspect_ratio
-    )
+    encoder = PromptEncoder(processor, max_length=max_length, prompt_format=prompt_format)
     tok = getattr(processor, "tokenizer", processor)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     collate = partial(collate_pairs, pad_token_id=pad)

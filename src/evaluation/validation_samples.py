@@ -57,8 +57,7 @@ class GenerationSamples(Callback):
             pl_module.processor,
             self.settings,
             dm.resolver,
-            system_prompt=dm.hparams.system_prompt,
-            image_aspect_ratio=dm.hparams.image_aspect_ratio,
+            prompt_format=dm.prompt_format,
         )
         answers = generator.run(records, out, with_image=True, desc="val samples")
         judge = self.judge()

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from src.data.prompt_format import PromptFormat
 from src.data.records import PreferenceRecord
 from src.models.generation import GenerationSettings, fill_blind_answers
 from src.models.lora import adapters_disabled
@@ -47,7 +48,7 @@ def blind_answers(
     records: list[PreferenceRecord],
     blind: dict[str, Any],
     trainer: dict[str, Any],
-    system_prompt: str | None,
+    prompt_format: PromptFormat,
 ) -> tuple[list[PreferenceRecord], dict[str, Any]]:
     """The records, each with the reference model's image-less answer (generated, or read from ``blind.cache_dir``),
     and a summary of the counts. ``blind`` is the ``blind`` config node, ``trainer`` the ``trainer`` one."""
@@ -66,7 +67,7 @@ def blind_answers(
             settings,
             blind["cache_dir"],
             devices or None,
-            system_prompt=system_prompt,
+            prompt_format=prompt_format,
         )
 
 

@@ -60,7 +60,6 @@ def build_model(
     lora: dict[str, Any] | None = None,
     gradient_checkpointing: bool | str = False,
     load_in_4bit: bool = False,
-    system_prompt: str | None = None,
     shapes: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Return (model, processor).
@@ -73,8 +72,8 @@ def build_model(
     as in the BPO paper. ``lora.enabled`` wraps the language model in LoRA adapters (PEFT); a folder that
     holds a trained adapter is merged into its base first. ``load_in_4bit`` (QLoRA) needs a CUDA GPU and
     bitsandbytes. ``gradient_checkpointing`` (true / full, or selective) recomputes activations in the backward
-    pass (`src.models.checkpointing`). ``system_prompt`` is not used here: it belongs to the model's prompt
-    format (``model.system_prompt``) and is passed to `PromptEncoder` by the entry points.
+    pass (`src.models.checkpointing`). How prompts are built is no model setting: the entry points pass the
+    ``prompt_format`` config node (`src.data.prompt_format.PromptFormat`) to `PromptEncoder`.
     """
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")

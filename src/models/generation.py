@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from src.data.encoding import PromptEncoder, cat_image_inputs, inputs_digest
 from src.data.images import ImageResolver
+from src.data.prompt_format import PromptFormat
 from src.data.records import Conversation, DataError, PreferenceRecord
 from src.files import locked
 from src.models.factory import fingerprint
@@ -102,8 +103,7 @@ class AnswerGenerator:
         settings: GenerationSettings,
         resolver: ImageResolver | None = None,
         devices: dict[str, Any] | None = None,
-        system_prompt: str | None = None,
-        image_aspect_ratio: str = "crop",
+        prompt_format: PromptFormat | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -117,8 +117,7 @@ class AnswerGenerator:
         self.encoder = PromptEncoder(
             processor,
             max_length=max(1, settings.max_length - settings.max_new_tokens),
-            system_prompt=system_prompt,
-            image_aspect_ratio=image_aspect_ratio,
+            prompt_format=prompt_format,
         )
 
     def prompt(self, record: Conversation, with_image: bool) -> tuple[list[int], Any, str]:
@@ -277,14 +276,15 @@ def fill_blind_answers(
     settings: GenerationSettings,
     cache_dir: str | Path,
     devices: dict[str, Any] | None = None,
-    system_prompt: str | None = None,
+    prompt_format: PromptFormat | None = None,
 ) -> tuple[list[PreferenceRecord], dict[str, Any]]:
     """Give every record without a blind answer the reference model's answer to the image-less prompt.
 
     Answers come from (and go to) a JSONL cache keyed by record id and a fingerprint of the model and
     generation settings, so a second run with the same model and settings generates nothing; a line is reused
-    only for the same prompt tokens (``system_prompt`` included). The cache is filled under its lock, so the
-    jobs of a sweep launched in parallel generate each answer once (over ``devices``, see `AnswerGenerator.run`).
+    only for the same prompt tokens (``prompt_format``'s system prompt included; blind prompts have no image). The
+    cache is filled under its lock, so the jobs of a sweep launched in parallel generate each answer once (over
+    ``devices``, see `AnswerGenerator.run`).
     Returns the records and a summary (counts, cache path).
     """
     records = list(records)
@@ -293,7 +293,7 @@ def fill_blind_answers(
     if not missing:
         return records, summary | {"generated": 0, "from_cache": 0}
     path = blind_cache_path(cache_dir, reference, settings)
-    generator = AnswerGenerator(reference, processor, settings, devices=devices, system_prompt=system_prompt)
+    generator = AnswerGenerator(reference, processor, settings, devices=devices, prompt_format=prompt_format)
     lines = generator.run(missing, path, with_image=False, desc="blind answers", lock=True)
     generated = generator.generated
     filled = []

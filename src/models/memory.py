@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.errors import SettingError
+from src.models.objectives import data_needs
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
@@ -237,7 +238,10 @@ def plan_memory(cfg: Any, device_memory_gb: float | None, counts: Counts | None 
         ref_bytes = DTYPE_BYTES.get(str(ref.get("dtype") or model.get("dtype", "float32")), 4)
         reference = counts.total * ref_bytes / (processes if strategy in ("zero3", "fsdp") else 1)
 
-    answers = len(_plain(cfg.objective.get("answers")) or ["chosen", "rejected"])
+    try:  # the answers the objective scores (a composite's follow from its terms)
+        answers = len(data_needs(cfg.objective).answers)
+    except ValueError:  # a setting the objective refuses: training says which; plan with what the config lists
+        answers = len(_plain(cfg.objective.get("answers")) or ["chosen", "rejected"])
     layout = str(cfg.get("layout", "packed"))
     tokens, answer_tokens = _tokens_per_batch(cfg, answers, counts.image_tokens, layout)
     per_token_layer = compute_bytes * (

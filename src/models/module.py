@@ -19,7 +19,7 @@ from src.models.device import torch_dtype
 from src.models.factory import build_model
 from src.models.logprobs import answer_logprobs
 from src.models.lora import adapters_disabled, is_peft
-from src.models.objectives import LIKELIHOOD, OBJECTIVES, resolve_answers, takes
+from src.models.objectives import LIKELIHOOD, OBJECTIVES, resolve_answers
 from src.models.reference import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,8 @@ class PreferenceModule(LightningModule):
     (batches carry reference log-probs computed before training: no reference model in memory),
     ``frozen_copy`` (a frozen copy of the initial weights scores every batch), with LoRA,
     ``adapters_disabled`` (the policy with its adapters off scores every batch; chosen automatically
-    instead of a frozen copy), or ``none``: no reference, which an objective that takes no
-    ``reference_logps`` (sft, simpo) always gets. Likelihood objectives (`LIKELIHOOD`: sft) log ``nll/*`` and
+    instead of a frozen copy), or ``none``: no reference, which a reference-free objective
+    (`Objective.reference_free`: sft, simpo) always gets. Likelihood objectives (`LIKELIHOOD`: sft) log ``nll/*`` and
     ``logps/*`` per answer; every other objective, simpo included, logs ``rewards/*`` and ``logps/*``, and a
     composite also ``terms/<name>``.
     """
@@ -158,15 +158,20 @@ class PreferenceModule(LightningModule):
         self.save_hyperparameters()
         objective = dict(objective)
         name = objective.pop("name")
-        objective.pop("corruption", None)  # the conditional term's image: a data setting (data.corruption reads it)
+        objective.pop("corruption", None)  # the conditional term's image: what the data needs (`data_needs`)
         if name not in OBJECTIVES:
             raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
         self.objective_name = name
-        self.objective_fn = OBJECTIVES[name]
+        declared = OBJECTIVES[name]
+        self.objective_fn = declared.fn
+        # what the objective takes besides the policy's log-probs, as it declares it (read once, not every step)
+        self.reference_free = declared.reference_free
+        self.objective_inputs = declared.inputs
         self.likelihood = name in LIKELIHOOD
         self.answers, self.term_names = self._check_objective(name, objective)
         self.objective_kwargs = objective
-        self.policy, self.processor = build_model(**model)
+        # checkpoints of runs from before the prompt format had a config node of its own hold model.system_prompt
+        self.policy, self.processor = build_model(**{k: v for k, v in model.items() if k != "system_prompt"})
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.pad_token_id = tok.pad_token_id
         self.layout = layout
@@ -181,7 +186,7 @@ class PreferenceModule(LightningModule):
         self.reference_strategy = reference.get("strategy", "frozen_copy")
         if self.reference_strategy not in STRATEGIES:
             raise ValueError(f"reference.strategy must be one of {STRATEGIES}, got {self.reference_strategy!r}")
-        if not takes(self.objective_fn, "reference_logps"):
+        if self.reference_free:
             if self.reference_strategy != "none":
                 log.info("%s has no reference model: reference.strategy=%s ignored", name, self.reference_strategy)
             self.reference_strategy = "none"
@@ -222,8 +227,8 @@ class PreferenceModule(LightningModule):
         try:
             k = len(answers)
             probe = {"num_tokens": torch.ones(1, k), "has_image": torch.ones(1, dtype=torch.bool)}
-            inputs = {key: value for key, value in probe.items() if takes(self.objective_fn, key)}
-            reference = (torch.zeros(1, k),) if takes(self.objective_fn, "reference_logps") else ()
+            inputs = {key: value for key, value in probe.items() if key in self.objective_inputs}
+            reference = () if self.reference_free else (torch.zeros(1, k),)
             out = self.objective_fn(torch.zeros(1, k), *reference, **inputs, **objective)
         except (TypeError, ValueError) as e:
             raise SettingError(f"objective {name}: {e}") from e
@@ -240,9 +245,9 @@ class PreferenceModule(LightningModule):
         """Loss and metrics for one batch; policy and reference score the same padded rows."""
         policy_logps = answer_logprobs(self.policy, batch, self.pad_token_id, self.layout)
         inputs: dict[str, torch.Tensor] = {}
-        if takes(self.objective_fn, "num_tokens"):
+        if "num_tokens" in self.objective_inputs:
             inputs["num_tokens"] = batch["answer_lengths"].T.to(policy_logps.device)  # (K, B) -> (B, K)
-        if takes(self.objective_fn, "has_image"):
+        if "has_image" in self.objective_inputs:
             inputs["has_image"] = batch["has_image"].to(policy_logps.device)  # (B,)
         if self.reference_strategy == "none":
             out = self.objective_fn(policy_logps, **inputs, **self.objective_kwargs)

@@ -6,24 +6,27 @@ Notation: for answer y to multimodal prompt x, the implicit reward is
 
 Every objective takes policy log-probs of shape (B, K) — one column per answer, in the order of
 ``ANSWERS[name]`` — and returns an `ObjectiveOutput` with the per-example loss (B,) and detached
-per-answer scores (B, K) for logging. What else it needs it names as parameters: ``reference_logps``
-(B, K) for the reference model's log-probs (an objective without it runs with no reference model),
-``num_tokens`` (B, K) for answer lengths, ``has_image`` (B,) for whether a record has an image.
-Adding a variant is one function here and one config file.
+per-answer scores (B, K) for logging. What else it takes it names as parameters, and its `Objective` in
+`OBJECTIVES` declares: ``reference_logps`` (B, K), the reference model's log-probs, unless it is
+``reference_free`` (it then runs with no reference model); and its ``inputs``, among ``num_tokens`` (B, K) for
+answer lengths and ``has_image`` (B,) for whether a record has an image.
+Adding a variant is one function here, its `Objective` and one config file.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from src.data.data_settings import DataNeeds
+from src.data.encoding import ANSWER_KEYS
 
 CHOSEN, REJECTED, BLIND = 0, 1, 2
-# every answer column an objective may score, in the order they are scored
-COLUMNS = ("chosen", "rejected", "blind", "chosen_corrupted")
 
 
 @dataclass
@@ -224,18 +227,9 @@ def active_terms(terms: Mapping[str, float] | None) -> dict[str, float]:
 
 
 def composite_answers(terms: Mapping[str, float] | None) -> list[str]:
-    """The columns the composite's nonzero terms need, in `COLUMNS` order."""
+    """The columns the composite's nonzero terms need, in `ANSWER_KEYS` order."""
     needed = {column for name in active_terms(terms) for column in TERMS[name][1]}
-    return [column for column in COLUMNS if column in needed]
-
-
-def composite_answers_resolver(terms: Mapping[str, float] | None) -> list[str] | None:
-    """`composite_answers` for the config's resolver, or None for terms it refuses: the module then stops the run
-    naming the fault as a setting error (raised inside a resolver, it would reach the user as a stack trace)."""
-    try:
-        return composite_answers(terms)
-    except ValueError:
-        return None
+    return [column for column in ANSWER_KEYS if column in needed]
 
 
 def composite(
@@ -270,17 +264,37 @@ def composite(
     )
 
 
-OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {
-    "dpo": dpo,
-    "bpo": bpo,
-    "sft": sft,
-    "ipo": ipo,
-    "cdpo": cdpo,
-    "hinge": hinge,
-    "robust": robust,
-    "rpo": rpo,
-    "simpo": simpo,
-    "composite": composite,
+# the batch inputs an objective may take besides the log-probs, by parameter name
+INPUTS = ("num_tokens", "has_image")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An objective function and what it takes besides the policy's log-probs (B, K), declared, not read from its
+    signature: ``reference_free``, it takes no ``reference_logps`` and runs with no reference model (as torchtune's
+    ``is_reference_free``); ``inputs``, the batch inputs of `INPUTS` it takes, by name."""
+
+    fn: Callable[..., ObjectiveOutput]
+    reference_free: bool = False
+    inputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.inputs) - set(INPUTS)
+        if unknown:
+            raise ValueError(f"{self.fn.__name__}: unknown inputs {sorted(unknown)}; an objective may take {INPUTS}")
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "dpo": Objective(dpo),
+    "bpo": Objective(bpo),
+    "sft": Objective(sft, reference_free=True, inputs=("num_tokens",)),
+    "ipo": Objective(ipo),
+    "cdpo": Objective(cdpo),
+    "hinge": Objective(hinge),
+    "robust": Objective(robust),
+    "rpo": Objective(rpo, inputs=("num_tokens",)),
+    "simpo": Objective(simpo, reference_free=True, inputs=("num_tokens",)),
+    "composite": Objective(composite, inputs=("num_tokens", "has_image")),
 }
 # the answers each objective scores by default, in column order (composite: `composite_answers` of its terms)
 ANSWERS: dict[str, tuple[str, ...]] = {
@@ -293,11 +307,6 @@ ANSWER_CHOICES: dict[str, tuple[str, ...]] = {"sft": ("chosen", "rejected")}
 # Every other objective prefers some answers to others and logs its scores as rewards/*, whether or not it has
 # a reference model (simpo has none).
 LIKELIHOOD = frozenset({"sft"})
-
-
-def takes(objective: Callable[..., ObjectiveOutput], name: str) -> bool:
-    """Whether ``objective`` takes the input ``name`` (``reference_logps``, ``num_tokens``)."""
-    return name in inspect.signature(objective).parameters
 
 
 def resolve_answers(
@@ -322,3 +331,16 @@ def resolve_answers(
             f"objective.answers of {name} must be distinct answers among {list(allowed)}; got {list(answers)}"
         )
     return answers
+
+
+def data_needs(objective: Mapping[str, Any] | DictConfig) -> DataNeeds:
+    """What the data must carry for ``objective`` (the ``objective`` config node): the answers it scores
+    (`resolve_answers`: ``objective.answers`` checked, or the objective's own; a composite's follow from its terms)
+    and ``objective.corruption``, the corrupted image of ``chosen_corrupted``. The one place the data's columns are
+    derived from the objective; raises ValueError for a setting the objective refuses."""
+    if isinstance(objective, DictConfig):
+        objective = OmegaConf.to_container(objective, resolve=True)
+    if objective.get("name") not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective.get('name')!r}; available: {sorted(OBJECTIVES)}")
+    answers = resolve_answers(objective["name"], objective.get("answers"), objective.get("terms"))
+    return DataNeeds(answers, objective.get("corruption"))

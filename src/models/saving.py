@@ -3,16 +3,15 @@ the shards under FSDP / ZeRO-3; under PEFT the adapter beside a merged model), a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from src.data.encoding import PROMPT_FORMAT_FILE
+from src.data.prompt_format import PromptFormat
 from src.models.distributed import policy_state_dict
 from src.models.lora import is_peft, save_adapter_and_merged
 
 
-def save_trained(trainer: Any, module: Any, out_dir: Path, prompt_format: dict[str, Any]) -> Path | None:
+def save_trained(trainer: Any, module: Any, out_dir: Path, prompt_format: PromptFormat) -> Path | None:
     """Save the trained policy to ``out_dir/model`` (and a PEFT adapter to ``out_dir/adapter``), with
     ``prompt_format`` in `PROMPT_FORMAT_FILE` so an evaluation can check it builds prompts the same way.
 
@@ -29,5 +28,5 @@ def save_trained(trainer: Any, module: Any, out_dir: Path, prompt_format: dict[s
     else:
         module.policy.save_pretrained(model_dir, state_dict=state)
         module.processor.save_pretrained(model_dir)
-    (model_dir / PROMPT_FORMAT_FILE).write_text(json.dumps(prompt_format, indent=2))
+    prompt_format.write(model_dir)
     return model_dir

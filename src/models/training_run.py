@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from src.data.datamodule import check_data_paths, check_max_length
+from src.data.prompt_format import PromptFormat
 from src.data.readers import HF_FORMATS
 from src.errors import SettingError
 from src.models.factory import load_processor
@@ -75,7 +76,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_data_paths(cfg.data)
     check_model_source(cfg.model.get("name_or_path"), "model.name_or_path", cfg.model.get("revision"))
     # the processor alone (no weights): does data.max_length leave room for an answer after a picture?
-    check_max_length(cfg.data, load_processor(**cfg.model), cfg.model.get("system_prompt"))
+    check_max_length(cfg.data, load_processor(**cfg.model), PromptFormat.from_config(cfg.prompt_format))
 
 
 def check_memory(cfg: DictConfig, out_dir: Path) -> None:
