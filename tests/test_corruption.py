@@ -163,8 +163,8 @@ def test_reference_cache_key_follows_the_corrupted_image(tiny, tmp_path):
 
     def run(corruption):
         dm = datamodule(path, processor, corruption)
-        summary = precompute_reference_logps(model, [dm.train_set], pad, tmp_path / "ref")
-        return summary, {p.id: p.reference_logps for p in dm.train_set.pairs}
+        values, summary = precompute_reference_logps(model, [dm.train_set], pad, tmp_path / "ref")
+        return summary, {p.id: row for p, row in zip(dm.train_set.pairs, values[0], strict=True)}
 
     # noise: every seed gives other pixels (a small crop of a stand-in can be its plain background under two seeds)
     summary, first = run({"kind": "noise", "seed": 0})

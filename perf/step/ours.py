@@ -53,9 +53,11 @@ def ours_module(name: str, data: str, beta: float = BETA) -> tuple[Any, Any]:
 def precompute(module: Any, dm: Any, cache_dir: str) -> dict[str, Any]:
     from src.models.reference import precompute_reference_logps
 
-    return precompute_reference_logps(
+    values, summary = precompute_reference_logps(
         module.policy, [dm.train_set], module.pad_token_id, cache_dir, module.layout, PRECOMPUTE_BATCH_SIZE
     )
+    dm.train_set.set_reference_logps(values[0])
+    return summary
 
 
 def train_loop(module: Any, dm: Any, total_steps: int | None, optimizer: Any) -> tuple[list[Any], list[float]]:
