@@ -12,8 +12,6 @@ Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` in the run 
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
 import math
@@ -37,13 +35,12 @@ from src.errors import SettingError, exit_on_setting_error, run_hydra
 from src.evaluation.comparison import print_written
 from src.evaluation.judges import JudgeError
 from src.evaluation.reproduction import BASE, last_step, log_to_wandb, markdown, summarize, write_outputs
+from src.finished_runs import file_digests, finished, record_inputs
 from src.models.objectives import data_needs
 from src.settings import TRAIN, check_ranges
+from src.world.stage import WorldStage
 
 log = logging.getLogger("reproduce")
-
-
-WORLD_FILES = ("train", "helpful")  # the world's training files a base can learn from (base.world_data)
 
 
 class ReproduceError(SettingError):
@@ -57,6 +54,10 @@ class Reproduction:
         self.cfg = cfg
         self.out = Path(cfg.paths.output_dir)
         self.group = f"reproduce-{self.out.name}"
+        world = cfg.get("world")
+        self.world = (
+            None if world is None else WorldStage(OmegaConf.to_container(world, resolve=True), self.out, ReproduceError)
+        )
 
     # -- configs ---------------------------------------------------------------------------------
     def compose(self, name: str, overrides: list[str]) -> DictConfig:
@@ -69,18 +70,10 @@ class Reproduction:
 
     def world_data(self, name: str | None = None) -> list[str]:
         """The world's training file as every run's data (after the runs' own overrides, whose experiments name
-        other data), its pictures drawn at world.image_size (null: the model's input size, as in the evaluation).
-        The base trains on ``world/<base.world_data>.jsonl``: ``train`` (the training pairs) or ``helpful`` (the
-        same requests, each answered with help: a base that complies whatever the picture)."""
-        if self.cfg.get("world") is None:
+        other data): ``world/train.jsonl``, the base's ``world/<base.world_data>.jsonl`` (`WorldStage`)."""
+        if self.world is None:
             return []
-        file = "train"
-        if name == BASE:
-            file = self.cfg.base.get("world_data") or "train"
-            if file not in WORLD_FILES:
-                raise ReproduceError(f"base.world_data={file!r} must be one of {list(WORLD_FILES)}")
-        size = _value(self.cfg.world.image_size)
-        return ["data=jsonl", f"data.path={self.out / 'world' / f'{file}.jsonl'}", f"data.stand_in_size={size}"]
+        return self.world.data_overrides((self.cfg.base.get("world_data") or "train") if name == BASE else "train")
 
     def data_overrides(self) -> list[str]:
         return [*self.cfg.data_overrides, *self.world_data(), *self.command_line_data()]
@@ -126,8 +119,8 @@ class Reproduction:
             "missing_images": data.missing_images,
             "stand_in_size": data.stand_in_size or 336,
         }
-        if self.cfg.get("world") is not None:
-            return None, self.write_world()
+        if self.world is not None:
+            return None, self.world.write()
         held = self.cfg.heldout
         if held.eval_path:
             log.info("evaluating on %s; all of %s trains", held.eval_path, data.path)
@@ -152,64 +145,19 @@ class Reproduction:
         bench |= {"path": data.path, "format": data.format, "split": data.split, "ids_file": folder / "heldout_ids.txt"}
         return folder / "train_ids.txt", bench
 
-    def write_world(self) -> dict[str, Any]:
-        """The world's train.jsonl / heldout.jsonl / world.json in ``<out>/world``; returns its settings, which every
-        evaluation gets as ``world.*`` so that it draws the same held-out items. A folder holding a world of other
-        settings is refused: its runs trained on that world."""
-        from src.world.world import World
-
-        settings = self.world_settings()
-        world = World(settings)
-        folder = self.out / "world"
-        if (folder / "world.json").is_file():
-            before = json.loads((folder / "world.json").read_text())["settings"]
-            if before != world.summary()["settings"]:
-                raise ReproduceError(
-                    f"{folder} holds a world of other settings ({before}); start the comparison in a new folder"
-                )
-        world.write(folder)
-        self.world_summary = world.summary()
-        self.heldout_ids = {r.id for r in read_records(folder / "heldout.jsonl", "jsonl")}
-        log.info(
-            "world %s: %d training pairs, %d held-out items in %s",
-            settings.key(),
-            settings.train_size,
-            settings.heldout_size,
-            folder,
-        )
-        return self.world_summary["settings"]
-
-    def world_settings(self) -> Any:
-        from src.world.world import WorldSettings
-
-        try:
-            return WorldSettings.from_config(OmegaConf.to_container(self.cfg.world, resolve=True))
-        except ValueError as e:
-            raise ReproduceError(str(e)) from None
-
-    def check_world_items(self, out_dir: Path) -> None:
-        """The evaluation asked about exactly the written held-out items (its item ids are ``<record id>[/...]``)."""
-        lines = (out_dir / "generations.jsonl").read_text().splitlines()
-        asked = {json.loads(line)["id"].split("/", 1)[0] for line in lines if line.strip()}
-        if asked != self.heldout_ids:
-            raise ReproduceError(
-                f"{out_dir}: the evaluation's items are not the world's held-out items in {self.out / 'world'} "
-                f"({len(asked - self.heldout_ids)} not written, {len(self.heldout_ids - asked)} not asked)"
-            )
-
     def train(self, name: str, extra: list[str], seed: int, ids_file: Path | None) -> Path:
         from src.train import train
 
         run_dir = self.out / "runs" / name / f"seed{seed}"
         cfg = self.train_config([*extra, f"task_name=reproduce-{name}"], run_dir, seed, ids_file, name)
-        if _finished(run_dir, "model/config.json", cfg):
+        if finished(run_dir, "model/config.json", cfg, ReproduceError):
             log.info("%s seed %d: reusing %s", name, seed, run_dir)
             return run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("training %s (seed %d) -> %s", name, seed, run_dir)
         digests = file_digests(cfg)
         train(cfg)
-        _record_inputs(run_dir, digests)
+        record_inputs(run_dir, digests)
         return run_dir
 
     def base_model(self, ids_file: Path | None) -> str:
@@ -222,7 +170,7 @@ class Reproduction:
         from src.eval import evaluate
 
         out_dir = self.out / "eval" / name / (f"seed{seed}" if seed is not None else "")
-        if self.cfg.get("world") is not None:  # the world's benchmark regenerates its held-out items from these
+        if self.world is not None:  # the world's benchmark regenerates its held-out items from these
             overrides = ["benchmark=world", *[f"world.{k}={_value(v)}" for k, v in bench.items()]]
         else:
             overrides = ["benchmark=preference", *[f"benchmark.{k}={_value(v)}" for k, v in bench.items()]]
@@ -232,7 +180,7 @@ class Reproduction:
         cfg = self.compose("eval", overrides)
         # the prompts as the models were trained (set here, not as overrides: a system prompt is free text)
         cfg.prompt_format = self.format.to_dict()
-        if _finished(out_dir, "report.json", cfg):
+        if finished(out_dir, "report.json", cfg, ReproduceError):
             report = json.loads((out_dir / "report.json").read_text())
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,9 +188,9 @@ class Reproduction:
             log.info("evaluating %s%s on the held-out prompts", name, f" (seed {seed})" if seed is not None else "")
             digests = file_digests(cfg)
             report = evaluate(cfg)
-            _record_inputs(out_dir, digests)
-        if self.cfg.get("world") is not None:
-            self.check_world_items(out_dir)
+            record_inputs(out_dir, digests)
+        if self.world is not None:
+            self.world.check_items(out_dir)
         return report
 
     def check_judge(self) -> None:
@@ -268,7 +216,7 @@ class Reproduction:
         for name, extra in runs.items():
             cfg = self.train_config(extra, self.out, 0, None, name)
             check_ranges(cfg, TRAIN)  # an arm's numbers out of range: one line, before the first run trains
-            if self.cfg.get("world") is None:  # the world's data is written by the comparison itself
+            if self.world is None:  # the world's data is written by the comparison itself
                 check_data_paths(cfg.data)
             if name == BASE:  # the arms train from the base, whatever model their overrides name
                 key = "base.overrides: model.name_or_path"
@@ -276,12 +224,12 @@ class Reproduction:
 
     # -- the whole comparison ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        if self.cfg.get("world") is not None and self.cfg.judge_name != "world":
+        if self.world is not None and self.cfg.judge_name != "world":
             raise ReproduceError(f"the world is judged by its exact judge: judge_name=world, not {self.cfg.judge_name}")
-        if self.cfg.get("world") is not None and self.cfg.heldout.eval_path:
+        if self.world is not None and self.cfg.heldout.eval_path:
             raise ReproduceError("world and heldout.eval_path are both set: the world's held-out items evaluate")
-        if self.cfg.get("world") is not None:
-            self.world_settings()  # settings that cannot make a world fail before any training
+        if self.world is not None:
+            self.world.settings()  # settings that cannot make a world fail before any training
         equal = self.cfg.equal_budget
         if equal.enabled and not {equal.like, equal.objective} <= set(self.cfg.arms):
             raise ReproduceError(
@@ -312,71 +260,11 @@ class Reproduction:
         for name, runs in arms.items():
             reports[name] = {seed: self.evaluate(name, seed, str(d / "model"), base, bench) for seed, d in runs.items()}
         result = summarize(self.cfg, reports, arms, base) | {"data": self.data_settings, "environment": environment()}
-        if self.cfg.get("world") is not None:
-            result["world"] = self.world_summary  # settings, kinds (which are hazardous), held-out phrasings
+        if self.world is not None:
+            result["world"] = self.world.summary  # settings, kinds (which are hazardous), held-out phrasings
         write_outputs(self.out, result, arms)
         log_to_wandb(self.cfg, self.out, result)
         return result
-
-
-def _finished(out_dir: Path, marker: str, cfg: DictConfig) -> bool:
-    """Whether ``out_dir`` holds a finished run of exactly ``cfg`` (re-runs reuse it); a finished run of other
-    settings is an error, never silently reused or overwritten. A run of the same settings whose input files
-    (a judge prompt, a phrase list, a data file: see `file_digests`) changed since it ran is redone, with a warning."""
-    if not (out_dir / marker).is_file() or not (out_dir / "config.yaml").is_file():
-        return False
-    saved = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml"), resolve=True)
-    if saved != OmegaConf.to_container(cfg, resolve=True):
-        raise ReproduceError(
-            f"{out_dir} holds a finished run with other settings; start the comparison in a new folder "
-            "(the default: a new hydra.run.dir per call)"
-        )
-    if not (out_dir / INPUTS).is_file():
-        log.warning("%s: finished without a record of its input files' contents; redoing it", out_dir)
-        return False
-    before, now = json.loads((out_dir / INPUTS).read_text()), file_digests(cfg)
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    if changed:
-        log.warning("%s: the contents of %s changed since it ran; redoing it", out_dir, ", ".join(changed))
-        return False
-    return True
-
-
-INPUTS = "inputs.json"  # beside a finished run's config.yaml: the sha256 of every file its settings name
-
-
-def file_digests(cfg: DictConfig) -> dict[str, str]:
-    """``{setting: sha256}`` of every existing file a setting of ``cfg`` names (judge.prompt_file, a phrase list,
-    data.path, ids files), so a reused run had the same file contents, not only the same paths. Folders (models,
-    image roots, caches) are not hashed: generations are cached by their image inputs and models by fingerprint."""
-    out: dict[str, str] = {}
-
-    def walk(node: Any, key: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(node, list):
-            for i, v in enumerate(node):
-                walk(v, f"{key}[{i}]")
-        elif isinstance(node, str) and "\n" not in node and len(node) < 4096 and Path(node).is_file():
-            st = Path(node).stat()
-            out[key] = _sha256(str(Path(node).resolve()), st.st_size, st.st_mtime_ns)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
-
-
-@functools.lru_cache(maxsize=256)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """The file's sha256, read once per (path, size, mtime) in this process: every stage names the same data file.
-    Content, not size and mtime alone: an edit that keeps the size within the mtime resolution must not be reused."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _record_inputs(out_dir: Path, digests: dict[str, str]) -> None:
-    """Written after the run finished: an interrupted re-run leaves the old record, which then does not match."""
-    (out_dir / INPUTS).write_text(json.dumps(digests, indent=2, sort_keys=True))
 
 
 def _value(v: Any) -> str:

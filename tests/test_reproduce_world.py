@@ -39,7 +39,7 @@ def test_world_split_writes_the_world_that_every_run_trains_on(tmp_path):
     assert settings == OmegaConf.to_container(rep.cfg.world) and settings["seed"] == 3
     expected = World(WorldSettings(seed=3, train_size=24, heldout_size=6))
     assert [r.id for r in read_records(folder / "train.jsonl", "jsonl")] == [r.id for r in expected.train_records()]
-    assert rep.heldout_ids == {r.id for r in expected.heldout_records()}
+    assert rep.world.heldout_ids == {r.id for r in expected.heldout_records()}
     assert json.loads((folder / "world.json").read_text())["settings"] == settings
     for extra in (rep.cfg.base.overrides, *rep.cfg.arms.values()):  # each run's experiment names other data
         data = rep.train_config(list(extra), tmp_path / "run", 0, None).data
@@ -99,8 +99,8 @@ def test_every_evaluation_gets_every_world_setting_and_asks_the_written_items(tm
     assert len(seen) == 1  # the same settings again: reused
 
     # an evaluation that asked other items than the written held-out ones is an error, not a figure
-    first = next(iter(rep.heldout_ids))
-    rep.heldout_ids = rep.heldout_ids - {first}
+    first = next(iter(rep.world.heldout_ids))
+    rep.world.heldout_ids = rep.world.heldout_ids - {first}
     with pytest.raises(ReproduceError, match=r"eval/dpo/seed0: the evaluation's items are not the world's .*1 not"):
         rep.evaluate("dpo", 0, "runs/dpo/model", "base", settings)
 
