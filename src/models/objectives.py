@@ -64,7 +64,7 @@ def bpo(
     Inputs (B, 3): columns chosen, rejected, blind.
     """
     if policy_logps.shape[-1] < 3:
-        raise ValueError("bpo needs three answers per example (chosen, rejected, blind); set data.answers")
+        raise ValueError("bpo needs three answers per example (chosen, rejected, blind); set objective.answers")
     rewards = implicit_rewards(policy_logps, reference_logps, beta)
     dpo_term = -F.logsigmoid(rewards[:, CHOSEN] - rewards[:, REJECTED])
     blind_term = -F.logsigmoid(rewards[:, CHOSEN] - rewards[:, BLIND])
