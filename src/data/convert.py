@@ -1,7 +1,7 @@
-"""One raw record (an MMSafe-PO JSON object, a generic JSONL line, or a row of a Hugging Face dataset) into a
-`PreferenceRecord`. The file readers (`src.data.readers`) and the hub reader (`src.data.hub`) both convert with
-these functions, so a hub row and the matching JSON record give the same record; neither reader module imports
-the other's conversion code.
+"""One raw record (an MMSafe-PO JSON object, a generic JSONL line, a row of a Hugging Face dataset, or a row of a
+public preference set) into a `PreferenceRecord`. The file readers (`src.data.readers`), the hub reader
+(`src.data.hub`) and the public sets' reader (`src.data.public_sets`) convert with these functions, so a hub row
+and the matching JSON record give the same record; no reader module imports another's conversion code.
 """
 
 from __future__ import annotations
@@ -177,4 +177,22 @@ def generic_record(raw: Any, where: str, fallback_id: str) -> PreferenceRecord:
         rejected=rejected,
         blind=_answer(raw["blind"], "blind", where) if raw.get("blind") else None,
         meta={k: v for k, v in raw.items() if k not in known} | {"source_format": "jsonl"},
+    )
+
+
+def image_question_record(
+    rid: str, question: Any, image: str, chosen: Any, rejected: Any, meta: dict[str, Any], where: str
+) -> PreferenceRecord:
+    """A record of one question about one image with a chosen and a rejected answer (the public preference sets,
+    `src.data.public_sets`). The image goes before the question, where these sets' own training code puts it; an
+    ``<image>`` marker in the question is taken out. ``where`` names the row in errors."""
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: field 'question' must be a non-empty string, got {question!r:.60}")
+    turns, _ = _place_image([("user", question)], where)
+    if not turns[0].text:
+        raise DataError(f"{where}: field 'question' holds nothing but the {IMAGE_MARKER} marker")
+    chosen, rejected = _answer(chosen, "chosen", where), _answer(rejected, "rejected", where)
+    _check_differ(chosen, rejected, where)
+    return PreferenceRecord(
+        id=rid, turns=tuple(turns), image_turn=0, image=image, chosen=chosen, rejected=rejected, meta=meta
     )

@@ -29,7 +29,8 @@ class ReaderSettings:
     """Where the records come from and how they are split.
 
     ``path`` (and ``val_path``): a data file, a folder saved by ``datasets``, or a hub id (``format=hf``; ``split``,
-    ``val_split``, ``revision``, and ``image_dir`` where its embedded images are written). ``image_root``: where
+    ``val_split``, ``revision``, and ``image_dir`` where its embedded images are written), or a local copy of a public
+    set (``format=spa_vl`` / ``rlaif_v``: ``split``, ``val_split``, ``image_dir`` likewise). ``image_root``: where
     relative image paths are looked up; ``missing_images``: error | render (a stand-in of ``stand_in_size``
     pixels, null: the processor's input size). ``ids_file`` / ``max_records``: records left out on purpose.
     ``val_fraction`` of the source conversations is held out (by ``split_seed``) unless ``val_path`` is given.

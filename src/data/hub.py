@@ -12,7 +12,8 @@ embedded image (a ``datasets.Image`` value, raw bytes, or a PIL image) is writte
 ``image_dir/<dataset>/<split>/<record id>.png`` and the record points at that absolute path. Embedded PNG
 bytes are copied as they are (and reused when a file of the same size is there); other encodings are
 converted to PNG, tagged with a fingerprint of the source bytes, and reused when the tag matches, so a
-second read of a large data set neither decodes nor writes anything.
+second read of a large data set neither decodes nor writes anything (`store_png`). `ContentImages` writes them the
+same way under names made from their content, for data sets whose rows share pictures (`src.data.public_sets`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def read_hf_dataset(
         raise DataError(f"unknown Hugging Face data format {format!r}; use one of {HF_SUBFORMATS}")
     dataset = load_hf_split(path, split, revision, prefix)
     label = f"{path} (split {split})"
-    dataset = _prepare(dataset, label)
+    dataset = undecoded_images(dataset, label)
     if format == "auto":
         format = detect_format(dataset)
         log.info("%s: detected format %s", label, format)
@@ -159,7 +160,7 @@ def detect_format(dataset: Any, sample: int = 20) -> str:
     return "jsonl"
 
 
-def _prepare(dataset: Any, label: str) -> Any:
+def undecoded_images(dataset: Any, label: str) -> Any:
     """Read the image column undecoded (bytes, no PIL round trip); drop other image columns."""
     import datasets
 
@@ -215,26 +216,75 @@ class _ImageWriter:
 
     def write(self, value: Any, record_id: str, where: str) -> Path:
         target = self.target(record_id, where)
-        source = _source_bytes(value, where)
-        if source is not None and source.startswith(_PNG_MAGIC):
-            data = source  # already PNG: copied as is
-            if target.is_file() and target.stat().st_size == len(data):
-                self.reused += 1
-                return target
-        elif source is not None:
-            tag = f"{len(source)}:{hashlib.sha256(source).hexdigest()}"
-            if target.is_file() and _png_tag(target) == tag:
-                self.reused += 1
-                return target
-            data = _to_png(_open(source, where), tag)
-        else:  # a decoded PIL image
-            data = _to_png(value, None)
-            if target.is_file() and target.stat().st_size == len(data):
-                self.reused += 1
-                return target
-        write_atomic(target, data)
-        self.written += 1
+        if store_png(value, target, where):
+            self.written += 1
+        else:
+            self.reused += 1
         return target
+
+
+class ContentImages:
+    """Embedded images written once each as PNG files under ``image_dir/<name>/``, named by a hash of their bytes: a
+    picture that several rows share (several questions about one image) is one file, written by the first of them.
+
+    ``target`` names the file of an image (and its key, by which rows of one picture are grouped); ``store`` writes
+    it, or finds it there already; ``written`` / ``reused`` count both. ``prefix`` names the image_dir setting in
+    errors (``data`` for training, ``benchmark`` for an evaluation).
+    """
+
+    def __init__(self, image_dir: str | Path | None, name: str, prefix: str = "data"):
+        self.prefix = prefix
+        self.folder = Path(image_dir).expanduser().resolve() / name if image_dir else None
+        self.written = 0
+        self.reused = 0
+        self._stored: set[str] = set()  # keys written or found in this read
+
+    def target(self, value: Any, where: str) -> tuple[Path, str]:
+        """(the file the image is written to, its content key); a `DataError` naming ``where`` for a value that is
+        no image, or with no image_dir set (then a setting is wrong, not the row: the caller raises it always)."""
+        if self.folder is None:
+            raise DataError(
+                f"{where}: the image is embedded in the data set and must be written to a file; set "
+                f"{self.prefix}.image_dir (image_dir=...) to a writable folder"
+            )
+        source = _source_bytes(value, where)
+        data = source if source is not None else _to_png(value, None)
+        key = hashlib.sha256(data).hexdigest()[:32]
+        return self.folder / f"{key}.png", key
+
+    def store(self, value: Any, target: Path, key: str, where: str) -> None:
+        """Write the image of ``key`` to ``target`` (from `target`), unless this read or an earlier one did."""
+        if key not in self._stored and store_png(value, target, where):
+            self.written += 1
+        else:
+            self.reused += 1
+        self._stored.add(key)
+
+
+def store_png(value: Any, target: Path, where: str) -> bool:
+    """Write an embedded image (encoded bytes, ``{'bytes', 'path'}``, or a decoded PIL image) to ``target`` as PNG;
+    False, writing nothing, where the file there already holds it.
+
+    PNG bytes are copied as they are (a file of the same size there is taken to be them); other encodings are
+    decoded (within the image bounds) and converted, the file tagged with a fingerprint of the source bytes, and
+    reused when the tag matches, so that a second read of a large data set neither decodes nor writes anything.
+    """
+    source = _source_bytes(value, where)
+    if source is not None and source.startswith(_PNG_MAGIC):
+        data = source  # already PNG: copied as is
+        if target.is_file() and target.stat().st_size == len(data):
+            return False
+    elif source is not None:
+        tag = f"{len(source)}:{hashlib.sha256(source).hexdigest()}"
+        if target.is_file() and _png_tag(target) == tag:
+            return False
+        data = _to_png(_open(source, where), tag)
+    else:  # a decoded PIL image
+        data = _to_png(value, None)
+        if target.is_file() and target.stat().st_size == len(data):
+            return False
+    write_atomic(target, data)
+    return True
 
 
 def _source_bytes(value: Any, where: str) -> bytes | None:

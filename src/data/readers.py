@@ -14,7 +14,8 @@ Generic JSONL, one object per line::
 ``messages`` for single-turn records. ``group`` names the source conversation for grouped splits.
 
 The same two formats are read from Hugging Face `datasets` (hub ids or ``save_to_disk`` folders, with
-embedded images) by `src.data.hub.read_hf_dataset`; `read_records` dispatches to it for ``format=hf``.
+embedded images) by `src.data.hub.read_hf_dataset`; `read_records` dispatches to it for ``format=hf``, and to
+`src.data.public_sets.read_public_set` for the public sets SPA-VL and RLAIF-V in their own layouts.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def read_jsonl(path: str | Path, problems: list[str] | None = None) -> list[Pref
 
 
 HF_FORMATS = ("hf", "hf_mmsafe_po", "hf_jsonl")  # Hugging Face `datasets`: auto, MMSafe-PO, generic
-FORMATS = ("auto", "mmsafe_po", "jsonl") + HF_FORMATS
+PUBLIC_FORMATS = ("spa_vl", "rlaif_v")  # local copies of public preference sets in their own layouts
+FORMATS = ("auto", "mmsafe_po", "jsonl") + HF_FORMATS + PUBLIC_FORMATS
 # files `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write into their folder
 HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
@@ -99,12 +101,15 @@ def read_records(
     problems: list[str] | None = None,
     prefix: str = "data",
 ) -> list[PreferenceRecord]:
-    """Read a data set; ``format`` is ``mmsafe_po``, ``jsonl``, ``hf``, ``hf_mmsafe_po``, ``hf_jsonl`` or ``auto``.
+    """Read a data set; ``format`` is ``mmsafe_po``, ``jsonl``, ``hf``, ``hf_mmsafe_po``, ``hf_jsonl``, ``spa_vl``,
+    ``rlaif_v`` or ``auto``.
 
     ``auto`` picks ``hf`` for a folder written by ``save_to_disk``, else goes by the file extension.
     The ``hf*`` formats read a Hugging Face data set (a hub id or a local folder, see
     `src.data.hub.read_hf_dataset`): ``split`` (default ``train``), ``image_dir`` (where embedded
-    images are written as PNG files) and ``revision`` apply to them only. With a ``problems`` list, each bad
+    images are written as PNG files) and ``revision`` apply to them only. ``spa_vl`` and ``rlaif_v`` read a local
+    copy of SPA-VL or RLAIF-V in the layout its publisher ships (`src.data.public_sets`), with ``split`` and
+    ``image_dir`` as above. With a ``problems`` list, each bad
     record is described there (one entry per record) and skipped instead of raising (`validate.py`,
     ``data.on_error=skip``); a file that cannot be read at all always raises. Errors name the settings to
     change as ``<prefix>.path`` etc. (``data`` for training, ``benchmark`` for an evaluation).
@@ -129,6 +134,13 @@ def read_records(
         )
         if not records:
             raise DataError(f"{path} (split {split or 'train'}): no records")
+        return records
+    if format in PUBLIC_FORMATS:
+        from src.data.public_sets import read_public_set  # reads parquet through pyarrow: only when needed
+
+        records = read_public_set(path, format, split, image_dir, problems, prefix)
+        if not records:
+            raise DataError(f"{path} ({format}, split {split or 'train'}): no records")
         return records
     path = Path(path)
     problem = file_problem(path)  # looked at, not opened: a FIFO would block the read for ever

@@ -132,8 +132,8 @@ def check_images(name: str, resolver: ImageResolver, items: Sequence[Any]) -> in
 
 class PreferenceSet(Benchmark):
     """Preference data as a benchmark: every record's prompt is answered; its chosen / rejected answers are the
-    references (pairwise and reward accuracy). Any format the training readers take (``format``: auto,
-    mmsafe_po, jsonl, hf); ``ids_file`` keeps only the listed records (e.g. a held-out split). As in training,
+    references (pairwise and reward accuracy). Any format the training readers take (``format``: auto, mmsafe_po,
+    jsonl, hf, spa_vl, rlaif_v); ``ids_file`` keeps only the listed records (e.g. a held-out split). As in training,
     relative image paths are looked up under ``image_root``, or (None) in the data file's folder; embedded images
     of hub data sets are written as files under ``image_dir``."""
 
