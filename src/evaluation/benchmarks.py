@@ -6,7 +6,8 @@ Every class is built by Hydra from ``configs/benchmark/*.yaml`` with plain keywo
 Readers fail on bad input with the file and the record named, and name the settings to change by their
 ``benchmark.*`` keys; they never skip a record. Truncation
 (``max_items`` / ``max_per_scenario``) keeps the first N in a fixed order and is logged. The benchmarks with harmless
-items beside harmful ones (MSSBench, MOSSBench: safety beside over-refusal) are in ``src.evaluation.two_sided``.
+items beside harmful ones (MSSBench, MOSSBench: safety beside over-refusal) are in ``src.evaluation.two_sided``, and
+VLGuard in ``src.evaluation.vlguard``.
 """
 
 from __future__ import annotations
