@@ -11,7 +11,7 @@ import pytest
 from datasets import DatasetDict
 from PIL import Image as PILImage
 
-from src.data.datamodule import PreferenceDataModule, grouped_split, split_problem
+from src.data.datamodule import PreferenceDataModule, check_data_paths, grouped_split, split_problem
 from src.data.readers import read_records
 from src.data.records import DataError
 from src.evaluation.items import HELP, REFUSE
@@ -143,6 +143,9 @@ def test_what_cannot_be_read_at_all_always_raises(tmp_path):
     images = tmp_path / "images"
     with pytest.raises(DataError, match=r"huggingface-cli download --repo-type dataset sqrti/SPA-VL"):
         read_records(tmp_path / "elsewhere", "spa_vl", image_dir=images)
+    # training checks the path before any model loads, with the same advice
+    with pytest.raises(DataError, match=r"data file not found \(data\.path; RLAIF-V is read from a local copy"):
+        check_data_paths({"path": str(tmp_path / "elsewhere"), "format": "rlaif_v"})
     with pytest.raises(DataError, match=r"no preference split 'harm'; set data\.split to one of"):
         read_records(root, "spa_vl", split="harm", image_dir=images, problems=[])
     with pytest.raises(DataError, match=r"harm-00000-of-00001\.parquet: no column\(s\) \['chosen', 'rejected'\]"):

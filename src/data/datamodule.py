@@ -21,7 +21,8 @@ from src.data.dataset import EpochShuffle, PreferenceDataset
 from src.data.encoding import EncodeStats, PromptEncoder, collate_pairs
 from src.data.images import Drawer, ImageResolver, check_corruption
 from src.data.prompt_format import PromptFormat
-from src.data.readers import HF_FORMATS, keep_listed, read_records
+from src.data.public_sets import download_advice
+from src.data.readers import HF_FORMATS, PUBLIC_FORMATS, keep_listed, read_records
 from src.data.records import DataError, PreferenceRecord, Turn
 from src.errors import SettingError
 from src.files import EMPTY, NOT_FOUND, file_problem
@@ -58,10 +59,10 @@ def check_data_paths(data: Any) -> None:
         for key, path in files:
             problem = file_problem(str(path)) if path else None
             if problem == NOT_FOUND:
-                raise DataError(
-                    f"{path}: data file not found ({key}; set it to an existing file, or data.format=hf for a "
-                    "Hugging Face dataset id)"
-                )
+                advice = "set it to an existing file, or data.format=hf for a Hugging Face dataset id"
+                if data.get("format") in PUBLIC_FORMATS:
+                    advice = download_advice(data.get("format"), key)
+                raise DataError(f"{path}: data file not found ({key}; {advice})")
             # a FIFO or a device is refused here, never read; a folder may be a data set saved by save_to_disk
             if problem not in (None, EMPTY) and not Path(str(path)).is_dir():
                 raise DataError(f"{path}: the data file is {problem} ({key})")

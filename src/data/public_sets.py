@@ -113,6 +113,15 @@ SETS = {
 }
 
 
+def download_advice(format: str, key: str) -> str:
+    """How to get a local copy of the public set ``format`` and point the setting ``key`` at it."""
+    spec = SETS[format]
+    return (
+        f"{spec.title} is read from a local copy: download it once with `huggingface-cli download --repo-type "
+        f"dataset {spec.hub_id} --local-dir DIR` and set {key}=DIR"
+    )
+
+
 def read_public_set(
     path: str | Path,
     format: str,
@@ -130,10 +139,7 @@ def read_public_set(
     split = split or "train"
     local = Path(path).expanduser()
     if not local.exists():
-        raise DataError(
-            f"{path}: not found. {spec.title} is read from a local copy: download it once with `huggingface-cli "
-            f"download --repo-type dataset {spec.hub_id} --local-dir DIR` and set {prefix}.path=DIR"
-        )
+        raise DataError(f"{path}: not found. {download_advice(format, f'{prefix}.path')}")
     if image_dir is None:  # a setting, not a row, is wrong: raises even when skipping
         raise DataError(
             f"{path}: {spec.title} embeds its images in the data; set {prefix}.image_dir (image_dir=...) to a "
@@ -212,9 +218,8 @@ def _split_files(folder: Path, spec: PublicSet, split: str, prefix: str) -> list
     files = sorted(folder.glob(pattern)) or sorted(folder.glob("*.parquet"))
     if not files:
         raise DataError(
-            f"{folder}: no parquet files of split {split!r} ({pattern}) and none directly in the folder. Download "
-            f"{spec.title} with `huggingface-cli download --repo-type dataset {spec.hub_id} --local-dir DIR` and set "
-            f"{prefix}.path=DIR, or point it at a parquet file"
+            f"{folder}: no parquet files of split {split!r} ({pattern}) and none directly in the folder. "
+            f"{download_advice(spec.name, f'{prefix}.path')}, or point it at a parquet file"
         )
     return files
 
