@@ -1,4 +1,4 @@
-"""LLaVA-NeXT and Qwen2-VL-class models through the same data, scoring, generation and training code."""
+"""LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL-class models through the same data, scoring, generation and training code."""
 
 import pytest
 import torch
@@ -26,7 +26,7 @@ RECORDS = [
 SIZES = {"a": (48, 24), "b": (24, 48)}  # different aspect ratios: LLaVA-NeXT picks different tile grids
 
 
-FAMILIES = ["llava_next", "qwen2_vl"]
+FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

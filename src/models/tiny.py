@@ -269,30 +269,7 @@ def build_tiny_qwen2_vl(
 
     tokenizer = build_tokenizer(vocab_size, QWEN_SPECIAL)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    head_dim = hidden_size // num_heads
-    quarter = head_dim // 8
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": False,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [
-                head_dim // 2 - 2 * (quarter + quarter // 2),
-                quarter + quarter // 2,
-                quarter + quarter // 2,
-            ],
-        },
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    text = _tiny_qwen_text(tokenizer, hidden_size, num_layers, num_heads)
     vision = {
         "depth": 2,
         "embed_dim": 32,
@@ -324,6 +301,106 @@ def build_tiny_qwen2_vl(
     return model, processor
 
 
+# Qwen2.5-VL-Instruct's conversation format: ChatML with vision markers, opened by its default system message when
+# the conversation has none (what its chat template renders for system, user and assistant turns of text and
+# images)
+QWEN2_5_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen2_5_vl(
+    seed: int = 0,
+    vocab_size: int = 2048,
+    image_size: int = 56,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """A tiny Qwen2.5-VL-class model: ViT with window attention (full attention in its last layer), SwiGLU MLPs
+    and RMSNorm, 2x2 patch merging into the language model's width, multimodal rotary positions, ChatML with
+    Qwen2.5-VL's default system message."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorPil,
+    )
+
+    tokenizer = build_tokenizer(vocab_size, QWEN_SPECIAL)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": hidden_size,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,  # 2 x 2 merged patches a window: a 56 x 112 picture has two
+        "fullatt_block_indexes": [1],
+        "tokens_per_second": 2,
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=_tiny_qwen_text(tokenizer, hidden_size, num_layers, num_heads),
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(seed, Qwen2_5_VLForConditionalGeneration, config)
+    _generation_ids(model, tokenizer)
+    pixels = image_size * image_size
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    processor = _image_only_qwen2_vl_processor(Qwen2_5_VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_5_CHAT_TEMPLATE
+    )
+    return model, processor
+
+
+def _tiny_qwen_text(tokenizer, hidden_size: int, num_layers: int, num_heads: int) -> dict[str, Any]:
+    """The text config of the tiny Qwen-VL models: Qwen2 with multimodal rotary positions (time, height, width)."""
+    head_dim = hidden_size // num_heads
+    quarter = head_dim // 8
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [
+                head_dim // 2 - 2 * (quarter + quarter // 2),
+                quarter + quarter // 2,
+                quarter + quarter // 2,
+            ],
+        },
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def _image_only_qwen2_vl_processor(base: type) -> type:
     """Qwen2-VL's processor without its video processor, which needs torchvision (not installed here).
 
@@ -347,7 +424,12 @@ def _generation_ids(model, tokenizer) -> None:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
-TINY_FAMILIES = {"llava": "build_tiny_llava", "llava_next": "build_tiny_llava_next", "qwen2_vl": "build_tiny_qwen2_vl"}
+TINY_FAMILIES = {
+    "llava": "build_tiny_llava",
+    "llava_next": "build_tiny_llava_next",
+    "qwen2_vl": "build_tiny_qwen2_vl",
+    "qwen2_5_vl": "build_tiny_qwen2_5_vl",
+}
 
 
 def build_tiny(family: str = "llava", **kwargs: Any) -> tuple[Any, Any]:
