@@ -1,11 +1,12 @@
-"""LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL-class models through the same data, scoring, generation and training code."""
+"""LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL-class models through the same data, scoring, generation
+and training code."""
 
 import pytest
 import torch
 
 from src.data.encoding import PromptEncoder, collate_pairs
 from src.data.images import render_stand_in
-from src.data.records import PreferenceRecord, Turn
+from src.data.records import DataError, PreferenceRecord, Turn
 from src.models.generation import AnswerGenerator, GenerationSettings
 from src.models.logprobs import add_token_types, answer_logprobs, resolve_layout
 from src.models.tiny import build_tiny
@@ -26,7 +27,7 @@ RECORDS = [
 SIZES = {"a": (48, 24), "b": (24, 48)}  # different aspect ratios: LLaVA-NeXT picks different tile grids
 
 
-FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -177,7 +178,7 @@ def test_packed_equals_padded_per_backend(name, impl):
 
 
 @pytest.mark.slow  # flex runs transformers' torch.compile'd kernel, ~30 s to build per input shape on CPU
-@pytest.mark.parametrize("name", ["llava_next"])
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
 def test_flex_packed_equals_padded(name):
     """Under flex attention the packed row's BlockMask keeps each answer to its prompt; the padded figures come from
     an sdpa twin with the same weights (torch's CPU flex kernel and the padded layout: tests/test_packed.py)."""
@@ -197,3 +198,33 @@ def test_flex_packed_equals_padded(name):
         packed = answer_logprobs(model.eval(), batch, pad, "packed")
         padded = answer_logprobs(twin.eval(), batch, pad, "padded")
     assert torch.allclose(packed, padded, atol=1e-4, rtol=0), (packed - padded).abs().max()
+
+
+def test_onevision_template_that_opens_answers_otherwise_is_fitted(caplog):
+    """llava-hf's LLaVA-OneVision template writes a space after every role, the assistant's included, but its
+    generation prompt has none: prompts without earlier answers stay, assistant turns open as the generation prompt
+    does."""
+    from src.models.factory import fit_chat_template
+
+    _, processor = build_tiny("llava_onevision")
+    hub_like = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+        "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ '\\n' + item['text'] }}{% endif %}"
+        "{% endfor %}<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    record = RECORDS[1]  # one question: no assistant turn in its prompt
+    enc = PromptEncoder(processor, max_length=1024)
+    fitted = enc.prompt_text(record)
+    processor.chat_template = hub_like
+    assert enc.prompt_text(record) == fitted  # the same prompts
+    with pytest.raises(DataError, match="renders the prompt differently"):
+        enc.encode(record, image_for(record.id))
+    with caplog.at_level("WARNING"):
+        assert fit_chat_template(processor) is processor
+    assert "assistant turns opened as the generation prompt" in caplog.text
+    pair = enc.encode(record, image_for(record.id))
+    assert processor.tokenizer.decode(pair.answer_ids[0]) == "No.<|im_end|></s>"
+    caplog.clear()
+    fit_chat_template(processor)  # a template that agrees is left alone
+    assert not caplog.text

@@ -21,7 +21,7 @@ EMBEDDED = ROOT / "src" / "data" / "embedded" / "safety_pairs.jsonl"
 IMAGE = render_stand_in("a padlock", 48).resize((48, 24))  # not square: LLaVA-NeXT picks a tile grid by it
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
 def family(request):
     model, processor = build_tiny(request.param)
     return request.param, model.eval(), processor

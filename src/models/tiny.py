@@ -1,9 +1,12 @@
-"""A tiny LLaVA of the real class, built from config with no download.
+"""Tiny models of the real classes, built from config with no download.
 
 `LlavaForConditionalGeneration` (small CLIP vision tower + small Llama) with a byte-level BPE tokenizer
 trained offline on a fixed corpus, and a processor whose chat template renders conversations the way
 llava-1.5 does (``USER: <image>\\n... ASSISTANT: ...``). The same code paths (processor, chat template,
-image-token expansion, generation, save/reload) run for it as for `llava-hf/llava-1.5-7b-hf`.
+image-token expansion, generation, save/reload) run for it as for `llava-hf/llava-1.5-7b-hf`. The other
+families (`TINY_FAMILIES`) are built the same way, each with its real model and processor classes and its
+family's chat template: LLaVA-NeXT (any-resolution tiles), LLaVA-OneVision (tiles over SigLIP, Qwen2, ChatML),
+Qwen2-VL and Qwen2.5-VL (patch-merging ViTs, multimodal rotary positions, ChatML with vision markers).
 """
 
 from __future__ import annotations
@@ -373,6 +376,127 @@ def build_tiny_qwen2_5_vl(
     return model, processor
 
 
+# LLaVA-OneVision's conversation format as llava-hf's chat template renders prompts (``<|im_start|>user <image>\n
+# ...<|im_end|>``: a space after the role, a turn's images first, then each text after a newline, no newline between
+# turns; the generation prompt ``<|im_start|>assistant\n``), with one change: an assistant turn opens as the
+# generation prompt does. llava-hf's renders it ``<|im_start|>assistant \n...``, so a prompt followed by an answer
+# would not start with the prompt alone and no answer could be told from its prompt (`fit_chat_template`).
+ONEVISION_SPECIAL = ("<|im_start|>", "<|im_end|>", "<video>")
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% else %}<|im_start|>{{ message['role'] }} "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ '\n' + item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_llava_onevision(
+    seed: int = 0,
+    vocab_size: int = 2048,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """A tiny LLaVA-OneVision: any-resolution tiles (up to 3 x 3, cut to at most 4 tiles' features as
+    ``anyres_max_9`` cuts the real one's 6 x 6 to 9) over a SigLIP tower, Qwen2 text model, ChatML."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = build_tokenizer(vocab_size, ONEVISION_SPECIAL)
+    grid = [[image_size * i, image_size * j] for i in (1, 2, 3) for j in (1, 2, 3)]
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=grid,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_4",
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(seed, LlavaOnevisionForConditionalGeneration, config)
+    _generation_ids(model, tokenizer)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=grid,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor = _image_only_onevision_processor(LlavaOnevisionProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=ONEVISION_CHAT_TEMPLATE,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_4",
+    )
+    return model, processor
+
+
+def _image_only_onevision_processor(base: type) -> type:
+    """LLaVA-OneVision's processor without its video processor, which needs torchvision (not installed here); the
+    real checkpoint loads its full processor through AutoProcessor where torchvision exists."""
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyLlavaOnevisionProcessor(base):
+        def __init__(
+            self,
+            image_processor=None,
+            tokenizer=None,
+            chat_template=None,
+            num_image_tokens=None,
+            vision_feature_select_strategy=None,
+            vision_aspect_ratio="anyres_max_9",
+            **kwargs,
+        ):
+            self.num_image_tokens = num_image_tokens
+            self.vision_feature_select_strategy = vision_feature_select_strategy
+            self.vision_aspect_ratio = vision_aspect_ratio
+            self.image_token, self.video_token = IMAGE_TOKEN, "<video>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnlyLlavaOnevisionProcessor
+
+
 def _tiny_qwen_text(tokenizer, hidden_size: int, num_layers: int, num_heads: int) -> dict[str, Any]:
     """The text config of the tiny Qwen-VL models: Qwen2 with multimodal rotary positions (time, height, width)."""
     head_dim = hidden_size // num_heads
@@ -427,6 +551,7 @@ def _generation_ids(model, tokenizer) -> None:
 TINY_FAMILIES = {
     "llava": "build_tiny_llava",
     "llava_next": "build_tiny_llava_next",
+    "llava_onevision": "build_tiny_llava_onevision",
     "qwen2_vl": "build_tiny_qwen2_vl",
     "qwen2_5_vl": "build_tiny_qwen2_5_vl",
 }
