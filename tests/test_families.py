@@ -201,30 +201,29 @@ def test_flex_packed_equals_padded(name):
 
 
 def test_onevision_template_that_opens_answers_otherwise_is_fitted(caplog):
-    """llava-hf's LLaVA-OneVision template writes a space after every role, the assistant's included, but its
-    generation prompt has none: prompts without earlier answers stay, assistant turns open as the generation prompt
-    does."""
+    """An earlier llava-hf LLaVA-OneVision template writes a space after every role, the assistant's included, but
+    its generation prompt has none, so no answer can be told from its prompt: it is replaced by the current one."""
     from src.models.factory import fit_chat_template
 
     _, processor = build_tiny("llava_onevision")
-    hub_like = (
+    earlier = (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
         "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% endif %}{% endfor %}"
         "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ '\\n' + item['text'] }}{% endif %}"
         "{% endfor %}<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    record = RECORDS[1]  # one question: no assistant turn in its prompt
+    record = RECORDS[0]
     enc = PromptEncoder(processor, max_length=1024)
-    fitted = enc.prompt_text(record)
-    processor.chat_template = hub_like
-    assert enc.prompt_text(record) == fitted  # the same prompts
+    current = enc.prompt_text(record)
+    assert current.endswith("<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n")
+    caplog.clear()
+    assert fit_chat_template(processor) is processor and not caplog.text  # a template that agrees: left alone
+    processor.chat_template = earlier
     with pytest.raises(DataError, match="renders the prompt differently"):
         enc.encode(record, image_for(record.id))
     with caplog.at_level("WARNING"):
         assert fit_chat_template(processor) is processor
-    assert "assistant turns opened as the generation prompt" in caplog.text
+    assert "llava-hf's current ChatML template" in caplog.text
+    assert enc.prompt_text(record) == current
     pair = enc.encode(record, image_for(record.id))
-    assert processor.tokenizer.decode(pair.answer_ids[0]) == "No.<|im_end|></s>"
-    caplog.clear()
-    fit_chat_template(processor)  # a template that agrees is left alone
-    assert not caplog.text
+    assert processor.tokenizer.decode(pair.answer_ids[0]) == "I can't help with that.<|im_end|></s>"

@@ -155,19 +155,19 @@ def _answer_follows_prompt(processor: Any) -> bool:
 
 def fit_chat_template(processor: Any) -> Any:
     """A LLaVA-OneVision processor whose chat template opens an assistant turn otherwise than its generation prompt
-    gets the project's version of it (`src.models.tiny.ONEVISION_CHAT_TEMPLATE`: the same prompts).
+    gets llava-hf's current one (`src.models.tiny.ONEVISION_CHAT_TEMPLATE`, ChatML).
 
-    llava-hf's template renders the generation prompt ``<|im_start|>assistant\\n`` but an assistant turn
-    ``<|im_start|>assistant \\n...``: no prompt followed by an answer would start with the prompt alone, and every
-    record would be rejected (the encoder tells an answer's tokens from its prompt's that way). Other processors,
-    and one whose template already agrees, are returned as they are."""
+    An earlier llava-hf template writes ``<|im_start|>assistant \\n...`` for an assistant turn (a space after every
+    role) but ``<|im_start|>assistant\\n`` as the generation prompt: no prompt followed by an answer would start with
+    the prompt alone, and every record would be rejected (the encoder tells an answer's tokens from its prompt's that
+    way). Other processors, and one whose template agrees, are returned as they are."""
     from transformers import LlavaOnevisionProcessor
 
     if not isinstance(processor, LlavaOnevisionProcessor) or _answer_follows_prompt(processor):
         return processor
     log.warning(
-        "LLaVA-OneVision's chat template opens an assistant turn otherwise than its generation prompt; using the "
-        "same template with assistant turns opened as the generation prompt (src/models/tiny.py)"
+        "LLaVA-OneVision's chat template opens an assistant turn otherwise than its generation prompt; using "
+        "llava-hf's current ChatML template (src/models/tiny.py)"
     )
     processor.chat_template = ONEVISION_CHAT_TEMPLATE
     return processor

@@ -376,20 +376,14 @@ def build_tiny_qwen2_5_vl(
     return model, processor
 
 
-# LLaVA-OneVision's conversation format as llava-hf's chat template renders prompts (``<|im_start|>user <image>\n
-# ...<|im_end|>``: a space after the role, a turn's images first, then each text after a newline, no newline between
-# turns; the generation prompt ``<|im_start|>assistant\n``), with one change: an assistant turn opens as the
-# generation prompt does. llava-hf's renders it ``<|im_start|>assistant \n...``, so a prompt followed by an answer
-# would not start with the prompt alone and no answer could be told from its prompt (`fit_chat_template`).
+# LLaVA-OneVision's conversation format as llava-hf's chat template renders it: ChatML, a turn's images first (each
+# ``<image>`` on a line of its own), then its text; no default system message
 ONEVISION_SPECIAL = ("<|im_start|>", "<|im_end|>", "<video>")
 ONEVISION_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% else %}<|im_start|>{{ message['role'] }} "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ '\n' + item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>{% endfor %}"
+    "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
