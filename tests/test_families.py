@@ -1,5 +1,5 @@
-"""LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL-class models through the same data, scoring, generation
-and training code."""
+"""LLaVA-NeXT, LLaVA-OneVision, Idefics3, Qwen2-VL and Qwen2.5-VL-class models through the same data, scoring,
+generation and training code."""
 
 import pytest
 import torch
@@ -27,7 +27,7 @@ RECORDS = [
 SIZES = {"a": (48, 24), "b": (24, 48)}  # different aspect ratios: LLaVA-NeXT picks different tile grids
 
 
-FAMILIES = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava_next", "llava_onevision", "idefics3", "qwen2_vl", "qwen2_5_vl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -138,8 +138,7 @@ def test_two_image_packed_equals_padded(family):
 def test_packed_equals_padded_per_backend(name, impl):
     """Records with images of two aspect ratios, a text-only one and a column under a second image: the packed
     layout (sdpa: one row, record by record; eager: a row per record) gives the padded layout's log-probs, loss and
-    gradients. flex attention: transformers refuses it for Qwen-VL models; LLaVA-NeXT's is the LLaVA path that
-    tests/test_packed.py checks."""
+    gradients. flex attention: `test_flex_packed_equals_padded` (transformers refuses it for Qwen-VL models)."""
     from src.models.objectives import bpo
 
     model, processor = build_tiny(name, attn_implementation=impl)
@@ -178,7 +177,7 @@ def test_packed_equals_padded_per_backend(name, impl):
 
 
 @pytest.mark.slow  # flex runs transformers' torch.compile'd kernel, ~30 s to build per input shape on CPU
-@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "idefics3"])
 def test_flex_packed_equals_padded(name):
     """Under flex attention the packed row's BlockMask keeps each answer to its prompt; the padded figures come from
     an sdpa twin with the same weights (torch's CPU flex kernel and the padded layout: tests/test_packed.py)."""

@@ -6,7 +6,8 @@ llava-1.5 does (``USER: <image>\\n... ASSISTANT: ...``). The same code paths (pr
 image-token expansion, generation, save/reload) run for it as for `llava-hf/llava-1.5-7b-hf`. The other
 families (`TINY_FAMILIES`) are built the same way, each with its real model and processor classes and its
 family's chat template: LLaVA-NeXT (any-resolution tiles), LLaVA-OneVision (tiles over SigLIP, Qwen2, ChatML),
-Qwen2-VL and Qwen2.5-VL (patch-merging ViTs, multimodal rotary positions, ChatML with vision markers).
+Idefics3 (tiles and the whole picture, image tokens among row / column marker text), Qwen2-VL and Qwen2.5-VL
+(patch-merging ViTs, multimodal rotary positions, ChatML with vision markers).
 """
 
 from __future__ import annotations
@@ -491,6 +492,75 @@ def _image_only_onevision_processor(base: type) -> type:
     return ImageOnlyLlavaOnevisionProcessor
 
 
+# Idefics3's conversation format (HuggingFaceM4/Idefics3-8B-Llama3's chat template, BOS as the tokenizer's):
+# ``User:<image>...<end_of_utterance>\nAssistant: ...``; an image marker is expanded by the processor into the
+# picture's tiles (``<fake_token_around_image><row_1_col_1><image>...``, a newline a row) and the whole picture
+# (``<fake_token_around_image><global-img><image>...<fake_token_around_image>``)
+IDEFICS3_SPECIAL = ("<fake_token_around_image>", "<end_of_utterance>", "<global-img>") + tuple(
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+)
+IDEFICS3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'].capitalize() }}"
+    "{% if message['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% elif item['type'] == 'image' %}<image>{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_tiny_idefics3(
+    seed: int = 0,
+    vocab_size: int = 2048,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """A tiny Idefics3 (the SmolVLM class): a picture cut into tiles of ``image_size`` (up to 2 x 2) plus the whole
+    picture, each through a SigLIP-like tower and a pixel-shuffle connector (scale factor 2: 4 tokens a tile), the
+    tiles' image tokens among row / column marker text; Llama text model."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+    )
+
+    tokenizer = build_tokenizer(vocab_size, IDEFICS3_SPECIAL)
+    vision = Idefics3VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = _tiny_llama_config(tokenizer, hidden_size, num_layers, num_heads, 2, hidden_size * 2, 2048)
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=text,
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(seed, Idefics3ForConditionalGeneration, config)
+    _generation_ids(model, tokenizer)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=(image_size // patch_size) ** 2 // 4,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
 def _tiny_qwen_text(tokenizer, hidden_size: int, num_layers: int, num_heads: int) -> dict[str, Any]:
     """The text config of the tiny Qwen-VL models: Qwen2 with multimodal rotary positions (time, height, width)."""
     head_dim = hidden_size // num_heads
@@ -546,6 +616,7 @@ TINY_FAMILIES = {
     "llava": "build_tiny_llava",
     "llava_next": "build_tiny_llava_next",
     "llava_onevision": "build_tiny_llava_onevision",
+    "idefics3": "build_tiny_idefics3",
     "qwen2_vl": "build_tiny_qwen2_vl",
     "qwen2_5_vl": "build_tiny_qwen2_5_vl",
 }
