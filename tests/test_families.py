@@ -226,3 +226,17 @@ def test_onevision_template_that_opens_answers_otherwise_is_fitted(caplog):
     assert enc.prompt_text(record) == current
     pair = enc.encode(record, image_for(record.id))
     assert processor.tokenizer.decode(pair.answer_ids[0]) == "I can't help with that.<|im_end|></s>"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_adapts_the_language_model(name):
+    """Adapters on the language model's projections only (``language_model``, Idefics3's ``text_model``), the vision
+    tower frozen; the LLaVA-class projector (Idefics3's connector) trained in full."""
+    from src.models.factory import build_model, part_of
+
+    model, _ = build_model(tiny={"family": name}, lora={"enabled": True, "r": 4, "alpha": 8})
+    named = list(model.named_parameters())
+    assert {part_of(n) for n, _ in named if "lora_" in n} == {"language"}
+    assert not any(p.requires_grad for n, p in named if part_of(n) == "vision")
+    if not name.startswith("qwen"):
+        assert all(p.requires_grad for n, p in named if part_of(n) == "projector" and "original_module" not in n)

@@ -21,8 +21,8 @@ from src.models.tiny import ONEVISION_CHAT_TEMPLATE, build_tiny
 
 log = logging.getLogger(__name__)
 
-# parameter-name fragments of each part, across LLaVA / LLaVA-NeXT / Qwen2-VL layouts
-PROJECTOR_KEYS = ("multi_modal_projector", "visual.merger")
+# parameter-name fragments of each part, across LLaVA / LLaVA-NeXT / LLaVA-OneVision / Idefics3 / Qwen-VL layouts
+PROJECTOR_KEYS = ("multi_modal_projector", "visual.merger", "model.connector.")
 VISION_KEYS = ("vision_tower", "visual.", "vision_model")
 
 
