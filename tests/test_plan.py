@@ -135,3 +135,19 @@ def test_the_activation_units_are_what_a_decoder_layer_keeps():
     per_token = (_saved_bytes(layer, rope, hidden, 512) - _saved_bytes(layer, rope, hidden, 256)) / 256
     planned = 2 * (ACTIVATION_UNITS["hidden"] * hidden + ACTIVATION_UNITS["mlp"] * mlp)
     assert per_token == pytest.approx(planned, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("preset", "parameters", "image_tokens"),
+    [("qwen2_5_vl_7b", 8_292_166_656, 16384), ("llava_onevision_7b", 8_030_807_584, 8829)],
+)
+def test_the_newer_families_are_counted(preset, parameters, image_tokens):
+    """Qwen2.5-VL and LLaVA-OneVision from their presets' shapes: every parameter, a picture's image tokens at most,
+    LoRA on their Qwen2 language model (28 layers, 3584 wide, 4 KV heads of 128: k / v project to 512)."""
+    plan = plan_memory(compose_config("plan", [f"model={preset}", "data.path=train.json"]), 80)
+    assert plan.details["parameters"] == parameters and plan.details["image_tokens"] == image_tokens
+    assert plan.fits is False and plan.suggestions
+    lora = plan_memory(
+        compose_config("plan", [f"model={preset}", "data.path=train.json", "model.lora.enabled=true"]), 80
+    )
+    assert lora.details["lora_parameters"] == 28 * 16 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))

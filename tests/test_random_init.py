@@ -2,8 +2,8 @@
 depth cut, random weights, the project's tokenizer, the real image processor settings, built offline.
 
 One real build at llava-1.5-7b's widths (1 text layer, 1 vision layer: 500 M parameters, 2 GB in float32, ~6 s)
-serves the module; LLaVA-NeXT and Qwen2-VL at real widths are checked on the meta device (config and processor),
-their real builds are slow tests."""
+serves the module; LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL at real widths are checked on the meta
+device (config and processor), their real builds are slow tests."""
 
 from __future__ import annotations
 
@@ -151,6 +151,8 @@ def test_weights_follow_the_seed_and_dtype_and_attention_are_honoured():
 META = {  # preset: (hidden, vocabulary, image tokens of a 640 x 480 picture)
     "llava_next_7b_random": (4096, 32064, 2340),  # base 576 + the best grid's tiles, unpadded, and row newlines
     "qwen2_vl_7b_random": (3584, 152064, 391),  # (644 / 28) x (476 / 28) within min / max pixels
+    "qwen2_5_vl_7b_random": (3584, 152064, 391),
+    "llava_onevision_7b_random": (3584, 152128, 2929),  # base 729 + the best grid's tiles, unpadded, and row newlines
 }
 
 
@@ -187,8 +189,9 @@ def rss_gb() -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(META))
 def test_real_build_at_one_layer(preset):
-    """LLaVA-NeXT (500 M parameters) and Qwen2-VL (1.4 B, of which 1.09 B the embedding and LM head) at one layer
-    each, in bfloat16 (1 and 2.8 GB): built, and a forward pass over one prompt with a picture."""
+    """LLaVA-NeXT (500 M parameters), LLaVA-OneVision and Qwen2-VL / Qwen2.5-VL (1.1 to 1.4 B, of which 1.09 B the
+    embedding and LM head) at one layer each, in bfloat16 (1 to 2.8 GB): built, and a forward pass over one prompt
+    with a picture."""
     hidden, vocab, _ = META[preset]
     model, processor = build_model(**model_cfg(preset, *ONE_LAYER, "model.dtype=bfloat16"))
     inputs = prompt(processor, Image.new("RGB", (336, 336), (10, 120, 200)))

@@ -16,6 +16,9 @@ REAL = {
     "llava_1_5_13b": (13_351_494_656, 576),  # llava-hf/llava-1.5-13b-hf
     "llava_next_7b": (7_063_431_168, 2928),  # llava-hf/llava-v1.6-vicuna-7b-hf: base 576 + 2 x 2 tiles + newlines
     "qwen2_vl_7b": (8_291_375_616, 16384),  # Qwen/Qwen2-VL-7B-Instruct at its max_pixels
+    "qwen2_5_vl_7b": (8_292_166_656, 16384),  # Qwen/Qwen2.5-VL-7B-Instruct at its max_pixels
+    # llava-hf/llava-onevision-qwen2-7b-ov-hf (8.03 B): the base 729 + a cut grid's tiles and newlines, an upper bound
+    "llava_onevision_7b": (8_030_807_584, 8829),
 }
 
 
@@ -57,3 +60,19 @@ def test_bad_shapes_are_named(change, message):
     shapes = dict(compose_config("train", ["model=llava_1_5_7b"]).model.shapes) | change
     with pytest.raises(SettingError, match=message):
         shapes_config(shapes)
+
+
+def test_onevision_image_tokens_bound_what_pictures_reach():
+    """The bound holds over pictures of many sizes, as transformers' own processor counts their tokens."""
+    from transformers import LlavaOnevisionProcessor
+
+    shapes = compose_config("train", ["model=llava_onevision_7b"]).model.shapes
+    bound = image_tokens(shapes)
+    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)  # the counting needs no tokenizer
+    processor.image_processor = type("Grid", (), {"image_grid_pinpoints": list(shapes.image_grid_pinpoints)})()
+    processor.num_image_tokens, processor.vision_aspect_ratio = 729, shapes.vision_aspect_ratio
+    counts = [
+        processor._get_number_of_features(h, w, 384, 384) for h in range(100, 2500, 52) for w in range(100, 2500, 52)
+    ]
+    assert max(counts) <= bound < max(counts) * 1.02
+    assert processor._get_number_of_features(1156, 948, 384, 384) == 8765 < bound

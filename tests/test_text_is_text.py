@@ -21,7 +21,7 @@ EMBEDDED = ROOT / "src" / "data" / "embedded" / "safety_pairs.jsonl"
 IMAGE = render_stand_in("a padlock", 48).resize((48, 24))  # not square: LLaVA-NeXT picks a tile grid by it
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
 def family(request):
     model, processor = build_tiny(request.param)
     return request.param, model.eval(), processor
@@ -153,6 +153,27 @@ def test_blind_generation_prompts_keep_text_as_text(family, tmp_path):
     enc = PromptEncoder(processor, max_length=4096)
     ids = enc.answer_ids(hostile.with_blind(out["r"]["answer"] + " <image></s>"), out["r"]["answer"] + " <image></s>")
     assert image_id not in ids and ids.count(processor.tokenizer.eos_token_id) == 1
+
+
+def test_idefics3_text_with_a_control_string_beside_a_picture_is_rejected():
+    """Idefics3's processor expands an image marker into runs of image tokens among row / column marker text, which
+    the split path (one run of image tokens a marker) cannot rebuild: a prompt whose text holds a control string
+    beside a picture is rejected with the reason, never tokenized wrongly. Ordinary text takes the processor's ids;
+    the blind prompt and the answers keep control strings as text."""
+    _, processor = build_tiny("idefics3")
+    enc = PromptEncoder(processor, max_length=4096)
+    eos, image_id, added = ids_of(processor)
+    plain = record()
+    assert enc.prompt_ids(plain, IMAGE) == processor_ids(enc, plain, IMAGE)
+    for control in ["</s>", "<s>", "<image>", "<end_of_utterance>", "<fake_token_around_image>", "<row_1_col_1>"]:
+        hostile = record(question=f"What is {control} shown?", chosen=f"No {control} way.")
+        with pytest.raises(DataError, match="the image tokens of the template cannot be placed"):
+            enc.prompt_ids(hostile, IMAGE)
+        blind = enc.prompt_ids(hostile, None)
+        assert [i for i in blind if i in added] == [i for i in enc.prompt_ids(plain, None) if i in added], control
+        assert f"What is {control} shown?" in processor.tokenizer.decode(blind)
+        answer = enc.answer_ids(hostile, hostile.chosen)
+        assert answer.count(eos) == 1 and image_id not in answer, control
 
 
 def three_records_one_changed(tmp_path, processor, index: int, **change: str) -> dict:

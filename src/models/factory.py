@@ -17,12 +17,12 @@ from src.models.device import DTYPE_NAMES, torch_dtype
 from src.models.lora import adapter_base, apply_lora, is_adapter_folder, merge_adapter, unwrap
 from src.models.random_init import build_random, build_random_processor
 from src.models.source import check_model_source
-from src.models.tiny import build_tiny
+from src.models.tiny import ONEVISION_CHAT_TEMPLATE, build_tiny
 
 log = logging.getLogger(__name__)
 
-# parameter-name fragments of each part, across LLaVA / LLaVA-NeXT / Qwen2-VL layouts
-PROJECTOR_KEYS = ("multi_modal_projector", "visual.merger")
+# parameter-name fragments of each part, across LLaVA / LLaVA-NeXT / LLaVA-OneVision / Idefics3 / Qwen-VL layouts
+PROJECTOR_KEYS = ("multi_modal_projector", "visual.merger", "model.connector.")
 VISION_KEYS = ("vision_tower", "visual.", "vision_model")
 
 
@@ -106,6 +106,7 @@ def build_model(
             revision=revision,
             trust_remote_code=trust_remote_code,
         )
+        processor = fit_chat_template(processor)
     if adapter_path:
         model = merge_adapter(model, adapter_path)
     tok = getattr(processor, "tokenizer", processor)
@@ -140,7 +141,36 @@ def load_processor(
     if is_adapter_folder(name_or_path) and not (Path(name_or_path) / "processor_config.json").exists():
         name_or_path = adapter_base(name_or_path)
     check_model_source(name_or_path, revision=revision)
-    return AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    return fit_chat_template(processor)
+
+
+def _answer_follows_prompt(processor: Any) -> bool:
+    """Whether the chat template renders a conversation with an answer as the generation prompt followed by it."""
+    user = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(user + answer, tokenize=False).startswith(prompt)
+
+
+def fit_chat_template(processor: Any) -> Any:
+    """A LLaVA-OneVision processor whose chat template opens an assistant turn otherwise than its generation prompt
+    gets llava-hf's current one (`src.models.tiny.ONEVISION_CHAT_TEMPLATE`, ChatML).
+
+    An earlier llava-hf template writes ``<|im_start|>assistant \\n...`` for an assistant turn (a space after every
+    role) but ``<|im_start|>assistant\\n`` as the generation prompt: no prompt followed by an answer would start with
+    the prompt alone, and every record would be rejected (the encoder tells an answer's tokens from its prompt's that
+    way). Other processors, and one whose template agrees, are returned as they are."""
+    from transformers import LlavaOnevisionProcessor
+
+    if not isinstance(processor, LlavaOnevisionProcessor) or _answer_follows_prompt(processor):
+        return processor
+    log.warning(
+        "LLaVA-OneVision's chat template opens an assistant turn otherwise than its generation prompt; using "
+        "llava-hf's current ChatML template (src/models/tiny.py)"
+    )
+    processor.chat_template = ONEVISION_CHAT_TEMPLATE
+    return processor
 
 
 def _four_bit_config() -> Any:

@@ -18,6 +18,12 @@ corrupted image | pad]``, the second block's positions restarting at 0 and its t
 in the padded layout their rows carry the corrupted image. A record without an image scores them with its one
 text-only prompt.
 
+Qwen-VL-class models (Qwen2-VL, Qwen2.5-VL) place tokens by multimodal rotary positions (time, height, width), which
+they compute from the image grid when given none. In the packed layout each prompt copy gets the positions the model
+itself gives that prompt alone (its ``get_rope_index``, with the image the copy is scored under) and each answer's
+continue from their largest plus one in all three, as they do after the prompt in a padded row; the position ids are
+then (3, rows, width) and the numbers the padded layout's.
+
 In both, the vocabulary projection and log-softmax are applied only at the positions that predict answer
 tokens (in the packed layout the last prompt position predicts the first token of every answer), never
 at prompt or image positions.
@@ -86,8 +92,13 @@ def _prefixed(batch: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
 
 
 def _per_image(batch: dict[str, Any], prefix: str = "") -> list[dict[str, torch.Tensor]]:
-    """`_prefixed` split into one (1, ...) dict per image (LLaVA's inputs: one entry per image along dim 0)."""
+    """`_prefixed` split into one dict per image: LLaVA's inputs have one entry per image along dim 0; Qwen-VL's
+    ``pixel_values`` hold every image's patches back to back, ``image_grid_thw`` (N, 3) how many are whose."""
     inputs = _prefixed(batch, prefix)
+    if "image_grid_thw" in inputs:
+        grids = inputs["image_grid_thw"]
+        patches = inputs["pixel_values"].split(grids.prod(-1).tolist())
+        return [{"pixel_values": x, "image_grid_thw": grids[i : i + 1]} for i, x in enumerate(patches)]
     n = len(inputs["pixel_values"])
     return [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(n)]
 
@@ -139,6 +150,7 @@ def packed_rows(
     mask_dtype: torch.dtype | None = None,
     block_mask: bool = False,
     one_row: bool = False,
+    rope_index: Any = None,
 ) -> Rows:
     """Every record as ``[prompt | answer 1 | ... | answer K]`` with a block attention mask and restarted positions.
 
@@ -155,6 +167,11 @@ def packed_rows(
     minimum: eager attention adds the mask to the scores). ``block_mask=True`` gives a flex ``BlockMask`` of the
     same rule: transformers passes a 4D BlockMask to flex attention as is, whereas it *adds* a dense mask to flex's
     scores, which masks nothing.
+
+    ``rope_index`` (Qwen-VL-class models, `multimodal_positions`): ``rope_index(prompt_ids, image_inputs or None)``
+    gives a prompt's (3, P) multimodal positions, which the model would compute for the prompt alone; each answer's
+    continue from the prompt's largest plus one in all three, as they do after the prompt in a row of its own. The
+    position ids are then (3, rows, width).
     """
     prompts, p_len = batch["prompt_ids"], batch["prompt_lengths"].tolist()
     answers, a_len = batch["answer_ids"], batch["answer_lengths"].tolist()
@@ -166,7 +183,8 @@ def packed_rows(
     rows = 1 if one_row else b
     device = prompts.device
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long, device=device)
-    position_ids = torch.zeros((rows, width), dtype=torch.long, device=device)
+    position_ids = torch.zeros((3, rows, width) if rope_index else (rows, width), dtype=torch.long, device=device)
+    images = _block_images(batch, blocks) if rope_index else None
     # n * (k + 1): the prompt of block n; n * (k + 1) + j + 1: answer j in it; -1: pad. Blocks are numbered over the
     # row (a record's blocks after the previous record's). One tensor, not two: torch's CPU flex kernel (2.13)
     # failed to compile a mask reading a second one
@@ -175,16 +193,22 @@ def packed_rows(
     n_block = 0
     for i in range(b):
         row, p, start = 0 if one_row else i, p_len[i], starts[i]
-        for columns in blocks[i]:
+        for n, columns in enumerate(blocks[i]):
             input_ids[row, start : start + p] = prompts[i, :p]
-            position_ids[row, start : start + p] = torch.arange(p, device=device)
+            if rope_index:
+                prompt_positions = rope_index(prompts[i, :p], images[i][n])
+                position_ids[:, row, start : start + p] = prompt_positions
+                first = int(prompt_positions.max()) + 1
+            else:
+                position_ids[row, start : start + p] = torch.arange(p, device=device)
+                first = p
             segment[row, start : start + p] = n_block * (k + 1)
             last = start + p - 1  # the last prompt position predicts every answer's first token
             start += p
             for j in columns:
                 a = a_len[j][i]
                 input_ids[row, start : start + a] = answers[j, i, :a]
-                position_ids[row, start : start + a] = torch.arange(p, p + a, device=device)
+                position_ids[..., row, start : start + a] = torch.arange(first, first + a, device=device)
                 segment[row, start : start + a] = n_block * (k + 1) + j + 1
                 pred_row += [row] * a
                 pred_col += [last, *range(start, start + a - 1)][:a]
@@ -217,6 +241,21 @@ def packed_rows(
         image_inputs = _image_inputs(batch)
     inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids} | image_inputs
     return _rows(inputs, pred_row, pred_col, target, slot, b * k, device, int((segment < 0).sum()), spans)
+
+
+def _block_images(batch: dict[str, Any], blocks: list[list[list[int]]]) -> list[list[dict[str, torch.Tensor] | None]]:
+    """Per record and block, the image inputs its prompt is scored under (None: a record without an image)."""
+    real = iter(_per_image(batch)) if "pixel_values" in batch else iter(())
+    corrupted = iter(_per_image(batch, CORRUPTED_PREFIX)) if len(max(blocks, key=len)) > 1 else iter(())
+    has_image = batch["has_image"].tolist()
+    out = []
+    for i, record_blocks in enumerate(blocks):
+        if not has_image[i]:
+            out.append([None] * len(record_blocks))
+            continue
+        image = next(real)
+        out.append([image, next(corrupted)] if len(record_blocks) > 1 else [image])
+    return out
 
 
 def _attends(seg_q: torch.Tensor, seg_kv: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, span: int) -> torch.Tensor:
@@ -261,6 +300,30 @@ def uses_multimodal_rope(model: torch.nn.Module) -> bool:
     return isinstance(rope, dict) and "mrope_section" in rope
 
 
+def multimodal_positions(model: torch.nn.Module) -> Any:
+    """For a Qwen-VL-class model, ``rope_index(prompt_ids (P,), image_inputs or None) -> (3, P)``: the multimodal
+    rotary positions the model itself gives a prompt alone (its ``get_rope_index``: text 0, 1, 2, ... in all
+    three, an image's tokens its time / row / column from the image grid, text after it going on from the largest
+    plus one). None for other models, and for one whose positions no ``get_rope_index`` tells."""
+    if not uses_multimodal_rope(model):
+        return None
+    hf = unwrap(model)
+    base = getattr(hf, "model", None)
+    if not callable(getattr(base, "get_rope_index", None)):
+        return None
+    image_token = hf.config.image_token_id
+
+    def rope_index(ids: torch.Tensor, image: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        if image is None or not bool((ids == image_token).any()):
+            return torch.arange(len(ids), device=ids.device).expand(3, -1)
+        types = (ids == image_token).long()[None]
+        grid = image["image_grid_thw"].to(ids.device)
+        positions, _ = base.get_rope_index(ids[None], mm_token_type_ids=types, image_grid_thw=grid)
+        return positions[:, 0]
+
+    return rope_index
+
+
 def add_token_types(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Qwen2-VL-class models need ``mm_token_type_ids`` (1 image, 2 video) to place their 3D positions."""
     if uses_multimodal_rope(model) and "mm_token_type_ids" not in inputs:
@@ -285,8 +348,8 @@ def resolve_layout(model: torch.nn.Module, layout: str) -> str:
     reason = None
     if layout == "packed" and impl not in MASKABLE:
         reason = f"attention backend {impl!r} cannot take the packed block mask"
-    elif layout == "packed" and uses_multimodal_rope(model):
-        reason = "multimodal rotary positions (Qwen2-VL class) are computed by the model, not restartable per answer"
+    elif layout == "packed" and uses_multimodal_rope(model) and multimodal_positions(model) is None:
+        reason = "the model's multimodal rotary positions cannot be computed per record (no get_rope_index)"
     if reason:
         if reason not in _warned:
             _warned.add(reason)
@@ -317,7 +380,9 @@ def build_rows(model: torch.nn.Module, batch: dict[str, Any], pad_token_id: int,
     dtype = next(model.parameters()).dtype
     additive = _activation_dtype(model, dtype) if impl in ("eager", "sdpa") else None
     flex = impl == "flex_attention"
-    return packed_rows(batch, pad_token_id, mask_dtype=additive, block_mask=flex, one_row=impl in PADDING_FREE)
+    one_row = impl in PADDING_FREE
+    rope = multimodal_positions(model)
+    return packed_rows(batch, pad_token_id, mask_dtype=additive, block_mask=flex, one_row=one_row, rope_index=rope)
 
 
 def padding_share(model: torch.nn.Module, batch: dict[str, Any], pad_token_id: int, layout: str = "packed") -> float:

@@ -60,13 +60,19 @@ def apply_lora(
     from peft import LoraConfig, get_peft_model
 
     names = "|".join(target_modules or DEFAULT_TARGETS)
-    scope = "(language_model|vision_tower|visual)" if train_vision_tower else "language_model"
+    # the language model is ``language_model`` (LLaVA, Qwen-VL) or ``text_model`` (Idefics3), the vision tower
+    # ``vision_tower``, ``visual`` or ``vision_model``
+    scope = (
+        "(language_model|text_model|vision_tower|visual|vision_model)"
+        if train_vision_tower
+        else "(language_model|text_model)"
+    )
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=rf".*{scope}.*\.({names})$",
-        modules_to_save=["multi_modal_projector"] if train_projector else None,
+        modules_to_save=["multi_modal_projector", "connector"] if train_projector else None,
         bias="none",
     )
     peft_model = get_peft_model(model, config)

@@ -113,7 +113,8 @@ def architecture(model: Any) -> Any:
     if path is None:
         raise SettingError(
             f"the memory plan needs the architecture of {name}: give model.shapes (the presets llava_1_5_7b, "
-            "llava_1_5_13b, llava_next_7b and qwen2_vl_7b have it) or a local folder with its config.json"
+            "llava_1_5_13b, llava_next_7b, llava_onevision_7b, qwen2_vl_7b and qwen2_5_vl_7b have it) or a local "
+            "folder with its config.json"
         )
     from transformers import AutoConfig
 
