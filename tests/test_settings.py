@@ -159,3 +159,13 @@ def test_reproduce_checks_every_arms_settings_before_the_first_run(tmp_path):
     overrides = ["experiment=reproduce_tiny", "arms.dpo=['experiment=dpo_tiny','optim.lr=-1e-4']"]
     with pytest.raises(SettingError, match=r"optim.lr=-0.0001 is out of range"):
         run_reproduction(tmp_path, overrides, "check_settings")
+
+
+@pytest.mark.parametrize("data", ["jsonl", "hf_dataset", "spa_vl", "rlaif_v"])
+def test_a_data_format_without_its_path_is_an_error_not_the_embedded_data(data):
+    """A data group whose path the user must give: left out, the run stops (before: the embedded data's path stayed,
+    since a ``???`` merged over a set value keeps it)."""
+    cfg = compose_config("train", [f"data={data}"])
+    assert cfg.data.path is None
+    with pytest.raises(SettingError, match=r"data.path is not set: data.format=\w+ reads"):
+        check_settings(cfg)

@@ -120,7 +120,7 @@ def data_settings(data: Mapping[str, Any] | DictConfig) -> tuple[ReaderSettings,
             why = f" {moved.why}" if moved.why else ""
             raise SettingError(f"data.{key} is no setting any more: set {moved.to} instead{why}")
         raise SettingError(f"data.{key} is not a data setting; the data settings are {sorted(known)}")
-    if "path" not in data:
+    if not data.get("path"):
         raise SettingError("data.path is not set: the data file, folder or hub id to read")
     return tuple(group(**{f.name: data[f.name] for f in fields(group) if f.name in data}) for group in GROUPS)
 

@@ -54,6 +54,11 @@ def check_data_paths(data: Any) -> None:
     ``data``: the ``data`` config (``path``, ``format``, ``val_path``, ``image_root``, ``ids_file``). Data sets
     read through Hugging Face ``datasets`` (``data.format=hf*``) may be hub ids: reading them checks them.
     """
+    if not data.get("path"):  # data=jsonl (or another format) without data.path: never the default data instead
+        raise SettingError(
+            f"data.path is not set: data.format={data.get('format')} reads the file, folder or dataset that "
+            "data.path names (data.path=...)"
+        )
     files = [("data.path", data.get("path")), ("data.val_path", data.get("val_path"))]
     if data.get("format") not in HF_FORMATS:
         for key, path in files:
