@@ -309,3 +309,42 @@ def test_a_record_keeps_its_first_picture_in_the_single_fields():
         PreferenceRecord(image_turn=0, image="a.png", images=("a.png", "b.png"), image_turns=(0,), **base)
     text = PreferenceRecord(image_turn=None, image=None, **base)
     assert text.images == () and text.messages()[0]["content"] == [{"type": "text", "text": "q"}]
+
+
+def test_resolver_gives_every_picture_in_order(tmp_path):
+    """One picture per reference, in the record's order: a file, a stand-in for a missing one, a rendered one."""
+    from PIL import Image
+
+    from src.data.images import RENDER_PREFIX
+
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "red.png")
+    raw = {
+        "id": "r1",
+        "prompt": "<image> <image> <image> q",
+        "images": ["red.png", "nope.png", RENDER_PREFIX + "a key"],
+        "chosen": "c",
+        "rejected": "r",
+        "entity": "a padlock",
+    }
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(raw))
+    (record,) = read_records(path)
+    with pytest.raises(DataError, match=r"1 of 3 images not found; first: record r1: .*nope\.png"):
+        ImageResolver(tmp_path, missing="error").check([record])
+    with pytest.raises(DataError, match=r"record r1: image file not found: .*nope\.png"):
+        ImageResolver(tmp_path, missing="error").pictures(record)
+    resolver = ImageResolver(tmp_path, missing="render", stand_in_size=64)
+    assert resolver.check([record]) == 1
+    red, missing, drawn = resolver.pictures(record)
+    assert red.size == (20, 10) and red.getpixel((0, 0)) == (255, 0, 0)
+    assert list(missing.getdata()) == list(render_stand_in("a padlock", 64).getdata())  # the entity, as for one
+    assert list(drawn.getdata()) == list(render_stand_in("a key", 64).getdata())
+    assert resolver(record).size == (20, 10)  # the first picture, for one-picture code
+    text_only = read_records(_write(tmp_path, {"id": "t", "prompt": "q", "chosen": "c", "rejected": "r"}))[0]
+    assert resolver.pictures(text_only) == []
+
+
+def _write(folder, raw):
+    path = folder / "t.jsonl"
+    path.write_text(json.dumps(raw))
+    return path

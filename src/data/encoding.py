@@ -357,6 +357,12 @@ class PromptEncoder:
             return None
         return dict(self.processor.image_processor(images=self._fit(image), return_tensors="pt"))
 
+    def check_pictures(self, record: Conversation) -> None:
+        """Refuse a prompt with more pictures than this encoder encodes (one), rather than encode it wrongly."""
+        if len(record.images) > 1:
+            why = f"several pictures per record: not supported by {type(self.processor).__name__} yet"
+            raise DataError(f"record {record.id}: {len(record.images)} pictures; {why}", reason=why)
+
     def _fit(self, image: Any) -> Any:
         return self.prompt_format.fit_image(image, getattr(self.processor, "image_processor", None))
 
@@ -366,6 +372,8 @@ class PromptEncoder:
         Special tokens are added the way the tokenizer adds them at inference (BOS for Llama-family
         models); a BOS that the chat template already wrote is not doubled.
         """
+        if image is not None:
+            self.check_pictures(record)
         messages = self.messages(record, with_image=image is not None, first_turn=first_turn)
         rendered = self.render(messages, add_generation_prompt=True, record_id=record.id)
         ids = self.text_ids(rendered, image, record_id=record.id)
@@ -436,6 +444,8 @@ class PromptEncoder:
         is scored without EOS.
         """
         finished = finished or [True] * len(texts)
+        if image is not None:
+            self.check_pictures(record)
         answers = [self.answer_ids(record, text, done) for text, done in zip(texts, finished, strict=True)]
         fit = fit or [True] * len(answers)
         if record.image is not None and image is None:
