@@ -162,16 +162,19 @@ def test_datamodule_counts_skips_and_reports(tiny, tmp_path):
     assert isinstance(batch["pixel_values"], torch.Tensor)
 
 
-def test_several_pictures_are_refused_with_a_counted_reason_until_encoded(tiny, tmp_path):
-    """A record with two pictures is never encoded as if it held one: the encoder refuses it, and the data module
-    counts it as rejected under one reason naming the processor; its one-picture neighbours are encoded."""
+def test_several_pictures_are_refused_with_a_counted_reason_until_encoded(tiny, tmp_path, monkeypatch):
+    """Where a family does not encode several pictures yet, a record with two is never encoded as if it held one:
+    the encoder refuses it, and the data module counts it as rejected under one reason naming the processor; its
+    one-picture neighbours are encoded."""
     import json
 
     import pytest
 
+    from src.data import encoding
     from src.data.datamodule import PreferenceDataModule
     from src.data.records import DataError
 
+    monkeypatch.setattr(encoding, "SEVERAL_PICTURES", ())  # LLaVA-1.5 encodes them: stand for a family that does not
     _, processor = tiny
     two = PreferenceRecord(
         id="two",

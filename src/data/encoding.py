@@ -84,6 +84,10 @@ class EncodeStats:
         }
 
 
+# processors whose models take several pictures per prompt as this encoder lays them out (`several_pictures`)
+SEVERAL_PICTURES = ("LlavaProcessor",)
+
+
 def _slot(i: int) -> str:
     return f"\ue000{i}\ue001"
 
@@ -349,6 +353,7 @@ class PromptEncoder:
 
     def image_inputs(self, image: Any) -> dict[str, Any] | None:
         """The image processor's outputs for ``image`` (``pixel_values`` (1, C, H, W) for LLaVA-1.5); None: none.
+        ``image`` may be a list of a record's pictures: one entry each, in order (``pixel_values`` (N, C, H, W)).
 
         Every place that turns an image into model inputs goes through here, so training, blind answers,
         generation and scoring see the same pixels.
@@ -357,14 +362,30 @@ class PromptEncoder:
             return None
         return dict(self.processor.image_processor(images=self._fit(image), return_tensors="pt"))
 
-    def check_pictures(self, record: Conversation) -> None:
-        """Refuse a prompt with more pictures than this encoder encodes (one), rather than encode it wrongly."""
-        if len(record.images) > 1:
+    def several_pictures(self) -> bool:
+        """Whether this encoder encodes prompts with several pictures: the LLaVA-1.5 class, whose every picture takes
+        the same number of tokens and one ``pixel_values`` entry, the entries in the order of the pictures' tokens."""
+        return type(self.processor).__name__ in SEVERAL_PICTURES
+
+    def check_pictures(self, record: Conversation, image: Any) -> None:
+        """Refuse a prompt whose pictures this encoder would encode wrongly: several pictures where its family
+        encodes one, or pictures that are not the record's own count (``image``: one picture, or a list of them)."""
+        n = len(record.images)
+        if n > 1 and not self.several_pictures():
             why = f"several pictures per record: not supported by {type(self.processor).__name__} yet"
-            raise DataError(f"record {record.id}: {len(record.images)} pictures; {why}", reason=why)
+            raise DataError(f"record {record.id}: {n} pictures; {why}", reason=why)
+        given = len(image) if isinstance(image, list | tuple) else 1
+        if given != max(n, 1):
+            raise DataError(
+                f"record {record.id}: {given} pictures given for its {n}",
+                reason="pictures given differ from the record's",
+            )
 
     def _fit(self, image: Any) -> Any:
-        return self.prompt_format.fit_image(image, getattr(self.processor, "image_processor", None))
+        image_processor = getattr(self.processor, "image_processor", None)
+        if isinstance(image, list | tuple):  # several pictures: each fitted alike, in order
+            return [self.prompt_format.fit_image(one, image_processor) for one in image]
+        return self.prompt_format.fit_image(image, image_processor)
 
     def prompt_ids(self, record: Conversation, image: Any, first_turn: int = 0) -> list[int]:
         """Token ids of the prompt, image tokens expanded by the processor (``image=None``: blind).
@@ -373,7 +394,7 @@ class PromptEncoder:
         models); a BOS that the chat template already wrote is not doubled.
         """
         if image is not None:
-            self.check_pictures(record)
+            self.check_pictures(record, image)
         messages = self.messages(record, with_image=image is not None, first_turn=first_turn)
         rendered = self.render(messages, add_generation_prompt=True, record_id=record.id)
         ids = self.text_ids(rendered, image, record_id=record.id)
@@ -445,7 +466,7 @@ class PromptEncoder:
         """
         finished = finished or [True] * len(texts)
         if image is not None:
-            self.check_pictures(record)
+            self.check_pictures(record, image)
         answers = [self.answer_ids(record, text, done) for text, done in zip(texts, finished, strict=True)]
         fit = fit or [True] * len(answers)
         if record.image is not None and image is None:

@@ -297,6 +297,12 @@ class ImageResolver:
         found = [self(one) for one in each_picture(record)]
         return [image for image in found if image is not None]
 
+    def resolve(self, record: Conversation) -> Image.Image | list[Image.Image] | None:
+        """What an encoder takes for ``record``: None (text-only), its one picture, or the list of its pictures."""
+        if len(record.images) <= 1:
+            return self(record)
+        return self.pictures(record)
+
     def __call__(self, record: Conversation) -> Image.Image | None:
         """The record's first picture (the only one of a one-picture prompt); None for a text-only prompt."""
         if record.image and record.image.startswith(RENDER_PREFIX):
