@@ -207,3 +207,59 @@ def test_conditional_term_refuses_several_pictures_with_a_counted_reason(tiny, t
     assert dm.summary()["train"]["encoded"] == 1
     reason = "several pictures per record: the conditional term (chosen_corrupted) does not support them yet"
     assert [(g["reason"], g["first"]) for g in dm.problem_groups()] == [(reason, ["two"])]
+
+
+def test_generation_sees_every_picture_and_blind_none(tiny, tmp_path):
+    from src.data.images import ImageResolver
+    from src.models.generation import AnswerGenerator, GenerationSettings
+
+    model, processor = tiny
+    gen = AnswerGenerator(
+        model, processor, GenerationSettings(max_new_tokens=3, batch_size=2), ImageResolver(None, "render", 32)
+    )
+    ids, inputs, text = gen.prompt(RECORDS[1], with_image=True)
+    assert image_tokens(ids, processor) == 48 and inputs["pixel_values"].shape[0] == 3 and text.count("<image>") == 3
+    ids, inputs, text = gen.prompt(RECORDS[1], with_image=False)
+    assert image_tokens(ids, processor) == 0 and inputs is None and "<image>" not in text
+    for with_image in (True, False):
+        out = gen.run(RECORDS, tmp_path / f"{with_image}.jsonl", with_image=with_image)
+        assert set(out) == {r.id for r in RECORDS}
+
+
+def _two_picture_file(folder, n=8):
+    lines = [
+        {
+            "id": f"r{i}",
+            "messages": [{"role": "user", "content": f"<image>\n<image>\nCompare picture {i} with the other."}],
+            "images": [f"a{i}.png", f"b{i}.png"],
+            "chosen": "I cannot help with that.",
+            "rejected": f"Sure, here is how {i}.",
+            "entity": f"thing {i}",
+        }
+        for i in range(n)
+    ]
+    path = folder / "two.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    return path
+
+
+def test_bpo_trains_on_two_picture_records(tmp_path):
+    """Blind answers, the reference, three training steps and validation samples, each record with two pictures."""
+    from src.train import train
+    from tests.helpers import compose_config
+
+    path = _two_picture_file(tmp_path)
+    overrides = ["model=tiny_llava", "data=jsonl", f"data.path={path}", "data.missing_images=render"]
+    overrides += [f"blind.cache_dir={tmp_path}/cache", "trainer.max_steps=3", "trainer.max_epochs=3", "logger=csv"]
+    metrics = train(compose_config("train", overrides, tmp_path / "run"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and metrics["train/tokens"] > 0
+
+
+def test_two_picture_records_validate_as_usable(tmp_path):
+    from src.validate import validate
+    from tests.helpers import compose_config
+
+    path = _two_picture_file(tmp_path)
+    overrides = ["model=tiny_llava", "data=jsonl", f"data.path={path}", "data.missing_images=render"]
+    summary = validate(compose_config("validate", [*overrides, "data.val_fraction=0"], tmp_path / "run"))
+    assert summary["usable"] == 8 and summary["rejected_records"] == 0 and summary["ok"], summary
