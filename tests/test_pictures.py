@@ -243,23 +243,56 @@ def _two_picture_file(folder, n=8):
     return path
 
 
-def test_bpo_trains_on_two_picture_records(tmp_path):
+@pytest.mark.parametrize("model", ["tiny_llava", "tiny_qwen2_vl"])
+def test_bpo_trains_on_two_picture_records(tmp_path, model):
     """Blind answers, the reference, three training steps and validation samples, each record with two pictures."""
     from src.train import train
     from tests.helpers import compose_config
 
     path = _two_picture_file(tmp_path)
-    overrides = ["model=tiny_llava", "data=jsonl", f"data.path={path}", "data.missing_images=render"]
+    overrides = [f"model={model}", "data=jsonl", f"data.path={path}", "data.missing_images=render"]
     overrides += [f"blind.cache_dir={tmp_path}/cache", "trainer.max_steps=3", "trainer.max_epochs=3", "logger=csv"]
     metrics = train(compose_config("train", overrides, tmp_path / "run"))
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and metrics["train/tokens"] > 0
 
 
-def test_two_picture_records_validate_as_usable(tmp_path):
+@pytest.mark.parametrize("model", ["tiny_llava", "tiny_qwen2_vl"])
+def test_two_picture_records_validate_as_usable(tmp_path, model):
     from src.validate import validate
     from tests.helpers import compose_config
 
     path = _two_picture_file(tmp_path)
-    overrides = ["model=tiny_llava", "data=jsonl", f"data.path={path}", "data.missing_images=render"]
+    overrides = [f"model={model}", "data=jsonl", f"data.path={path}", "data.missing_images=render"]
     summary = validate(compose_config("validate", [*overrides, "data.val_fraction=0"], tmp_path / "run"))
     assert summary["usable"] == 8 and summary["rejected_records"] == 0 and summary["ok"], summary
+
+
+SIZES = [(48, 24), (24, 48), (32, 32)]  # pictures of other shapes: Qwen-VL gives each its own grid
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_packed_equals_padded_with_several_pictures(name, impl):
+    """Each picture's patches and grid follow its tokens; each prompt's 3D positions count all its pictures."""
+    from src.models.tiny import build_tiny
+
+    model, processor = build_tiny(name, attn_implementation=impl)
+    model.eval()
+    enc = PromptEncoder(processor, max_length=1024)
+    items = []
+    for r in RECORDS:
+        image = [render_stand_in(ref, 48).resize(SIZES[k % 3]) for k, ref in enumerate(r.images)] or None
+        image = image[0] if image and len(image) == 1 else image
+        pair = enc.encode(r, image, KEYS)
+        if r.images:
+            image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+            runs = enc.image_inputs(image)["image_grid_thw"].prod(-1) // 4  # merged 2x2 patches per picture
+            assert sum(i == image_id for i in pair.prompt_ids) == int(runs.sum())
+        items.append({"pair": pair, "image_inputs": enc.image_inputs(image)})
+    batch = collate_pairs(items, processor.tokenizer.pad_token_id)
+    assert batch["image_counts"].tolist() == [2, 3, 1]
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        packed = answer_logprobs(model, batch, pad, layout="packed")
+        padded = answer_logprobs(model, batch, pad, layout="padded")
+    assert torch.allclose(packed, padded, atol=1e-4, rtol=0), (packed - padded).abs().max()

@@ -85,7 +85,7 @@ class EncodeStats:
 
 
 # processors whose models take several pictures per prompt as this encoder lays them out (`several_pictures`)
-SEVERAL_PICTURES = ("LlavaProcessor",)
+SEVERAL_PICTURES = ("LlavaProcessor", "Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 
 
 def _slot(i: int) -> str:
@@ -363,9 +363,9 @@ class PromptEncoder:
         return dict(self.processor.image_processor(images=self._fit(image), return_tensors="pt"))
 
     def several_pictures(self) -> bool:
-        """Whether this encoder encodes prompts with several pictures: the LLaVA-1.5 class, whose every picture takes
-        the same number of tokens and one ``pixel_values`` entry, the entries in the order of the pictures' tokens."""
-        return type(self.processor).__name__ in SEVERAL_PICTURES
+        """Whether this encoder encodes prompts with several pictures: the LLaVA-1.5 class (one ``pixel_values`` entry
+        per picture) and the Qwen-VL class (each picture's patches and grid), in the order of the pictures' tokens."""
+        return any(cls.__name__ in SEVERAL_PICTURES for cls in type(self.processor).__mro__)
 
     def check_pictures(self, record: Conversation, image: Any) -> None:
         """Refuse a prompt whose pictures this encoder would encode wrongly: several pictures where its family
@@ -507,7 +507,8 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
     right-padded, ``answer_lengths`` (K, B), ``ids`` (B,), ``has_image`` (B,), ``reference_logps`` (B, K)
     when every pair has precomputed ones, and the image
     processor's outputs (``pixel_values`` (N_img, ...) and any extras) for the records with images,
-    in batch order. Items with ``answer_image`` (K,) (0: the real image, 1: the corrupted one, per column) add it
+    in batch order, and, when a record has several pictures, ``image_counts`` (one per record with pictures).
+    Items with ``answer_image`` (K,) (0: the real image, 1: the corrupted one, per column) add it
     as ``answer_image`` (K,) long, and their ``corrupted_image_inputs`` as ``corrupted_pixel_values`` (N_img, ...)
     and so on, in the same order as the real ones. How prompt and answers are laid out for the forward pass is the
     scorer's concern.
@@ -524,7 +525,11 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
     }
     if all(p.reference_logps is not None for p in pairs):
         batch["reference_logps"] = torch.tensor([p.reference_logps for p in pairs], dtype=torch.float32)
-    batch |= cat_image_inputs([it["image_inputs"] for it in items if it["image_inputs"] is not None])
+    pictured = [it["image_inputs"] for it in items if it["image_inputs"] is not None]
+    batch |= cat_image_inputs(pictured)
+    counts = [picture_count(x) for x in pictured]
+    if any(n > 1 for n in counts):  # several pictures in a record: how many are whose, in batch order
+        batch["image_counts"] = torch.tensor(counts)
     if "answer_image" in items[0]:
         if any(list(it["answer_image"]) != list(items[0]["answer_image"]) for it in items):
             raise ValueError("items of one batch score their answers under different images")
@@ -532,6 +537,13 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
         corrupted = [it["corrupted_image_inputs"] for it in items if it["image_inputs"] is not None]
         batch |= {f"{CORRUPTED_PREFIX}{k}": v for k, v in cat_image_inputs(corrupted).items()}
     return batch
+
+
+def picture_count(image_inputs: dict[str, Any]) -> int:
+    """How many pictures one record's image inputs hold: Qwen-VL's grids, else one entry per picture along dim 0."""
+    if "image_grid_thw" in image_inputs:
+        return len(image_inputs["image_grid_thw"])
+    return len(image_inputs["pixel_values"])
 
 
 def inputs_digest(image_inputs: dict[str, Any] | None) -> str | None:
