@@ -296,3 +296,23 @@ def test_qwen_vl_packed_equals_padded_with_several_pictures(name, impl):
         packed = answer_logprobs(model, batch, pad, layout="packed")
         padded = answer_logprobs(model, batch, pad, layout="padded")
     assert torch.allclose(packed, padded, atol=1e-4, rtol=0), (packed - padded).abs().max()
+
+
+def test_evaluation_items_keep_every_picture(tiny):
+    """A benchmark item made from a record keeps its pictures: scored and prompted with all of them."""
+    from src.data.images import ImageResolver
+    from src.evaluation.items import EvalItem
+    from src.evaluation.scoring import score_answers
+    from src.models.generation import AnswerGenerator, GenerationSettings
+
+    model, processor = tiny
+    rec = RECORDS[1]
+    item = EvalItem(rec.id, rec.turns, rec.image_turn, rec.image, images=rec.images, image_turns=rec.image_turns)
+    assert item.images == rec.images and item.messages() == rec.messages()
+    single = EvalItem("s", rec.turns, 0, "x")
+    assert single.images == ("x",) and single.image_turns == (0,)
+    resolver = ImageResolver(None, "render", 32)
+    gen = AnswerGenerator(model, processor, GenerationSettings(max_new_tokens=3), resolver)
+    assert image_tokens(gen.prompt(item, with_image=True)[0], processor) == 48
+    logps = score_answers(model, processor, [item], [[rec.chosen, rec.rejected]], resolver)
+    assert torch.isfinite(logps).all()

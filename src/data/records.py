@@ -131,27 +131,33 @@ class PreferenceRecord(Conversation):
     image_turns: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        images, turns = tuple(self.images), tuple(self.image_turns)
-        if len(images) != len(turns):
-            raise ValueError(f"record {self.id}: {len(images)} pictures but {len(turns)} picture turns")
-        if len(images) <= 1:  # the single fields hold the picture (or none)
-            images = () if not self.image else (self.image,)
-            turns = () if not self.image else (self.image_turn,)
-        elif (self.image, self.image_turn) != (images[0], turns[0]):
-            raise ValueError(
-                f"record {self.id}: 'image'/'image_turn' differ from the first of its {len(images)} pictures; "
-                "change a record's pictures through 'images'/'image_turns'"
-            )
-        if any(b < a for a, b in zip(turns, turns[1:], strict=False)):
-            raise ValueError(f"record {self.id}: picture turns {turns} are not in order")
-        object.__setattr__(self, "images", images)
-        object.__setattr__(self, "image_turns", turns)
-        if images:
-            object.__setattr__(self, "image", images[0])
-            object.__setattr__(self, "image_turn", turns[0])
+        hold_pictures(self)
 
     def with_blind(self, blind: str, finished: bool = True) -> PreferenceRecord:
         return replace(self, blind=blind, blind_finished=finished)
+
+
+def hold_pictures(self: Conversation) -> None:
+    """Make a frozen conversation's ``images`` / ``image_turns`` and ``image`` / ``image_turn`` agree (the rule in
+    `PreferenceRecord`'s docstring); called by the ``__post_init__`` of the dataclasses that hold several pictures."""
+    images, turns = tuple(self.images), tuple(self.image_turns)
+    if len(images) != len(turns):
+        raise ValueError(f"record {self.id}: {len(images)} pictures but {len(turns)} picture turns")
+    if len(images) <= 1:  # the single fields hold the picture (or none)
+        images = () if not self.image else (self.image,)
+        turns = () if not self.image else (self.image_turn,)
+    elif (self.image, self.image_turn) != (images[0], turns[0]):
+        raise ValueError(
+            f"record {self.id}: 'image'/'image_turn' differ from the first of its {len(images)} pictures; "
+            "change a record's pictures through 'images'/'image_turns'"
+        )
+    if any(b < a for a, b in zip(turns, turns[1:], strict=False)):
+        raise ValueError(f"record {self.id}: picture turns {turns} are not in order")
+    object.__setattr__(self, "images", images)
+    object.__setattr__(self, "image_turns", turns)
+    if images:
+        object.__setattr__(self, "image", images[0])
+        object.__setattr__(self, "image_turn", turns[0])
 
 
 def validate_turns(turns: list[Turn], where: str) -> None:
