@@ -243,7 +243,7 @@ def _two_picture_file(folder, n=8):
     return path
 
 
-@pytest.mark.parametrize("model", ["tiny_llava", "tiny_qwen2_vl"])
+@pytest.mark.parametrize("model", ["tiny_llava", "tiny_qwen2_vl", "tiny_llava_next"])
 def test_bpo_trains_on_two_picture_records(tmp_path, model):
     """Blind answers, the reference, three training steps and validation samples, each record with two pictures."""
     from src.train import train
@@ -256,7 +256,7 @@ def test_bpo_trains_on_two_picture_records(tmp_path, model):
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and metrics["train/tokens"] > 0
 
 
-@pytest.mark.parametrize("model", ["tiny_llava", "tiny_qwen2_vl"])
+@pytest.mark.parametrize("model", ["tiny_llava", "tiny_qwen2_vl", "tiny_llava_next"])
 def test_two_picture_records_validate_as_usable(tmp_path, model):
     from src.validate import validate
     from tests.helpers import compose_config
@@ -271,9 +271,10 @@ SIZES = [(48, 24), (24, 48), (32, 32)]  # pictures of other shapes: Qwen-VL give
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_vl_packed_equals_padded_with_several_pictures(name, impl):
-    """Each picture's patches and grid follow its tokens; each prompt's 3D positions count all its pictures."""
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "llava_next"])
+def test_other_families_packed_equals_padded_with_several_pictures(name, impl):
+    """Qwen-VL: each picture's patches and grid follow its tokens, each prompt's 3D positions count all its pictures.
+    LLaVA-NeXT: each picture's tiles and size follow its tokens, pictures of other shapes taking other tile grids."""
     from src.models.tiny import build_tiny
 
     model, processor = build_tiny(name, attn_implementation=impl)
@@ -284,13 +285,15 @@ def test_qwen_vl_packed_equals_padded_with_several_pictures(name, impl):
         image = [render_stand_in(ref, 48).resize(SIZES[k % 3]) for k, ref in enumerate(r.images)] or None
         image = image[0] if image and len(image) == 1 else image
         pair = enc.encode(r, image, KEYS)
-        if r.images:
+        if r.images and name.startswith("qwen"):
             image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
             runs = enc.image_inputs(image)["image_grid_thw"].prod(-1) // 4  # merged 2x2 patches per picture
             assert sum(i == image_id for i in pair.prompt_ids) == int(runs.sum())
         items.append({"pair": pair, "image_inputs": enc.image_inputs(image)})
     batch = collate_pairs(items, processor.tokenizer.pad_token_id)
     assert batch["image_counts"].tolist() == [2, 3, 1]
+    if name == "llava_next":
+        assert batch["image_sizes"].tolist() == [[24, 48], [48, 24], [24, 48], [48, 24], [32, 32], [24, 48]]
     pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
         packed = answer_logprobs(model, batch, pad, layout="packed")

@@ -85,7 +85,7 @@ class EncodeStats:
 
 
 # processors whose models take several pictures per prompt as this encoder lays them out (`several_pictures`)
-SEVERAL_PICTURES = ("LlavaProcessor", "Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+SEVERAL_PICTURES = ("LlavaProcessor", "LlavaNextProcessor", "Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 
 
 def _slot(i: int) -> str:
@@ -364,7 +364,8 @@ class PromptEncoder:
 
     def several_pictures(self) -> bool:
         """Whether this encoder encodes prompts with several pictures: the LLaVA-1.5 class (one ``pixel_values`` entry
-        per picture) and the Qwen-VL class (each picture's patches and grid), in the order of the pictures' tokens."""
+        per picture), LLaVA-NeXT (its tiles and size) and the Qwen-VL class (its patches and grid), in the order of
+        the pictures' tokens."""
         return any(cls.__name__ in SEVERAL_PICTURES for cls in type(self.processor).__mro__)
 
     def check_pictures(self, record: Conversation, image: Any) -> None:
