@@ -160,3 +160,53 @@ def test_datamodule_counts_skips_and_reports(tiny, tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["answer_ids"].shape[0] == 2 and len(batch["ids"]) == 4
     assert isinstance(batch["pixel_values"], torch.Tensor)
+
+
+def test_several_pictures_are_refused_with_a_counted_reason_until_encoded(tiny, tmp_path, monkeypatch):
+    """Where a family does not encode several pictures yet, a record with two is never encoded as if it held one:
+    the encoder refuses it, and the data module counts it as rejected under one reason naming the processor; its
+    one-picture neighbours are encoded."""
+    import json
+
+    import pytest
+
+    from src.data import encoding
+    from src.data.datamodule import PreferenceDataModule
+    from src.data.records import DataError
+
+    monkeypatch.setattr(encoding, "SEVERAL_PICTURES", ())  # LLaVA-1.5 encodes them: stand for a family that does not
+    _, processor = tiny
+    two = PreferenceRecord(
+        id="two",
+        turns=(Turn("user", "Compare them."),),
+        image_turn=0,
+        image="a.png",
+        images=("a.png", "b.png"),
+        image_turns=(0, 0),
+        chosen="c",
+        rejected="r",
+    )
+    enc = PromptEncoder(processor, max_length=256)
+    with pytest.raises(DataError, match="record two: 2 pictures; several pictures per record: not supported by Llava"):
+        enc.encode(two, IMAGE, ("chosen", "rejected"))
+    with pytest.raises(DataError, match="several pictures per record"):
+        enc.prompt_ids(two, IMAGE)
+    assert image_tokens(enc.prompt_ids(two, None), processor) == 0
+
+    lines = [
+        {"id": f"one{i}", "prompt": "<image>\nq", "image": "x.png", "chosen": "c", "rejected": "r"} for i in range(2)
+    ]
+    lines += [
+        {"id": f"two{i}", "prompt": "<image><image>\nq", "images": ["x.png", "y.png"], "chosen": "c", "rejected": "r"}
+        for i in range(2)
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    data = {"path": str(path), "missing_images": "render", "max_length": 128, "val_fraction": 0.0, "on_error": "skip"}
+    dm = PreferenceDataModule.from_config(data, processor=processor)
+    dm.setup("fit")
+    assert dm.summary()["train"]["encoded"] == 2 and dm.summary()["train"]["rejected"] == 2
+    groups = dm.problem_groups()
+    assert [(g["reason"], g["records"]) for g in groups] == [
+        ("several pictures per record: not supported by LlavaProcessor yet", 2)
+    ]

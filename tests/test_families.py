@@ -90,6 +90,8 @@ def test_generation_with_and_without_images(family, tmp_path):
         def __call__(self, record):
             return image_for(record.id) if record.image else None
 
+        resolve = __call__  # one picture per record here
+
     gen = AnswerGenerator(model, processor, GenerationSettings(max_new_tokens=3, batch_size=2), Resolver())
     for with_image in (True, False):
         out = gen.run(RECORDS, tmp_path / f"{with_image}.jsonl", with_image=with_image)

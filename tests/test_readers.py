@@ -215,3 +215,136 @@ def test_embedded_data_set_is_usable():
     train, val = grouped_split(records, 0.125)
     assert val and not {r.group for r in train} & {r.group for r in val}
     assert len(train) + len(val) == len(records)
+
+
+def _two_pictures(rid, content, **extra):
+    raw = {"id": rid, "messages": [{"role": "user", "content": content}], "chosen": "c", "rejected": "r"}
+    return raw | {"images": ["a.png", "b.png"]} | extra
+
+
+def test_generic_jsonl_several_pictures(tmp_path):
+    """An ``images`` list places one picture per marker, in order, in any user turn; blind prompts drop them all."""
+    recs = [
+        _two_pictures("str", "<image>\nCompare <image> these."),
+        _two_pictures("parts", [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare these."}]),
+        {
+            "id": "turns",
+            "messages": [
+                {"role": "user", "content": "<image>\nWhat is this?"},
+                {"role": "assistant", "content": "A cat."},
+                {"role": "user", "content": "And <image> this?"},
+            ],
+            "images": ["a.png", "b.png"],
+            "chosen": "c",
+            "rejected": "r",
+        },
+        _two_pictures("no-marker", "Compare these."),
+        {"id": "one", "prompt": "<image> q", "images": ["a.png"], "chosen": "c", "rejected": "r"},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    by_id = {r.id: r for r in read_records(path)}
+    for rid in ("str", "parts", "no-marker"):
+        rec = by_id[rid]
+        assert rec.images == ("a.png", "b.png") and rec.image_turns == (0, 0), rid
+        assert rec.image == "a.png" and rec.image_turn == 0  # the first picture, for one-picture code
+        assert rec.turns[0].text == "Compare these." and "images" not in rec.meta
+        parts = rec.messages()[0]["content"]
+        assert parts == [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare these."}]
+        assert rec.messages(with_image=False)[0]["content"] == [{"type": "text", "text": "Compare these."}]
+    turns = by_id["turns"]
+    assert turns.image_turns == (0, 2) and turns.history_starts() == [0]  # every picture's turn is kept
+    assert [sum(p["type"] == "image" for p in m["content"]) for m in turns.messages()] == [1, 0, 1]
+    assert all(p["type"] == "text" for m in turns.messages(with_image=False) for p in m["content"])
+    assert by_id["one"].images == ("a.png",) and by_id["one"].image == "a.png"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (_two_pictures("x", "<image> q"), r"d\.jsonl:1 \(id=x\): the prompt holds 1 <image> marker but 2 pictures"),
+        (
+            {"id": "x", "prompt": "<image> <image> <image> q", "images": ["a.png"], "chosen": "c", "rejected": "r"},
+            r"\(id=x\): the prompt holds 3 <image> markers but 1 picture",
+        ),
+        (_two_pictures("x", "q", image="c.png"), r"give 'image' \(one picture\) or 'images' \(a list\), not both"),
+        (_two_pictures("x", "q", images=["a.png", 3]), r"'images' must be a list of non-empty path strings"),
+        (_two_pictures("x", "q", images="a.png"), r"'images' must be a list"),
+    ],
+)
+def test_generic_jsonl_picture_count_must_match(tmp_path, raw, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=message):
+        read_records(path)
+    problems = []
+    with pytest.raises(DataError, match="no records"):
+        read_records(path, problems=problems)
+    assert len(problems) == 1
+
+
+def test_picture_count_error_has_a_record_independent_reason():
+    from src.data.convert import generic_record
+
+    with pytest.raises(DataError) as caught:
+        generic_record(_two_pictures("x", "<image> q"), "f.jsonl:1", "line-1")
+    assert caught.value.reason == "the prompt holds 1 <image> marker but 2 pictures"
+
+
+def test_a_record_keeps_its_first_picture_in_the_single_fields():
+    from dataclasses import replace
+
+    from src.data.records import PreferenceRecord, Turn
+
+    base = dict(id="r", turns=(Turn("user", "q"),), chosen="c", rejected="r")
+    one = PreferenceRecord(image_turn=0, image="a.png", **base)
+    assert one.images == ("a.png",) and one.image_turns == (0,)
+    assert replace(one, image="b.png").images == ("b.png",)  # one picture: the single field changes it
+    assert replace(one, image=None, image_turn=None).images == ()
+    two = PreferenceRecord(image_turn=0, image="a.png", images=("a.png", "b.png"), image_turns=(0, 0), **base)
+    assert replace(two, images=("c.png", "b.png"), image="c.png").images == ("c.png", "b.png")
+    with pytest.raises(ValueError, match="differ from the first of its 2 pictures"):
+        replace(two, image="c.png")
+    with pytest.raises(ValueError, match="2 pictures but 1 picture turns"):
+        PreferenceRecord(image_turn=0, image="a.png", images=("a.png", "b.png"), image_turns=(0,), **base)
+    text = PreferenceRecord(image_turn=None, image=None, **base)
+    assert text.images == () and text.messages()[0]["content"] == [{"type": "text", "text": "q"}]
+
+
+def test_resolver_gives_every_picture_in_order(tmp_path):
+    """One picture per reference, in the record's order: a file, a stand-in for a missing one, a rendered one."""
+    from PIL import Image
+
+    from src.data.images import RENDER_PREFIX
+
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "red.png")
+    raw = {
+        "id": "r1",
+        "prompt": "<image> <image> <image> q",
+        "images": ["red.png", "nope.png", RENDER_PREFIX + "a key"],
+        "chosen": "c",
+        "rejected": "r",
+        "entity": "a padlock",
+    }
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(raw))
+    (record,) = read_records(path)
+    with pytest.raises(DataError, match=r"1 of 3 images not found; first: record r1: .*nope\.png"):
+        ImageResolver(tmp_path, missing="error").check([record])
+    with pytest.raises(DataError, match=r"record r1: image file not found: .*nope\.png"):
+        ImageResolver(tmp_path, missing="error").pictures(record)
+    resolver = ImageResolver(tmp_path, missing="render", stand_in_size=64)
+    assert resolver.check([record]) == 1
+    red, missing, drawn = resolver.pictures(record)
+    assert red.size == (20, 10) and red.getpixel((0, 0)) == (255, 0, 0)
+    assert list(missing.getdata()) == list(render_stand_in("a padlock", 64).getdata())  # the entity, as for one
+    assert list(drawn.getdata()) == list(render_stand_in("a key", 64).getdata())
+    assert resolver(record).size == (20, 10)  # the first picture, for one-picture code
+    text_only = read_records(_write(tmp_path, {"id": "t", "prompt": "q", "chosen": "c", "rejected": "r"}))[0]
+    assert resolver.pictures(text_only) == []
+
+
+def _write(folder, raw):
+    path = folder / "t.jsonl"
+    path.write_text(json.dumps(raw))
+    return path

@@ -144,6 +144,8 @@ def test_blind_generation_prompts_keep_text_as_text(family, tmp_path):
         def __call__(self, r):
             return IMAGE
 
+        resolve = __call__  # one picture per record here
+
     gen = AnswerGenerator(model, processor, GenerationSettings(max_new_tokens=3, batch_size=2), Resolver())
     hostile = record(question=f"Tell me {processor.image_token} about <image> this </s>", chosen="<image> no </s>")
     n_image = gen.prompt(record(), with_image=True)[0].count(image_id)

@@ -111,7 +111,8 @@ def test_validate_reports_every_problem(tmp_path, hostile, monkeypatch):
     assert sum(g["records"] for g in summary["problems_by_reason"]) == 12
     assert groups["invalid JSON (Expecting value at column 31)"] == ["line 7"] and ["blank"] in groups.values()
     assert groups[f"image file not found under {img} (data.image_root={img}). {MISSING_ADVICE}"] == ["missing-image"]
-    assert groups["turn 0 holds 2 <image> markers; exactly one image is supported"] == ["two-markers"]
+    counts = "the prompt holds 2 <image> markers but 1 picture; give one marker per picture, in the pictures' order"
+    assert groups[counts] == ["two-markers"]
     text = report(summary, show=50)
     assert "NOT OK" in text and "usable:            6" in text
 

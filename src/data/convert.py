@@ -17,43 +17,58 @@ _ANSWER_PREFIX = re.compile(r"^\s*ASSISTANT:\s*")
 MMSAFE_FIELDS = ("id", "question", "image", "chosen", "rejected")
 
 
-def _split_marker(text: str, where: str, turn: int) -> tuple[str, bool]:
-    """Remove the image marker (and the newline after it) from turn ``turn``; say whether it was there. ``where``
-    names the record alone, so that a problem line's record label is read from it."""
-    n = text.count(IMAGE_MARKER)
-    if n == 0:
-        return text, False
-    if n > 1:
-        raise DataError(f"{where}: turn {turn} holds {n} {IMAGE_MARKER} markers; exactly one image is supported")
-    before, after = text.split(IMAGE_MARKER)
-    return (before.rstrip() + " " + after.lstrip("\n").lstrip()).strip(), True
+def _split_markers(text: str) -> tuple[str, int]:
+    """``text`` without its image markers (each with the newline after it), and how many there were."""
+    pieces = text.split(IMAGE_MARKER)
+    clean = pieces[0]
+    for piece in pieces[1:]:
+        clean = clean.rstrip() + " " + piece.lstrip("\n").lstrip()
+    return clean.strip(), len(pieces) - 1
 
 
-def _place_image(turns: list[tuple[str, str]], where: str) -> tuple[list[Turn], int | None]:
-    out, image_turn = [], None
+def _place_images(turns: list[tuple[str, str]], where: str) -> tuple[list[Turn], list[int]]:
+    """The turns without their markers, and the turn of each marker in order (a turn with two markers: twice).
+    ``where`` names the record alone, so that a problem line's record label is read from it."""
+    out, marker_turns = [], []
     for i, (role, text) in enumerate(turns):
-        clean, has = _split_marker(text, where, i)
-        if has:
-            if image_turn is not None:
-                raise DataError(f"{where}: more than one {IMAGE_MARKER} marker in the conversation")
-            if role != "user":
-                raise DataError(f"{where}: the {IMAGE_MARKER} marker is in a {role} turn; it must be in a user turn")
-            image_turn = i
+        clean, n = _split_markers(text)
+        if n and role != "user":
+            raise DataError(f"{where}: the {IMAGE_MARKER} marker is in a {role} turn; it must be in a user turn")
+        marker_turns += [i] * n
         out.append(Turn(role, clean))
-    return out, image_turn
+    return out, marker_turns
+
+
+def check_picture_count(markers: int, pictures: int, where: str) -> None:
+    """Each picture needs its marker and each marker its picture; the error names both counts."""
+    if markers != pictures:
+        counts = (
+            f"{markers} {IMAGE_MARKER} marker{'s' if markers != 1 else ''} but {pictures} "
+            f"picture{'s' if pictures != 1 else ''}"
+        )
+        raise DataError(
+            f"{where}: the prompt holds {counts}; give one marker per picture, in the pictures' order",
+            reason=f"the prompt holds {counts}",
+        )
 
 
 def parse_conversation(text: str, where: str) -> tuple[list[Turn], int | None]:
-    """Parse ``USER: ... ASSISTANT: ... USER: <image>\\n... ASSISTANT:`` into turns."""
+    """Parse ``USER: ... ASSISTANT: ... USER: <image>\\n... ASSISTANT:`` into turns; the turn of the first marker."""
+    turns, marker_turns = parse_conversation_markers(text, where)
+    return turns, marker_turns[0] if marker_turns else None
+
+
+def parse_conversation_markers(text: str, where: str) -> tuple[list[Turn], list[int]]:
+    """`parse_conversation` with the turn of every marker, in order."""
     parts = _ROLE_RE.split(text)
     if parts[0].strip():
         raise DataError(f"{where}: text before the first USER:/ASSISTANT: marker: {parts[0][:60]!r}")
     pairs = [(parts[i].lower(), parts[i + 1].strip()) for i in range(1, len(parts), 2)]
     if pairs and pairs[-1][0] == "assistant" and not pairs[-1][1]:
         pairs = pairs[:-1]  # the trailing generation prompt "ASSISTANT:"
-    turns, image_turn = _place_image(pairs, where)
+    turns, marker_turns = _place_images(pairs, where)
     validate_turns(turns, where)
-    return turns, image_turn
+    return turns, marker_turns
 
 
 def _answer(value: Any, name: str, where: str) -> str:
@@ -83,13 +98,15 @@ def mmsafe_record(raw: Any, where: str, fallback_id: str | None = None) -> Prefe
         raise DataError(f"{where}: missing field(s) {missing}")
     if not isinstance(question, str):
         raise DataError(f"{where}: field 'question' must be a string")
-    turns, image_turn = parse_conversation(question, where)
-    if image_turn is None:
+    turns, marker_turns = parse_conversation_markers(question, where)
+    if not marker_turns:
         raise DataError(f"{where}: no {IMAGE_MARKER} marker in 'question'")
     if not raw["image"]:  # a marker without an image would train the pair as text-only
         raise DataError(f"{where}: the prompt has an {IMAGE_MARKER} marker but 'image' is empty ({raw['image']!r})")
     if not isinstance(raw["image"], str):
         raise DataError(f"{where}: 'image' must be a path string, got {type(raw['image']).__name__}")
+    check_picture_count(len(marker_turns), 1, where)
+    image_turn = marker_turns[0]
     meta = {k: v for k, v in raw.items() if k not in MMSAFE_FIELDS + ("prompt",)}
     # records made from one source conversation share text_prompt and both answers
     meta["group"] = str(raw.get("text_prompt") or raw["id"])
@@ -155,29 +172,47 @@ def generic_record(raw: Any, where: str, fallback_id: str) -> PreferenceRecord:
     for key in ("chosen", "rejected"):
         if key not in raw:
             raise DataError(f"{where}: missing field {key!r}")
-    turns, image_turn = _place_image(pairs, where)
+    turns, marker_turns = _place_images(pairs, where)
     validate_turns(turns, where)
-    image = raw.get("image")
-    if image is not None and not isinstance(image, str):
-        raise DataError(f"{where}: 'image' must be a path string")
-    if image and image_turn is None:
-        # no marker: the image belongs to the last user turn, as in single-image chat data
-        image_turn = len(turns) - 1
-    if image_turn is not None and not image:
+    images = _pictures(raw, where)
+    if not images and marker_turns:
         raise DataError(f"{where}: the prompt has an {IMAGE_MARKER} marker but no 'image' field (or it is empty)")
-    known = {"id", "messages", "prompt", "image", "chosen", "rejected", "blind"}
+    if images and not marker_turns:
+        # no marker: the pictures belong to the last user turn, in order, as in single-image chat data
+        marker_turns = [len(turns) - 1] * len(images)
+    check_picture_count(len(marker_turns), len(images), where)
+    known = {"id", "messages", "prompt", "image", "images", "chosen", "rejected", "blind"}
     chosen, rejected = _answer(raw["chosen"], "chosen", where), _answer(raw["rejected"], "rejected", where)
     _check_differ(chosen, rejected, where)
     return PreferenceRecord(
         id=rid,
         turns=tuple(turns),
-        image_turn=image_turn,
-        image=image or None,
+        image_turn=marker_turns[0] if images else None,
+        image=images[0] if images else None,
+        images=tuple(images),
+        image_turns=tuple(marker_turns),
         chosen=chosen,
         rejected=rejected,
         blind=_answer(raw["blind"], "blind", where) if raw.get("blind") else None,
         meta={k: v for k, v in raw.items() if k not in known} | {"source_format": "jsonl"},
     )
+
+
+def _pictures(raw: dict[str, Any], where: str) -> list[str]:
+    """The record's picture references in order: ``images`` (a list) or ``image`` (one, or none when empty)."""
+    if "images" in raw and raw.get("image"):
+        raise DataError(f"{where}: give 'image' (one picture) or 'images' (a list), not both")
+    if "images" not in raw:
+        image = raw.get("image")
+        if image is not None and not isinstance(image, str):
+            raise DataError(f"{where}: 'image' must be a path string")
+        return [image] if image else []
+    images = raw["images"]
+    if images is None:
+        return []
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise DataError(f"{where}: 'images' must be a list of non-empty path strings")
+    return images
 
 
 def image_question_record(
@@ -188,7 +223,9 @@ def image_question_record(
     ``<image>`` marker in the question is taken out. ``where`` names the row in errors."""
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: field 'question' must be a non-empty string, got {question!r:.60}")
-    turns, _ = _place_image([("user", question)], where)
+    turns, markers = _place_images([("user", question)], where)
+    if len(markers) > 1:
+        check_picture_count(len(markers), 1, where)
     if not turns[0].text:
         raise DataError(f"{where}: field 'question' holds nothing but the {IMAGE_MARKER} marker")
     chosen, rejected = _answer(chosen, "chosen", where), _answer(rejected, "rejected", where)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from src.data.convert import collect_problem
 from src.data.data_settings import DataNeeds, EncodingSettings, LoaderSettings, ReaderSettings, data_settings, flat
-from src.data.dataset import EpochShuffle, PreferenceDataset
+from src.data.dataset import EpochShuffle, PreferenceDataset, check_conditional
 from src.data.encoding import EncodeStats, PromptEncoder, collate_pairs
 from src.data.images import Drawer, ImageResolver, check_corruption
 from src.data.prompt_format import PromptFormat
@@ -279,7 +279,8 @@ class PreferenceDataModule(LightningDataModule):
         pairs = []
         for record in records:
             try:
-                result = encoder.encode(record, self.resolver(record), self.answers)
+                check_conditional(record, self.answers)
+                result = encoder.encode(record, self.resolver.resolve(record), self.answers)
             except DataError as e:  # e.g. an unreadable image: bad input, counted as rejected only
                 self._collect(e)
                 stats.rejected += 1

@@ -10,7 +10,15 @@ from torch.utils.data import Dataset, Sampler
 
 from src.data.encoding import CORRUPTED, EncodedPair, PromptEncoder
 from src.data.images import ImageResolver, corrupt_image, mean_colour
-from src.data.records import PreferenceRecord
+from src.data.records import DataError, PreferenceRecord
+
+
+def check_conditional(record: PreferenceRecord, answers: tuple[str, ...]) -> None:
+    """Refuse a record with several pictures when an answer is scored under a corrupted picture: which one to
+    corrupt is not chosen yet."""
+    if CORRUPTED in answers and len(record.images) > 1:
+        why = f"several pictures per record: the conditional term ({CORRUPTED}) does not support them yet"
+        raise DataError(f"record {record.id}: {len(record.images)} pictures; {why}", reason=why)
 
 
 class EpochShuffle(Sampler[int]):
@@ -68,9 +76,11 @@ class PreferenceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         pair = self.pairs[i]
-        image = self.resolver(self.records[pair.id])
+        record = self.records[pair.id]
+        image = self.resolver.resolve(record)  # several pictures: a list, one processor entry each, in order
         item = {"pair": pair, "image_inputs": self.encoder.image_inputs(image)}
         if self.answer_image:
+            check_conditional(record, (CORRUPTED,))
             fill = mean_colour(self.encoder.processor.image_processor)
             corrupted = None if image is None else corrupt_image(image, self.corruption, pair.id, fill)
             item |= {"answer_image": self.answer_image, "corrupted_image_inputs": self.encoder.image_inputs(corrupted)}

@@ -84,6 +84,10 @@ class EncodeStats:
         }
 
 
+# processors whose models take several pictures per prompt as this encoder lays them out (`several_pictures`)
+SEVERAL_PICTURES = ("LlavaProcessor", "LlavaNextProcessor", "Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+
+
 def _slot(i: int) -> str:
     return f"\ue000{i}\ue001"
 
@@ -349,6 +353,7 @@ class PromptEncoder:
 
     def image_inputs(self, image: Any) -> dict[str, Any] | None:
         """The image processor's outputs for ``image`` (``pixel_values`` (1, C, H, W) for LLaVA-1.5); None: none.
+        ``image`` may be a list of a record's pictures: one entry each, in order (``pixel_values`` (N, C, H, W)).
 
         Every place that turns an image into model inputs goes through here, so training, blind answers,
         generation and scoring see the same pixels.
@@ -357,8 +362,31 @@ class PromptEncoder:
             return None
         return dict(self.processor.image_processor(images=self._fit(image), return_tensors="pt"))
 
+    def several_pictures(self) -> bool:
+        """Whether this encoder encodes prompts with several pictures: the LLaVA-1.5 class (one ``pixel_values`` entry
+        per picture), LLaVA-NeXT (its tiles and size) and the Qwen-VL class (its patches and grid), in the order of
+        the pictures' tokens."""
+        return any(cls.__name__ in SEVERAL_PICTURES for cls in type(self.processor).__mro__)
+
+    def check_pictures(self, record: Conversation, image: Any) -> None:
+        """Refuse a prompt whose pictures this encoder would encode wrongly: several pictures where its family
+        encodes one, or pictures that are not the record's own count (``image``: one picture, or a list of them)."""
+        n = len(record.images)
+        if n > 1 and not self.several_pictures():
+            why = f"several pictures per record: not supported by {type(self.processor).__name__} yet"
+            raise DataError(f"record {record.id}: {n} pictures; {why}", reason=why)
+        given = len(image) if isinstance(image, list | tuple) else 1
+        if given != max(n, 1):
+            raise DataError(
+                f"record {record.id}: {given} pictures given for its {n}",
+                reason="pictures given differ from the record's",
+            )
+
     def _fit(self, image: Any) -> Any:
-        return self.prompt_format.fit_image(image, getattr(self.processor, "image_processor", None))
+        image_processor = getattr(self.processor, "image_processor", None)
+        if isinstance(image, list | tuple):  # several pictures: each fitted alike, in order
+            return [self.prompt_format.fit_image(one, image_processor) for one in image]
+        return self.prompt_format.fit_image(image, image_processor)
 
     def prompt_ids(self, record: Conversation, image: Any, first_turn: int = 0) -> list[int]:
         """Token ids of the prompt, image tokens expanded by the processor (``image=None``: blind).
@@ -366,6 +394,8 @@ class PromptEncoder:
         Special tokens are added the way the tokenizer adds them at inference (BOS for Llama-family
         models); a BOS that the chat template already wrote is not doubled.
         """
+        if image is not None:
+            self.check_pictures(record, image)
         messages = self.messages(record, with_image=image is not None, first_turn=first_turn)
         rendered = self.render(messages, add_generation_prompt=True, record_id=record.id)
         ids = self.text_ids(rendered, image, record_id=record.id)
@@ -436,6 +466,8 @@ class PromptEncoder:
         is scored without EOS.
         """
         finished = finished or [True] * len(texts)
+        if image is not None:
+            self.check_pictures(record, image)
         answers = [self.answer_ids(record, text, done) for text, done in zip(texts, finished, strict=True)]
         fit = fit or [True] * len(answers)
         if record.image is not None and image is None:
@@ -476,7 +508,8 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
     right-padded, ``answer_lengths`` (K, B), ``ids`` (B,), ``has_image`` (B,), ``reference_logps`` (B, K)
     when every pair has precomputed ones, and the image
     processor's outputs (``pixel_values`` (N_img, ...) and any extras) for the records with images,
-    in batch order. Items with ``answer_image`` (K,) (0: the real image, 1: the corrupted one, per column) add it
+    in batch order, and, when a record has several pictures, ``image_counts`` (one per record with pictures).
+    Items with ``answer_image`` (K,) (0: the real image, 1: the corrupted one, per column) add it
     as ``answer_image`` (K,) long, and their ``corrupted_image_inputs`` as ``corrupted_pixel_values`` (N_img, ...)
     and so on, in the same order as the real ones. How prompt and answers are laid out for the forward pass is the
     scorer's concern.
@@ -493,7 +526,11 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
     }
     if all(p.reference_logps is not None for p in pairs):
         batch["reference_logps"] = torch.tensor([p.reference_logps for p in pairs], dtype=torch.float32)
-    batch |= cat_image_inputs([it["image_inputs"] for it in items if it["image_inputs"] is not None])
+    pictured = [it["image_inputs"] for it in items if it["image_inputs"] is not None]
+    batch |= cat_image_inputs(pictured)
+    counts = [picture_count(x) for x in pictured]
+    if any(n > 1 for n in counts):  # several pictures in a record: how many are whose, in batch order
+        batch["image_counts"] = torch.tensor(counts)
     if "answer_image" in items[0]:
         if any(list(it["answer_image"]) != list(items[0]["answer_image"]) for it in items):
             raise ValueError("items of one batch score their answers under different images")
@@ -501,6 +538,13 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
         corrupted = [it["corrupted_image_inputs"] for it in items if it["image_inputs"] is not None]
         batch |= {f"{CORRUPTED_PREFIX}{k}": v for k, v in cat_image_inputs(corrupted).items()}
     return batch
+
+
+def picture_count(image_inputs: dict[str, Any]) -> int:
+    """How many pictures one record's image inputs hold: Qwen-VL's grids, else one entry per picture along dim 0."""
+    if "image_grid_thw" in image_inputs:
+        return len(image_inputs["image_grid_thw"])
+    return len(image_inputs["pixel_values"])
 
 
 def inputs_digest(image_inputs: dict[str, Any] | None) -> str | None:

@@ -14,7 +14,7 @@ import re
 import textwrap
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -268,11 +268,12 @@ class ImageResolver:
         Returns how many images are missing (each will be rendered as a stand-in).
         """
         # only what is not there is missing: a folder, FIFO or device is refused when the record is read
-        missing = [r for r in records if (p := self.path_for(r)) is not None and file_problem(p) == NOT_FOUND]
+        pictures = [one for r in records for one in each_picture(r)]
+        missing = [r for r in pictures if (p := self.path_for(r)) is not None and file_problem(p) == NOT_FOUND]
         if missing and self.missing == "error":
             first = missing[0]
             raise DataError(
-                f"{len(missing)} of {len(records)} images not found; first: record {first.id}: "
+                f"{len(missing)} of {len(pictures)} images not found; first: record {first.id}: "
                 f"{self.path_for(first)} ({self._root_note}). {self._advice} to draw the entity as a stand-in image."
                 + self._no_drawer(first)
             )
@@ -290,7 +291,20 @@ class ImageResolver:
             "(src/plugins.py)."
         )
 
+    def pictures(self, record: Conversation) -> list[Image.Image]:
+        """Every picture of ``record``, in order, each resolved as `__call__` resolves a record's one picture (a file,
+        a stand-in, a drawer's picture); ``[]`` for a text-only prompt."""
+        found = [self(one) for one in each_picture(record)]
+        return [image for image in found if image is not None]
+
+    def resolve(self, record: Conversation) -> Image.Image | list[Image.Image] | None:
+        """What an encoder takes for ``record``: None (text-only), its one picture, or the list of its pictures."""
+        if len(record.images) <= 1:
+            return self(record)
+        return self.pictures(record)
+
     def __call__(self, record: Conversation) -> Image.Image | None:
+        """The record's first picture (the only one of a one-picture prompt); None for a text-only prompt."""
         if record.image and record.image.startswith(RENDER_PREFIX):
             return render_stand_in(record.image[len(RENDER_PREFIX) :], self.stand_in_size)
         for prefix, draw in self.drawers.items():
@@ -318,6 +332,16 @@ class ImageResolver:
             "as a stand-in image." + self._no_drawer(record),
             reason=f"image file not found under {under} ({self._root_note}). {self._advice}",
         )
+
+
+def each_picture(record: Conversation) -> list[Conversation]:
+    """``record`` once per picture, as a one-picture record holding that picture (the record itself for one)."""
+    if len(record.images) <= 1:
+        return [record]
+    return [
+        replace(record, image=image, image_turn=turn, images=(image,), image_turns=(turn,))
+        for image, turn in zip(record.images, record.image_turns, strict=True)
+    ]
 
 
 # the second image of mDPO's conditional term: the record's image made uninformative, at the same size

@@ -39,7 +39,8 @@ def co_defense_items(records: list[PreferenceRecord]) -> list[EvalItem]:
         category = str(r.meta.get("entity_type") or "all")
         meta = {"record_id": r.id} | {k: v for k, v in r.meta.items() if k in ("entity", "replacement")}
         items.append(EvalItem(f"{r.id}#text", tuple(turns), None, None, category, "text", meta))
-        items.append(EvalItem(f"{r.id}#image", r.turns, r.image_turn, r.image, category, "image", meta))
+        pictures = {"images": r.images, "image_turns": r.image_turns}
+        items.append(EvalItem(f"{r.id}#image", r.turns, r.image_turn, r.image, category, "image", meta, **pictures))
     return items
 
 

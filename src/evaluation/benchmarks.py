@@ -169,6 +169,8 @@ class PreferenceSet(Benchmark):
                 turns=rec.turns,
                 image_turn=rec.image_turn,
                 image=rec.image,
+                images=rec.images,
+                image_turns=rec.image_turns,
                 category=rec.meta.get("entity_type") or rec.meta.get("category") or "all",
                 setting="image",
                 meta=rec.meta | {"chosen": rec.chosen, "rejected": rec.rejected},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from src.data.records import Conversation, Turn
+from src.data.records import Conversation, Turn, hold_pictures
 
 # the right behaviour for an item, in ``meta["expected"]``: refuse (or warn about) a harmful request, help with a
 # harmless one; an item without it is harmful (the benchmarks of harmful requests only)
@@ -33,6 +33,11 @@ class EvalItem(Conversation):
     category: str = "all"
     setting: str = "default"
     meta: dict[str, Any] = field(default_factory=dict)
+    images: tuple[str, ...] = ()  # several pictures: as `PreferenceRecord` holds them
+    image_turns: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        hold_pictures(self)
 
     @property
     def prompt_text(self) -> str:

@@ -49,7 +49,7 @@ def score_answers(
     device = next(model.parameters()).device
     items, index = [], []
     for i, (prompt, texts) in enumerate(zip(prompts, answers, strict=True)):
-        image = resolver(prompt)
+        image = resolver.resolve(prompt)
         pair = encoder.encode_answers(prompt, image, texts)
         if isinstance(pair, str):
             continue

@@ -122,7 +122,7 @@ class AnswerGenerator:
 
     def prompt(self, record: Conversation, with_image: bool) -> tuple[list[int], Any, str]:
         """(prompt ids, image inputs or None, rendered prompt text) with old history dropped to fit."""
-        image = self.resolver(record) if with_image and record.image else None
+        image = self.resolver.resolve(record) if with_image and record.image else None  # several: a list
         for start in record.history_starts():
             ids = self.encoder.prompt_ids(record, image, first_turn=start)
             if len(ids) <= self.encoder.max_length:

@@ -103,6 +103,18 @@ def _per_image(batch: dict[str, Any], prefix: str = "") -> list[dict[str, torch.
     return [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(n)]
 
 
+def _per_record(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    """`_per_image` joined per record with pictures (``image_counts``; one each without), in token order."""
+    images = _per_image(batch)
+    if "image_counts" not in batch:
+        return images
+    out, at = [], 0
+    for n in batch["image_counts"].tolist():
+        mine, at = images[at : at + n], at + n
+        out.append({key: torch.cat([x[key] for x in mine]) for key in mine[0]})
+    return out
+
+
 def padded_rows(batch: dict[str, Any], pad_token_id: int) -> Rows:
     """K*B right-padded rows ``[prompt | answer]``, answer-major, image inputs repeated K times (each column's
     rows with the image it is scored under, `_answer_image`)."""
@@ -245,7 +257,7 @@ def packed_rows(
 
 def _block_images(batch: dict[str, Any], blocks: list[list[list[int]]]) -> list[list[dict[str, torch.Tensor] | None]]:
     """Per record and block, the image inputs its prompt is scored under (None: a record without an image)."""
-    real = iter(_per_image(batch)) if "pixel_values" in batch else iter(())
+    real = iter(_per_record(batch)) if "pixel_values" in batch else iter(())
     corrupted = iter(_per_image(batch, CORRUPTED_PREFIX)) if len(max(blocks, key=len)) > 1 else iter(())
     has_image = batch["has_image"].tolist()
     out = []
