@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import src.train  # noqa: F401  (registers the config's own resolvers, e.g. multirun_dir)
+from src.models.reference import precompute_reference_logps
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -82,3 +83,12 @@ def save_tiny_causal_lm(folder: Path, tokenizer: Any, seed: int = 0, **config: A
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def precompute(model, datasets, *args, **kwargs):
+    """`precompute_reference_logps`, its values given to the datasets' pairs as a run's data module does; the
+    summary."""
+    values, summary = precompute_reference_logps(model, datasets, *args, **kwargs)
+    for dataset, rows in zip(datasets, values, strict=True):
+        dataset.set_reference_logps(rows)
+    return summary

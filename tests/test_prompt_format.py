@@ -26,10 +26,10 @@ from src.data.prompt_format import ASPECT_RATIOS, PROMPT_FORMAT_FILE, PromptForm
 from src.data.records import PreferenceRecord, Turn
 from src.errors import SettingError
 from src.models.generation import AnswerGenerator, GenerationSettings, _prompt_sha, fill_blind_answers
-from src.models.reference import entry_key, precompute_reference_logps
+from src.models.reference import entry_key
 from src.reproduce import ReproduceError, Reproduction
 from src.train import check_settings
-from tests.helpers import CONFIGS, ROOT, compose_config
+from tests.helpers import CONFIGS, ROOT, compose_config, precompute
 
 VICUNA = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -38,15 +38,6 @@ VICUNA = (
 SETTINGS = GenerationSettings(max_new_tokens=3, batch_size=2, max_length=256)
 LLAVA_1_5 = PromptFormat(system_prompt=VICUNA)
 PAD = PromptFormat(image_aspect_ratio="pad")
-
-
-def precompute(model, datasets, *args, **kwargs):
-    """`precompute_reference_logps`, its values given to the datasets' pairs as a run's data module does; the
-    summary."""
-    values, summary = precompute_reference_logps(model, datasets, *args, **kwargs)
-    for dataset, rows in zip(datasets, values, strict=True):
-        dataset.set_reference_logps(rows)
-    return summary
 
 
 def wide_image() -> Image.Image:

@@ -19,17 +19,8 @@ from src.models import reference as reference_mod
 from src.models.generation import GenerationSettings, fill_blind_answers
 from src.models.logprobs import answer_logprobs
 from src.models.reference import entry_key, precompute_reference_logps
-from tests.helpers import compose_config
+from tests.helpers import compose_config, precompute
 from tests.race import WAITING, held, race
-
-
-def precompute(model, datasets, *args, **kwargs):
-    """`precompute_reference_logps`, its values given to the datasets' pairs as a run's data module does; the
-    summary."""
-    values, summary = precompute_reference_logps(model, datasets, *args, **kwargs)
-    for dataset, rows in zip(datasets, values, strict=True):
-        dataset.set_reference_logps(rows)
-    return summary
 
 
 def write_data(tmp_path, n=6, text_only=False):
